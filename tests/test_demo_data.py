@@ -1,0 +1,217 @@
+"""The demo dataset generator: ImageNet-layout WebDataset shards of small digits in clutter."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zoomvit.cli import main
+from zoomvit.data.demo import CLASS_NAMES, TAR_MTIME, generate_demo_dataset, split_indices
+
+ARGS = dict(train=40, val=20, image_size=64, seed=3, samples_per_shard=16)
+
+
+def sha256_by_name(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def read_members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m, tar.extractfile(m).read()) for m in tar]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo")
+    return out, generate_demo_dataset(out, **ARGS)
+
+
+def test_writes_shards_classes_and_info(dataset: tuple[Path, dict]) -> None:
+    out, info = dataset
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "_info.json", "classes.txt",
+        "train-000000.tar", "train-000001.tar", "train-000002.tar",
+        "val-000000.tar", "val-000001.tar",
+    ]
+    assert (out / "classes.txt").read_text().splitlines() == list(CLASS_NAMES) == [str(d) for d in range(10)]
+    assert json.loads((out / "_info.json").read_text()) == info
+    assert info["num_classes"] == 10
+    assert info["splits"]["train"] == {
+        "name": "train",
+        "num_samples": 40,
+        "shard_lengths": [16, 16, 8],
+        "filenames": ["train-000000.tar", "train-000001.tar", "train-000002.tar"],
+    }
+    assert info["splits"]["val"]["num_samples"] == 20
+    assert info["splits"]["val"]["shard_lengths"] == [16, 4]
+
+
+def test_shard_lengths_match_tar_contents(dataset: tuple[Path, dict]) -> None:
+    out, info = dataset
+    for split in info["splits"].values():
+        for name, length in zip(split["filenames"], split["shard_lengths"], strict=True):
+            keys = {m.name.split(".")[0] for m, _ in read_members(out / name)}
+            assert len(keys) == length
+
+
+def test_members_are_key_jpg_cls_json_with_fixed_headers(dataset: tuple[Path, dict]) -> None:
+    out, _ = dataset
+    seen: set[str] = set()
+    for shard in sorted(out.glob("*.tar")):
+        members = read_members(shard)
+        assert len(members) % 3 == 0
+        for i in range(0, len(members), 3):
+            names = [m.name for m, _ in members[i : i + 3]]
+            key = names[0].rsplit(".", 1)[0]
+            assert names == [f"{key}.jpg", f"{key}.cls", f"{key}.json"]
+            split = shard.name.split("-")[0]
+            assert re.fullmatch(rf"{split}_\d{{8}}", key)
+            assert key not in seen
+            seen.add(key)
+        for member, data in members:
+            assert (member.mtime, member.uid, member.gid, member.uname, member.gname) == (TAR_MTIME, 0, 0, "", "")
+            if member.name.endswith(".cls"):
+                assert re.fullmatch(rb"[0-9]", data)
+            if member.name.endswith(".jpg"):
+                image = Image.open(io.BytesIO(data))
+                assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (64, 64))
+    assert len(seen) == 60
+
+
+def test_json_records_box_scale_label_and_filename(dataset: tuple[Path, dict]) -> None:
+    out, _ = dataset
+    members = dict((m.name, data) for m, data in read_members(out / "train-000000.tar"))
+    meta = json.loads(members["train_00000000.json"])
+    x0, y0, x1, y1 = meta["box"]
+    assert meta["label"] == int(members["train_00000000.cls"])
+    assert meta["filename"] == "train_00000000.jpg"
+    assert x1 - x0 == y1 - y0
+    assert meta["scale"] == pytest.approx((x1 - x0) / 64)
+
+
+def test_same_arguments_give_identical_bytes_and_another_seed_does_not(
+    tmp_path: Path, dataset: tuple[Path, dict]
+) -> None:
+    out, _ = dataset
+    generate_demo_dataset(tmp_path / "again", **ARGS)
+    assert sha256_by_name(tmp_path / "again") == sha256_by_name(out)
+
+    generate_demo_dataset(tmp_path / "other", **{**ARGS, "seed": 4})
+    other = sha256_by_name(tmp_path / "other")
+    for name, digest in sha256_by_name(out).items():
+        if name.endswith(".tar"):
+            assert other[name] != digest
+
+
+def test_webdataset_reads_the_shards(dataset: tuple[Path, dict]) -> None:
+    import webdataset as wds
+
+    out, info = dataset
+    for split in ("train", "val"):
+        urls = [str(out / name) for name in info["splits"][split]["filenames"]]
+        samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+        assert len(samples) == info["splits"][split]["num_samples"]
+        for sample in samples:
+            assert sample["__key__"].startswith(f"{split}_")
+            assert sample["jpg"].size == (64, 64)
+            assert 0 <= sample["cls"] < 10
+            assert sample["json"]["label"] == sample["cls"]
+            x0, y0, x1, y1 = sample["json"]["box"]
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+
+
+def test_digit_is_small_and_brighter_than_the_clutter(dataset: tuple[Path, dict]) -> None:
+    out, info = dataset
+    scales, contrasts = [], []
+    for name in info["splits"]["train"]["filenames"]:
+        members = dict((m.name, data) for m, data in read_members(out / name))
+        for key in {n.split(".")[0] for n in members}:
+            meta = json.loads(members[f"{key}.json"])
+            gray = np.asarray(Image.open(io.BytesIO(members[f"{key}.jpg"])).convert("L"), dtype=np.float64) / 255
+            x0, y0, x1, y1 = meta["box"]
+            inside = np.zeros(gray.shape, dtype=bool)
+            inside[y0:y1, x0:x1] = True
+            scales.append(meta["scale"])
+            contrasts.append(np.percentile(gray[inside], 99) - np.percentile(gray[~inside], 99))
+    assert np.mean(scales) < 0.5
+    assert min(scales) >= 0.18 - 1 / 64 and max(scales) <= 0.45 + 1 / 64
+    assert np.median(contrasts) > 0.2
+
+
+def test_train_and_val_use_disjoint_digit_images(dataset: tuple[Path, dict]) -> None:
+    out, info = dataset
+    sources: dict[str, set[int]] = {}
+    for split in ("train", "val"):
+        sources[split] = {
+            json.loads(data)["source_index"]
+            for name in info["splits"][split]["filenames"]
+            for m, data in read_members(out / name)
+            if m.name.endswith(".json")
+        }
+        assert sources[split] <= set(split_indices(split).tolist())
+    assert not sources["train"] & sources["val"]
+    assert not set(split_indices("train").tolist()) & set(split_indices("val").tolist())
+
+
+def test_photo_clutter_changes_the_images(tmp_path: Path) -> None:
+    plain = generate_demo_dataset(tmp_path / "plain", train=4, val=0)
+    photo = generate_demo_dataset(tmp_path / "photo", train=4, val=0, photo_clutter=True)
+    assert plain["generator"]["photo_clutter"] is False and photo["generator"]["photo_clutter"] is True
+    shard = "train-000000.tar"
+    assert (tmp_path / "plain" / shard).read_bytes() != (tmp_path / "photo" / shard).read_bytes()
+
+
+def test_regenerating_with_fewer_samples_removes_stale_shards(tmp_path: Path) -> None:
+    generate_demo_dataset(tmp_path, train=12, val=4, samples_per_shard=4)
+    assert len(list(tmp_path.glob("train-*.tar"))) == 3
+    info = generate_demo_dataset(tmp_path, train=4, val=0, samples_per_shard=4)
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar"]
+    assert info["splits"]["val"] == {"name": "val", "num_samples": 0, "shard_lengths": [], "filenames": []}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"train": -1},
+        {"val": -5},
+        {"train": 0, "val": 0},
+        {"image_size": 15},
+        {"samples_per_shard": 0},
+        {"seed": -1},
+        {"digit_scale": (0.5, 0.2)},
+        {"digit_scale": (0.0, 0.2)},
+        {"digit_scale": (0.2, 1.5)},
+        {"num_clutter": -1},
+        {"noise_std": -0.1},
+        {"train": 2.5},
+    ],
+)
+def test_invalid_arguments_raise_value_error(tmp_path: Path, overrides: dict) -> None:
+    with pytest.raises(ValueError):
+        generate_demo_dataset(tmp_path, **{"train": 4, "val": 2, **overrides})
+
+
+def test_cli_demo_data_writes_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    argv = ["demo-data", str(out), "--train", "6", "--val", "3", "--image-size", "32", "--seed", "1",
+            "--samples-per-shard", "4"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    info = json.loads((out / "_info.json").read_text())
+    assert info["generator"]["image_size"] == 32 and info["generator"]["seed"] == 1
+    printed = capsys.readouterr().out.strip()
+    assert printed.count("\n") == 0 and "6 train" in printed and "3 val" in printed
+
+
+def test_cli_reports_invalid_arguments_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo-data", str(tmp_path), "--train", "-1"]) == 2
+    assert "train and val must be >= 0" in capsys.readouterr().err

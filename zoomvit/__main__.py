@@ -1,0 +1,5 @@
+import sys
+
+from zoomvit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,439 @@
+"""Robust per-sample decoding of WebDataset samples: convert what can be converted, skip and count the rest.
+
+A sample is a mapping as webdataset or Ray Data produce it: ``__key__``, optional ``__url__`` (the
+shard) and one entry per tar member extension holding the raw member bytes (``jpg``/``jpeg``/
+``png``/``webp``, ``cls``, ``json``). :func:`decode_sample` never raises on bad data; it returns
+``(None, SkipReason)`` instead, and a :class:`SkipReport` counts skips by reason so a stage can log
+them and fail only past a configured bad-sample fraction.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import IO, Any, Literal
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+LABEL_EXTENSION = "cls"
+META_EXTENSION = "json"
+ERROR_FIELD = "__error__"
+
+_TRUNCATION_MESSAGES = frozenset({"unexpected end of data", "truncated header", "empty file"})
+_ALPHA_BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255)}
+
+
+class SkipReason(StrEnum):
+    corrupt_image = "corrupt_image"
+    missing_image = "missing_image"
+    missing_label = "missing_label"
+    bad_label = "bad_label"
+    label_out_of_range = "label_out_of_range"
+    tiny_image = "tiny_image"
+    duplicate_key = "duplicate_key"
+    truncated_shard = "truncated_shard"
+    read_error = "read_error"
+
+
+class TooManyBadSamples(RuntimeError):
+    """The fraction of skipped samples exceeded the configured maximum."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageTransform:
+    """Resize to a square ``image_size`` input.
+
+    ``center_crop`` resizes the shorter side to ``int(image_size / crop_pct)`` and crops the centre
+    (``crop_pct=1.0`` crops nothing from the shorter side); ``resize`` stretches to the square.
+    Images whose shorter side is below ``min_size`` are skipped as tiny. Transparent pixels are
+    composited on ``alpha_background`` (black by default).
+    """
+
+    image_size: int
+    resize_mode: Literal["center_crop", "resize"] = "center_crop"
+    crop_pct: float = 1.0
+    min_size: int = 8
+    alpha_background: Literal["black", "white"] = "black"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
+        if self.resize_mode not in ("center_crop", "resize"):
+            raise ValueError(f"resize_mode must be 'center_crop' or 'resize', got {self.resize_mode!r}")
+        if not (isinstance(self.crop_pct, (int, float)) and 0.0 < self.crop_pct <= 1.0):
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 1:
+            raise ValueError(f"min_size must be a positive int, got {self.min_size!r}")
+        if self.alpha_background not in _ALPHA_BACKGROUNDS:
+            raise ValueError(f"alpha_background must be 'black' or 'white', got {self.alpha_background!r}")
+
+    def geometry(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """``(resized_width, resized_height, crop_left, crop_top)`` for a ``width`` x ``height`` image."""
+        size = self.image_size
+        if self.resize_mode == "resize":
+            return size, size, 0, 0
+        short = max(size, int(size / self.crop_pct))
+        if width <= height:
+            rw, rh = short, max(size, round(height * short / width))
+        else:
+            rw, rh = max(size, round(width * short / height)), short
+        return rw, rh, int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))
+
+    def map_box(
+        self, box: tuple[float, float, float, float], width: int, height: int
+    ) -> tuple[float, float, float, float] | None:
+        """Map a box in source pixels into output pixels, clipped; None when nothing of it remains."""
+        rw, rh, left, top = self.geometry(width, height)
+        sx, sy = rw / width, rh / height
+        x0, y0, x1, y1 = box
+        size = float(self.image_size)
+        mapped = (
+            min(max(x0 * sx - left, 0.0), size),
+            min(max(y0 * sy - top, 0.0), size),
+            min(max(x1 * sx - left, 0.0), size),
+            min(max(y1 * sy - top, 0.0), size),
+        )
+        if mapped[2] <= mapped[0] or mapped[3] <= mapped[1]:
+            return None
+        return mapped
+
+    def apply(self, img: Image.Image) -> np.ndarray:
+        """Resize and crop an image (opened, not necessarily loaded) to uint8 ``(S, S, 3)``."""
+        width, height = img.size
+        rw, rh, left, top = self.geometry(width, height)
+        source_box: tuple[float, float, float, float] | None = None
+        if img.format == "JPEG" and min(width // rw, height // rh) >= 2:
+            drafted = img.draft(None, (rw, rh))
+            if drafted is not None:
+                source_box = drafted[1]
+        rgb = to_rgb(img, background=_ALPHA_BACKGROUNDS[self.alpha_background])
+        if rgb.size != (rw, rh):
+            rgb = rgb.resize((rw, rh), Image.Resampling.BICUBIC, box=source_box)
+        if (rw, rh) != (self.image_size, self.image_size):
+            rgb = rgb.crop((left, top, left + self.image_size, top + self.image_size))
+        return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodedSample:
+    key: str
+    shard: str | None
+    image: np.ndarray
+    label: int
+    meta: dict[str, Any] | None
+    box: tuple[float, float, float, float] | None
+    source_size: tuple[int, int]
+
+
+def to_rgb(img: Image.Image, *, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Convert any PIL mode to RGB: grayscale is replicated, 16-bit and float grayscale rescaled to
+    0..255, palette and CMYK converted, alpha composited on ``background``."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode in ("PA", "LA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    elif mode.startswith("I") or mode == "F":
+        img = Image.fromarray(_gray_to_uint8(np.asarray(img)))
+    if img.mode == "RGBA":
+        base = Image.new("RGB", img.size, background)
+        base.paste(img, mask=img.getchannel("A"))
+        return base
+    return img.convert("RGB")
+
+
+def _gray_to_uint8(values: np.ndarray) -> np.ndarray:
+    is_float = values.dtype.kind == "f"
+    values = values.astype(np.float64)
+    peak = float(np.nanmax(values)) if values.size else 0.0
+    if is_float and peak <= 1.0 and float(np.nanmin(values)) >= 0.0 and peak > 0.0:
+        values = values * 255.0
+    elif peak > 255.0:
+        values = values / 257.0
+    return np.clip(np.nan_to_num(np.rint(values)), 0, 255).astype(np.uint8)
+
+
+def _lookup(sample: Mapping[str, Any], extension: str) -> Any:
+    if extension in sample:
+        return sample[extension]
+    for name, value in sample.items():
+        if isinstance(name, str) and name.lower() == extension:
+            return value
+    return None
+
+
+def _as_bytes(value: Any) -> bytes | None:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 1:
+        return value.tobytes()
+    return None
+
+
+def parse_label(value: Any) -> int | None:
+    """An int label from ``b"3"``, ``b"3\\n"``, ``"3"`` or an int; None when it is not an integer."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        return int(value)
+    raw = _as_bytes(value)
+    if raw is not None:
+        try:
+            value = raw.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text and (text.isdigit() or (text[0] in "+-" and text[1:].isdigit())) and text.isascii():
+            return int(text)
+    return None
+
+
+def parse_meta(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value
+    raw = _as_bytes(value)
+    try:
+        parsed = json.loads(raw if raw is not None else value)
+    except (TypeError, ValueError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _meta_box(meta: Mapping[str, Any] | None) -> tuple[float, float, float, float] | None:
+    if meta is None:
+        return None
+    box = meta.get("box")
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        return None
+    try:
+        values = tuple(float(v) for v in box)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in values):
+        return None
+    return values  # type: ignore[return-value]
+
+
+def _open_image(value: Any) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, np.ndarray) and value.ndim in (2, 3) and value.dtype == np.uint8:
+        return Image.fromarray(value)
+    raw = _as_bytes(value)
+    if raw is None:
+        raise TypeError(f"cannot decode an image from {type(value).__name__}")
+    return Image.open(io.BytesIO(raw))
+
+
+def decode_sample(
+    sample: Mapping[str, Any], *, num_classes: int, transform: ImageTransform
+) -> tuple[DecodedSample | None, SkipReason | None]:
+    """Decode one sample to ``(DecodedSample, None)`` or ``(None, reason)``; never raises on bad data.
+
+    Checks run cheapest first: reader errors, image present, label present / integer / in
+    ``[0, num_classes)``, image decodes, image not tiny. A ``.json`` that does not parse gives
+    ``meta=None`` but is not a skip. ``box`` is the json ``box`` mapped into the output image.
+    """
+    error = sample.get(ERROR_FIELD)
+    if error is not None:
+        try:
+            return None, SkipReason(str(error))
+        except ValueError:
+            return None, SkipReason.read_error
+    key = sample.get("__key__")
+    key = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+    url = sample.get("__url__")
+    shard = None if url is None else (url.decode("utf-8", "replace") if isinstance(url, bytes) else str(url))
+
+    image_value = next((v for ext in IMAGE_EXTENSIONS if (v := _lookup(sample, ext)) is not None), None)
+    if image_value is None:
+        return None, SkipReason.missing_image
+    label_value = _lookup(sample, LABEL_EXTENSION)
+    if label_value is None:
+        return None, SkipReason.missing_label
+    label = parse_label(label_value)
+    if label is None:
+        return None, SkipReason.bad_label
+    if not 0 <= label < num_classes:
+        return None, SkipReason.label_out_of_range
+
+    try:
+        img = _open_image(image_value)
+        width, height = img.size
+        if min(width, height) < transform.min_size:
+            return None, SkipReason.tiny_image
+        image = transform.apply(img)
+    except Exception:
+        return None, SkipReason.corrupt_image
+
+    meta = parse_meta(_lookup(sample, META_EXTENSION))
+    box = _meta_box(meta)
+    return (
+        DecodedSample(
+            key=key,
+            shard=shard,
+            image=image,
+            label=label,
+            meta=meta,
+            box=None if box is None else transform.map_box(box, width, height),
+            source_size=(width, height),
+        ),
+        None,
+    )
+
+
+class DuplicateKeyFilter:
+    """Remembers keys of one stream; ``seen(key)`` is True from a key's second occurrence on."""
+
+    def __init__(self) -> None:
+        self._keys: set[str] = set()
+
+    def seen(self, key: str) -> bool:
+        if key in self._keys:
+            return True
+        self._keys.add(key)
+        return False
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+@dataclass(kw_only=True)
+class SkipReport:
+    """Counts decoded and skipped samples by reason; keeps the first ``max_keys`` skipped keys."""
+
+    max_keys: int = 1000
+    num_ok: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: list[dict[str, str | None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_keys < 0:
+            raise ValueError(f"max_keys must be >= 0, got {self.max_keys}")
+
+    def add(self, reason: SkipReason | str, key: str, shard: str | None = None) -> None:
+        reason = SkipReason(reason)
+        self.counts[reason.value] = self.counts.get(reason.value, 0) + 1
+        if len(self.skipped) < self.max_keys:
+            self.skipped.append({"key": key, "shard": shard, "reason": reason.value})
+
+    def ok(self, n: int = 1) -> None:
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.num_ok += n
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def total(self) -> int:
+        return self.num_ok + self.num_skipped
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.num_skipped / self.total if self.total else 0.0
+
+    def merge(self, other: SkipReport) -> SkipReport:
+        """Add ``other``'s counts and keys into this report (in place) and return it."""
+        self.num_ok += other.num_ok
+        for reason, count in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + count
+        room = self.max_keys - len(self.skipped)
+        if room > 0:
+            self.skipped.extend(dict(entry) for entry in other.skipped[:room])
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_ok": self.num_ok,
+            "num_skipped": self.num_skipped,
+            "total": self.total,
+            "bad_fraction": self.bad_fraction,
+            "counts": dict(sorted(self.counts.items())),
+            "skipped": [dict(entry) for entry in self.skipped],
+            "max_keys": self.max_keys,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SkipReport:
+        counts = {str(SkipReason(reason)): int(count) for reason, count in data.get("counts", {}).items()}
+        return cls(
+            max_keys=int(data.get("max_keys", 1000)),
+            num_ok=int(data.get("num_ok", 0)),
+            counts=counts,
+            skipped=[dict(entry) for entry in data.get("skipped", [])],
+        )
+
+    def summary(self) -> str:
+        by_reason = ", ".join(f"{reason}={count}" for reason, count in sorted(self.counts.items()))
+        return (
+            f"{self.num_skipped} of {self.total} samples skipped ({self.bad_fraction:.2%})"
+            + (f": {by_reason}" if by_reason else "")
+        )
+
+    def check(self, max_bad_fraction: float) -> None:
+        """Raise :class:`TooManyBadSamples` when ``bad_fraction > max_bad_fraction``."""
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
+        if self.bad_fraction > max_bad_fraction:
+            raise TooManyBadSamples(f"{self.summary()}; allowed at most {max_bad_fraction:.2%}")
+
+
+def iter_tar_samples(fileobj: IO[bytes], *, url: str | None = None) -> Iterator[dict[str, Any]]:
+    """Group a WebDataset tar stream's members into sample dicts (``__key__``, ``__url__``, ext -> bytes).
+
+    Members are grouped like webdataset does: key = path up to the first dot of the file name,
+    extension = the rest. A member whose extension the current sample already has starts a new
+    sample with the same key (for :class:`DuplicateKeyFilter` to flag) instead of failing the
+    shard as Ray's ``read_webdataset`` does. A stream that ends early or cannot be read yields the samples read so
+    far, then one marker sample whose ``__error__`` is ``truncated_shard`` or ``read_error``, which
+    :func:`decode_sample` turns into that skip reason. A tar cut exactly at a member boundary
+    is indistinguishable from a complete one and reads as such.
+    """
+    current: dict[str, Any] | None = None
+    error: SkipReason | None = None
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                directory, _, base = member.name.rpartition("/")
+                stem, dot, extension = base.partition(".")
+                if not dot or not stem:
+                    continue
+                key = f"{directory}/{stem}" if directory else stem
+                data = tar.extractfile(member)
+                payload = data.read() if data is not None else b""
+                if len(payload) != member.size:
+                    error = SkipReason.truncated_shard
+                    break
+                if current is None or current["__key__"] != key or extension in current:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key, "__url__": url}
+                current[extension] = payload
+    except EOFError:
+        error = SkipReason.truncated_shard
+    except tarfile.ReadError as exc:
+        error = SkipReason.truncated_shard if str(exc) in _TRUNCATION_MESSAGES else SkipReason.read_error
+    except (tarfile.TarError, OSError):
+        error = SkipReason.read_error
+    if current is not None:
+        yield current
+    if error is not None:
+        yield {"__key__": f"{url or '<stream>'}#{error.value}", "__url__": url, ERROR_FIELD: error.value}

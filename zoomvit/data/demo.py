@@ -1,0 +1,330 @@
+"""Demo dataset: small handwritten digits in cluttered scenes, written as ImageNet-layout WebDataset shards.
+
+Every sample is one ``image_size`` x ``image_size`` RGB JPEG holding one real UCI handwritten digit
+(scikit-learn's bundled ``load_digits``) upscaled to a small random size at a random position, among
+dimmer fragments of other digits, gaussian noise, a per-image background tint and, optionally,
+crops of scikit-learn's bundled sample photos. The label is the digit's class; the ``.json`` member
+records the digit's box so evaluation can report accuracy by object size.
+
+Train and validation draw their digits (and clutter) from disjoint halves of the UCI images.
+Output is byte-for-byte reproducible for the same arguments: each sample has its own random
+stream derived from ``(seed, split, index)`` and tar headers carry fixed names, times and owners.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from zoomvit import __version__
+
+DATASET_NAME = "zoomvit-demo-digits"
+CLASS_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
+SPLITS: tuple[str, ...] = ("train", "val")
+JPEG_QUALITY = 90
+TAR_MTIME = 1_700_000_000
+
+_SPLIT_IDS = {"train": 0, "val": 1}
+_SHARD_RE = re.compile(r"^(train|val)-\d{6}\.tar$")
+_DIGIT_COLOR = (0.8, 1.0)
+_CLUTTER_INTENSITY = (0.3, 0.55)
+_CLUTTER_COLOR = (0.55, 1.0)
+_BACKGROUND_TINT = (0.0, 0.18)
+_FRAGMENT_CELLS = (2.0, 5.0)
+_FRAGMENT_MAX_AREA = 16.0
+_PHOTO_INTENSITY = (0.25, 0.5)
+_STROKE_FLOOR = 0.15
+_STROKE_GAMMA = 0.75
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoSpec:
+    """Arguments of :func:`generate_demo_dataset`, validated."""
+
+    train: int
+    val: int
+    image_size: int = 64
+    seed: int = 0
+    samples_per_shard: int = 256
+    digit_scale: tuple[float, float] = (0.18, 0.45)
+    num_clutter: int = 6
+    noise_std: float = 0.08
+    photo_clutter: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("train", "val", "image_size", "seed", "samples_per_shard", "num_clutter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if self.train < 0 or self.val < 0:
+            raise ValueError(f"train and val must be >= 0, got train={self.train}, val={self.val}")
+        if self.train + self.val == 0:
+            raise ValueError("train + val must be at least 1")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.num_clutter < 0:
+            raise ValueError(f"num_clutter must be >= 0, got {self.num_clutter}")
+        if len(self.digit_scale) != 2:
+            raise ValueError(f"digit_scale must be (low, high), got {self.digit_scale!r}")
+        low, high = (float(v) for v in self.digit_scale)
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"digit_scale must satisfy 0 < low <= high <= 1, got {self.digit_scale!r}")
+        if not (math.isfinite(self.noise_std) and self.noise_std >= 0.0):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
+        object.__setattr__(self, "digit_scale", (low, high))
+        object.__setattr__(self, "noise_std", float(self.noise_std))
+        object.__setattr__(self, "photo_clutter", bool(self.photo_clutter))
+
+    def count(self, split: str) -> int:
+        return self.train if split == "train" else self.val
+
+
+@dataclass(frozen=True, kw_only=True)
+class RenderedSample:
+    key: str
+    jpeg: bytes
+    label: int
+    box: tuple[int, int, int, int]
+    scale: float
+    source_index: int
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.clip(bunch.images.astype(np.float32) / 16.0, 0.0, 1.0)
+    return images, bunch.target.astype(np.int64)
+
+
+@lru_cache(maxsize=1)
+def _photos() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_sample_images
+
+    return tuple(np.asarray(img, dtype=np.float32) / 255.0 for img in load_sample_images().images)
+
+
+def split_indices(split: str) -> np.ndarray:
+    """Indices into ``load_digits()`` used by a split: train the first half, val the second."""
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    n = len(_digits()[1])
+    half = (n + 1) // 2
+    return np.arange(0, half) if split == "train" else np.arange(half, n)
+
+
+def _upscale(cells: np.ndarray, width: int, height: int) -> np.ndarray:
+    img = Image.fromarray(np.ascontiguousarray(cells, dtype=np.float32))
+    out = np.asarray(img.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+    return np.clip((out - _STROKE_FLOOR) / (1.0 - _STROKE_FLOOR), 0.0, 1.0) ** _STROKE_GAMMA
+
+
+def _paste_max(canvas: np.ndarray, layer: np.ndarray, color: np.ndarray, x: int, y: int) -> None:
+    h, w = layer.shape[:2]
+    size = canvas.shape[0]
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, size), min(y + h, size)
+    if x0 >= x1 or y0 >= y1:
+        return
+    patch = layer[y0 - y : y1 - y, x0 - x : x1 - x]
+    if patch.ndim == 2:
+        patch = patch[..., None] * color
+    np.maximum(canvas[y0:y1, x0:x1], patch, out=canvas[y0:y1, x0:x1])
+
+
+def _fragment(rng: np.random.Generator, digit: np.ndarray, side: int) -> np.ndarray:
+    """A crop of an upscaled digit covering at most ``_FRAGMENT_MAX_AREA`` of its 8x8 cells."""
+    full = _upscale(digit, side, side)
+    cell = side / 8.0
+    lo, hi = _FRAGMENT_CELLS
+    best = full[: max(2, round(3 * cell)), : max(2, round(3 * cell))]
+    for _ in range(8):
+        h_cells, w_cells = rng.uniform(lo, hi, size=2)
+        if h_cells * w_cells > _FRAGMENT_MAX_AREA:
+            continue
+        h, w = max(2, round(h_cells * cell)), max(2, round(w_cells * cell))
+        y, x = (int(v) for v in rng.integers(0, side - np.array([h, w]) + 1))
+        crop = full[y : y + h, x : x + w]
+        if crop.mean() >= 0.2:
+            return crop
+        if crop.sum() > best.sum():
+            best = crop
+    return best
+
+
+def _render(spec: DemoSpec, split: str, index: int) -> RenderedSample:
+    images, targets = _digits()
+    pool = split_indices(split)
+    rng = np.random.default_rng([spec.seed, _SPLIT_IDS[split], index])
+    size = spec.image_size
+    low, high = spec.digit_scale
+
+    canvas = np.empty((size, size, 3), dtype=np.float32)
+    canvas[...] = rng.uniform(*_BACKGROUND_TINT, size=3)
+
+    if spec.photo_clutter:
+        photos = _photos()
+        for _ in range(int(rng.integers(1, 3))):
+            photo = photos[int(rng.integers(len(photos)))]
+            side = int(rng.integers(size // 4, size // 2 + 1))
+            limit = min(photo.shape[:2])
+            crop_side = min(limit, int(rng.integers(side, max(side, limit // 2) + 1)))
+            py = int(rng.integers(0, photo.shape[0] - crop_side + 1))
+            px = int(rng.integers(0, photo.shape[1] - crop_side + 1))
+            crop = photo[py : py + crop_side, px : px + crop_side]
+            channels = [
+                Image.fromarray(np.ascontiguousarray(crop[..., c])).resize((side, side), Image.Resampling.BILINEAR)
+                for c in range(3)
+            ]
+            patch = np.stack([np.asarray(c) for c in channels], axis=-1) * rng.uniform(*_PHOTO_INTENSITY)
+            x, y = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+            _paste_max(canvas, patch.astype(np.float32), np.ones(3, np.float32), x, y)
+
+    source = int(pool[int(rng.integers(len(pool)))])
+    for _ in range(spec.num_clutter):
+        other = int(pool[int(rng.integers(len(pool)))])
+        while other == source:
+            other = int(pool[int(rng.integers(len(pool)))])
+        layer = _fragment(rng, images[other], max(8, round(rng.uniform(low, high) * size)))
+        h, w = layer.shape
+        color = (rng.uniform(*_CLUTTER_INTENSITY) * rng.uniform(*_CLUTTER_COLOR, size=3)).astype(np.float32)
+        x = int(rng.integers(-w // 2, size - w // 2 + 1))
+        y = int(rng.integers(-h // 2, size - h // 2 + 1))
+        _paste_max(canvas, layer, color, x, y)
+
+    side = min(size, max(4, round(rng.uniform(low, high) * size)))
+    x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    color = rng.uniform(*_DIGIT_COLOR, size=3).astype(np.float32)
+    _paste_max(canvas, _upscale(images[source], side, side), color, x0, y0)
+
+    if spec.noise_std > 0:
+        canvas += rng.normal(0.0, spec.noise_std, size=canvas.shape).astype(np.float32)
+    pixels = np.clip(np.rint(canvas * 255.0), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return RenderedSample(
+        key=f"{split}_{index:08d}",
+        jpeg=buffer.getvalue(),
+        label=int(targets[source]),
+        box=(x0, y0, x0 + side, y0 + side),
+        scale=side / size,
+        source_index=source,
+    )
+
+
+def render_sample(spec: DemoSpec, split: str, index: int) -> RenderedSample:
+    """Render one sample; the same ``(spec, split, index)`` always gives the same bytes."""
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0 <= index < spec.count(split):
+        raise ValueError(f"index {index} out of range for split {split!r} with {spec.count(split)} samples")
+    return _render(spec, split, index)
+
+
+def _members(sample: RenderedSample) -> Iterator[tuple[str, bytes]]:
+    meta = {
+        "box": list(sample.box),
+        "scale": sample.scale,
+        "label": sample.label,
+        "filename": f"{sample.key}.jpg",
+        "source_index": sample.source_index,
+    }
+    yield f"{sample.key}.jpg", sample.jpeg
+    yield f"{sample.key}.cls", f"{sample.label}".encode("ascii")
+    yield f"{sample.key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _write_tar(path: Path, members: Sequence[tuple[str, bytes]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = TAR_MTIME
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+
+
+def generate_demo_dataset(
+    out_dir: str | os.PathLike[str],
+    *,
+    train: int,
+    val: int,
+    image_size: int = 64,
+    seed: int = 0,
+    samples_per_shard: int = 256,
+    digit_scale: tuple[float, float] = (0.18, 0.45),
+    num_clutter: int = 6,
+    noise_std: float = 0.08,
+    photo_clutter: bool = False,
+) -> dict[str, Any]:
+    """Write ``train-NNNNNN.tar``/``val-NNNNNN.tar`` shards, ``classes.txt`` and ``_info.json`` into out_dir.
+
+    Shards from an earlier generation in out_dir that the new one does not overwrite are removed,
+    so the directory always holds exactly the split listed in ``_info.json``. Returns that info dict.
+    """
+    spec = DemoSpec(
+        train=train,
+        val=val,
+        image_size=image_size,
+        seed=seed,
+        samples_per_shard=samples_per_shard,
+        digit_scale=tuple(digit_scale),
+        num_clutter=num_clutter,
+        noise_std=noise_std,
+        photo_clutter=photo_clutter,
+    )
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {str(out)!r} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    splits: dict[str, dict[str, Any]] = {}
+    written: set[str] = set()
+    for split in SPLITS:
+        n = spec.count(split)
+        lengths: list[int] = []
+        filenames: list[str] = []
+        for shard, start in enumerate(range(0, n, spec.samples_per_shard)):
+            stop = min(start + spec.samples_per_shard, n)
+            members = [m for i in range(start, stop) for m in _members(_render(spec, split, i))]
+            name = f"{split}-{shard:06d}.tar"
+            _write_tar(out / name, members)
+            lengths.append(stop - start)
+            filenames.append(name)
+        written.update(filenames)
+        splits[split] = {"name": split, "num_samples": n, "shard_lengths": lengths, "filenames": filenames}
+
+    for stale in out.iterdir():
+        if _SHARD_RE.match(stale.name) and stale.name not in written:
+            stale.unlink()
+
+    info: dict[str, Any] = {
+        "name": DATASET_NAME,
+        "version": __version__,
+        "num_classes": len(CLASS_NAMES),
+        "splits": splits,
+        "generator": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()},
+    }
+    (out / "classes.txt").write_text("".join(f"{name}\n" for name in CLASS_NAMES), encoding="utf-8")
+    (out / "_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return info

@@ -1,0 +1,35 @@
+"""Uniform-patch baselines: timm's own VisionTransformer at the sizes of the demo/test ZoomViTs.
+
+Any timm model name works as a baseline too; these variants only add the small shapes timm lacks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+default_cfgs = generate_default_cfgs(
+    {
+        "vit_demo_patch8_64": {"num_classes": 10, "input_size": (3, 64, 64), "crop_pct": 1.0, "mean": (0.5,) * 3, "std": (0.5,) * 3},
+        "vit_test_patch8_32": {"num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0, "mean": (0.5,) * 3, "std": (0.5,) * 3},
+    }
+)
+
+
+def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
+    return build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+@register_model
+def vit_demo_patch8_64(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """The demo ZoomViT's backbone with uniform 8 px patches."""
+    args = dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, num_classes=10)
+    return _create("vit_demo_patch8_64", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def vit_test_patch8_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    return _create("vit_test_patch8_32", pretrained, **{**args, **kwargs})

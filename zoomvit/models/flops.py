@@ -1,0 +1,71 @@
+"""FLOPs per image, measured with ``torch.utils.flop_counter`` (one multiply-add = 2 FLOPs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlopReport:
+    """Per-image cost of a batch: backbone (tokenizer + transformer + head) and Zoomer GFLOPs."""
+
+    gflops_B: torch.Tensor
+    zoomer_gflops: float
+    tokens_B: torch.Tensor
+
+    @property
+    def gflops(self) -> float:
+        return float(self.gflops_B.mean()) + self.zoomer_gflops
+
+    @property
+    def tokens(self) -> float:
+        return float(self.tokens_B.float().mean())
+
+
+def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def zoomvit_flops(model: nn.Module, images_BCHW: torch.Tensor, scores_BHW: torch.Tensor | None = None, **zoom: Any) -> FlopReport:
+    """Measured GFLOPs of every image run alone (no padding), for a ZoomViT or any timm model.
+
+    A ZoomViT image's cost depends only on its token count, so each distinct count is measured
+    once. The Zoomer's cost is counted when it supplies the scores.
+    """
+    from zoomvit.models.zoomvit import ZoomViT
+
+    was_training = model.training
+    model.eval()
+    try:
+        if not isinstance(model, ZoomViT):
+            gflops = count_flops(model, images_BCHW[:1]) / 1e9
+            tokens = _uniform_tokens(model)
+            B = images_BCHW.shape[0]
+            return FlopReport(gflops_B=torch.full((B,), gflops), zoomer_gflops=0.0, tokens_B=torch.full((B,), tokens))
+        zoomer_gflops = 0.0
+        if scores_BHW is None:
+            scores_BHW = model.importance(images_BCHW)
+            zoomer_gflops = count_flops(model.zoomer, images_BCHW[:1]) / 1e9
+        tokens_B = model.layout(scores_BHW, model.zoom_config(**zoom)).num_tokens_B.cpu()
+        per_count: dict[int, float] = {}
+        for i, n in enumerate(tokens_B.tolist()):
+            if n not in per_count:
+                per_count[n] = count_flops(model, images_BCHW[i : i + 1], scores_BHW[i : i + 1], **zoom) / 1e9
+        gflops_B = torch.tensor([per_count[n] for n in tokens_B.tolist()])
+        return FlopReport(gflops_B=gflops_B, zoomer_gflops=zoomer_gflops, tokens_B=tokens_B)
+    finally:
+        model.train(was_training)
+
+
+def _uniform_tokens(model: nn.Module) -> int:
+    patch_embed = getattr(model, "patch_embed", None)
+    grid = getattr(patch_embed, "grid_size", None)
+    return int(grid[0] * grid[1]) if grid is not None else 0

@@ -1,0 +1,284 @@
+"""ZoomViT: a timm VisionTransformer whose tokenizer zooms into the regions a Zoomer marks.
+
+The backbone is timm's ``VisionTransformer`` (same parameter names, so DeiT/ViT state dicts load
+where shapes match); only the tokenizer differs: tokens of three sizes (2P, P, P/2 px), a position
+embedding sampled at each token's true location, a learned zoom-level embedding, tokens ordered by
+importance, and a padding mask so every image of a batch keeps exactly its own result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+
+from zoomvit.models.tokenizer import (
+    NUM_LEVELS,
+    TokenLayout,
+    ZoomConfig,
+    build_universe,
+    gather_patches,
+    plan_layout,
+    universe_pos_embed,
+)
+from zoomvit.models.zoomer import Zoomer
+
+__all__ = ["ZoomViT", "ZoomTokens", "load_backbone_state_dict"]
+
+
+@dataclass(frozen=True)
+class ZoomTokens:
+    """The tokenizer's output for a batch (patch tokens only, without the class token).
+
+    tokens_BLD: embedded tokens (patch projection + position + zoom-level embedding).
+    box_BL4: each token's pixel box (x0, y0, x1, y1) in the input image.
+    level_BL: zoom level, -1 coarse (2P px), 0 normal (P px), 1 zoomed (P/2 px).
+    valid_BL: False where the row is padding.
+    importance_BL: the score the token was ordered by.
+    """
+
+    tokens_BLD: torch.Tensor
+    box_BL4: torch.Tensor
+    level_BL: torch.Tensor
+    valid_BL: torch.Tensor
+    importance_BL: torch.Tensor
+
+    @property
+    def num_tokens_B(self) -> torch.Tensor:
+        return self.valid_BL.sum(dim=1)
+
+
+class ZoomViT(VisionTransformer):
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.5,
+        coarse_alpha: float | None = None,
+        coarse: bool = False,
+        keep_rate: float = 1.0,
+        token_budget: int | None = None,
+        zoomer_width: int = 64,
+        zoomer_depth: int = 2,
+        with_zoomer: bool = True,
+        **vit_kwargs: Any,
+    ) -> None:
+        for key, unsupported in (("reg_tokens", 0), ("no_embed_class", False), ("dynamic_img_size", False)):
+            if vit_kwargs.get(key, unsupported) != unsupported:
+                raise ValueError(f"ZoomViT does not support {key}={vit_kwargs[key]!r}")
+        if vit_kwargs.get("class_token", True) is False or vit_kwargs.get("global_pool", "token") == "map":
+            raise ValueError("ZoomViT needs a class token and 'token' or 'avg' pooling")
+        super().__init__(**vit_kwargs)
+        self.zoom = ZoomConfig(alpha=alpha, coarse_alpha=coarse_alpha, keep_rate=keep_rate, token_budget=token_budget)
+        self.coarse = coarse or coarse_alpha is not None
+        self.zoom_embed = nn.Parameter(torch.zeros(NUM_LEVELS, self.embed_dim))
+        trunc_normal_(self.zoom_embed, std=0.02)
+        self.zoomer = Zoomer(grid=self.grid, width=zoomer_width, depth=zoomer_depth) if with_zoomer else None
+        self._universe = build_universe(self.grid, self.patch_size, coarse=self.coarse)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.patch_embed.grid_size)
+
+    @property
+    def patch_size(self) -> int:
+        ph, pw = self.patch_embed.patch_size
+        if ph != pw:
+            raise ValueError(f"ZoomViT needs square patches, got {ph}x{pw}")
+        return ph
+
+    @property
+    def num_cells(self) -> int:
+        gh, gw = self.grid
+        return gh * gw
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"zoom_embed"}
+
+    def zoom_config(self, **overrides: Any) -> ZoomConfig:
+        """The model's zoom settings with some fields replaced (alpha=..., token_budget=..., ...)."""
+        return replace(self.zoom, **{k: v for k, v in overrides.items() if v is not None})
+
+    def attach_zoomer(self, zoomer: Zoomer, *, freeze: bool = True) -> "ZoomViT":
+        if tuple(zoomer.grid) != self.grid:
+            raise ValueError(f"Zoomer predicts a {zoomer.grid} grid, the model's patch grid is {self.grid}")
+        self.zoomer = zoomer.freeze() if freeze else zoomer
+        return self
+
+    def importance(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        if self.zoomer is None:
+            raise ValueError("this ZoomViT has no Zoomer: pass scores=... or attach_zoomer() first")
+        return self.zoomer(images_BCHW)
+
+    def layout(self, scores_BHW: torch.Tensor, config: ZoomConfig | None = None) -> TokenLayout:
+        return plan_layout(scores_BHW, self._universe_on(scores_BHW.device), config or self.zoom)
+
+    def tokenize(
+        self, images_BCHW: torch.Tensor, scores_BHW: torch.Tensor | None = None, *, config: ZoomConfig | None = None, **zoom: Any
+    ) -> ZoomTokens:
+        """Embed an image batch into zoom tokens. ``zoom`` overrides fields of the zoom config."""
+        if scores_BHW is None:
+            scores_BHW = self.importance(images_BCHW)
+        config = config or self.zoom_config(**zoom)
+        universe = self._universe_on(images_BCHW.device)
+        layout = plan_layout(scores_BHW, universe, config)
+        pe = self.patch_embed
+        patches_BLK = gather_patches(images_BCHW, universe, layout)
+        tokens = F.linear(patches_BLK, pe.proj.weight.flatten(1), pe.proj.bias)
+        tokens = pe.norm(tokens)
+        pos_grid = self.pos_embed[:, self.num_prefix_tokens :].reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
+        pos_UD = universe_pos_embed(pos_grid, universe)
+        tokens = tokens + pos_UD[layout.index_BL] + self.zoom_embed[layout.level_BL + 1]
+        tokens = tokens * layout.valid_BL.unsqueeze(-1).to(tokens.dtype)
+        return ZoomTokens(
+            tokens_BLD=tokens,
+            box_BL4=layout.box_BL4,
+            level_BL=layout.level_BL,
+            valid_BL=layout.valid_BL,
+            importance_BL=layout.importance_BL,
+        )
+
+    def forward_tokens(self, zt: ZoomTokens) -> torch.Tensor:
+        """Transformer over zoom tokens; returns the normed sequence with the class token first."""
+        B = zt.tokens_BLD.shape[0]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
+        x = torch.cat([cls, zt.tokens_BLD], dim=1)
+        x = self.pos_drop(x)
+        x = self.norm_pre(x)
+        attn_mask = None
+        if not bool(zt.valid_BL.all()):
+            keep = torch.cat([zt.valid_BL.new_ones(B, 1), zt.valid_BL], dim=1)
+            attn_mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
+            attn_mask = attn_mask.masked_fill(~keep, float("-inf"))[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attn_mask=attn_mask)
+        return self.norm(x)
+
+    def forward_head_masked(self, x_BLD: torch.Tensor, valid_BL: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            w = valid_BL.unsqueeze(-1).to(x_BLD.dtype)
+            x = (x_BLD[:, 1:] * w).sum(1) / w.sum(1).clamp(min=1)
+        else:
+            x = x_BLD[:, 0]
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(
+        self, images_BCHW: torch.Tensor, scores: torch.Tensor | None = None, *, return_tokens: bool = False, **zoom: Any
+    ):
+        """Logits for an image batch; ``scores`` (B, gh, gw) replaces the attached Zoomer's maps.
+
+        ``zoom`` overrides the zoom config for this call (alpha=..., token_budget=..., keep_rate=...).
+        With ``return_tokens`` the result is ``(logits, ZoomTokens)``.
+        """
+        zt = self.tokenize(images_BCHW, scores, **zoom)
+        logits = self.forward_head_masked(self.forward_tokens(zt), zt.valid_BL)
+        return (logits, zt) if return_tokens else logits
+
+    def _universe_on(self, device: torch.device):
+        if self._universe.level_U.device != device:
+            self._universe = build_universe(self.grid, self.patch_size, coarse=self.coarse, device=device)
+        return self._universe
+
+
+def load_backbone_state_dict(model: ZoomViT, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Load a timm ViT/DeiT state dict into a ZoomViT where shapes match.
+
+    The position embedding is resampled (bicubic, class token kept apart) when the patch grids
+    differ; a head of another class count is left at its initialisation. Returns which keys were
+    loaded, skipped (no match in the model) and left missing.
+    """
+    matched = _filter_backbone(state_dict, model)
+    result = model.load_state_dict(matched, strict=False)
+    skipped = [k for k in state_dict.get("model", state_dict) if k not in matched]
+    return {"loaded": sorted(matched), "skipped": sorted(skipped), "missing": sorted(result.missing_keys)}
+
+
+def _filter_backbone(state_dict: dict[str, torch.Tensor], model: ZoomViT) -> dict[str, torch.Tensor]:
+    state_dict = state_dict.get("model", state_dict)
+    own = model.state_dict()
+    out = {}
+    for key, value in state_dict.items():
+        if key == "pos_embed" and key in own and value.shape != own[key].shape:
+            value = resample_abs_pos_embed(value, new_size=list(model.grid), num_prefix_tokens=model.num_prefix_tokens)
+        if key in own and own[key].shape == value.shape:
+            out[key] = value
+    return out
+
+
+def _create_zoomvit(variant: str, pretrained: bool = False, **kwargs: Any) -> ZoomViT:
+    return build_model_with_cfg(
+        ZoomViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=_filter_backbone,
+        pretrained_strict=False,
+        **kwargs,
+    )
+
+
+def _cfg(hf_hub_id: str = "", **kwargs: Any) -> dict[str, Any]:
+    return {
+        "hf_hub_id": hf_hub_id,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        **kwargs,
+    }
+
+
+# Pretrained tags load the DeiT backbone of the same size (the zoom parts start fresh).
+default_cfgs = generate_default_cfgs(
+    {
+        "zoomvit_tiny_patch16_224.deit_in1k": _cfg(hf_hub_id="timm/deit_tiny_patch16_224.fb_in1k"),
+        "zoomvit_small_patch16_224.deit_in1k": _cfg(hf_hub_id="timm/deit_small_patch16_224.fb_in1k"),
+        "zoomvit_base_patch16_224.deit_in1k": _cfg(hf_hub_id="timm/deit_base_patch16_224.fb_in1k"),
+        "zoomvit_demo_patch8_64": _cfg(num_classes=10, input_size=(3, 64, 64), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3),
+        "zoomvit_test_patch8_32": _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3),
+    }
+)
+
+
+@register_model
+def zoomvit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> ZoomViT:
+    args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_zoomvit("zoomvit_tiny_patch16_224", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def zoomvit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> ZoomViT:
+    """DeiT-S backbone (dim 384, depth 12, heads 6) with the zoom tokenizer."""
+    args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_zoomvit("zoomvit_small_patch16_224", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def zoomvit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> ZoomViT:
+    args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_zoomvit("zoomvit_base_patch16_224", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def zoomvit_demo_patch8_64(pretrained: bool = False, **kwargs: Any) -> ZoomViT:
+    """For the demo data: 64 px images, 8x8 grid of 8 px patches (zoomed: 4 px)."""
+    args = dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, num_classes=10, zoomer_width=32)
+    return _create_zoomvit("zoomvit_demo_patch8_64", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def zoomvit_test_patch8_32(pretrained: bool = False, **kwargs: Any) -> ZoomViT:
+    """A few-thousand-parameter model for tests."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, zoomer_width=8, zoomer_depth=1)
+    return _create_zoomvit("zoomvit_test_patch8_32", pretrained, **{**args, **kwargs})
