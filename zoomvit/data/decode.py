@@ -109,7 +109,7 @@ class ImageTransform:
         width, height = img.size
         rw, rh, left, top = self.geometry(width, height)
         source_box: tuple[float, float, float, float] | None = None
-        if img.format == "JPEG" and min(width // rw, height // rh) >= 2:
+        if img.format in ("JPEG", "MPO") and min(width // rw, height // rh) >= 2:
             drafted = img.draft(None, (rw, rh))
             if drafted is not None:
                 source_box = drafted[1]
