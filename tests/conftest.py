@@ -12,3 +12,16 @@ import zoomvit.models  # noqa: F401  (registers the timm variants)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs, no dashboard)."""
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

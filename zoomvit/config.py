@@ -1,0 +1,118 @@
+"""Typed, validated configuration: one frozen model per pipeline section.
+
+Unknown keys and wrong types are errors that name the offending key. Sections are independent so a
+stage's fingerprint covers exactly the settings it reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DemoDataConfig(Section):
+    """Generate the demo dataset into ``data.root`` when its shards are missing."""
+
+    train: int = Field(2048, ge=0)
+    val: int = Field(512, ge=0)
+    image_size: int = Field(64, ge=16)
+    seed: int = 0
+    samples_per_shard: int = Field(256, ge=1)
+    photo_clutter: bool = False
+
+
+class DataConfig(Section):
+    """Where the shards are and how images become tensors.
+
+    train_shards / val_shards: a path, a brace pattern (``train-{000000..000003}.tar``), a directory
+    or a list of those; local, ``s3://``, ``gs://`` or any fsspec URL. Relative paths are taken
+    relative to ``root`` when it is set.
+    """
+
+    root: str | None = None
+    train_shards: str | list[str] = "train-*.tar"
+    val_shards: str | list[str] = "val-*.tar"
+    num_classes: int = Field(10, ge=1)
+    image_size: int = Field(64, ge=8)
+    resize_mode: Literal["center_crop", "resize"] = "center_crop"
+    crop_pct: float = Field(1.0, gt=0, le=1)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    class_names: str | None = None
+    demo: DemoDataConfig | None = None
+
+
+class TeacherConfig(Section):
+    """The teacher ViT: a timm name, optionally pretrained (hub) or from a local checkpoint."""
+
+    model: str = "vit_demo_patch8_64"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class RelevanceConfig(Section):
+    method: Literal["grad_rollout", "rollout", "attention"] = "grad_rollout"
+    target: Literal["label", "prediction"] = "label"
+    batch_size: int = Field(64, ge=1)
+    concurrency: int = Field(1, ge=1)
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    shards_per_group: int = Field(4, ge=1)
+    decode_batch_size: int = Field(64, ge=1)
+    splits: tuple[Literal["train", "val"], ...] = ("train", "val")
+
+    @model_validator(mode="after")
+    def _splits_not_empty(self) -> "RelevanceConfig":
+        if not self.splits:
+            raise ValueError("relevance.splits must name at least one split")
+        return self
+
+
+class PipelineConfig(Section):
+    """The whole pipeline: one section per concern (see ``pipelines/configs/*.yaml``)."""
+
+    name: str = "zoomvit"
+    artifact_root: str | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    relevance: RelevanceConfig = Field(default_factory=RelevanceConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that does not validate; the message names every offending key."""
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML file (or the defaults), apply ``a.b.c=value`` overrides, validate."""
+    import yaml
+    from pydantic import ValidationError
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"invalid configuration{f' in {path}' if path else ''}: {problems}") from None

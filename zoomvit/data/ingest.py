@@ -1,0 +1,160 @@
+"""WebDataset shards on Ray Data, with per-sample error handling.
+
+Ray's ``read_webdataset`` fails the whole read on a truncated tar, a repeated member name or a
+sample split across the archive, and decodes labels itself. ``WebDatasetShards`` is the same
+file-based datasource reading raw members through :func:`iter_tar_samples`, so every sample becomes
+one row and every problem becomes a counted skip row rather than an exception:
+
+    kind = "sample": raw image bytes + label bytes + json bytes
+    kind = "error":  a problem found while reading (truncated shard, duplicate key, ...)
+    kind = "eos":    the shard is finished; ``count`` rows were emitted before it
+
+Decoding runs in ``map_batches`` (:func:`decode_batch`), keeping the same three kinds, so a
+consumer can tell when all rows of a shard have arrived and commit work shard by shard.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from zoomvit.data.decode import (
+    ERROR_FIELD,
+    IMAGE_EXTENSIONS,
+    DuplicateKeyFilter,
+    ImageTransform,
+    SkipReason,
+    decode_sample,
+    iter_tar_samples,
+)
+
+RAW_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("index", pa.int64()),
+        ("image", pa.binary()),
+        ("ext", pa.string()),
+        ("cls", pa.binary()),
+        ("json", pa.binary()),
+        ("reason", pa.string()),
+        ("count", pa.int64()),
+    ]
+)
+_CHUNK_ROWS = 64
+
+
+def _raw_row(kind: str, key: str, shard: str, index: int, **fields: Any) -> dict[str, Any]:
+    row = dict.fromkeys(RAW_SCHEMA.names)
+    row.update(kind=kind, key=key, shard=shard, index=index, **fields)
+    return row
+
+
+def raw_rows(stream, shard: str) -> Iterator[dict[str, Any]]:
+    """One raw row per sample of a tar stream, then the end-of-shard row."""
+    duplicates = DuplicateKeyFilter()
+    index = 0
+    for sample in iter_tar_samples(stream, url=shard):
+        key = sample["__key__"]
+        if ERROR_FIELD in sample:
+            yield _raw_row("error", key, shard, index, reason=sample[ERROR_FIELD])
+        elif duplicates.seen(key):
+            yield _raw_row("error", key, shard, index, reason=SkipReason.duplicate_key.value)
+        else:
+            ext = next((e for e in sample if e.lower() in IMAGE_EXTENSIONS), None)
+            yield _raw_row(
+                "sample",
+                key,
+                shard,
+                index,
+                image=None if ext is None else sample[ext],
+                ext=ext,
+                cls=_bytes_or_none(sample, "cls"),
+                json=_bytes_or_none(sample, "json"),
+            )
+        index += 1
+    yield _raw_row("eos", "", shard, index, count=index)
+
+
+def _bytes_or_none(sample: dict[str, Any], ext: str) -> bytes | None:
+    value = next((v for k, v in sample.items() if k.lower() == ext), None)
+    return value if isinstance(value, (bytes, bytearray)) else None
+
+
+def _datasource_class():
+    from ray.data.datasource import FileBasedDatasource
+
+    class WebDatasetShards(FileBasedDatasource):
+        _FILE_EXTENSIONS = ["tar"]
+
+        def _read_stream(self, stream: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
+            rows: list[dict[str, Any]] = []
+            for row in raw_rows(stream, path):
+                rows.append(row)
+                if len(rows) >= _CHUNK_ROWS:
+                    yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+                    rows = []
+            if rows:
+                yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+
+    return WebDatasetShards
+
+
+def read_shards(paths: Sequence[str], *, filesystem=None, override_num_blocks: int | None = None):
+    """A Ray Dataset of raw rows, one read task per shard where parallelism allows."""
+    import ray.data
+
+    datasource = _datasource_class()(list(paths), filesystem=filesystem, shuffle=None)
+    return ray.data.read_datasource(datasource, override_num_blocks=override_num_blocks or len(paths))
+
+
+def decode_batch(batch: pa.Table, *, num_classes: int, transform: ImageTransform) -> dict[str, np.ndarray]:
+    """Raw rows to decoded rows: kind, key, shard, index, label, image (N, S, S, 3 uint8), box, reason, count."""
+    rows = batch.to_pylist()
+    n, size = len(rows), transform.image_size
+    out: dict[str, np.ndarray] = {
+        "kind": np.empty(n, dtype=object),
+        "key": np.empty(n, dtype=object),
+        "shard": np.empty(n, dtype=object),
+        "index": np.zeros(n, dtype=np.int64),
+        "label": np.full(n, -1, dtype=np.int64),
+        "image": np.zeros((n, size, size, 3), dtype=np.uint8),
+        "box": np.full((n, 4), np.nan, dtype=np.float32),
+        "reason": np.full(n, "", dtype=object),
+        "count": np.zeros(n, dtype=np.int64),
+    }
+    for i, row in enumerate(rows):
+        out["key"][i], out["shard"][i], out["index"][i] = row["key"], row["shard"], row["index"]
+        out["count"][i] = row["count"] or 0
+        if row["kind"] == "eos":
+            out["kind"][i] = "eos"
+            continue
+        if row["kind"] == "error":
+            out["kind"][i], out["reason"][i] = "skip", row["reason"]
+            continue
+        sample = {"__key__": row["key"], "__url__": row["shard"], "cls": row["cls"], "json": row["json"]}
+        if row["ext"] is not None:
+            sample[row["ext"]] = row["image"]
+        decoded, reason = decode_sample(sample, num_classes=num_classes, transform=transform)
+        if decoded is None:
+            out["kind"][i], out["reason"][i] = "skip", reason.value
+            continue
+        out["kind"][i] = "sample"
+        out["label"][i] = decoded.label
+        out["image"][i] = decoded.image
+        if decoded.box is not None:
+            out["box"][i] = decoded.box
+    return out
+
+
+def read_decoded(paths: Sequence[str], *, num_classes: int, transform: ImageTransform, batch_size: int = 64, filesystem=None):
+    """Shards read and decoded on Ray Data (CPU tasks), skip and end-of-shard rows included."""
+    return read_shards(paths, filesystem=filesystem).map_batches(
+        decode_batch,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        fn_kwargs={"num_classes": num_classes, "transform": transform},
+    )

@@ -1,0 +1,74 @@
+"""Relevance maps on disk: one Parquet file per shard group, committed atomically.
+
+Columns: key, shard, label, target, teacher_pred, teacher_prob, grid_h, grid_w, relevance
+(list<float16>, row-major grid). File metadata records the teacher, method, input size, package
+version, fingerprint and the shard group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("label", pa.int32()),
+        ("target", pa.int32()),
+        ("teacher_pred", pa.int32()),
+        ("teacher_prob", pa.float32()),
+        ("grid_h", pa.int16()),
+        ("grid_w", pa.int16()),
+        ("relevance", pa.list_(pa.float16())),
+    ]
+)
+META_KEY = b"zoomvit"
+
+
+def group_path(out_dir: str | Path, split: str, group: int) -> Path:
+    return Path(out_dir) / f"{split}-group-{group:05d}.parquet"
+
+
+def write_group(rows: Iterable[dict[str, Any]], path: str | Path, metadata: dict[str, Any]) -> int:
+    """Write rows (sorted by shard then key) to ``path`` via a temporary file; returns the row count."""
+    rows = sorted(rows, key=lambda r: (r["shard"], r["key"]))
+    columns = {name: [r[name] for r in rows] for name in SCHEMA.names if name != "relevance"}
+    relevance = pa.array([np.asarray(r["relevance"], dtype=np.float16) for r in rows], type=pa.list_(pa.float16()))
+    table = pa.table({**columns, "relevance": relevance}, schema=SCHEMA)
+    table = table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return len(rows)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[META_KEY]) if META_KEY in meta else {}
+
+
+def read_maps(out_dir: str | Path, split: str | None = None) -> pa.Table:
+    """All committed groups of a relevance output (one split or all), concatenated."""
+    pattern = f"{split}-group-*.parquet" if split else "*-group-*.parquet"
+    files = sorted(Path(out_dir).glob(pattern))
+    if not files:
+        raise ValueError(f"no relevance maps ({pattern}) in {str(out_dir)!r}")
+    return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
+
+
+def maps_array(table: pa.Table) -> np.ndarray:
+    """The relevance column as (N, grid_h, grid_w) float32."""
+    if table.num_rows == 0:
+        return np.zeros((0, 0, 0), dtype=np.float32)
+    gh, gw = int(table["grid_h"][0].as_py()), int(table["grid_w"][0].as_py())
+    flat = table["relevance"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return flat.astype(np.float32).reshape(table.num_rows, gh, gw)

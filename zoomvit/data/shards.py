@@ -1,0 +1,83 @@
+"""Shard lists: brace patterns, globs, directories and URLs (local, s3://, gs://, any fsspec)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import fsspec
+from braceexpand import braceexpand
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardInfo:
+    path: str
+    size: int
+    mtime: str | None
+
+
+def expand_shards(spec: str | Sequence[str], *, root: str | None = None) -> list[str]:
+    """All shard paths a spec names, in sorted order; an error when it names none."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    paths: list[str] = []
+    for item in specs:
+        for pattern in braceexpand(item):
+            pattern = _join(root, pattern)
+            fs, _, _ = fsspec.get_fs_token_paths(pattern)
+            protocol = _protocol(pattern)
+            if any(ch in pattern for ch in "*?["):
+                found = fs.glob(pattern)
+            elif fs.isdir(pattern):
+                found = [p for p in fs.ls(pattern, detail=False) if p.endswith(".tar")]
+            else:
+                found = [pattern] if fs.exists(pattern) else []
+                if not found:
+                    raise ValueError(f"shard {pattern!r} does not exist")
+            paths.extend(_with_protocol(p, protocol) for p in found)
+    if not paths:
+        raise ValueError(f"no shards match {spec!r}" + (f" under {root!r}" if root else ""))
+    return sorted(dict.fromkeys(paths))
+
+
+def shard_infos(paths: Sequence[str]) -> list[ShardInfo]:
+    """Size and modification time (or etag) of each shard: the input's identity for fingerprints."""
+    infos = []
+    for path in paths:
+        fs, _, (resolved,) = fsspec.get_fs_token_paths(path)
+        info: dict[str, Any] = fs.info(resolved)
+        stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("etag") or info.get("updated")
+        infos.append(ShardInfo(path=path, size=int(info.get("size") or 0), mtime=None if stamp is None else str(stamp)))
+    return infos
+
+
+def shard_key(path: str) -> str:
+    """A shard's path without its protocol: what Ray's file readers report as the path."""
+    return path.split("://", 1)[-1]
+
+
+def read_info(shard_dir: str) -> dict[str, Any] | None:
+    """The ``_info.json`` timm's WebDataset exports (and the demo generator) put beside the shards."""
+    path = _join(shard_dir, "_info.json")
+    fs, _, (resolved,) = fsspec.get_fs_token_paths(path)
+    if not fs.exists(resolved):
+        return None
+    with fs.open(resolved, "r") as f:
+        return json.load(f)
+
+
+def _protocol(path: str) -> str | None:
+    return path.split("://", 1)[0] if "://" in path else None
+
+
+def _with_protocol(path: str, protocol: str | None) -> str:
+    if protocol is None or protocol == "file":
+        return os.path.abspath(path.split("://", 1)[-1])
+    return path if "://" in path else f"{protocol}://{path}"
+
+
+def _join(root: str | None, path: str) -> str:
+    if root is None or "://" in path or os.path.isabs(path):
+        return path
+    return root.rstrip("/") + "/" + path

@@ -1,0 +1,1 @@
+"""The stage graph, fingerprints, cache and the command-line entry points of ``pipelines/``."""

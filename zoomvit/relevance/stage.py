@@ -1,0 +1,266 @@
+"""The relevance stage: WebDataset shards -> Ray Data decode (CPU tasks) -> teacher attribution in
+an actor pool (GPU when asked and present) -> one Parquet file per shard group.
+
+A group is committed once every row of its shards has arrived (the reader ends each shard with
+a row that carries the shard's row count), so a killed run keeps its finished groups and a rerun
+computes only the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import zoomvit
+from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
+from zoomvit.data.decode import ImageTransform, SkipReason, SkipReport
+from zoomvit.data.relevance_store import group_path, read_metadata, write_group
+from zoomvit.data.shards import expand_shards, shard_key
+
+MANIFEST = "manifest.json"
+
+
+class RelevanceActor:
+    """Holds one teacher; turns decoded batches into relevance rows (other rows pass through)."""
+
+    def __init__(self, *, teacher: dict[str, Any], method: str, target: str, mean, std, use_gpu: bool, threads: int) -> None:
+        import torch
+
+        from zoomvit.relevance.teacher import load_teacher
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_teacher(**teacher).to(self.device)
+        self.grid = tuple(self.model.patch_embed.grid_size)
+        self.method, self.target = method, target
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from zoomvit.relevance.attribution import relevance_maps
+
+        n = len(batch["kind"])
+        gh, gw = self.grid
+        out = {k: batch[k] for k in ("kind", "key", "shard", "index", "label", "reason", "count")}
+        out["target"] = np.full(n, -1, dtype=np.int64)
+        out["teacher_pred"] = np.full(n, -1, dtype=np.int64)
+        out["teacher_prob"] = np.zeros(n, dtype=np.float32)
+        out["relevance"] = np.zeros((n, gh * gw), dtype=np.float32)
+        out["grid_h"] = np.full(n, gh, dtype=np.int64)
+        out["grid_w"] = np.full(n, gw, dtype=np.int64)
+        is_sample = batch["kind"] == "sample"
+        if is_sample.any():
+            images = torch.from_numpy(np.ascontiguousarray(batch["image"][is_sample])).to(self.device)
+            x = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+            labels = torch.from_numpy(batch["label"][is_sample]) if self.target == "label" else None
+            result = relevance_maps(self.model, x, method=self.method, labels_B=labels)
+            out["target"][is_sample] = result.target_B.cpu().numpy()
+            out["teacher_pred"][is_sample] = result.pred_B.cpu().numpy()
+            out["teacher_prob"][is_sample] = result.prob_B.cpu().numpy()
+            out["relevance"][is_sample] = result.maps_BHW.flatten(1).cpu().numpy()
+        return out
+
+
+@dataclass
+class _Group:
+    split: str
+    index: int
+    shards: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skips: SkipReport = field(default_factory=SkipReport)
+    received: dict[str, int] = field(default_factory=dict)
+    expected: dict[str, int] = field(default_factory=dict)
+
+    def complete(self) -> bool:
+        return all(s in self.expected and self.received.get(s, 0) == self.expected[s] for s in self.shards)
+
+
+def run_relevance_stage(
+    *,
+    data: DataConfig,
+    teacher: TeacherConfig,
+    relevance: RelevanceConfig,
+    out_dir: str | Path,
+    checkpoint: str | None = None,
+    fingerprint: str = "",
+    on_group_committed: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
+    """Compute the missing relevance groups under ``out_dir``; returns the stage manifest.
+
+    ``checkpoint`` overrides ``teacher.checkpoint`` (the teacher stage's output).
+    """
+    import ray
+
+    if not teacher.pretrained and not (checkpoint or teacher.checkpoint):
+        raise ValueError("the relevance stage needs a trained teacher: teacher.pretrained=true or a checkpoint")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher_spec = {
+        "model": teacher.model,
+        "pretrained": teacher.pretrained,
+        "checkpoint": checkpoint or teacher.checkpoint,
+        "num_classes": data.num_classes,
+        "model_kwargs": dict(teacher.model_kwargs),
+    }
+    split_specs = {"train": data.train_shards, "val": data.val_shards}
+    groups: list[_Group] = []
+    for split in relevance.splits:
+        paths = expand_shards(split_specs[split], root=data.root)
+        for i in range(0, len(paths), relevance.shards_per_group):
+            groups.append(_Group(split=split, index=i // relevance.shards_per_group, shards=paths[i : i + relevance.shards_per_group]))
+    base_meta = {
+        "teacher": teacher_spec["model"],
+        "teacher_checkpoint": teacher_spec["checkpoint"],
+        "pretrained": teacher.pretrained,
+        "method": relevance.method,
+        "target": relevance.target,
+        "input_size": data.image_size,
+        "package_version": zoomvit.__version__,
+        "fingerprint": fingerprint,
+    }
+    todo = [g for g in groups if not _committed(g, out_dir, fingerprint)]
+    cached = [g for g in groups if g not in todo]
+
+    use_gpu = relevance.use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    stats = {"groups_total": len(groups), "groups_cached": len(cached), "groups_computed": 0, "samples": 0, "correct": 0}
+    report = SkipReport()
+    for g in cached:
+        report.merge(SkipReport.from_dict(json.loads(_skips_path(g, out_dir).read_text())))
+    start = time.perf_counter()
+    if todo:
+        _compute(todo, data, relevance, teacher_spec, base_meta, bool(use_gpu), out_dir, stats, report, on_group_committed)
+    elapsed = time.perf_counter() - start
+    manifest = {
+        **base_meta,
+        "groups": [{"split": g.split, "index": g.index, "file": group_path(out_dir, g.split, g.index).name, "shards": g.shards} for g in groups],
+        "rows": _count_rows(groups, out_dir),
+        "skips": report.to_dict(),
+        "stats": {
+            "groups_total": stats["groups_total"],
+            "groups_cached": stats["groups_cached"],
+            "groups_computed": stats["groups_computed"],
+            "images_computed": stats["samples"],
+            "seconds": round(elapsed, 3),
+            "images_per_s": stats["samples"] / elapsed if stats["samples"] and elapsed > 0 else 0.0,
+            "teacher_acc": stats["correct"] / stats["samples"] if stats["samples"] else None,
+            "use_gpu": bool(use_gpu),
+        },
+    }
+    _atomic_write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _compute(todo, data, relevance, teacher_spec, base_meta, use_gpu, out_dir, stats, report, on_group_committed) -> None:
+    import ray.data
+
+    from zoomvit.data.ingest import read_decoded
+
+    transform = ImageTransform(image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct)
+    paths = [p for g in todo for p in g.shards]
+    by_shard = {shard_key(p): g for g in todo for p in g.shards}
+    ds = read_decoded(paths, num_classes=data.num_classes, transform=transform, batch_size=relevance.decode_batch_size)
+    ds = ds.map_batches(
+        RelevanceActor,
+        fn_constructor_kwargs={
+            "teacher": teacher_spec,
+            "method": relevance.method,
+            "target": relevance.target,
+            "mean": data.mean,
+            "std": data.std,
+            "use_gpu": use_gpu,
+            "threads": int(relevance.num_cpus_per_actor),
+        },
+        batch_size=relevance.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=relevance.concurrency),
+        num_cpus=relevance.num_cpus_per_actor,
+        num_gpus=1 if use_gpu else 0,
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        touched = set()
+        for i in range(len(batch["kind"])):
+            shard = str(batch["shard"][i])
+            g = by_shard[shard_key(shard)]
+            touched.add(id(g))
+            kind = batch["kind"][i]
+            if kind == "eos":
+                g.expected[shard] = int(batch["count"][i])
+                continue
+            g.received[shard] = g.received.get(shard, 0) + 1
+            if kind == "skip":
+                g.skips.add(str(batch["reason"][i]), str(batch["key"][i]), shard)
+                continue
+            g.rows.append(
+                {
+                    "key": str(batch["key"][i]),
+                    "shard": shard,
+                    "index": int(batch["index"][i]),
+                    "label": int(batch["label"][i]),
+                    "target": int(batch["target"][i]),
+                    "teacher_pred": int(batch["teacher_pred"][i]),
+                    "teacher_prob": float(batch["teacher_prob"][i]),
+                    "grid_h": int(batch["grid_h"][i]),
+                    "grid_w": int(batch["grid_w"][i]),
+                    "relevance": batch["relevance"][i],
+                }
+            )
+        for g in [g for g in todo if id(g) in touched and g.complete()]:
+            _commit(g, out_dir, base_meta, stats, report)
+            todo = [t for t in todo if t is not g]
+            if on_group_committed is not None:
+                on_group_committed(g.split, g.index)
+            report.check(data.max_bad_fraction)
+    assert not todo, f"groups never completed: {[(g.split, g.index) for g in todo]}"
+
+
+def _commit(g: _Group, out_dir: Path, base_meta: dict[str, Any], stats: dict[str, int], report: SkipReport) -> None:
+    order = {s: i for i, s in enumerate(g.shards)}
+    seen: set[str] = set()
+    kept = []
+    for row in sorted(g.rows, key=lambda r: (order.get(r["shard"], len(order)), r["index"])):
+        if row["key"] in seen:
+            g.skips.add(SkipReason.duplicate_key, row["key"], row["shard"])
+            continue
+        seen.add(row["key"])
+        kept.append(row)
+    g.skips.ok(len(kept))
+    _atomic_write_json(_skips_path(g, out_dir), g.skips.to_dict())
+    write_group(kept, group_path(out_dir, g.split, g.index), {**base_meta, "split": g.split, "group": g.index, "shards": g.shards})
+    stats["groups_computed"] += 1
+    stats["samples"] += len(kept)
+    stats["correct"] += sum(r["teacher_pred"] == r["label"] for r in kept)
+    report.merge(g.skips)
+
+
+def _committed(g: _Group, out_dir: Path, fingerprint: str) -> bool:
+    path = group_path(out_dir, g.split, g.index)
+    if not path.exists() or not _skips_path(g, out_dir).exists():
+        return False
+    meta = read_metadata(path)
+    return meta.get("shards") == g.shards and meta.get("fingerprint") == fingerprint
+
+
+def _skips_path(g: _Group, out_dir: Path) -> Path:
+    return group_path(out_dir, g.split, g.index).with_suffix(".skips.json")
+
+
+def _count_rows(groups: list[_Group], out_dir: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(group_path(out_dir, g.split, g.index)).num_rows for g in groups)
+
+
+def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
