@@ -55,6 +55,7 @@ class TeacherConfig(Section):
     pretrained: bool = False
     checkpoint: str | None = None
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    train: TrainConfig | None = Field(default_factory=lambda: TrainConfig(epochs=15))
 
 
 class RelevanceConfig(Section):
@@ -75,6 +76,84 @@ class RelevanceConfig(Section):
         return self
 
 
+class TrainConfig(Section):
+    """One training recipe, shared by every training stage (Ray Train + DeepSpeed)."""
+
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1, description="micro-batch per worker")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: float | None = 1.0
+    optimizer: str = "adamw"
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    max_failures: int = Field(1, ge=-1)
+    seed: int = 0
+    random_resized_crop: tuple[float, float] | None = (0.6, 1.0)
+    hflip: bool = False
+    mixup: float = Field(0.0, ge=0)
+    cutmix: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    eval_batch_size: int = Field(128, ge=1)
+    max_train_samples: int | None = None
+
+
+class ZoomerConfig(Section):
+    width: int = Field(32, ge=4)
+    depth: int = Field(2, ge=1)
+    loss: Literal["mse", "bce"] = "bce"
+    topk_fraction: float = Field(0.25, gt=0, le=1)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, lr=2e-3, random_resized_crop=None))
+
+
+class ZoomViTConfig(Section):
+    """ZoomViT: the timm variant, zoom settings for evaluation, and the random alpha range for training."""
+
+    model: str = "zoomvit_demo_patch8_64"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: bool = False
+    alpha: float = 0.5
+    train_alpha: tuple[float, float] = (0.0, 1.0)
+    coarse_alpha: float | None = None
+    keep_rate: float = Field(1.0, gt=0, le=1)
+    token_budget: int | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _alpha_range(self) -> "ZoomViTConfig":
+        lo, hi = self.train_alpha
+        if not lo <= hi:
+            raise ValueError(f"train_alpha must be (low, high) with low <= high, got {self.train_alpha}")
+        return self
+
+
+class BaselineConfig(Section):
+    model: str = "vit_demo_patch8_64"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: bool = False
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class EvaluateConfig(Section):
+    size_buckets: tuple[float, ...] = (0.25, 0.35)
+    num_figures: int = Field(6, ge=0)
+    alphas: tuple[float, ...] = ()
+    flops_samples: int = Field(64, ge=1)
+
+
+class TrackingConfig(Section):
+    """MLflow: ``uri`` else $MLFLOW_TRACKING_URI else a sqlite store in the working directory."""
+
+    uri: str | None = None
+    experiment: str = "zoomvit"
+
+
 class PipelineConfig(Section):
     """The whole pipeline: one section per concern (see ``pipelines/configs/*.yaml``)."""
 
@@ -83,6 +162,11 @@ class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     relevance: RelevanceConfig = Field(default_factory=RelevanceConfig)
+    zoomer: ZoomerConfig = Field(default_factory=ZoomerConfig)
+    zoomvit: ZoomViTConfig = Field(default_factory=ZoomViTConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 class ConfigError(ValueError):

@@ -44,12 +44,11 @@ class Zoomer(nn.Module):
         x = F.adaptive_avg_pool2d(x, self.grid)
         return self.head(x).squeeze(1)
 
-    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        """Importance of every patch-grid cell, in [0, 1]: (B, gh, gw)."""
-        if self.frozen:
-            with torch.no_grad():
-                return self.forward_logits(images_BCHW).sigmoid()
-        return self.forward_logits(images_BCHW).sigmoid()
+    def forward(self, images_BCHW: torch.Tensor, *, logits: bool = False) -> torch.Tensor:
+        """Importance of every patch-grid cell, in [0, 1] (or as logits): (B, gh, gw)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            out = self.forward_logits(images_BCHW)
+        return out if logits else out.sigmoid()
 
     def freeze(self) -> "Zoomer":
         """Stop training the Zoomer: no gradients, BatchNorm statistics fixed."""

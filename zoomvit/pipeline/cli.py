@@ -40,3 +40,33 @@ def relevance_main(argv: list[str] | None = None) -> int:
     )
     print(json.dumps({"rows": manifest["rows"], "skips": manifest["skips"]["counts"], **manifest["stats"]}, indent=2))
     return 0
+
+
+def _stage_list(value: str) -> list[str]:
+    return [s for s in value.split(",") if s]
+
+
+def full_main(argv: list[str] | None = None) -> int:
+    from zoomvit.pipeline.runner import MissingUpstream, run_pipeline
+    from zoomvit.pipeline.runtime import init_ray
+
+    parser = base_parser("Run the ZoomViT pipeline: teacher -> relevance -> zoomer -> {zoomvit, baseline} -> evaluate.")
+    parser.add_argument("--only", type=_stage_list, default=[], metavar="STAGE[,STAGE]", help="rerun just these stages on cached upstream outputs")
+    parser.add_argument("--force", type=_stage_list, default=[], metavar="STAGE[,STAGE]", help="recompute these stages even when cached")
+    parser.add_argument("--from-run", help="reuse the outputs recorded by this MLflow pipeline run where fingerprints match")
+    args = parser.parse_args(argv)
+    config = parse_config(args)
+    init_ray()
+    try:
+        result = run_pipeline(config, only=args.only, force=args.force, from_run=args.from_run)
+    except (MissingUpstream, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = {name: node["cache"] for name, node in result.stages.items()}
+    print(json.dumps({"mlflow_run": result.run_id, "tracking_uri": result.tracking_uri, "stages": summary}, indent=2))
+    return 0
+
+
+def stage_main(stage: str, argv: list[str] | None = None) -> int:
+    """``pipelines/<stage>.py``: the pipeline restricted to one stage (upstream from the cache)."""
+    return full_main(["--only", stage, *(argv if argv is not None else sys.argv[1:])])

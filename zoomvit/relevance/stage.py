@@ -23,7 +23,7 @@ from zoomvit.data.decode import ImageTransform, SkipReason, SkipReport
 from zoomvit.data.relevance_store import group_path, read_metadata, write_group
 from zoomvit.data.shards import expand_shards, shard_key
 
-MANIFEST = "manifest.json"
+MANIFEST = "relevance.json"
 
 
 class RelevanceActor:

@@ -1,0 +1,256 @@
+"""Running the stage graph with a fingerprint cache and MLflow lineage.
+
+A stage's fingerprint hashes its name, the config sections it reads, its upstream fingerprints,
+the input shards' identity (paths, sizes, mtimes/etags) and the package version. Its outputs live in
+``<artifact_root>/<stage>/<fingerprint>/`` with a ``manifest.json`` written last: a manifest means
+a cache hit. Every stage gets a nested MLflow run under the pipeline's parent run, hit or miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import zoomvit
+from zoomvit.config import PipelineConfig
+from zoomvit.data.shards import ShardInfo, expand_shards, shard_infos
+from zoomvit.pipeline.stages import ORDER, STAGES, StageContext
+from zoomvit.tracking.runs import Tracker, flatten, git_commit, lineage_picture, resolve_tracking_uri, shards_digest
+
+MANIFEST = "manifest.json"
+LINEAGE = "lineage.json"
+
+
+class MissingUpstream(RuntimeError):
+    """``--only`` named a stage whose upstream output is not in the cache."""
+
+
+@dataclass
+class PipelineResult:
+    run_id: str
+    tracking_uri: str
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> lineage node
+
+    @property
+    def computed(self) -> list[str]:
+        return [n for n, s in self.stages.items() if s["cache"] == "miss"]
+
+
+def artifact_root(config: PipelineConfig) -> Path:
+    """The config's artifact root, else $ZOOMVIT_ARTIFACT_ROOT, else ./runs."""
+    return Path(config.artifact_root or os.environ.get("ZOOMVIT_ARTIFACT_ROOT") or "runs").resolve()
+
+
+def section(config: PipelineConfig, dotted: str) -> Any:
+    value: Any = config.model_dump(mode="json")
+    for part in dotted.split("."):
+        value = value[part]
+    if dotted == "data":  # where the shards live is covered by their identity, not by the path
+        value = {k: v for k, v in value.items() if k not in ("root", "demo")}
+    return value
+
+
+def fingerprint(name: str, config: PipelineConfig, upstream: dict[str, str], shards: Sequence[ShardInfo]) -> str:
+    payload = {
+        "stage": name,
+        "config": {s: section(config, s) for s in STAGES[name].sections},
+        "upstream": dict(sorted(upstream.items())),
+        "shards": shards_digest(shards),
+        "version": zoomvit.__version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def config_hash(config: PipelineConfig) -> str:
+    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_demo_data(config: PipelineConfig) -> None:
+    """Generate the demo dataset into ``data.root`` when the config asks for it and it is missing."""
+    demo, root = config.data.demo, config.data.root
+    if demo is None or root is None:
+        return
+    try:
+        expand_shards(config.data.train_shards, root=root)
+        expand_shards(config.data.val_shards, root=root)
+        return
+    except ValueError:
+        pass
+    from zoomvit.data.demo import generate_demo_dataset
+
+    print(f"[data] generating the demo dataset in {root} ({demo.train} train / {demo.val} val, {demo.image_size}px)", flush=True)
+    generate_demo_dataset(
+        root, train=demo.train, val=demo.val, image_size=demo.image_size, seed=demo.seed, samples_per_shard=demo.samples_per_shard, photo_clutter=demo.photo_clutter
+    )
+
+
+def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _lineage_from_run(tracker: Tracker, run_id: str) -> dict[str, Any]:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracker.uri)
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=LINEAGE)
+    return json.loads(Path(path).read_text())
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    *,
+    only: Sequence[str] = (),
+    force: Sequence[str] = (),
+    from_run: str | None = None,
+) -> PipelineResult:
+    for name in [*only, *force]:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}")
+    ensure_demo_data(config)
+    data = config.data
+    train_paths = expand_shards(data.train_shards, root=data.root)
+    val_paths = expand_shards(data.val_shards, root=data.root)
+    shards = shard_infos(train_paths + val_paths)
+    root = artifact_root(config)
+    tracker = Tracker(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)
+    reused = _lineage_from_run(tracker, from_run)["stages"] if from_run else {}
+
+    selected = [n for n in ORDER if not only or n in only]
+    needed = set(selected)
+    for name in reversed(ORDER):
+        if name in needed:
+            needed.update(u for u, _ in STAGES[name].upstream)
+
+    parent = tracker.start(config.name, tags={"zoomvit.kind": "pipeline", "git_commit": git_commit(), "config_hash": config_hash(config)})
+    tracker.params(parent, flatten(config.model_dump(mode="json")))
+    tracker.tags(parent, {"cluster_resources": json.dumps(_cluster_resources()), "only": ",".join(only), "from_run": from_run or ""})
+    tracker.dataset_input(parent, name="shards", source=str(Path(train_paths[0]).parent), digest=shards_digest(shards), context="train+val shards")
+    result = PipelineResult(run_id=parent, tracking_uri=tracker.uri)
+    manifests: dict[str, dict[str, Any]] = {}
+    fingerprints: dict[str, str] = {}
+    print(f"[pipeline] {config.name}: MLflow run {parent} at {tracker.uri}; artifacts under {root}", flush=True)
+    error: BaseException | None = None
+    try:
+        for name in ORDER:
+            if name not in needed:
+                continue
+            stage = STAGES[name]
+            fp = fingerprint(name, config, {u: fingerprints[u] for u, _ in stage.upstream}, shards)
+            fingerprints[name] = fp
+            out_dir = root / name / fp[:16]
+            manifest = _read_manifest(out_dir)
+            if manifest is None and name in reused and reused[name]["fingerprint"] == fp:
+                manifest = _read_manifest(Path(reused[name]["out_dir"]))
+            compute = name in selected and (manifest is None or name in force or bool(only))
+            if not compute and manifest is None:
+                raise MissingUpstream(
+                    f"stage {name!r} has no cached output for this configuration (fingerprint {fp[:16]}), "
+                    f"and --only {','.join(only)} needs it: run the pipeline without --only first"
+                )
+            upstream_runs = {u: manifests[u]["run_id"] for u, _ in stage.upstream}
+            tags = {
+                "zoomvit.kind": "stage",
+                "stage": name,
+                "fingerprint": fp,
+                "cache": "miss" if compute else "hit",
+                **{f"upstream.{u}": rid for u, rid in upstream_runs.items()},
+            }
+            if not compute:
+                tags["source_run"] = manifest["run_id"]
+            run_id = tracker.start(name, parent=parent, tags=tags)
+            node = {"stage": name, "run_id": run_id, "fingerprint": fp, "cache": tags["cache"], "upstream": [{"stage": u, "artifact": a, "run_id": upstream_runs[u]} for u, a in stage.upstream]}
+            result.stages[name] = node
+            if not compute:
+                node.update(out_dir=manifest["out_dir"], source_run=manifest["run_id"])
+                manifests[name] = manifest
+                tracker.metrics(run_id, manifest.get("metrics", {}))
+                tracker.end(run_id)
+                print(f"[{name}] cache hit ({fp[:16]}) from run {manifest['run_id']}", flush=True)
+                continue
+            print(f"[{name}] start (cache miss, {fp[:16]}) -> {out_dir}", flush=True)
+            start = time.perf_counter()
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                ctx = StageContext(config=config, out_dir=out_dir, upstream=manifests, fingerprint=fp, tracking={"uri": tracker.uri, "run_id": run_id})
+                outputs = stage.run(ctx)
+                manifest = {"stage": name, "fingerprint": fp, "run_id": run_id, "out_dir": str(out_dir), "seconds": time.perf_counter() - start, **outputs}
+                _log_stage(tracker, run_id, config, manifest, manifests, shards, train_paths)
+                (out_dir / f".{MANIFEST}.tmp").write_text(json.dumps(manifest, indent=2, default=str))
+                os.replace(out_dir / f".{MANIFEST}.tmp", out_dir / MANIFEST)
+            except BaseException as err:
+                node["cache"] = "failed"
+                tracker.end(run_id, error=err)
+                raise
+            tracker.end(run_id)
+            manifests[name] = manifest
+            node["out_dir"] = str(out_dir)
+            print(f"[{name}] done in {manifest['seconds']:.1f}s " + " ".join(f"{k}={v:.4g}" for k, v in list(manifest["metrics"].items())[:8] if isinstance(v, float)), flush=True)
+    except BaseException as err:
+        error = err
+        raise
+    finally:
+        _write_lineage(tracker, parent, config, result, root)
+        tracker.end(parent, error=error)
+    return result
+
+
+def _log_stage(tracker: Tracker, run_id: str, config: PipelineConfig, manifest: dict[str, Any], upstream: dict[str, dict[str, Any]], shards, train_paths) -> None:
+    name = manifest["stage"]
+    tracker.metrics(run_id, manifest["metrics"])
+    tracker.params(run_id, {"out_dir": manifest["out_dir"], "fingerprint": manifest["fingerprint"]})
+    out_dir = Path(manifest["out_dir"])
+    if name in ("teacher", "relevance", "zoomer", "zoomvit", "baseline"):
+        tracker.dataset_input(run_id, name="shards", source=str(Path(train_paths[0]).parent), digest=shards_digest(shards), context="training" if name != "relevance" else "attribution")
+    if name in ("zoomer", "evaluate"):
+        rel = upstream["relevance"]
+        tracker.dataset_input(run_id, name="relevance_maps", source=rel["out_dir"], digest=rel["fingerprint"], context="targets" if name == "zoomer" else "figures")
+    if name == "relevance":
+        from zoomvit.relevance.stage import MANIFEST as RELEVANCE_MANIFEST
+
+        tracker.artifact(run_id, out_dir / RELEVANCE_MANIFEST)
+    if "history" in manifest:
+        for epoch in manifest["history"]:
+            tracker.metrics(run_id, {f"epoch_{k}": v for k, v in epoch.items() if k != "epoch"}, step=int(epoch["epoch"]))
+    if name in ("zoomer", "zoomvit", "baseline"):
+        weights = out_dir / manifest["files"]["weights"]
+        tracker.model(run_id, _load_model(name, config, weights), name)
+        tracker.artifact(run_id, weights, "weights")
+    for key in ("evaluation", "figure"):
+        if key in manifest["files"]:
+            tracker.artifact(run_id, out_dir / manifest["files"][key])
+
+
+def _load_model(name: str, config: PipelineConfig, weights: Path):
+    from zoomvit.models import Zoomer
+    from zoomvit.relevance.teacher import load_state_dict_file
+    from zoomvit.train.evaluate import load_trained
+    from zoomvit.train.stages import baseline_task, zoomvit_grid, zoomvit_task
+
+    if name == "zoomer":
+        zoomer = Zoomer(grid=zoomvit_grid(config), width=config.zoomer.width, depth=config.zoomer.depth)
+        zoomer.load_state_dict(load_state_dict_file(weights))
+        return zoomer.freeze()
+    return load_trained(zoomvit_task(config, None) if name == "zoomvit" else baseline_task(config), weights)
+
+
+def _write_lineage(tracker: Tracker, parent: str, config: PipelineConfig, result: PipelineResult, root: Path) -> None:
+    lineage = {"pipeline_run": parent, "config_hash": config_hash(config), "stages": result.stages}
+    out = root / "lineage" / parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LINEAGE).write_text(json.dumps(lineage, indent=2))
+    if result.stages:
+        lineage_picture(lineage, out / "lineage.png")
+        tracker.artifact(parent, out / "lineage.png")
+    tracker.artifact(parent, out / LINEAGE)
+
+
+def _cluster_resources() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources()) if ray.is_initialized() else {}

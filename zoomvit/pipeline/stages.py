@@ -1,0 +1,142 @@
+"""The stage graph: what each stage reads from the config, which stages feed it, and how it runs.
+
+teacher -> relevance -> zoomer -> zoomvit -> evaluate <- baseline   (relevance -> evaluate: maps)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from zoomvit.config import PipelineConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageContext:
+    config: PipelineConfig
+    out_dir: Path
+    upstream: dict[str, dict[str, Any]]  # stage name -> that stage's manifest
+    fingerprint: str
+    tracking: dict[str, str]  # uri + run_id of this stage's MLflow run (for the training workers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageDef:
+    name: str
+    sections: tuple[str, ...]  # dotted config paths that the fingerprint covers
+    upstream: tuple[tuple[str, str], ...]  # (stage, artifact passed)
+    run: Callable[[StageContext], dict[str, Any]]  # returns {"files": {...}, "metrics": {...}}
+
+
+def _upstream_file(ctx: StageContext, stage: str, name: str) -> Path:
+    manifest = ctx.upstream[stage]
+    return Path(manifest["out_dir"]) / manifest["files"][name]
+
+
+def _train_outputs(result) -> dict[str, Any]:
+    return {
+        "files": {"weights": result.weights.name},
+        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+        "history": result.history,
+        "train_samples": result.train_samples,
+    }
+
+
+def run_teacher(ctx: StageContext) -> dict[str, Any]:
+    from zoomvit.train.stages import train_teacher
+
+    result = train_teacher(ctx.config, ctx.out_dir, ctx.tracking)
+    if result is None:
+        t = ctx.config.teacher
+        return {"files": {}, "metrics": {}, "reference": {"model": t.model, "pretrained": t.pretrained, "checkpoint": t.checkpoint}}
+    return _train_outputs(result)
+
+
+def run_relevance(ctx: StageContext) -> dict[str, Any]:
+    from zoomvit.relevance.stage import run_relevance_stage
+
+    teacher = ctx.upstream["teacher"]
+    checkpoint = str(_upstream_file(ctx, "teacher", "weights")) if "weights" in teacher["files"] else None
+    manifest = run_relevance_stage(
+        data=ctx.config.data,
+        teacher=ctx.config.teacher,
+        relevance=ctx.config.relevance,
+        out_dir=ctx.out_dir,
+        checkpoint=checkpoint,
+        fingerprint=ctx.fingerprint,
+    )
+    stats = manifest["stats"]
+    metrics = {
+        "rows": manifest["rows"],
+        "images_per_s": stats["images_per_s"],
+        "groups_computed": stats["groups_computed"],
+        "groups_cached": stats["groups_cached"],
+        "skipped": manifest["skips"]["num_skipped"],
+    }
+    if stats["teacher_acc"] is not None:
+        metrics["teacher_acc"] = stats["teacher_acc"]
+    metrics.update({f"skipped_{reason}": n for reason, n in manifest["skips"]["counts"].items()})
+    return {"files": {"maps": "."}, "metrics": metrics, "skips": manifest["skips"]}
+
+
+def run_zoomer(ctx: StageContext) -> dict[str, Any]:
+    from zoomvit.train.stages import train_zoomer
+
+    return _train_outputs(train_zoomer(ctx.config, _upstream_file(ctx, "relevance", "maps"), ctx.out_dir, ctx.tracking))
+
+
+def run_zoomvit(ctx: StageContext) -> dict[str, Any]:
+    from zoomvit.train.stages import train_zoomvit
+
+    return _train_outputs(train_zoomvit(ctx.config, _upstream_file(ctx, "zoomer", "weights"), ctx.out_dir, ctx.tracking))
+
+
+def run_baseline(ctx: StageContext) -> dict[str, Any]:
+    from zoomvit.train.stages import train_baseline
+
+    return _train_outputs(train_baseline(ctx.config, ctx.out_dir, ctx.tracking))
+
+
+def run_evaluate(ctx: StageContext) -> dict[str, Any]:
+    from zoomvit.train.evaluate import evaluate_models
+
+    result = evaluate_models(
+        ctx.config,
+        zoomvit_weights=_upstream_file(ctx, "zoomvit", "weights"),
+        baseline_weights=_upstream_file(ctx, "baseline", "weights"),
+        relevance_dir=_upstream_file(ctx, "relevance", "maps"),
+        out_dir=ctx.out_dir,
+    )
+    metrics: dict[str, Any] = {}
+    for row in result["rows"]:
+        prefix = "baseline" if row["model"] == "baseline" else ("zoomvit" if row["alpha"] == ctx.config.zoomvit.alpha else f"zoomvit_alpha_{row['alpha']}")
+        metrics.update({f"{prefix}_{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("alpha",)})
+    files = {"evaluation": "evaluation.json"}
+    if (ctx.out_dir / "zoom_layouts.png").exists():
+        files["figure"] = "zoom_layouts.png"
+    return {"files": files, "metrics": metrics, "rows": result["rows"]}
+
+
+STAGES: dict[str, StageDef] = {
+    s.name: s
+    for s in (
+        StageDef(name="teacher", sections=("data", "teacher"), upstream=(), run=run_teacher),
+        StageDef(name="relevance", sections=("data", "teacher", "relevance"), upstream=(("teacher", "teacher weights"),), run=run_relevance),
+        StageDef(
+            name="zoomer",
+            sections=("data", "zoomer", "zoomvit.model", "zoomvit.model_kwargs"),
+            upstream=(("relevance", "relevance maps"),),
+            run=run_zoomer,
+        ),
+        StageDef(name="zoomvit", sections=("data", "zoomer", "zoomvit"), upstream=(("zoomer", "frozen Zoomer"),), run=run_zoomvit),
+        StageDef(name="baseline", sections=("data", "baseline"), upstream=(), run=run_baseline),
+        StageDef(
+            name="evaluate",
+            sections=("data", "zoomvit", "baseline", "evaluate"),
+            upstream=(("zoomvit", "ZoomViT weights"), ("baseline", "baseline weights"), ("relevance", "val maps")),
+            run=run_evaluate,
+        ),
+    )
+}
+ORDER: tuple[str, ...] = tuple(STAGES)

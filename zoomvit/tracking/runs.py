@@ -1,0 +1,166 @@
+"""MLflow records of a pipeline run: a parent run, one nested run per stage, inputs, models, lineage.
+
+Everything goes through explicit run ids (``MlflowClient``) so stages, Ray Train workers and
+restarts log into the runs they were given, never into an ambient "active run".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_LEN = 6000
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a sqlite store in the working directory."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.dumps(value) if not isinstance(value, str) else value
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+
+    def start(self, name: str, *, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
+        all_tags = dict(tags or {})
+        if parent:
+            all_tags[PARENT_TAG] = parent
+        return self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
+
+    def end(self, run_id: str, *, error: BaseException | None = None) -> None:
+        if error is not None:
+            self.client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+        self.client.set_terminated(run_id, status="FAILED" if error is not None else "FINISHED")
+
+    def params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(run_id, metrics=batch[i : i + 500])
+
+    def artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def dataset_input(self, run_id: str, *, name: str, source: str, digest: str, context: str) -> None:
+        """Record an input by reference (a content digest, nothing loaded)."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = MetaDataset(source=resolve_dataset_source(source), name=name, digest=digest[:36])
+        with self._active(run_id):
+            mlflow.log_input(dataset, context=context)
+
+    def model(self, run_id: str, model, name: str) -> None:
+        """Log a trained torch model as an MLflow logged model of the stage's run."""
+        import timm
+        import torch
+
+        with self._active(run_id), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mlflow.pytorch.log_model(
+                model,
+                name=name,
+                serialization_format="pickle",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}", "zoomvit"],
+            )
+
+    def _active(self, run_id: str):
+        mlflow.set_tracking_uri(self.uri)
+        return mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+
+
+def lineage_picture(lineage: dict[str, Any], path: str | Path) -> None:
+    """The stage DAG as a PNG: nodes carry run ids and cache status, edges the artifact passed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nodes = lineage["stages"]
+    depth: dict[str, int] = {}
+
+    def level(name: str) -> int:
+        if name not in depth:
+            ups = [u["stage"] for u in nodes[name]["upstream"]]
+            depth[name] = 1 + max((level(u) for u in ups), default=-1)
+        return depth[name]
+
+    for name in nodes:
+        level(name)
+    columns: dict[int, list[str]] = {}
+    for name in nodes:
+        columns.setdefault(depth[name], []).append(name)
+    pos = {n: (d * 3.2, -i * 1.6 + (len(c) - 1) * 0.8) for d, c in columns.items() for i, n in enumerate(c)}
+    fig, ax = plt.subplots(figsize=(3.2 * (len(columns) + 0.5), 2.2 + 1.4 * max(len(c) for c in columns.values())))
+    colors = {"hit": "#cfe8cf", "miss": "#fde2b8", "failed": "#f4b6b6", "skipped": "#e0e0e0"}
+    for name, node in nodes.items():
+        x, y = pos[name]
+        for up in node["upstream"]:
+            ux, uy = pos[up["stage"]]
+            ax.annotate("", xy=(x - 1.0, y), xytext=(ux + 1.0, uy), arrowprops={"arrowstyle": "->", "color": "#555"})
+            ax.text((x + ux) / 2, (y + uy) / 2 + 0.12, up["artifact"], fontsize=7, ha="center", color="#333")
+        ax.add_patch(plt.Rectangle((x - 1.0, y - 0.45), 2.0, 0.9, fc=colors.get(node["cache"], "white"), ec="#333"))
+        ax.text(x, y + 0.15, name, ha="center", va="center", fontsize=10, weight="bold")
+        ax.text(x, y - 0.18, f"{node['cache']} · {str(node.get('run_id') or '-')[:8]}", ha="center", va="center", fontsize=7)
+    ax.set_xlim(-1.5, 3.2 * len(columns) - 1.5)
+    ys = [p[1] for p in pos.values()]
+    ax.set_ylim(min(ys) - 1, max(ys) + 1)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def shards_digest(infos: Iterable[Any]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for info in infos:
+        h.update(f"{info.path}|{info.size}|{info.mtime}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,108 @@
+"""Ray Datasets for training: decoded samples (optionally with their relevance maps), and the
+per-batch GPU/CPU-side transforms the workers apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zoomvit.config import DataConfig
+from zoomvit.data.decode import ImageTransform
+from zoomvit.data.shards import expand_shards
+
+TRAIN_COLUMNS = ["key", "image", "label", "box"]
+
+
+def _only_samples(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keep = batch["kind"] == "sample"
+    return {c: batch[c][keep] for c in TRAIN_COLUMNS}
+
+
+def sample_dataset(data: DataConfig, split: str, *, limit: int | None = None):
+    """Decoded good samples of a split as a Ray Dataset with columns key, image, label, box."""
+    from zoomvit.data.ingest import read_decoded
+
+    spec = {"train": data.train_shards, "val": data.val_shards}[split]
+    transform = ImageTransform(image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct)
+    ds = read_decoded(expand_shards(spec, root=data.root), num_classes=data.num_classes, transform=transform)
+    ds = ds.map_batches(_only_samples, batch_format="numpy")
+    return ds.limit(limit) if limit else ds
+
+
+class AttachMaps:
+    """Adds each row's relevance map (normalised per image, resized to ``grid``); drops rows without one."""
+
+    def __init__(self, relevance_dir: str, split: str, grid: tuple[int, int]) -> None:
+        from zoomvit.data.relevance_store import maps_array, read_maps
+        from zoomvit.relevance.attribution import normalize_maps
+
+        table = read_maps(relevance_dir, split)
+        maps = torch.from_numpy(maps_array(table))
+        if tuple(maps.shape[1:]) != tuple(grid):
+            maps = F.interpolate(maps.unsqueeze(1), size=grid, mode="bilinear", align_corners=False, antialias=True).squeeze(1)
+        maps = normalize_maps(maps).numpy().astype(np.float32)
+        self.index = {k: i for i, k in enumerate(table["key"].to_pylist())}
+        self.maps = maps
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = np.array([self.index.get(str(k), -1) for k in batch["key"]], dtype=np.int64)
+        keep = rows >= 0
+        out = {c: v[keep] for c, v in batch.items()}
+        out["map"] = self.maps[rows[keep]]
+        return out
+
+
+def with_maps(ds, relevance_dir: str | Path, split: str, grid: tuple[int, int]):
+    import ray.data
+
+    return ds.map_batches(
+        AttachMaps,
+        fn_constructor_kwargs={"relevance_dir": str(relevance_dir), "split": split, "grid": tuple(grid)},
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
+
+
+def to_model_input(images_BHWC: torch.Tensor, mean, std) -> torch.Tensor:
+    x = images_BHWC.permute(0, 3, 1, 2).float() / 255.0
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def augment(x_BCHW: torch.Tensor, *, scale: tuple[float, float] | None, hflip: bool, generator: torch.Generator, maps_BHW: torch.Tensor | None = None):
+    """Per-image random resized crop (aspect 3/4..4/3) and horizontal flip; maps follow flips only."""
+    B, _, H, W = x_BCHW.shape
+    if scale is not None:
+        out = torch.empty_like(x_BCHW)
+        for i in range(B):
+            area = H * W * float(torch.empty(1).uniform_(*scale, generator=generator))
+            ratio = float(torch.exp(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3), generator=generator)))
+            w = int(round(min(W, (area * ratio) ** 0.5)))
+            h = int(round(min(H, (area / ratio) ** 0.5)))
+            top = int(torch.randint(0, H - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, W - w + 1, (1,), generator=generator))
+            crop = x_BCHW[i : i + 1, :, top : top + h, left : left + w]
+            out[i] = F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)[0]
+        x_BCHW = out
+    if hflip:
+        flip = torch.rand(B, generator=generator) < 0.5
+        x_BCHW = torch.where(flip.view(B, 1, 1, 1).to(x_BCHW.device), x_BCHW.flip(-1), x_BCHW)
+        if maps_BHW is not None:
+            maps_BHW = torch.where(flip.view(B, 1, 1).to(maps_BHW.device), maps_BHW.flip(-1), maps_BHW)
+    return x_BCHW, maps_BHW
+
+
+def size_bucket(box_B4: np.ndarray, image_size: int, edges: tuple[float, ...]) -> list[str]:
+    """Object-size bucket names from boxes (relative side length = sqrt(area) / image side)."""
+    names = [f"lt{edges[0]}"] + [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])] + [f"ge{edges[-1]}"]
+    out = []
+    for box in box_B4:
+        if not np.isfinite(box).all():
+            out.append("unknown")
+            continue
+        side = float(np.sqrt(max(box[2] - box[0], 0) * max(box[3] - box[1], 0))) / image_size
+        out.append(names[int(np.searchsorted(np.asarray(edges), side, side="right"))])
+    return out

@@ -1,0 +1,174 @@
+"""The evaluate stage: ZoomViT and the baseline side by side on the val shards.
+
+Accuracy overall and by object-size bucket (from the ``.json`` boxes), tokens/img, measured
+GFLOPs/img, inference img/s, and a figure (image | teacher map | Zoomer map | token layout).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zoomvit.config import PipelineConfig
+from zoomvit.models import ZoomViT, zoomvit_flops
+from zoomvit.relevance.teacher import load_state_dict_file
+from zoomvit.train.data import sample_dataset, size_bucket, to_model_input
+from zoomvit.train.stages import baseline_task, zoomvit_task
+from zoomvit.train.tasks import build_task
+
+
+def load_trained(task: dict[str, Any], weights: str | Path) -> torch.nn.Module:
+    model = build_task({**task, "train": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0}}).build_model()
+    model.load_state_dict(load_state_dict_file(weights))
+    if isinstance(model, ZoomViT) and model.zoomer is not None:
+        model.zoomer.freeze()
+    return model.eval()
+
+
+class _Scores:
+    def __init__(self) -> None:
+        self.n = self.top1 = self.top5 = 0
+        self.tokens = 0.0
+        self.seconds = 0.0
+        self.bucket_n: dict[str, int] = defaultdict(int)
+        self.bucket_hit: dict[str, int] = defaultdict(int)
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, tokens: np.ndarray, buckets: list[str], seconds: float) -> None:
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit1 = (top5[:, 0] == labels).numpy()
+        self.n += len(labels)
+        self.top1 += int(hit1.sum())
+        self.top5 += int((top5 == labels[:, None]).any(dim=1).sum())
+        self.tokens += float(tokens.sum())
+        self.seconds += seconds
+        for b, h in zip(buckets, hit1):
+            self.bucket_n[b] += 1
+            self.bucket_hit[b] += int(h)
+
+    def row(self, **extra: Any) -> dict[str, Any]:
+        row = {
+            **extra,
+            "top1": self.top1 / self.n,
+            "top5": self.top5 / self.n,
+            "tokens_per_img": self.tokens / self.n,
+            "img_per_s": self.n / self.seconds if self.seconds else 0.0,
+            "n": self.n,
+        }
+        row.update({f"top1_size_{b}": self.bucket_hit[b] / self.bucket_n[b] for b in sorted(self.bucket_n)})
+        return row
+
+
+@torch.no_grad()
+def evaluate_models(
+    config: PipelineConfig,
+    *,
+    zoomvit_weights: str | Path,
+    baseline_weights: str | Path,
+    relevance_dir: str | Path | None,
+    out_dir: str | Path,
+) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    zoom = load_trained(zoomvit_task(config, None), zoomvit_weights)
+    base = load_trained(baseline_task(config), baseline_weights)
+    alphas = [config.zoomvit.alpha, *[a for a in config.evaluate.alphas if a != config.zoomvit.alpha]]
+    scores = {("zoomvit", a): _Scores() for a in alphas} | {("baseline", None): _Scores()}
+    flops_images: list[torch.Tensor] = []
+    figure_rows: list[dict[str, Any]] = []
+    for batch in sample_dataset(config.data, "val").iter_batches(batch_size=config.zoomvit.train.eval_batch_size, batch_format="numpy"):
+        x = to_model_input(torch.from_numpy(batch["image"]), config.data.mean, config.data.std)
+        labels = torch.from_numpy(batch["label"]).long()
+        buckets = size_bucket(batch["box"], config.data.image_size, config.evaluate.size_buckets)
+        start = time.perf_counter()
+        importance = zoom.importance(x)
+        zoomer_seconds = time.perf_counter() - start
+        for alpha in alphas:
+            start = time.perf_counter()
+            logits, zt = zoom(x, importance, alpha=alpha, return_tokens=True)
+            seconds = zoomer_seconds + time.perf_counter() - start
+            scores[("zoomvit", alpha)].add(logits, labels, zt.num_tokens_B.numpy(), buckets, seconds)
+            if alpha == config.zoomvit.alpha and len(figure_rows) < config.evaluate.num_figures:
+                for i in range(min(len(x), config.evaluate.num_figures - len(figure_rows))):
+                    figure_rows.append(
+                        {
+                            "key": str(batch["key"][i]),
+                            "image": batch["image"][i],
+                            "zoomer": importance[i].numpy(),
+                            "boxes": zt.box_BL4[i][zt.valid_BL[i]].numpy(),
+                            "levels": zt.level_BL[i][zt.valid_BL[i]].numpy(),
+                        }
+                    )
+        start = time.perf_counter()
+        logits = base(x)
+        seconds = time.perf_counter() - start
+        grid = base.patch_embed.grid_size
+        scores[("baseline", None)].add(logits, labels, np.full(len(x), grid[0] * grid[1]), buckets, seconds)
+        if sum(len(f) for f in flops_images) < config.evaluate.flops_samples:
+            flops_images.append(x)
+    if not flops_images:
+        raise ValueError("the val split holds no usable samples")
+    flops_x = torch.cat(flops_images)[: config.evaluate.flops_samples]
+    rows = []
+    for (model, alpha), s in scores.items():
+        if model == "zoomvit":
+            report = zoomvit_flops(zoom, flops_x, alpha=alpha)
+            rows.append(s.row(model="zoomvit", alpha=alpha, gflops_per_img=report.gflops))
+        else:
+            rows.append(s.row(model="baseline", alpha=None, gflops_per_img=zoomvit_flops(base, flops_x).gflops))
+    result = {"rows": rows, "size_buckets": list(config.evaluate.size_buckets)}
+    (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
+    if figure_rows:
+        teacher_maps = _teacher_maps(relevance_dir, [r["key"] for r in figure_rows])
+        save_figure(figure_rows, teacher_maps, out_dir / "zoom_layouts.png")
+    return result
+
+
+def _teacher_maps(relevance_dir: str | Path | None, keys: list[str]) -> dict[str, np.ndarray]:
+    if relevance_dir is None:
+        return {}
+    from zoomvit.data.relevance_store import maps_array, read_maps
+
+    table = read_maps(relevance_dir, "val")
+    index = {k: i for i, k in enumerate(table["key"].to_pylist())}
+    wanted = [index[k] for k in keys if k in index]
+    if not wanted:
+        return {}
+    sub = table.take(wanted)
+    return dict(zip(sub["key"].to_pylist(), maps_array(sub)))
+
+
+def save_figure(rows: list[dict[str, Any]], teacher_maps: dict[str, np.ndarray], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    colors = {-1: "tab:blue", 0: "tab:gray", 1: "tab:red"}
+    fig, axes = plt.subplots(len(rows), 4, figsize=(10, 2.6 * len(rows)), squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        image = row["image"]
+        ax_row[0].imshow(image)
+        ax_row[0].set_title(row["key"], fontsize=8)
+        teacher = teacher_maps.get(row["key"])
+        if teacher is not None:
+            ax_row[1].imshow(teacher, cmap="inferno")
+        ax_row[1].set_title("teacher relevance", fontsize=8)
+        ax_row[2].imshow(row["zoomer"], cmap="inferno", vmin=0, vmax=1)
+        ax_row[2].set_title("Zoomer", fontsize=8)
+        ax_row[3].imshow(image)
+        for (x0, y0, x1, y1), level in zip(row["boxes"], row["levels"]):
+            ax_row[3].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=0.6, ec=colors[int(level)]))
+        ax_row[3].set_title(f"{len(row['boxes'])} tokens (red: zoomed)", fontsize=8)
+        for ax in ax_row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

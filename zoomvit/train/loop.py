@@ -1,0 +1,161 @@
+"""The per-worker training loop: Ray Train data shards in, a DeepSpeed engine, a checkpoint per epoch.
+
+Every rank saves its DeepSpeed shard into the same checkpoint directory (file names carry the
+rank), then all ranks report it; rank 0 also writes a consolidated fp32 ``model.safetensors`` into
+the final checkpoint and alone logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+FINAL_WEIGHTS = "model.safetensors"
+HISTORY = "history.json"
+
+
+def build_deepspeed_config(train: dict[str, Any], *, use_gpu: bool, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's JSON config from a ``TrainConfig`` dump (optimizer and schedule stay ours)."""
+    precision = train["precision"]
+    if precision == "auto":
+        precision = "bf16" if use_gpu else "fp32"
+    if precision in ("bf16", "fp16") and not use_gpu:
+        raise ValueError(f"precision {precision} needs GPU workers; use fp32 (or auto) on CPU")
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train["batch_size"],
+        "gradient_accumulation_steps": train["grad_accum"],
+        "train_batch_size": train["batch_size"] * train["grad_accum"] * world_size,
+        "zero_optimization": {"stage": train["zero_stage"]},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train["grad_clip"]:
+        config["gradient_clipping"] = train["grad_clip"]
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12}
+    return config
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    if not config["use_gpu"]:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+    import ray.train
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    from zoomvit.train.tasks import build_task
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train = config["train"]
+    use_gpu = config["use_gpu"]
+    torch.manual_seed(train["seed"] + rank)
+    torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    task = build_task({**config["task"], "train": train, "seed": train["seed"] + rank})
+    model = task.build_model()
+    optimizer = create_optimizer_v2(model, opt=train["optimizer"], lr=train["lr"], weight_decay=train["weight_decay"])
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        config=build_deepspeed_config(train, use_gpu=use_gpu, world_size=world),
+        dist_init_required=False,
+    )
+    dtype = next(p for p in engine.module.parameters()).dtype
+    steps_per_epoch = max(1, config["steps_per_epoch"] // train["grad_accum"])
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=steps_per_epoch * train["epochs"],
+        lr_min=train["min_lr"],
+        warmup_t=int(steps_per_epoch * train["warmup_epochs"]),
+        warmup_lr_init=train["lr"] * 0.01,
+        t_in_epochs=False,
+    )
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            _, client_state = engine.load_checkpoint(ckpt_dir, tag="deepspeed")
+        start_epoch, history = int(client_state["epoch"]) + 1, client_state["history"]
+        if rank == 0:
+            print(f"[{config['task']['kind']}] resumed from the checkpoint of epoch {start_epoch}", flush=True)
+    tracker = _Tracker(config.get("tracking"), rank)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    global_step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, train["epochs"]):
+        engine.train()
+        start, images, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        for batch in train_shard.iter_torch_batches(batch_size=train["batch_size"], drop_last=True, device=device):
+            loss = task.train_loss(engine, batch, dtype)
+            engine.backward(loss)
+            engine.step()
+            if engine.is_gradient_accumulation_boundary():
+                global_step += 1
+                scheduler.step_update(global_step)
+            images += batch["label"].shape[0]
+            loss_sum += loss.detach().item()
+            steps += 1
+        seconds = time.perf_counter() - start
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(steps, 1),
+            "train_img_per_s": images * world / max(seconds, 1e-9),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        engine.eval()
+        if rank == 0 or train["zero_stage"] == 3:  # ZeRO-3 forwards need every rank
+            metrics.update(task.evaluate(engine, val_shard.iter_torch_batches(batch_size=train["eval_batch_size"], device=device), dtype))
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as ckpt_dir:
+            engine.save_checkpoint(ckpt_dir, tag="deepspeed", client_state={"epoch": epoch, "history": history})
+            if rank == 0:
+                with open(os.path.join(ckpt_dir, HISTORY), "w") as f:
+                    json.dump(history, f)
+            if epoch == train["epochs"] - 1:
+                _save_final(engine, os.path.join(ckpt_dir, FINAL_WEIGHTS), rank, train["zero_stage"])
+            torch.distributed.barrier()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
+        tracker.log(metrics, step=epoch)
+        if rank == 0:
+            print(f"[{config['task']['kind']}] epoch {epoch + 1}/{train['epochs']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+
+
+def _save_final(engine, path: str, rank: int, zero_stage: int) -> None:
+    from safetensors.torch import save_file
+
+    if zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if rank == 0:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, path)
+
+
+class _Tracker:
+    """MLflow metrics from rank 0 only, into an existing run (so restarts keep the same run)."""
+
+    def __init__(self, tracking: dict[str, str] | None, rank: int) -> None:
+        self.client = None
+        if tracking and rank == 0:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=tracking["uri"])
+            self.run_id = tracking["run_id"]
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"]
+        self.client.log_batch(self.run_id, metrics=batch)

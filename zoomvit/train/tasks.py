@@ -1,0 +1,195 @@
+"""What each training stage optimises and reports, independent of Ray and DeepSpeed.
+
+A task is rebuilt on every worker from a plain dict (``TaskSpec``) so it crosses process
+boundaries as data, not as pickled objects.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import zoomvit.models  # noqa: F401  (registers the timm variants)
+from zoomvit.models import Zoomer, ZoomViT
+from zoomvit.relevance.teacher import load_state_dict_file
+from zoomvit.train.data import augment, to_model_input
+
+TaskSpec = dict[str, Any]
+
+
+def build_task(spec: TaskSpec) -> "Task":
+    kind = spec["kind"]
+    if kind == "classifier":
+        return ClassifierTask(spec)
+    if kind == "zoomvit":
+        return ZoomViTTask(spec)
+    if kind == "zoomer":
+        return ZoomerTask(spec)
+    raise ValueError(f"unknown task kind {kind!r}")
+
+
+class Task:
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+        self.mean, self.std = spec["mean"], spec["std"]
+        self.generator = torch.Generator().manual_seed(int(spec.get("seed", 0)))
+
+    def inputs(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return to_model_input(batch["image"], self.mean, self.std).to(dtype)
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], dtype: torch.dtype) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class ClassifierTask(Task):
+    """A timm classifier (teacher or baseline): cross-entropy with optional mixup/cutmix and smoothing."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__(spec)
+        train = spec["train"]
+        self.mixup = None
+        if train["mixup"] > 0 or train["cutmix"] > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(
+                mixup_alpha=train["mixup"], cutmix_alpha=train["cutmix"], label_smoothing=train["label_smoothing"], num_classes=spec["num_classes"]
+            )
+
+    def build_model(self) -> nn.Module:
+        kwargs = {**self.spec.get("model_kwargs", {}), "num_classes": self.spec["num_classes"]}
+        return timm.create_model(self.spec["model"], pretrained=self.spec.get("pretrained", False), **kwargs)
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Training logits."""
+        return model(x)
+
+    def train_loss(self, model, batch, dtype):
+        train = self.spec["train"]
+        x = self.inputs(batch, dtype)
+        x, _ = augment(x, scale=train["random_resized_crop"], hflip=train["hflip"], generator=self.generator)
+        target = batch["label"].long()
+        if self.mixup is not None and x.shape[0] % 2 == 0:
+            x, soft = self.mixup(x, target)
+            logits = self.forward(model, x)
+            return torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        logits = self.forward(model, x)
+        return F.cross_entropy(logits.float(), target, label_smoothing=train["label_smoothing"])
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, dtype):
+        n = correct1 = correct5 = 0
+        loss = 0.0
+        tokens = []
+        for batch in batches:
+            x = self.inputs(batch, dtype)
+            logits, tokens_B = self.predict(model, x)
+            logits = logits.float()
+            label = batch["label"].long()
+            loss += float(F.cross_entropy(logits, label, reduction="sum"))
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct1 += int((top5[:, 0] == label).sum())
+            correct5 += int((top5 == label[:, None]).any(dim=1).sum())
+            n += len(label)
+            tokens.append(tokens_B)
+        if n == 0:
+            return {}
+        metrics = {"val_loss": loss / n, "val_top1": correct1 / n, "val_top5": correct5 / n}
+        metrics["val_tokens_per_img"] = float(np.concatenate(tokens).mean())
+        return metrics
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Evaluation logits and tokens per image."""
+        gh, gw = model.patch_embed.grid_size if hasattr(model, "patch_embed") else (0, 0)
+        return model(x), np.full(x.shape[0], gh * gw, dtype=np.float64)
+
+
+class ZoomViTTask(ClassifierTask):
+    """ZoomViT with a frozen Zoomer; alpha drawn per batch in training, fixed for evaluation."""
+
+    def build_model(self) -> nn.Module:
+        spec = self.spec
+        kwargs = {**spec.get("model_kwargs", {}), "num_classes": spec["num_classes"]}
+        kwargs.update(alpha=spec["alpha"], coarse_alpha=spec.get("coarse_alpha"), keep_rate=spec.get("keep_rate", 1.0), token_budget=spec.get("token_budget"))
+        model: ZoomViT = timm.create_model(spec["model"], pretrained=spec.get("pretrained", False), **kwargs)
+        if spec.get("zoomer_checkpoint"):
+            state = load_state_dict_file(spec["zoomer_checkpoint"])
+            zoomer = Zoomer(grid=model.grid, width=spec["zoomer_width"], depth=spec["zoomer_depth"])
+            zoomer.load_state_dict(state)
+            model.attach_zoomer(zoomer, freeze=True)
+        elif model.zoomer is not None:
+            model.zoomer.freeze()
+        return model
+
+    def forward(self, model, x):
+        if self.spec.get("token_budget") is None:
+            lo, hi = self.spec["train_alpha"]
+            alpha = float(torch.empty(1).uniform_(lo, hi, generator=self.generator))
+            return model(x, alpha=alpha)
+        return model(x)
+
+    def predict(self, model, x):
+        logits, zt = model(x, return_tokens=True)
+        return logits, zt.num_tokens_B.double().cpu().numpy()
+
+
+class ZoomerTask(Task):
+    """The Zoomer regressing per-image-normalised teacher maps."""
+
+    def build_model(self) -> nn.Module:
+        return Zoomer(grid=tuple(self.spec["grid"]), width=self.spec["width"], depth=self.spec["depth"])
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.spec["loss"] == "bce":
+            return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        return F.mse_loss(logits.float().sigmoid(), target.float())
+
+    def train_loss(self, model, batch, dtype):
+        x = self.inputs(batch, dtype)
+        x, maps = augment(x, scale=None, hflip=self.spec["train"]["hflip"], generator=self.generator, maps_BHW=batch["map"])
+        return self._loss(model(x, logits=True), maps)
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, dtype):
+        losses, pearson, overlap = [], [], []
+        for batch in batches:
+            x = self.inputs(batch, dtype)
+            logits = model(x, logits=True).float()
+            target = batch["map"].float()
+            losses.append(float(self._loss(logits, target)) * len(x))
+            pearson.append(pearson_per_image(logits.sigmoid(), target))
+            overlap.append(topk_overlap(logits, target, self.spec["topk_fraction"]))
+        if not losses:
+            return {}
+        n = sum(len(p) for p in pearson)
+        return {
+            "val_loss": sum(losses) / n,
+            "val_pearson": float(torch.cat(pearson).mean()),
+            "val_topk_overlap": float(torch.cat(overlap).mean()),
+        }
+
+
+def pearson_per_image(pred_BHW: torch.Tensor, target_BHW: torch.Tensor) -> torch.Tensor:
+    p = pred_BHW.flatten(1) - pred_BHW.flatten(1).mean(1, keepdim=True)
+    t = target_BHW.flatten(1) - target_BHW.flatten(1).mean(1, keepdim=True)
+    return (p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1)).clamp(min=1e-8)
+
+
+def topk_overlap(pred_BHW: torch.Tensor, target_BHW: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Share of the teacher's top-k cells that are also among the prediction's top-k."""
+    cells = pred_BHW[0].numel()
+    k = max(1, math.ceil(fraction * cells))
+    p = F.one_hot(pred_BHW.flatten(1).topk(k, dim=1).indices, cells).sum(1)
+    t = F.one_hot(target_BHW.flatten(1).topk(k, dim=1).indices, cells).sum(1)
+    return (p * t).sum(1).float() / k

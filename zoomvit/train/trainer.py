@@ -1,0 +1,90 @@
+"""Driver side of a training stage: a Ray Train ``TorchTrainer`` running ``train_loop_per_worker``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zoomvit.config import TrainConfig
+from zoomvit.train.loop import FINAL_WEIGHTS, HISTORY, train_loop_per_worker
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult:
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    weights: Path
+    checkpoint: str
+    train_samples: int
+
+
+def resolve_use_gpu(use_gpu: bool | str) -> bool:
+    import ray
+
+    if use_gpu == "auto":
+        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    return bool(use_gpu)
+
+
+def run_training(
+    *,
+    name: str,
+    task: dict[str, Any],
+    train: TrainConfig,
+    train_ds,
+    val_ds,
+    out_dir: str | Path,
+    tracking: dict[str, str] | None = None,
+) -> TrainResult:
+    """Train ``task`` on N workers; weights end in ``out_dir/model.safetensors``.
+
+    Rerunning with the same ``out_dir`` resumes from the latest checkpoint of an interrupted run.
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    use_gpu = resolve_use_gpu(train.use_gpu)
+    if train.max_train_samples:
+        train_ds = train_ds.limit(train.max_train_samples)
+    train_ds = train_ds.drop_columns(["key"]).materialize()  # strings do not become tensors
+    val_ds = val_ds.drop_columns(["key"]).materialize()
+    n_train = train_ds.count()
+    per_step = train.batch_size * train.num_workers
+    if n_train < per_step:
+        raise ValueError(f"{name}: {n_train} training samples are fewer than one step ({train.num_workers} workers x batch {train.batch_size})")
+    loop_config = {
+        "task": task,
+        "train": train.model_dump(mode="json"),
+        "use_gpu": use_gpu,
+        "steps_per_epoch": n_train // per_step,
+        "tracking": tracking,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(out_dir / "ray"),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training finished without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        source = Path(ckpt_dir) / FINAL_WEIGHTS
+        if not source.exists():
+            raise RuntimeError(f"{name}: the final checkpoint holds no {FINAL_WEIGHTS}")
+        shutil.copyfile(source, out_dir / FINAL_WEIGHTS)
+        history = json.loads((Path(ckpt_dir) / HISTORY).read_text())
+    return TrainResult(metrics=dict(result.metrics), history=history, weights=out_dir / FINAL_WEIGHTS, checkpoint=result.checkpoint.path, train_samples=n_train)
