@@ -130,6 +130,8 @@ class ZoomViTConfig(Section):
         lo, hi = self.train_alpha
         if not lo <= hi:
             raise ValueError(f"train_alpha must be (low, high) with low <= high, got {self.train_alpha}")
+        if self.coarse_alpha is not None and self.coarse_alpha > min(lo, self.alpha):
+            raise ValueError(f"coarse_alpha {self.coarse_alpha} must not exceed alpha or the low end of train_alpha")
         return self
 
 

@@ -25,7 +25,7 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
 @register_model
 def vit_demo_patch8_64(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """The demo ZoomViT's backbone with uniform 8 px patches."""
-    args = dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, num_classes=10)
+    args = dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=10)
     return _create("vit_demo_patch8_64", pretrained, **{**args, **kwargs})
 
 

@@ -87,6 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, history = int(client_state["epoch"]) + 1, client_state["history"]
         if rank == 0:
             print(f"[{config['task']['kind']}] resumed from the checkpoint of epoch {start_epoch}", flush=True)
+    start_checksum = weights_checksum(engine.module.state_dict())
     tracker = _Tracker(config.get("tracking"), rank)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -111,9 +112,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_img_per_s": images * world / max(seconds, 1e-9),
             "lr": optimizer.param_groups[0]["lr"],
         }
+        if epoch == start_epoch:
+            metrics.update(start_epoch=start_epoch, start_weights_checksum=start_checksum)
         engine.eval()
-        if rank == 0 or train["zero_stage"] == 3:  # ZeRO-3 forwards need every rank
-            metrics.update(task.evaluate(engine, val_shard.iter_torch_batches(batch_size=train["eval_batch_size"], device=device), dtype))
+        metrics.update(_evaluate(task, engine, val_shard, train, device, dtype, rank, world))
         history.append(metrics)
         with tempfile.TemporaryDirectory() as ckpt_dir:
             engine.save_checkpoint(ckpt_dir, tag="deepspeed", client_state={"epoch": epoch, "history": history})
@@ -127,6 +129,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker.log(metrics, step=epoch)
         if rank == 0:
             print(f"[{config['task']['kind']}] epoch {epoch + 1}/{train['epochs']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+
+
+def _evaluate(task, engine, val_shard, train, device, dtype, rank: int, world: int) -> dict[str, float]:
+    """Every rank scores every world-th val batch (all of them under ZeRO-3, whose forwards are
+    collective); the sums are all-reduced so no rank idles in a barrier while another evaluates."""
+    batches = val_shard.iter_torch_batches(batch_size=train["eval_batch_size"], device=device)
+    if train["zero_stage"] != 3:
+        batches = (b for i, b in enumerate(batches) if i % world == rank)
+    sums = task.evaluate(engine, batches, dtype)
+    keys = sorted(sums)
+    totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    if train["zero_stage"] != 3:
+        torch.distributed.all_reduce(totals)
+    totals = dict(zip(keys, totals.tolist()))
+    n = totals.pop("n")
+    return {k: v / n for k, v in totals.items()} if n else {}
+
+
+def weights_checksum(state: dict[str, torch.Tensor]) -> float:
+    """A cheap fingerprint of a state dict (sum of |w|) to tell restored weights from fresh ones."""
+    return float(sum(v.detach().double().abs().sum() for v in state.values() if v.is_floating_point()))
 
 
 def _save_final(engine, path: str, rank: int, zero_stage: int) -> None:

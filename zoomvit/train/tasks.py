@@ -50,6 +50,7 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], dtype: torch.dtype) -> dict[str, float]:
+        """Sums over the given batches, with the sample count under ``n`` (ranks add them up)."""
         raise NotImplementedError
 
 
@@ -89,25 +90,19 @@ class ClassifierTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, batches, dtype):
-        n = correct1 = correct5 = 0
-        loss = 0.0
-        tokens = []
+        sums = dict.fromkeys(("n", "val_loss", "val_top1", "val_top5", "val_tokens_per_img"), 0.0)
         for batch in batches:
             x = self.inputs(batch, dtype)
             logits, tokens_B = self.predict(model, x)
             logits = logits.float()
             label = batch["label"].long()
-            loss += float(F.cross_entropy(logits, label, reduction="sum"))
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            correct1 += int((top5[:, 0] == label).sum())
-            correct5 += int((top5 == label[:, None]).any(dim=1).sum())
-            n += len(label)
-            tokens.append(tokens_B)
-        if n == 0:
-            return {}
-        metrics = {"val_loss": loss / n, "val_top1": correct1 / n, "val_top5": correct5 / n}
-        metrics["val_tokens_per_img"] = float(np.concatenate(tokens).mean())
-        return metrics
+            sums["n"] += len(label)
+            sums["val_loss"] += float(F.cross_entropy(logits, label, reduction="sum"))
+            sums["val_top1"] += int((top5[:, 0] == label).sum())
+            sums["val_top5"] += int((top5 == label[:, None]).any(dim=1).sum())
+            sums["val_tokens_per_img"] += float(tokens_B.sum())
+        return sums
 
     def predict(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """Evaluation logits and tokens per image."""
@@ -162,22 +157,16 @@ class ZoomerTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, batches, dtype):
-        losses, pearson, overlap = [], [], []
+        sums = dict.fromkeys(("n", "val_loss", "val_pearson", "val_topk_overlap"), 0.0)
         for batch in batches:
             x = self.inputs(batch, dtype)
             logits = model(x, logits=True).float()
             target = batch["map"].float()
-            losses.append(float(self._loss(logits, target)) * len(x))
-            pearson.append(pearson_per_image(logits.sigmoid(), target))
-            overlap.append(topk_overlap(logits, target, self.spec["topk_fraction"]))
-        if not losses:
-            return {}
-        n = sum(len(p) for p in pearson)
-        return {
-            "val_loss": sum(losses) / n,
-            "val_pearson": float(torch.cat(pearson).mean()),
-            "val_topk_overlap": float(torch.cat(overlap).mean()),
-        }
+            sums["n"] += len(x)
+            sums["val_loss"] += float(self._loss(logits, target)) * len(x)
+            sums["val_pearson"] += float(pearson_per_image(logits.sigmoid(), target).sum())
+            sums["val_topk_overlap"] += float(topk_overlap(logits, target, self.spec["topk_fraction"]).sum())
+        return sums
 
 
 def pearson_per_image(pred_BHW: torch.Tensor, target_BHW: torch.Tensor) -> torch.Tensor:

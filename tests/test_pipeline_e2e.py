@@ -1,0 +1,186 @@
+"""The tiny pipeline end to end through `ray job submit` to a local Ray head, with MLflow lineage."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+TINY = "pipelines/configs/tiny.yaml"
+STAGES = ["teacher", "relevance", "zoomer", "zoomvit", "baseline", "evaluate"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A local Ray head (`ray start --head`), stopped afterwards."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    port, dash = free_port(), free_port()
+    env = ray_env()
+    subprocess.run(
+        ["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+        check=True, env=env, capture_output=True,
+    )
+    yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    return {
+        "root": root,
+        "uri": f"sqlite:///{root / 'mlflow.db'}",
+        "sets": ["--set", f"data.root={root / 'data'}", "--set", f"artifact_root={root / 'runs'}", "--set", f"tracking.uri=sqlite:///{root / 'mlflow.db'}"],
+    }
+
+
+def pipeline(head, workspace, *args: str, submit: bool = False) -> subprocess.CompletedProcess:
+    command = [sys.executable, "pipelines/full.py", "--config", TINY, *workspace["sets"], *args]
+    env = dict(head["env"])
+    if submit:
+        command = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--", "python", *command[1:]]
+    else:
+        env["RAY_ADDRESS"] = head["gcs"]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def stage_runs(client: MlflowClient, parent_id: str) -> dict[str, object]:
+    runs = client.search_runs([client.get_run(parent_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["stage"]: r for r in runs}
+
+
+def pipeline_runs(client: MlflowClient) -> list:
+    exp = client.get_experiment_by_name("zoomvit")
+    return client.search_runs([exp.experiment_id], filter_string="tags.`zoomvit.kind` = 'pipeline'", order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture(scope="module")
+def first_run(head, workspace):
+    proc = pipeline(head, workspace, submit=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "Job 'raysubmit_" in proc.stdout + proc.stderr and "succeeded" in proc.stdout + proc.stderr
+    client = MlflowClient(tracking_uri=workspace["uri"])
+    (parent,) = pipeline_runs(client)
+    return client, parent
+
+
+def test_ray_job_submit_runs_every_stage_with_one_nested_mlflow_run_each(first_run, tmp_path):
+    client, parent = first_run
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["zoomvit.alpha"] == "0.5"
+    assert {"git_commit", "config_hash", "cluster_resources"} <= set(parent.data.tags)
+    runs = stage_runs(client, parent.info.run_id)
+    assert sorted(runs) == sorted(STAGES)
+    for name, run in runs.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["cache"] == "miss" and len(run.data.tags["fingerprint"]) == 64
+    assert runs["zoomvit"].data.tags["upstream.zoomer"] == runs["zoomer"].info.run_id
+    assert runs["relevance"].data.tags["upstream.teacher"] == runs["teacher"].info.run_id
+    assert runs["zoomer"].data.metrics["val_pearson"] > 0
+    assert {"val_top1", "val_tokens_per_img"} <= set(runs["zoomvit"].data.metrics)
+
+    lineage = json.loads(Path(client.download_artifacts(parent.info.run_id, "lineage.json", str(tmp_path))).read_text())
+    assert {name: node["run_id"] for name, node in lineage["stages"].items()} == {n: r.info.run_id for n, r in runs.items()}
+    assert "lineage.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "zoom_layouts.png" in {a.path for a in client.list_artifacts(runs["evaluate"].info.run_id)}
+    inputs = {d.dataset.name for d in client.get_run(runs["zoomer"].info.run_id).inputs.dataset_inputs}
+    assert inputs == {"shards", "relevance_maps"}
+
+
+def test_each_training_stage_lowers_its_loss_with_zero2_on_two_workers(first_run, workspace):
+    client, parent = first_run
+    runs = stage_runs(client, parent.info.run_id)
+    for name in ("teacher", "zoomer", "zoomvit", "baseline"):
+        manifest = json.loads((Path(runs[name].data.params["out_dir"]) / "manifest.json").read_text())
+        losses = [h["train_loss"] for h in manifest["history"]]
+        assert losses[-1] < losses[0], f"{name}: {losses}"
+        history = client.get_metric_history(runs[name].info.run_id, "train_loss")
+        assert len(history) == len(losses), "rank 0 alone logs one value per epoch"
+
+
+def test_the_zoomer_tracks_the_teacher_maps_on_held_out_images(first_run):
+    client, parent = first_run
+    zoomer = stage_runs(client, parent.info.run_id)["zoomer"]
+    # A constant or random map scores ~0 Pearson and ~k/N top-k overlap (0.25 here); the Zoomer
+    # must beat both clearly on val images it never saw.
+    assert zoomer.data.metrics["val_pearson"] > 0.3
+    assert zoomer.data.metrics["val_topk_overlap"] > 0.4
+
+
+def test_a_second_run_of_the_same_config_is_all_cache_hits(first_run, head, workspace):
+    client, first = first_run
+    proc = pipeline(head, workspace)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    second = pipeline_runs(client)[-1]
+    runs = stage_runs(client, second.info.run_id)
+    assert {n: r.data.tags["cache"] for n, r in runs.items()} == dict.fromkeys(STAGES, "hit")
+    originals = stage_runs(client, first.info.run_id)
+    assert all(runs[n].data.tags["source_run"] == originals[n].info.run_id for n in STAGES)
+    assert "start (cache miss" not in proc.stdout
+
+
+def test_only_zoomvit_with_a_new_alpha_reuses_relevance_and_zoomer(first_run, head, workspace):
+    client, first = first_run
+    proc = pipeline(head, workspace, "--only", "zoomvit", "--set", "zoomvit.alpha=0.3")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    latest = pipeline_runs(client)[-1]
+    runs = stage_runs(client, latest.info.run_id)
+    originals = stage_runs(client, first.info.run_id)
+    assert runs["zoomvit"].data.tags["cache"] == "miss"
+    assert "evaluate" not in runs and "baseline" not in runs
+    assert all(runs[n].data.tags["cache"] == "hit" for n in ("teacher", "relevance", "zoomer"))
+    assert runs["zoomvit"].data.tags["upstream.zoomer"] == originals["zoomer"].info.run_id
+    assert runs["zoomer"].data.tags["source_run"] == originals["zoomer"].info.run_id
+    assert runs["relevance"].data.tags["source_run"] == originals["relevance"].info.run_id
+
+
+def test_a_failing_stage_fails_the_parent_and_keeps_the_upstream_cache(first_run, head, workspace):
+    client, first = first_run
+    bad = ["--set", "zoomvit.token_budget=17", "--set", "zoomvit.train.max_failures=0"]
+    proc = pipeline(head, workspace, *bad)
+    assert proc.returncode != 0
+    failed = pipeline_runs(client)[-1]
+    assert failed.info.status == "FAILED"
+    runs = stage_runs(client, failed.info.run_id)
+    assert runs["zoomvit"].info.status == "FAILED" and "error" in runs["zoomvit"].data.tags
+    assert all(runs[n].data.tags["cache"] == "hit" for n in ("teacher", "relevance", "zoomer"))
+    assert "evaluate" not in runs
+    failed_dir = workspace["root"] / "runs" / "zoomvit" / runs["zoomvit"].data.tags["fingerprint"][:16]
+    assert not (failed_dir / "manifest.json").exists(), "a failed stage must not look cached"
+
+
+def test_a_bad_config_key_exits_non_zero_naming_the_key(workspace):
+    proc = subprocess.run(
+        [sys.executable, "pipelines/full.py", "--config", TINY, "--set", "zoomvit.alpah=0.3"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "zoomvit.alpah" in proc.stderr
+
+
+def test_only_a_stage_whose_upstream_is_not_cached_names_the_missing_stage(head, tmp_path):
+    ws = {"sets": ["--set", f"data.root={tmp_path / 'data'}", "--set", f"artifact_root={tmp_path / 'runs'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]}
+    proc = pipeline(head, ws, "--only", "zoomvit")
+    assert proc.returncode == 2
+    assert "'teacher'" in proc.stderr and "no cached output" in proc.stderr

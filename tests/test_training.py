@@ -1,0 +1,84 @@
+"""Ray Train + DeepSpeed harness: resume from a checkpoint and survive a killed worker (2 CPU workers, gloo)."""
+
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from zoomvit.config import load_config
+from zoomvit.data.demo import generate_demo_dataset
+from zoomvit.train.loop import weights_checksum
+from zoomvit.train.stages import baseline_task
+from zoomvit.train.data import sample_dataset
+from zoomvit.train.trainer import run_training
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate_demo_dataset(root, train=256, val=64, image_size=32, samples_per_shard=64)
+    return load_config(str(CONFIG), [f"data.root={root}"])
+
+
+def train(config, out_dir, **train_overrides):
+    recipe = config.baseline.train.model_copy(update={"zero_stage": 2, "num_workers": 2, **train_overrides})
+    return run_training(
+        name="baseline",
+        task=baseline_task(config),
+        train=recipe,
+        train_ds=sample_dataset(config.data, "train"),
+        val_ds=sample_dataset(config.data, "val"),
+        out_dir=out_dir,
+    )
+
+
+def test_a_stopped_run_resumes_from_its_last_checkpoint(config, tmp_path):
+    first = train(config, tmp_path, epochs=1)
+    assert [h["epoch"] for h in first.history] == [0]
+    after_epoch_1 = weights_checksum(load_file(str(first.weights)))
+
+    resumed = train(config, tmp_path, epochs=3)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    assert resumed.history[0] == first.history[0]
+    assert resumed.history[1]["start_epoch"] == 1
+    assert resumed.history[1]["start_weights_checksum"] == pytest.approx(after_epoch_1, rel=1e-9)
+    assert resumed.history[-1]["train_loss"] < resumed.history[0]["train_loss"]
+
+
+def _train_workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd and "train_fn" in cmd or cmd.startswith("ray::RayTrainWorker"):
+            found.append(proc)
+    return found
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes(config, tmp_path):
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list(tmp_path.glob("ray/baseline/checkpoint_*")):
+                workers = _train_workers()
+                if workers:
+                    workers[-1].kill()
+                    killed.append(workers[-1].pid)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = train(config, tmp_path, epochs=4, max_failures=2)
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3]
+    assert any(h.get("start_epoch", 0) > 0 for h in result.history), "the restarted group must resume, not start over"
+    assert result.weights.exists()
