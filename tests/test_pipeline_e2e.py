@@ -120,15 +120,6 @@ def test_each_training_stage_lowers_its_loss_with_zero2_on_two_workers(first_run
         assert len(history) == len(losses), "rank 0 alone logs one value per epoch"
 
 
-def test_the_zoomer_tracks_the_teacher_maps_on_held_out_images(first_run):
-    client, parent = first_run
-    zoomer = stage_runs(client, parent.info.run_id)["zoomer"]
-    # A constant or random map scores ~0 Pearson and ~k/N top-k overlap (0.25 here); the Zoomer
-    # must beat both clearly on val images it never saw.
-    assert zoomer.data.metrics["val_pearson"] > 0.3
-    assert zoomer.data.metrics["val_topk_overlap"] > 0.4
-
-
 def test_a_second_run_of_the_same_config_is_all_cache_hits(first_run, head, workspace):
     client, first = first_run
     proc = pipeline(head, workspace)

@@ -273,7 +273,7 @@ def zoomvit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> ZoomViT
 @register_model
 def zoomvit_demo_patch8_64(pretrained: bool = False, **kwargs: Any) -> ZoomViT:
     """For the demo data: 64 px images, 8x8 grid of 8 px patches (zoomed: 4 px)."""
-    args = dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=10, zoomer_width=32)
+    args = dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=10, zoomer_width=16, zoomer_depth=1)
     return _create_zoomvit("zoomvit_demo_patch8_64", pretrained, **{**args, **kwargs})
 
 

@@ -202,7 +202,8 @@ def run_pipeline(
 
 def _log_stage(tracker: Tracker, run_id: str, config: PipelineConfig, manifest: dict[str, Any], upstream: dict[str, dict[str, Any]], shards, train_paths) -> None:
     name = manifest["stage"]
-    tracker.metrics(run_id, manifest["metrics"])
+    if "history" not in manifest:  # training stages: rank 0 already logged every epoch into this run
+        tracker.metrics(run_id, manifest["metrics"])
     tracker.params(run_id, {"out_dir": manifest["out_dir"], "fingerprint": manifest["fingerprint"]})
     out_dir = Path(manifest["out_dir"])
     if name in ("teacher", "relevance", "zoomer", "zoomvit", "baseline"):
@@ -214,9 +215,6 @@ def _log_stage(tracker: Tracker, run_id: str, config: PipelineConfig, manifest: 
         from zoomvit.relevance.stage import MANIFEST as RELEVANCE_MANIFEST
 
         tracker.artifact(run_id, out_dir / RELEVANCE_MANIFEST)
-    if "history" in manifest:
-        for epoch in manifest["history"]:
-            tracker.metrics(run_id, {f"epoch_{k}": v for k, v in epoch.items() if k != "epoch"}, step=int(epoch["epoch"]))
     if name in ("zoomer", "zoomvit", "baseline"):
         weights = out_dir / manifest["files"]["weights"]
         tracker.model(run_id, _load_model(name, config, weights), name)

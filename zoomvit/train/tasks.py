@@ -116,15 +116,18 @@ class ZoomViTTask(ClassifierTask):
     def build_model(self) -> nn.Module:
         spec = self.spec
         kwargs = {**spec.get("model_kwargs", {}), "num_classes": spec["num_classes"]}
-        kwargs.update(alpha=spec["alpha"], coarse_alpha=spec.get("coarse_alpha"), keep_rate=spec.get("keep_rate", 1.0), token_budget=spec.get("token_budget"))
+        kwargs.update(
+            alpha=spec["alpha"],
+            coarse_alpha=spec.get("coarse_alpha"),
+            keep_rate=spec.get("keep_rate", 1.0),
+            token_budget=spec.get("token_budget"),
+            zoomer_width=spec["zoomer_width"],
+            zoomer_depth=spec["zoomer_depth"],
+        )
         model: ZoomViT = timm.create_model(spec["model"], pretrained=spec.get("pretrained", False), **kwargs)
         if spec.get("zoomer_checkpoint"):
-            state = load_state_dict_file(spec["zoomer_checkpoint"])
-            zoomer = Zoomer(grid=model.grid, width=spec["zoomer_width"], depth=spec["zoomer_depth"])
-            zoomer.load_state_dict(state)
-            model.attach_zoomer(zoomer, freeze=True)
-        elif model.zoomer is not None:
-            model.zoomer.freeze()
+            model.zoomer.load_state_dict(load_state_dict_file(spec["zoomer_checkpoint"]))
+        model.zoomer.freeze()
         return model
 
     def forward(self, model, x):

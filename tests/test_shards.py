@@ -1,0 +1,68 @@
+"""Shard specs and the raw WebDataset reader, without Ray: ImageNet's layout for timm, brace patterns."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zoomvit.data.decode import ImageTransform
+from zoomvit.data.ingest import RAW_SCHEMA, decode_batch, raw_rows
+from zoomvit.data.shards import expand_shards, read_info, shard_infos, shard_key
+
+
+def image_bytes(fmt: str, size: int = 40) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size + 8), (10, 200, 30)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def imagenet_like(tmp_path):
+    """Two shards named like timm's imagenet-1k-wds, .jpeg/.png/.webp members, an _info.json."""
+    for shard, (ext, fmt) in enumerate([("jpeg", "JPEG"), ("png", "PNG")]):
+        with tarfile.open(tmp_path / f"imagenet1k-train-{shard:04d}.tar", "w") as tar:
+            for i in range(3):
+                key = f"n0144076{shard}_{i}"
+                meta = json.dumps({"filename": f"{key}.JPEG"}).encode()
+                for name, data in ((f"{key}.{ext}", image_bytes(fmt)), (f"{key}.cls", str(i).encode()), (f"{key}.json", meta)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "_info.json").write_text(json.dumps({"name": "imagenet-1k", "splits": {"train": {"num_samples": 6, "shard_lengths": [3, 3]}}}))
+    return tmp_path
+
+
+def test_brace_patterns_globs_and_directories_name_the_same_shards(imagenet_like):
+    braces = expand_shards("imagenet1k-train-{0000..0001}.tar", root=str(imagenet_like))
+    assert [p.rsplit("/", 1)[-1] for p in braces] == ["imagenet1k-train-0000.tar", "imagenet1k-train-0001.tar"]
+    assert expand_shards(str(imagenet_like / "imagenet1k-train-*.tar")) == braces
+    assert expand_shards(str(imagenet_like)) == braces
+    assert [i.size > 0 for i in shard_infos(braces)] == [True, True]
+    assert shard_key("s3://bucket/a/b.tar") == "bucket/a/b.tar"
+
+
+def test_a_missing_shard_is_a_clear_error(imagenet_like):
+    with pytest.raises(ValueError, match="imagenet1k-train-0002.tar"):
+        expand_shards("imagenet1k-train-{0000..0002}.tar", root=str(imagenet_like))
+
+
+def test_timms_info_json_is_read(imagenet_like):
+    assert read_info(str(imagenet_like))["splits"]["train"]["shard_lengths"] == [3, 3]
+
+
+def test_jpeg_and_png_members_decode_with_key_shard_and_label(imagenet_like):
+    import pyarrow as pa
+
+    transform = ImageTransform(image_size=32)
+    for shard in expand_shards(str(imagenet_like)):
+        with open(shard, "rb") as f:
+            rows = list(raw_rows(f, shard))
+        assert [r["kind"] for r in rows] == ["sample"] * 3 + ["eos"] and rows[-1]["count"] == 3
+        out = decode_batch(pa.Table.from_pylist(rows, schema=RAW_SCHEMA), num_classes=10, transform=transform)
+        assert list(out["kind"]) == ["sample"] * 3 + ["eos"]
+        assert out["image"].shape == (4, 32, 32, 3) and out["image"].dtype == np.uint8
+        assert list(out["label"][:3]) == [0, 1, 2]
+        assert all(s == shard for s in out["shard"])
