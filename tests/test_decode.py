@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from tarutil import write_tar
 
 from zoomvit.data.decode import (
     IMAGE_EXTENSIONS,
@@ -236,14 +237,6 @@ def test_duplicate_key_filter_flags_second_and_later_occurrences() -> None:
     keys = DuplicateKeyFilter()
     assert [keys.seen(k) for k in ["a", "b", "a", "c", "a"]] == [False, False, True, False, True]
     assert len(keys) == 3
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_a_tiny_shard_of_good_and_bad_samples_is_decoded_counted_and_deduplicated(tmp_path: Path) -> None:

@@ -175,3 +175,15 @@ def test_only_a_stage_whose_upstream_is_not_cached_names_the_missing_stage(head,
     proc = pipeline(head, ws, "--only", "zoomvit")
     assert proc.returncode == 2
     assert "'teacher'" in proc.stderr and "no cached output" in proc.stderr
+
+
+def test_from_run_reuses_what_an_earlier_pipeline_run_recorded(first_run, head, workspace, tmp_path):
+    client, first = first_run
+    elsewhere = ["--set", f"artifact_root={tmp_path / 'empty_cache'}"]
+    proc = pipeline(head, workspace, *elsewhere, "--from-run", first.info.run_id)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = stage_runs(client, pipeline_runs(client)[-1].info.run_id)
+    originals = stage_runs(client, first.info.run_id)
+    assert {n: r.data.tags["cache"] for n, r in runs.items()} == dict.fromkeys(STAGES, "hit")
+    assert all(runs[n].data.tags["source_run"] == originals[n].info.run_id for n in STAGES)
+    assert not (tmp_path / "empty_cache" / "teacher").exists()

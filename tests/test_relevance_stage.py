@@ -15,6 +15,7 @@ from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
 from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.data.relevance_store import maps_array, read_maps, read_metadata
 from zoomvit.relevance.stage import run_relevance_stage
+from tarutil import write_tar
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SIZE = 32
@@ -78,14 +79,6 @@ def jpeg(mode: str, size: int = SIZE) -> bytes:
     buf = io.BytesIO()
     Image.new(mode, (size, size), color).save(buf, format="JPEG")
     return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_bad_samples_are_counted_by_reason_and_good_ones_all_get_maps(teacher_ckpt, tmp_path):

@@ -2,11 +2,12 @@
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from tarutil import write_tar
 
 from zoomvit.data.decode import ImageTransform
 from zoomvit.data.ingest import RAW_SCHEMA, decode_batch, raw_rows
@@ -23,14 +24,12 @@ def image_bytes(fmt: str, size: int = 40) -> bytes:
 def imagenet_like(tmp_path):
     """Two shards named like timm's imagenet-1k-wds, .jpeg/.png/.webp members, an _info.json."""
     for shard, (ext, fmt) in enumerate([("jpeg", "JPEG"), ("png", "PNG")]):
-        with tarfile.open(tmp_path / f"imagenet1k-train-{shard:04d}.tar", "w") as tar:
-            for i in range(3):
-                key = f"n0144076{shard}_{i}"
-                meta = json.dumps({"filename": f"{key}.JPEG"}).encode()
-                for name, data in ((f"{key}.{ext}", image_bytes(fmt)), (f"{key}.cls", str(i).encode()), (f"{key}.json", meta)):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        members = []
+        for i in range(3):
+            key = f"n0144076{shard}_{i}"
+            meta = json.dumps({"filename": f"{key}.JPEG"}).encode()
+            members += [(f"{key}.{ext}", image_bytes(fmt)), (f"{key}.cls", str(i).encode()), (f"{key}.json", meta)]
+        write_tar(tmp_path / f"imagenet1k-train-{shard:04d}.tar", members)
     (tmp_path / "_info.json").write_text(json.dumps({"name": "imagenet-1k", "splits": {"train": {"num_samples": 6, "shard_lengths": [3, 3]}}}))
     return tmp_path
 
