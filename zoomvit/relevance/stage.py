@@ -165,6 +165,12 @@ def _compute(todo, data, relevance, teacher_spec, base_meta, use_gpu, out_dir, s
 
     from zoomvit.data.ingest import read_decoded
 
+    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+    if cpus and relevance.concurrency * relevance.num_cpus_per_actor >= cpus:
+        raise ValueError(
+            f"relevance.concurrency x num_cpus_per_actor = {relevance.concurrency * relevance.num_cpus_per_actor:g} "
+            f"takes all {cpus:g} CPUs of the cluster; leave at least one for reading shards"
+        )
     transform = ImageTransform(image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct)
     paths = [p for g in todo for p in g.shards]
     by_shard = {shard_key(p): g for g in todo for p in g.shards}
