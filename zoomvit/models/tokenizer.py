@@ -73,10 +73,6 @@ class TokenLayout:
     def num_tokens_B(self) -> torch.Tensor:
         return self.valid_BL.sum(dim=1)
 
-    @property
-    def padded(self) -> bool:
-        return not bool(self.valid_BL.all())
-
 
 @dataclass(frozen=True)
 class TokenUniverse:
@@ -87,19 +83,6 @@ class TokenUniverse:
     level_U: torch.Tensor
     box_U4: torch.Tensor
     coarse: bool
-
-    @property
-    def num_coarse(self) -> int:
-        gh, gw = self.grid
-        return (gh // 2) * (gw // 2) if self.coarse else 0
-
-    @property
-    def num_cells(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def size(self) -> int:
-        return self.num_coarse + 5 * self.num_cells
 
 
 def build_universe(grid: tuple[int, int], patch_size: int, *, coarse: bool, device=None) -> TokenUniverse:
