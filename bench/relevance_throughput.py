@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="vit_demo_patch8_64")
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--ablate", action="store_true", help="add the fused-decode and single-thread variants")
     args = parser.parse_args()
 
     import ray
@@ -83,21 +84,26 @@ def main() -> None:
     torch.set_num_threads(2)
     loop_2 = plain_loop(shards, teacher, size=args.size, batch=args.batch, mean=data.mean, std=data.std)
     best_loop = max(loop_1, loop_2)
-    rows.append({"runner": "plain loop, 1 thread", "img_per_s": loop_1, "ratio_vs_best_loop": loop_1 / best_loop})
-    rows.append({"runner": "plain loop, 2 threads", "img_per_s": loop_2, "ratio_vs_best_loop": loop_2 / best_loop})
+    for threads, ips in ((1, loop_1), (2, loop_2)):
+        rows.append({"runner": f"plain loop, {threads} thread(s)", "img_per_s": ips, "ratio_vs_best_loop": ips / best_loop, "wall_s": args.images / ips, "stage_img_per_s": ips})
 
     ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    for actors in args.actors:
-        cfg = RelevanceConfig(batch_size=args.batch, concurrency=actors, shards_per_group=2, splits=("train",), use_gpu=args.use_gpu)
-        out = work / f"ray-{actors}"
+    variants = [(f"Ray Data, {a} actor(s)", {"concurrency": a}) for a in args.actors]
+    if args.ablate:
+        variants.append(("Ray Data, 1 actor, decode fused into it, 1 thread", {"decode_num_cpus": 1.0, "actor_threads": 1}))
+        variants.append(("Ray Data, 1 actor, pipelined decode, 1 thread", {"actor_threads": 1}))
+    for name, overrides in variants:
+        cfg = RelevanceConfig(batch_size=args.batch, shards_per_group=2, splits=("train",), use_gpu=args.use_gpu, **overrides)
+        out = work / f"ray-{len(rows)}"
         start = time.perf_counter()
         manifest = run_relevance_stage(data=data, teacher=TeacherConfig(model=args.teacher, checkpoint=str(ckpt)), relevance=cfg, out_dir=out)
         wall = time.perf_counter() - start
         ips = manifest["rows"] / wall
-        rows.append({"runner": f"Ray Data, {actors} actor(s)", "img_per_s": ips, "ratio_vs_best_loop": ips / best_loop})
+        steady = manifest["stats"]["images_per_s"]
+        rows.append({"runner": name, "img_per_s": ips, "ratio_vs_best_loop": ips / best_loop, "wall_s": wall, "stage_img_per_s": steady})
     print_table(rows)
     path = write_result("relevance_throughput", {"args": vars(args), "rows": rows, "shards": len(shards)})
     print(f"wrote {path}")

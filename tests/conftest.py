@@ -14,9 +14,10 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray for the whole session (2 CPUs, no dashboard)."""
+    """A local in-process Ray per test module (2 CPUs, no dashboard); modules that start their own
+    cluster shut it down first."""
     import ray
     from ray.data import DataContext
 

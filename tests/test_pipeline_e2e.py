@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +9,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from servers import free_port, mlflow_server
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TINY = "pipelines/configs/tiny.yaml"
 STAGES = ["teacher", "relevance", "zoomer", "zoomvit", "baseline", "evaluate"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_env() -> dict[str, str]:
@@ -48,12 +43,14 @@ def head():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    """Data, artifact cache and an MLflow tracking server (mlflow/serve.sh on 127.0.0.1)."""
     root = tmp_path_factory.mktemp("pipeline")
-    return {
-        "root": root,
-        "uri": f"sqlite:///{root / 'mlflow.db'}",
-        "sets": ["--set", f"data.root={root / 'data'}", "--set", f"artifact_root={root / 'runs'}", "--set", f"tracking.uri=sqlite:///{root / 'mlflow.db'}"],
-    }
+    with mlflow_server(root / "mlflow_server") as uri:
+        yield {
+            "root": root,
+            "uri": uri,
+            "sets": ["--set", f"data.root={root / 'data'}", "--set", f"artifact_root={root / 'runs'}", "--set", f"tracking.uri={uri}"],
+        }
 
 
 def pipeline(head, workspace, *args: str, submit: bool = False) -> subprocess.CompletedProcess:
@@ -145,6 +142,45 @@ def test_only_zoomvit_with_a_new_alpha_reuses_relevance_and_zoomer(first_run, he
     assert runs["zoomvit"].data.tags["upstream.zoomer"] == originals["zoomer"].info.run_id
     assert runs["zoomer"].data.tags["source_run"] == originals["zoomer"].info.run_id
     assert runs["relevance"].data.tags["source_run"] == originals["relevance"].info.run_id
+
+
+def test_the_mlflow_ui_compares_two_zoomvit_runs_in_headless_chromium(first_run, workspace, tmp_path):
+    """The UI served by mlflow/serve.sh, driven by Playwright in Debian's Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    client, _ = first_run
+    experiment = client.get_experiment_by_name("zoomvit").experiment_id
+    zoomvit_runs = client.search_runs(
+        [experiment], filter_string="tags.stage = 'zoomvit' and tags.cache = 'miss'", order_by=["attributes.start_time ASC"]
+    )
+    assert len(zoomvit_runs) >= 2, "needs the alpha=0.5 run and the --only zoomvit alpha=0.3 run"
+    runs = zoomvit_runs[-2:]
+    assert {r.data.params["alpha"] for r in runs} == {"0.5", "0.3"}
+    run_ids = json.dumps([r.info.run_id for r in runs])
+    url = f"{workspace['uri']}/#/compare-runs?runs={run_ids}&experiments={json.dumps([experiment])}"
+    shot = tmp_path / "compare.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1200})
+        page.goto(url)
+        for run in runs:
+            page.get_by_text(run.info.run_name, exact=False).first.wait_for(timeout=60_000)
+        for metric in ("val_top1", "val_tokens_per_img"):
+            page.get_by_text(metric, exact=True).first.wait_for(timeout=60_000)
+        text = page.inner_text("body")
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert all(r.info.run_name in text for r in runs)
+    assert "val_top1" in text and "val_tokens_per_img" in text
+    for run in runs:
+        assert f"{run.data.metrics['val_tokens_per_img']:.4g}"[:4] in text, "the metric values are on the page"
+    assert shot.stat().st_size > 10_000
+
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
 
 
 def test_a_failing_stage_fails_the_parent_and_keeps_the_upstream_cache(first_run, head, workspace):

@@ -55,7 +55,54 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_demo_data)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_demo_data,)
+def _cluster_validate(args: argparse.Namespace) -> int:
+    from zoomvit.cluster import load_cluster_yaml, validate_cluster_config
+
+    for path in args.files:
+        prepared = validate_cluster_config(load_cluster_yaml(path))
+        types = ", ".join(
+            f"{name} ({spec.get('min_workers', 0)}..{spec.get('max_workers', 0)})"
+            for name, spec in prepared["available_node_types"].items()
+        )
+        print(f"{path}: valid; node types {types}")
+    return 0
+
+
+def _cluster_local(args: argparse.Namespace) -> int:
+    from zoomvit.cluster import dump_local_config, load_cluster_yaml, local_autoscaling_config, validate_cluster_config
+
+    config = local_autoscaling_config(
+        load_cluster_yaml(args.file),
+        cpus_per_node=args.cpus_per_node,
+        max_workers_per_type=args.max_workers_per_type,
+        idle_timeout_minutes=args.idle_timeout_minutes,
+    )
+    validate_cluster_config(config)
+    text = dump_local_config(config, args.file)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _add_cluster(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("cluster", help="validate Ray cluster YAMLs; derive the local autoscaling config")
+    sub = parser.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    validate = sub.add_parser("validate", help="check cluster-launcher YAMLs the way `ray up` does, offline")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.set_defaults(func=_cluster_validate)
+    local = sub.add_parser("local", help="the node types of a production YAML, scaled down for a fake multi-node cluster")
+    local.add_argument("file", metavar="FILE")
+    local.add_argument("-o", "--output", help="write here instead of stdout")
+    local.add_argument("--cpus-per-node", type=int, default=1)
+    local.add_argument("--max-workers-per-type", type=int, default=2)
+    local.add_argument("--idle-timeout-minutes", type=float, default=0.1)
+    local.set_defaults(func=_cluster_local)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_demo_data, _add_cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,6 +64,18 @@ class RelevanceConfig(Section):
     batch_size: int = Field(64, ge=1)
     concurrency: int = Field(1, ge=1)
     num_cpus_per_actor: float = Field(1.0, gt=0)
+    actor_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per attribution actor; default: num_cpus_per_actor with a GPU, "
+        "else the node's CPUs shared by the actors (decode tasks are short and interleave)",
+    )
+    decode_num_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs reserved per decode task; differs from num_cpus_per_actor so that Ray Data "
+        "does not fuse decoding into the attribution actor and the two run pipelined",
+    )
     use_gpu: bool | Literal["auto"] = "auto"
     shards_per_group: int = Field(4, ge=1)
     decode_batch_size: int = Field(64, ge=1)

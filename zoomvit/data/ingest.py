@@ -150,11 +150,20 @@ def decode_batch(batch: pa.Table, *, num_classes: int, transform: ImageTransform
     return out
 
 
-def read_decoded(paths: Sequence[str], *, num_classes: int, transform: ImageTransform, batch_size: int = 64, filesystem=None):
+def read_decoded(
+    paths: Sequence[str],
+    *,
+    num_classes: int,
+    transform: ImageTransform,
+    batch_size: int = 64,
+    num_cpus: float = 1.0,
+    filesystem=None,
+):
     """Shards read and decoded on Ray Data (CPU tasks), skip and end-of-shard rows included."""
     return read_shards(paths, filesystem=filesystem).map_batches(
         decode_batch,
         batch_size=batch_size,
         batch_format="pyarrow",
+        num_cpus=num_cpus,
         fn_kwargs={"num_classes": num_classes, "transform": transform},
     )

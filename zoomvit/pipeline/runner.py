@@ -164,6 +164,7 @@ def run_pipeline(
             if not compute:
                 tags["source_run"] = manifest["run_id"]
             run_id = tracker.start(name, parent=parent, tags=tags)
+            tracker.params(run_id, flatten(section(config, name)))  # each stage's config section is its own
             node = {"stage": name, "run_id": run_id, "fingerprint": fp, "cache": tags["cache"], "upstream": [{"stage": u, "artifact": a, "run_id": upstream_runs[u]} for u, a in stage.upstream]}
             result.stages[name] = node
             if not compute:

@@ -166,15 +166,27 @@ def _compute(todo, data, relevance, teacher_spec, base_meta, use_gpu, out_dir, s
     from zoomvit.data.ingest import read_decoded
 
     cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
-    if cpus and relevance.concurrency * relevance.num_cpus_per_actor >= cpus:
+    held = relevance.concurrency * relevance.num_cpus_per_actor
+    if cpus and cpus - held < 1:
         raise ValueError(
-            f"relevance.concurrency x num_cpus_per_actor = {relevance.concurrency * relevance.num_cpus_per_actor:g} "
-            f"takes all {cpus:g} CPUs of the cluster; leave at least one for reading shards"
+            f"relevance.concurrency x num_cpus_per_actor = {held:g} leaves {cpus - held:g} of the cluster's "
+            f"{cpus:g} CPUs; a shard read task needs a whole CPU, so leave at least one"
         )
     transform = ImageTransform(image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct)
     paths = [p for g in todo for p in g.shards]
     by_shard = {shard_key(p): g for g in todo for p in g.shards}
-    ds = read_decoded(paths, num_classes=data.num_classes, transform=transform, batch_size=relevance.decode_batch_size)
+    ds = read_decoded(
+        paths,
+        num_classes=data.num_classes,
+        transform=transform,
+        batch_size=relevance.decode_batch_size,
+        num_cpus=relevance.decode_num_cpus,
+    )
+    threads = relevance.actor_threads
+    if threads is None:
+        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+        shared = min(node_cpus, cpus // relevance.concurrency)
+        threads = int(relevance.num_cpus_per_actor) if use_gpu else max(1, int(shared))
     ds = ds.map_batches(
         RelevanceActor,
         fn_constructor_kwargs={
@@ -184,7 +196,7 @@ def _compute(todo, data, relevance, teacher_spec, base_meta, use_gpu, out_dir, s
             "mean": data.mean,
             "std": data.std,
             "use_gpu": use_gpu,
-            "threads": int(relevance.num_cpus_per_actor),
+            "threads": threads,
         },
         batch_size=relevance.batch_size,
         batch_format="numpy",

@@ -1,0 +1,181 @@
+"""cluster/: launcher YAMLs validate like `ray up`, the local autoscaling config is derived from
+the production node types and really autoscales, the KubeRay manifests carry autoscaling."""
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zoomvit.cluster import HEAD_TYPE, load_cluster_yaml, local_autoscaling_config, validate_cluster_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+LAUNCHER_YAMLS = ["aws.yaml", "gcp.yaml", "local-autoscaling.yaml"]
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_every_launcher_yaml_validates_like_ray_up(name):
+    prepared = validate_cluster_config(load_cluster_yaml(CLUSTER / name))
+    types = prepared["available_node_types"]
+    assert prepared["head_node_type"] == HEAD_TYPE
+    assert {"cpu_ingest", "gpu_a100x8", "gpu_h100x8"} <= set(types)
+    for name, spec in types.items():
+        if name != HEAD_TYPE:
+            assert spec["min_workers"] == 0 and spec["max_workers"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "named"),
+    [
+        (("available_node_types", "cpu_ingest", "max_workers"), "many", "available_node_types.cpu_ingest.max_workers"),
+        (("idle_timeout_minute",), 5, "idle_timeout_minute"),
+        (("available_node_types", "gpu_a100x8", "resourcez"), {"GPU": 8}, "resourcez"),
+    ],
+)
+def test_a_broken_copy_is_rejected_naming_the_offending_key(path, value, named):
+    config = copy.deepcopy(load_cluster_yaml(CLUSTER / "aws.yaml"))
+    target = config
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        validate_cluster_config(config)
+
+
+def test_production_yamls_keep_the_head_free_of_work_and_scale_from_zero():
+    for name in ("aws.yaml", "gcp.yaml"):
+        config = load_cluster_yaml(CLUSTER / name)
+        assert config["available_node_types"][HEAD_TYPE]["resources"]["CPU"] == 0
+        assert any("--num-cpus=0" in c for c in config["head_start_ray_commands"])
+        assert any("pip install" in c and "zoomvit" in c for c in config["setup_commands"])
+        assert any("MLFLOW_TRACKING_URI" in c for c in config["worker_setup_commands"])
+        gpu_types = [t for t, s in config["available_node_types"].items() if s["resources"].get("GPU")]
+        assert gpu_types and all(
+            any(k.startswith("accelerator_type:") for k in config["available_node_types"][t]["resources"]) for t in gpu_types
+        )
+
+
+def test_the_shipped_local_config_is_the_aws_node_types_scaled_down():
+    shipped = load_cluster_yaml(CLUSTER / "local-autoscaling.yaml")
+    assert shipped == local_autoscaling_config(load_cluster_yaml(CLUSTER / "aws.yaml")), (
+        "regenerate with: zoomvit cluster local cluster/aws.yaml -o cluster/local-autoscaling.yaml"
+    )
+    types = shipped["available_node_types"]
+    assert types["gpu_h100x8"]["resources"]["GPU"] == 1 and types["gpu_h100x8"]["resources"]["accelerator_type:H100"] == 1
+    assert "GPU" not in types["cpu_ingest"]["resources"]
+    assert all(s["resources"]["CPU"] <= 1 for s in types.values())
+    assert shipped["provider"]["type"] == "fake_multinode"
+
+
+def _kuberay(name):
+    return list(yaml.safe_load_all((CLUSTER / "kuberay" / name).read_text()))
+
+
+def test_kuberay_manifests_carry_autoscaling_worker_groups_and_resource_requests():
+    (cluster,) = _kuberay("raycluster.yaml")
+    (job,) = _kuberay("rayjob.yaml")
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"], "the RayJob's cluster must be raycluster.yaml's"
+    assert "pipelines/full.py" in job["spec"]["entrypoint"] and job["spec"]["shutdownAfterJobFinishes"]
+
+    spec = cluster["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    aws_types = load_cluster_yaml(CLUSTER / "aws.yaml")["available_node_types"]
+    assert set(groups) == {t.replace("_", "-") for t in aws_types if t != HEAD_TYPE}
+    for name, group in groups.items():
+        assert group["minReplicas"] == 0 < group["maxReplicas"]
+        assert group["maxReplicas"] == aws_types[name.replace("-", "_")]["max_workers"]
+        (container,) = group["template"]["spec"]["containers"]
+        limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+        assert limits == requests, f"{name}: Guaranteed QoS, so Ray's view of the pod matches the node"
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["MLFLOW_TRACKING_URI"].startswith("http://") and env["ZOOMVIT_ARTIFACT_ROOT"].startswith("/shared")
+        if name.startswith("gpu"):
+            assert limits["nvidia.com/gpu"] == 8
+            marker = json.loads(json.loads(group["rayStartParams"]["resources"]))
+            assert marker == {f"accelerator_type:{name.split('-')[1][:4].upper()}": 1}
+        else:
+            assert "nvidia.com/gpu" not in limits
+
+    objects = {m["kind"]: m for m in _kuberay("mlflow.yaml")}
+    assert objects["Service"]["spec"]["type"] == "ClusterIP"
+    assert objects["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+AUTOSCALE_PROBE = textwrap.dedent(
+    """
+    import json, sys, time
+    import ray
+
+    ray.init(address=sys.argv[1], log_to_driver=False)
+
+    def workers():
+        return sorted(
+            next((k for k in n["Resources"] if k.startswith("accelerator_type:")), "cpu")
+            for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0
+        )
+
+    seen = {"start": workers()}
+    ray.get(ray.remote(num_cpus=1)(lambda: 1).remote(), timeout=120)
+    seen["after_cpu_task"] = workers()
+    ray.get(ray.remote(num_cpus=1, num_gpus=1, accelerator_type="H100")(lambda: 1).remote(), timeout=120)
+    seen["after_h100_task"] = workers()
+    deadline = time.time() + 120
+    while workers() and time.time() < deadline:
+        time.sleep(1)
+    seen["after_idle"] = workers()
+    print(json.dumps(seen))
+    """
+)
+
+
+@pytest.mark.slow
+def test_local_autoscaling_cluster_scales_the_requested_node_type_up_then_down(tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    port = _free_port()
+    config = load_cluster_yaml(CLUSTER / "local-autoscaling.yaml")
+    config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
+    config_path = tmp_path / "local.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+    if (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_MODE"] = "token"
+    start = [
+        "ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+        f"--autoscaling-config={config_path}", "--include-dashboard=false", "--disable-usage-stats",
+    ]
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", AUTOSCALE_PROBE, f"127.0.0.1:{port}"],
+            env=env, capture_output=True, text=True, timeout=420,
+        )
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        seen = json.loads(probe.stdout.strip().splitlines()[-1])
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert seen["start"] == []
+    assert seen["after_cpu_task"] == ["cpu"], "a CPU-only task scales up cpu_ingest, not a GPU type"
+    assert seen["after_h100_task"] in (["accelerator_type:H100"], ["accelerator_type:H100", "cpu"])
+    assert seen["after_idle"] == [], "idle workers are removed after idle_timeout_minutes"
