@@ -114,6 +114,37 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_batch_size: int = Field(128, ge=1)
     max_train_samples: int | None = None
+    rand_augment: str | None = Field(None, description="timm RandAugment spec, e.g. 'rand-m9-mstd0.5-inc1'")
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth rate (timm drop_path_rate)")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights; it is evaluated and saved")
+    finetune: Literal["full", "linear", "partial"] = "full"
+    freeze_blocks: int = Field(0, ge=0, description="partial fine-tuning: the first k transformer blocks stay frozen")
+
+    @model_validator(mode="after")
+    def _finetune(self) -> "TrainConfig":
+        if self.finetune == "partial" and self.freeze_blocks == 0:
+            raise ValueError("finetune=partial needs freeze_blocks >= 1")
+        if self.finetune != "partial" and self.freeze_blocks:
+            raise ValueError("freeze_blocks is only read with finetune=partial")
+        if self.ema_decay is not None and self.zero_stage == 3:
+            raise ValueError("ema_decay needs whole parameters on every rank: use zero_stage <= 2")
+        return self
+
+
+class DistillConfig(Section):
+    """DeiT-style distillation from the teacher stage's model.
+
+    mode: none, soft (KL at temperature tau) or hard (cross-entropy on the teacher's argmax);
+    alpha weighs the distillation term. token: a distillation token and head (ZoomViT, timm's
+    ``*_distilled_*`` DeiTs); without it the one head takes both losses. source: the teacher run
+    on each training batch (model) or its logits cached next to the relevance maps (cache).
+    """
+
+    mode: Literal["none", "soft", "hard"] = "none"
+    alpha: float = Field(0.5, ge=0, le=1)
+    tau: float = Field(1.0, gt=0)
+    token: bool = True
+    source: Literal["model", "cache"] = "model"
 
 
 class ZoomerConfig(Section):
@@ -135,6 +166,8 @@ class ZoomViTConfig(Section):
     coarse_alpha: float | None = None
     keep_rate: float = Field(1.0, gt=0, le=1)
     token_budget: int | None = None
+    init_checkpoint: str | None = Field(None, description="ViT/DeiT weights to start from (position embedding resampled)")
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
@@ -147,11 +180,34 @@ class ZoomViTConfig(Section):
         return self
 
 
+class BaselineModel(Section):
+    """One more timm classifier trained with the baseline's recipe (Swin, hybrid CNN-ViT, ...)."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    model: str
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: bool = False
+    init_checkpoint: str | None = None
+
+
 class BaselineConfig(Section):
+    """The baseline: any timm classifier (``model``), plus ``others`` trained the same way and
+    shown beside it in the evaluate stage."""
+
     model: str = "vit_demo_patch8_64"
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     pretrained: bool = False
+    init_checkpoint: str | None = None
+    others: tuple[BaselineModel, ...] = ()
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "BaselineConfig":
+        names = [m.name for m in self.others]
+        if "baseline" in names or len(set(names)) != len(names):
+            raise ValueError(f"baseline.others names must be unique and not 'baseline', got {names}")
+        return self
 
 
 class EvaluateConfig(Section):

@@ -1,7 +1,8 @@
 """Relevance maps on disk: one Parquet file per shard group, committed atomically.
 
 Columns: key, shard, label, target, teacher_pred, teacher_prob, grid_h, grid_w, relevance
-(list<float16>, row-major grid). File metadata records the teacher, method, input size, package
+(list<float16>, row-major grid), teacher_logits (list<float16>, for distillation without a second
+teacher pass). File metadata records the teacher, method, input size, package
 version, fingerprint and the shard group.
 """
 
@@ -27,8 +28,10 @@ SCHEMA = pa.schema(
         ("grid_h", pa.int16()),
         ("grid_w", pa.int16()),
         ("relevance", pa.list_(pa.float16())),
+        ("teacher_logits", pa.list_(pa.float16())),
     ]
 )
+_LISTS = ("relevance", "teacher_logits")
 META_KEY = b"zoomvit"
 
 
@@ -39,9 +42,11 @@ def group_path(out_dir: str | Path, split: str, group: int) -> Path:
 def write_group(rows: Iterable[dict[str, Any]], path: str | Path, metadata: dict[str, Any]) -> int:
     """Write rows (sorted by shard then key) to ``path`` via a temporary file; returns the row count."""
     rows = sorted(rows, key=lambda r: (r["shard"], r["key"]))
-    columns = {name: [r[name] for r in rows] for name in SCHEMA.names if name != "relevance"}
-    relevance = pa.array([np.asarray(r["relevance"], dtype=np.float16) for r in rows], type=pa.list_(pa.float16()))
-    table = pa.table({**columns, "relevance": relevance}, schema=SCHEMA)
+    columns = {name: [r[name] for r in rows] for name in SCHEMA.names if name not in _LISTS}
+    for name in _LISTS:
+        values = [None if r.get(name) is None else np.asarray(r[name], dtype=np.float16) for r in rows]
+        columns[name] = pa.array(values, type=pa.list_(pa.float16()))
+    table = pa.table(columns, schema=SCHEMA)
     table = table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +67,25 @@ def read_maps(out_dir: str | Path, split: str | None = None) -> pa.Table:
     files = sorted(Path(out_dir).glob(pattern))
     if not files:
         raise ValueError(f"no relevance maps ({pattern}) in {str(out_dir)!r}")
-    return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
+    tables = []
+    for f in files:
+        table = pq.read_table(f)
+        for field in SCHEMA:
+            if field.name not in table.column_names:  # written before the column existed
+                table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+        tables.append(table.select(SCHEMA.names).cast(SCHEMA))
+    return pa.concat_tables(tables)
+
+
+def logits_array(table: pa.Table) -> np.ndarray:
+    """The teacher_logits column as (N, K) float32; ValueError when the maps were written without it."""
+    column = table["teacher_logits"]
+    if column.null_count:
+        raise ValueError("these relevance maps carry no teacher logits (written by an older version): rerun with --force relevance")
+    if table.num_rows == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return flat.astype(np.float32).reshape(table.num_rows, -1)
 
 
 def maps_array(table: pa.Table) -> np.ndarray:

@@ -5,6 +5,7 @@ Importing this package registers the ``zoomvit_*`` and ``vit_*`` test/demo varia
 """
 
 from zoomvit.models.flops import FlopReport, count_flops, zoomvit_flops
+from zoomvit.models.loading import adapt_pos_embed, load_pretrained
 from zoomvit.models.tokenizer import COARSE, NORMAL, ZOOM, TokenLayout, ZoomConfig
 from zoomvit.models.zoomer import Zoomer
 from zoomvit.models.zoomvit import ZoomTokens, ZoomViT, load_backbone_state_dict
@@ -20,7 +21,9 @@ __all__ = [
     "ZoomTokens",
     "ZoomViT",
     "Zoomer",
+    "adapt_pos_embed",
     "count_flops",
     "load_backbone_state_dict",
+    "load_pretrained",
     "zoomvit_flops",
 ]

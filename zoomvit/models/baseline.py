@@ -8,18 +8,21 @@ from __future__ import annotations
 from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 default_cfgs = generate_default_cfgs(
     {
         "vit_demo_patch8_64": {"num_classes": 10, "input_size": (3, 64, 64), "crop_pct": 1.0, "mean": (0.5,) * 3, "std": (0.5,) * 3},
         "vit_test_patch8_32": {"num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0, "mean": (0.5,) * 3, "std": (0.5,) * 3},
+        "deit_demo_distilled_patch8_64": {"num_classes": 10, "input_size": (3, 64, 64), "crop_pct": 1.0, "mean": (0.5,) * 3, "std": (0.5,) * 3},
+        "deit_test_distilled_patch8_32": {"num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0, "mean": (0.5,) * 3, "std": (0.5,) * 3},
     }
 )
 
 
-def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
-    return build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+def _create(variant: str, pretrained: bool, cls: type[VisionTransformer] = VisionTransformer, **kwargs: Any) -> VisionTransformer:
+    return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 @register_model
@@ -33,3 +36,16 @@ def vit_demo_patch8_64(pretrained: bool = False, **kwargs: Any) -> VisionTransfo
 def vit_test_patch8_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
     return _create("vit_test_patch8_32", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def deit_demo_distilled_patch8_64(pretrained: bool = False, **kwargs: Any) -> VisionTransformerDistilled:
+    """``vit_demo_patch8_64`` with DeiT's distillation token and head."""
+    args = dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=10)
+    return _create("deit_demo_distilled_patch8_64", pretrained, cls=VisionTransformerDistilled, **{**args, **kwargs})
+
+
+@register_model
+def deit_test_distilled_patch8_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformerDistilled:
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    return _create("deit_test_distilled_patch8_32", pretrained, cls=VisionTransformerDistilled, **{**args, **kwargs})

@@ -47,7 +47,7 @@ def zoomvit_flops(model: nn.Module, images_BCHW: torch.Tensor, scores_BHW: torch
     try:
         if not isinstance(model, ZoomViT):
             gflops = count_flops(model, images_BCHW[:1]) / 1e9
-            tokens = _uniform_tokens(model)
+            tokens = uniform_tokens(model)
             B = images_BCHW.shape[0]
             return FlopReport(gflops_B=torch.full((B,), gflops), zoomer_gflops=0.0, tokens_B=torch.full((B,), tokens))
         zoomer_gflops = 0.0
@@ -65,7 +65,7 @@ def zoomvit_flops(model: nn.Module, images_BCHW: torch.Tensor, scores_BHW: torch
         model.train(was_training)
 
 
-def _uniform_tokens(model: nn.Module) -> int:
+def uniform_tokens(model: nn.Module) -> int:
     patch_embed = getattr(model, "patch_embed", None)
     grid = getattr(patch_embed, "grid_size", None)
     return int(grid[0] * grid[1]) if grid is not None else 0

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
@@ -66,6 +66,7 @@ class ZoomViT(VisionTransformer):
         zoomer_width: int = 64,
         zoomer_depth: int = 2,
         with_zoomer: bool = True,
+        distilled: bool = False,
         **vit_kwargs: Any,
     ) -> None:
         for key, unsupported in (("reg_tokens", 0), ("no_embed_class", False), ("dynamic_img_size", False)):
@@ -74,6 +75,16 @@ class ZoomViT(VisionTransformer):
         if vit_kwargs.get("class_token", True) is False or vit_kwargs.get("global_pool", "token") == "map":
             raise ValueError("ZoomViT needs a class token and 'token' or 'avg' pooling")
         super().__init__(**vit_kwargs)
+        self.distilled = distilled
+        self.distilled_training = False
+        if distilled:  # DeiT: a second prefix token with its own position and head
+            self.num_prefix_tokens += 1
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+            pos = self.pos_embed.data
+            self.pos_embed = nn.Parameter(torch.cat([pos[:, :1], torch.zeros_like(pos[:, :1]), pos[:, 1:]], dim=1))
+            self.head_dist = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
+            trunc_normal_(self.dist_token, std=0.02)
+            trunc_normal_(self.pos_embed[:, 1:2], std=0.02)
         self.zoom = ZoomConfig(alpha=alpha, coarse_alpha=coarse_alpha, keep_rate=keep_rate, token_budget=token_budget)
         self.coarse = coarse or coarse_alpha is not None
         self.zoom_embed = nn.Parameter(torch.zeros(NUM_LEVELS, self.embed_dim))
@@ -98,7 +109,13 @@ class ZoomViT(VisionTransformer):
         return gh * gw
 
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"zoom_embed"}
+        return super().no_weight_decay() | {"zoom_embed", "dist_token"}
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """In training mode, return ``(class logits, distillation logits)`` instead of their mean."""
+        if enable and not self.distilled:
+            raise ValueError("this ZoomViT has no distillation token: create it with distilled=True")
+        self.distilled_training = enable
 
     def zoom_config(self, **overrides: Any) -> ZoomConfig:
         """The model's zoom settings with some fields replaced (alpha=..., token_budget=..., ...)."""
@@ -146,28 +163,37 @@ class ZoomViT(VisionTransformer):
     def forward_tokens(self, zt: ZoomTokens) -> torch.Tensor:
         """Transformer over zoom tokens; returns the normed sequence with the class token first."""
         B = zt.tokens_BLD.shape[0]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
-        x = torch.cat([cls, zt.tokens_BLD], dim=1)
+        prefix = [self.cls_token + self.pos_embed[:, :1]]
+        if self.distilled:
+            prefix.append(self.dist_token + self.pos_embed[:, 1:2])
+        x = torch.cat([p.expand(B, -1, -1) for p in prefix] + [zt.tokens_BLD], dim=1)
         x = self.pos_drop(x)
         x = self.norm_pre(x)
         attn_mask = None
         if not bool(zt.valid_BL.all()):
-            keep = torch.cat([zt.valid_BL.new_ones(B, 1), zt.valid_BL], dim=1)
+            keep = torch.cat([zt.valid_BL.new_ones(B, self.num_prefix_tokens), zt.valid_BL], dim=1)
             attn_mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
             attn_mask = attn_mask.masked_fill(~keep, float("-inf"))[:, None, None, :]
         for block in self.blocks:
             x = block(x, attn_mask=attn_mask)
         return self.norm(x)
 
-    def forward_head_masked(self, x_BLD: torch.Tensor, valid_BL: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head_masked(self, x_BLD: torch.Tensor, valid_BL: torch.Tensor, pre_logits: bool = False):
         if self.global_pool == "avg":
             w = valid_BL.unsqueeze(-1).to(x_BLD.dtype)
-            x = (x_BLD[:, 1:] * w).sum(1) / w.sum(1).clamp(min=1)
+            x = (x_BLD[:, self.num_prefix_tokens :] * w).sum(1) / w.sum(1).clamp(min=1)
         else:
             x = x_BLD[:, 0]
-        x = self.fc_norm(x)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        x = self.head_drop(self.fc_norm(x))
+        if not self.distilled:
+            return x if pre_logits else self.head(x)
+        x_dist = self.head_drop(self.fc_norm(x_BLD[:, 1]))
+        if pre_logits:
+            return (x + x_dist) / 2
+        logits, logits_dist = self.head(x), self.head_dist(x_dist)
+        if self.distilled_training and self.training:
+            return logits, logits_dist
+        return (logits + logits_dist) / 2
 
     def forward(
         self, images_BCHW: torch.Tensor, scores: torch.Tensor | None = None, *, return_tokens: bool = False, **zoom: Any
@@ -190,26 +216,20 @@ class ZoomViT(VisionTransformer):
 def load_backbone_state_dict(model: ZoomViT, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:
     """Load a timm ViT/DeiT state dict into a ZoomViT where shapes match.
 
-    The position embedding is resampled (bicubic, class token kept apart) when the patch grids
+    The position embedding is resampled (bicubic, prefix tokens kept apart) when the patch grids
     differ; a head of another class count is left at its initialisation. Returns which keys were
     loaded, skipped (no match in the model) and left missing.
     """
-    matched = _filter_backbone(state_dict, model)
-    result = model.load_state_dict(matched, strict=False)
-    skipped = [k for k in state_dict.get("model", state_dict) if k not in matched]
-    return {"loaded": sorted(matched), "skipped": sorted(skipped), "missing": sorted(result.missing_keys)}
+    from zoomvit.models.loading import load_pretrained
+
+    return load_pretrained(model, state_dict)
 
 
 def _filter_backbone(state_dict: dict[str, torch.Tensor], model: ZoomViT) -> dict[str, torch.Tensor]:
-    state_dict = state_dict.get("model", state_dict)
+    from zoomvit.models.loading import adapt_state_dict
+
     own = model.state_dict()
-    out = {}
-    for key, value in state_dict.items():
-        if key == "pos_embed" and key in own and value.shape != own[key].shape:
-            value = resample_abs_pos_embed(value, new_size=list(model.grid), num_prefix_tokens=model.num_prefix_tokens)
-        if key in own and own[key].shape == value.shape:
-            out[key] = value
-    return out
+    return {k: v for k, v in adapt_state_dict(state_dict, model).items() if k in own and own[k].shape == v.shape}
 
 
 def _create_zoomvit(variant: str, pretrained: bool = False, **kwargs: Any) -> ZoomViT:

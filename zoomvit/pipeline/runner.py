@@ -125,7 +125,7 @@ def run_pipeline(
     needed = set(selected)
     for name in reversed(ORDER):
         if name in needed:
-            needed.update(u for u, _ in STAGES[name].upstream)
+            needed.update(u for u, _ in STAGES[name].upstream_for(config))
 
     parent = tracker.start(config.name, tags={"zoomvit.kind": "pipeline", "git_commit": git_commit(), "config_hash": config_hash(config)})
     tracker.params(parent, flatten(config.model_dump(mode="json")))
@@ -141,7 +141,8 @@ def run_pipeline(
             if name not in needed:
                 continue
             stage = STAGES[name]
-            fp = fingerprint(name, config, {u: fingerprints[u] for u, _ in stage.upstream}, shards)
+            upstream = stage.upstream_for(config)
+            fp = fingerprint(name, config, {u: fingerprints[u] for u, _ in upstream}, shards)
             fingerprints[name] = fp
             out_dir = root / name / fp[:16]
             manifest = _read_manifest(out_dir)
@@ -153,7 +154,7 @@ def run_pipeline(
                     f"stage {name!r} has no cached output for this configuration (fingerprint {fp[:16]}), "
                     f"and --only {','.join(only)} needs it: run the pipeline without --only first"
                 )
-            upstream_runs = {u: manifests[u]["run_id"] for u, _ in stage.upstream}
+            upstream_runs = {u: manifests[u]["run_id"] for u, _ in upstream}
             tags = {
                 "zoomvit.kind": "stage",
                 "stage": name,
@@ -165,7 +166,7 @@ def run_pipeline(
                 tags["source_run"] = manifest["run_id"]
             run_id = tracker.start(name, parent=parent, tags=tags)
             tracker.params(run_id, flatten(section(config, name)))  # each stage's config section is its own
-            node = {"stage": name, "run_id": run_id, "fingerprint": fp, "cache": tags["cache"], "upstream": [{"stage": u, "artifact": a, "run_id": upstream_runs[u]} for u, a in stage.upstream]}
+            node = {"stage": name, "run_id": run_id, "fingerprint": fp, "cache": tags["cache"], "upstream": [{"stage": u, "artifact": a, "run_id": upstream_runs[u]} for u, a in upstream]}
             result.stages[name] = node
             if not compute:
                 node.update(out_dir=manifest["out_dir"], source_run=manifest["run_id"])

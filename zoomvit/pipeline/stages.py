@@ -1,6 +1,9 @@
 """The stage graph: what each stage reads from the config, which stages feed it, and how it runs.
 
 teacher -> relevance -> zoomer -> zoomvit -> evaluate <- baseline   (relevance -> evaluate: maps)
+
+With DeiT distillation, zoomvit and baseline also read the teacher (source=model) or the teacher
+logits cached with the relevance maps (source=cache).
 """
 
 from __future__ import annotations
@@ -27,6 +30,30 @@ class StageDef:
     sections: tuple[str, ...]  # dotted config paths that the fingerprint covers
     upstream: tuple[tuple[str, str], ...]  # (stage, artifact passed)
     run: Callable[[StageContext], dict[str, Any]]  # returns {"files": {...}, "metrics": {...}}
+    extra_upstream: Callable[[PipelineConfig], tuple[tuple[str, str], ...]] | None = None
+
+    def upstream_for(self, config: PipelineConfig) -> tuple[tuple[str, str], ...]:
+        extra = self.extra_upstream(config) if self.extra_upstream else ()
+        return self.upstream + tuple(e for e in extra if e[0] not in {u for u, _ in self.upstream})
+
+
+def _distill_upstream(section: str) -> Callable[[PipelineConfig], tuple[tuple[str, str], ...]]:
+    def upstream(config: PipelineConfig) -> tuple[tuple[str, str], ...]:
+        distill = getattr(config, section).distill
+        if distill.mode == "none":
+            return ()
+        return (("teacher", "distillation teacher"),) if distill.source == "model" else (("relevance", "teacher logits"),)
+
+    return upstream
+
+
+def _distill_inputs(ctx: StageContext) -> dict[str, Any]:
+    teacher = ctx.upstream.get("teacher")
+    relevance = ctx.upstream.get("relevance")
+    return {
+        "teacher_weights": _upstream_file(ctx, "teacher", "weights") if teacher and "weights" in teacher["files"] else None,
+        "relevance_dir": _upstream_file(ctx, "relevance", "maps") if relevance else None,
+    }
 
 
 def _upstream_file(ctx: StageContext, stage: str, name: str) -> Path:
@@ -89,13 +116,18 @@ def run_zoomer(ctx: StageContext) -> dict[str, Any]:
 def run_zoomvit(ctx: StageContext) -> dict[str, Any]:
     from zoomvit.train.stages import train_zoomvit
 
-    return _train_outputs(train_zoomvit(ctx.config, _upstream_file(ctx, "zoomer", "weights"), ctx.out_dir, ctx.tracking))
+    return _train_outputs(train_zoomvit(ctx.config, _upstream_file(ctx, "zoomer", "weights"), ctx.out_dir, ctx.tracking, **_distill_inputs(ctx)))
 
 
 def run_baseline(ctx: StageContext) -> dict[str, Any]:
-    from zoomvit.train.stages import train_baseline
+    from zoomvit.train.stages import train_baselines
 
-    return _train_outputs(train_baseline(ctx.config, ctx.out_dir, ctx.tracking))
+    results = train_baselines(ctx.config, ctx.out_dir, ctx.tracking, **_distill_inputs(ctx))
+    outputs = _train_outputs(results.pop("baseline"))
+    for name, result in results.items():
+        outputs["files"][f"weights_{name}"] = str(result.weights.relative_to(ctx.out_dir))
+        outputs["metrics"].update({f"{name}_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+    return outputs
 
 
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
@@ -104,13 +136,20 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     result = evaluate_models(
         ctx.config,
         zoomvit_weights=_upstream_file(ctx, "zoomvit", "weights"),
-        baseline_weights=_upstream_file(ctx, "baseline", "weights"),
+        baseline_weights={
+            ("baseline" if key == "weights" else key.removeprefix("weights_")): _upstream_file(ctx, "baseline", key)
+            for key in ctx.upstream["baseline"]["files"]
+            if key.startswith("weights")
+        },
         relevance_dir=_upstream_file(ctx, "relevance", "maps"),
         out_dir=ctx.out_dir,
     )
     metrics: dict[str, Any] = {}
     for row in result["rows"]:
-        prefix = "baseline" if row["model"] == "baseline" else ("zoomvit" if row["alpha"] == ctx.config.zoomvit.alpha else f"zoomvit_alpha_{row['alpha']}")
+        if row["model"] != "zoomvit":
+            prefix = row["model"]
+        else:
+            prefix = "zoomvit" if row["alpha"] == ctx.config.zoomvit.alpha else f"zoomvit_alpha_{row['alpha']}"
         metrics.update({f"{prefix}_{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("alpha",)})
     files = {"evaluation": "evaluation.json"}
     if (ctx.out_dir / "zoom_layouts.png").exists():
@@ -129,8 +168,14 @@ STAGES: dict[str, StageDef] = {
             upstream=(("relevance", "relevance maps"),),
             run=run_zoomer,
         ),
-        StageDef(name="zoomvit", sections=("data", "zoomer", "zoomvit"), upstream=(("zoomer", "frozen Zoomer"),), run=run_zoomvit),
-        StageDef(name="baseline", sections=("data", "baseline"), upstream=(), run=run_baseline),
+        StageDef(
+            name="zoomvit",
+            sections=("data", "zoomer", "zoomvit"),
+            upstream=(("zoomer", "frozen Zoomer"),),
+            extra_upstream=_distill_upstream("zoomvit"),
+            run=run_zoomvit,
+        ),
+        StageDef(name="baseline", sections=("data", "baseline"), upstream=(), extra_upstream=_distill_upstream("baseline"), run=run_baseline),
         StageDef(
             name="evaluate",
             sections=("data", "zoomvit", "baseline", "evaluate"),

@@ -56,6 +56,7 @@ class RelevanceActor:
         out["relevance"] = np.zeros((n, gh * gw), dtype=np.float32)
         out["grid_h"] = np.full(n, gh, dtype=np.int64)
         out["grid_w"] = np.full(n, gw, dtype=np.int64)
+        out["teacher_logits"] = np.zeros((n, self.model.num_classes), dtype=np.float32)
         is_sample = batch["kind"] == "sample"
         if is_sample.any():
             images = torch.from_numpy(np.ascontiguousarray(batch["image"][is_sample])).to(self.device)
@@ -66,6 +67,7 @@ class RelevanceActor:
             out["teacher_pred"][is_sample] = result.pred_B.cpu().numpy()
             out["teacher_prob"][is_sample] = result.prob_B.cpu().numpy()
             out["relevance"][is_sample] = result.maps_BHW.flatten(1).cpu().numpy()
+            out["teacher_logits"][is_sample] = result.logits_BK.float().cpu().numpy()
         return out
 
 
@@ -230,6 +232,7 @@ def _compute(todo, data, relevance, teacher_spec, base_meta, use_gpu, out_dir, s
                     "grid_h": int(batch["grid_h"][i]),
                     "grid_w": int(batch["grid_w"][i]),
                     "relevance": batch["relevance"][i],
+                    "teacher_logits": batch["teacher_logits"][i],
                 }
             )
         for g in [g for g in todo if id(g) in touched and g.complete()]:

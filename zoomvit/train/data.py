@@ -32,37 +32,57 @@ def sample_dataset(data: DataConfig, split: str, *, limit: int | None = None):
 
 
 class AttachMaps:
-    """Adds each row's relevance map (normalised per image, resized to ``grid``); drops rows without one."""
+    """Adds each row's relevance map (normalised per image, resized to ``grid``) and/or the teacher's
+    cached logits; drops rows the relevance stage has nothing for."""
 
-    def __init__(self, relevance_dir: str, split: str, grid: tuple[int, int]) -> None:
-        from zoomvit.data.relevance_store import maps_array, read_maps
+    def __init__(self, relevance_dir: str, split: str, grid: tuple[int, int] | None, logits: bool = False) -> None:
+        from zoomvit.data.relevance_store import logits_array, maps_array, read_maps
         from zoomvit.relevance.attribution import normalize_maps
 
         table = read_maps(relevance_dir, split)
-        maps = torch.from_numpy(maps_array(table))
-        if tuple(maps.shape[1:]) != tuple(grid):
-            maps = F.interpolate(maps.unsqueeze(1), size=grid, mode="bilinear", align_corners=False, antialias=True).squeeze(1)
-        maps = normalize_maps(maps).numpy().astype(np.float32)
         self.index = {k: i for i, k in enumerate(table["key"].to_pylist())}
-        self.maps = maps
+        self.maps = self.logits = None
+        if grid is not None:
+            maps = torch.from_numpy(maps_array(table))
+            if tuple(maps.shape[1:]) != tuple(grid):
+                maps = F.interpolate(maps.unsqueeze(1), size=grid, mode="bilinear", align_corners=False, antialias=True).squeeze(1)
+            self.maps = normalize_maps(maps).numpy().astype(np.float32)
+        if logits:
+            self.logits = logits_array(table)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = np.array([self.index.get(str(k), -1) for k in batch["key"]], dtype=np.int64)
         keep = rows >= 0
         out = {c: v[keep] for c, v in batch.items()}
-        out["map"] = self.maps[rows[keep]]
+        if self.maps is not None:
+            out["map"] = self.maps[rows[keep]]
+        if self.logits is not None:
+            out["teacher_logits"] = self.logits[rows[keep]]
         return out
 
 
-def with_maps(ds, relevance_dir: str | Path, split: str, grid: tuple[int, int]):
+def with_maps(ds, relevance_dir: str | Path, split: str, grid: tuple[int, int] | None, *, logits: bool = False):
+    """``ds`` joined by key with the relevance stage's maps (``grid`` given) and/or teacher logits."""
     import ray.data
 
     return ds.map_batches(
         AttachMaps,
-        fn_constructor_kwargs={"relevance_dir": str(relevance_dir), "split": split, "grid": tuple(grid)},
+        fn_constructor_kwargs={"relevance_dir": str(relevance_dir), "split": split, "grid": None if grid is None else tuple(grid), "logits": logits},
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),
     )
+
+
+def rand_augment_batch(batch: dict[str, np.ndarray], *, spec: str) -> dict[str, np.ndarray]:
+    """timm's RandAugment (``spec`` as in timm's train script, e.g. 'rand-m9-mstd0.5-inc1') on uint8 HWC images."""
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+
+    images = batch["image"]
+    fill = tuple(int(v) for v in images.reshape(-1, 3).mean(0)) if len(images) else (128, 128, 128)
+    transform = rand_augment_transform(spec, {"translate_const": int(images.shape[1] * 0.45), "img_mean": fill})
+    out = np.stack([np.asarray(transform(Image.fromarray(img)), dtype=np.uint8) for img in images]) if len(images) else images
+    return {**batch, "image": out}
 
 
 def to_model_input(images_BHWC: torch.Tensor, mean, std) -> torch.Tensor:

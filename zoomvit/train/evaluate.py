@@ -17,14 +17,16 @@ import torch
 
 from zoomvit.config import PipelineConfig
 from zoomvit.models import ZoomViT, zoomvit_flops
+from zoomvit.models.flops import uniform_tokens
 from zoomvit.relevance.teacher import load_state_dict_file
 from zoomvit.train.data import sample_dataset, size_bucket, to_model_input
-from zoomvit.train.stages import baseline_task, zoomvit_task
+from zoomvit.train.stages import baseline_tasks, zoomvit_task
 from zoomvit.train.tasks import build_task
 
 
 def load_trained(task: dict[str, Any], weights: str | Path) -> torch.nn.Module:
-    model = build_task({**task, "train": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0}}).build_model()
+    spec = {**task, "pretrained": False, "init_checkpoint": None, "train": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0}}
+    model = build_task(spec).build_model()
     model.load_state_dict(load_state_dict_file(weights))
     if isinstance(model, ZoomViT) and model.zoomer is not None:
         model.zoomer.freeze()
@@ -69,16 +71,19 @@ def evaluate_models(
     config: PipelineConfig,
     *,
     zoomvit_weights: str | Path,
-    baseline_weights: str | Path,
+    baseline_weights: str | Path | dict[str, str | Path],
     relevance_dir: str | Path | None,
     out_dir: str | Path,
 ) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     zoom = load_trained(zoomvit_task(config, None), zoomvit_weights)
-    base = load_trained(baseline_task(config), baseline_weights)
+    if not isinstance(baseline_weights, dict):
+        baseline_weights = {"baseline": baseline_weights}
+    tasks = baseline_tasks(config)
+    baselines = {name: load_trained(tasks[name], weights) for name, weights in baseline_weights.items()}
     alphas = [config.zoomvit.alpha, *[a for a in config.evaluate.alphas if a != config.zoomvit.alpha]]
-    scores = {("zoomvit", a): _Scores() for a in alphas} | {("baseline", None): _Scores()}
+    scores = {("zoomvit", a): _Scores() for a in alphas} | {(name, None): _Scores() for name in baselines}
     flops_images: list[torch.Tensor] = []
     figure_rows: list[dict[str, Any]] = []
     for batch in sample_dataset(config.data, "val").iter_batches(batch_size=config.zoomvit.train.eval_batch_size, batch_format="numpy"):
@@ -104,11 +109,11 @@ def evaluate_models(
                             "levels": zt.level_BL[i][zt.valid_BL[i]].numpy(),
                         }
                     )
-        start = time.perf_counter()
-        logits = base(x)
-        seconds = time.perf_counter() - start
-        grid = base.patch_embed.grid_size
-        scores[("baseline", None)].add(logits, labels, np.full(len(x), grid[0] * grid[1]), buckets, seconds)
+        for name, base in baselines.items():
+            start = time.perf_counter()
+            logits = base(x)
+            seconds = time.perf_counter() - start
+            scores[(name, None)].add(logits, labels, np.full(len(x), uniform_tokens(base)), buckets, seconds)
         if sum(len(f) for f in flops_images) < config.evaluate.flops_samples:
             flops_images.append(x)
     if not flops_images:
@@ -120,7 +125,7 @@ def evaluate_models(
             report = zoomvit_flops(zoom, flops_x, alpha=alpha)
             rows.append(s.row(model="zoomvit", alpha=alpha, gflops_per_img=report.gflops))
         else:
-            rows.append(s.row(model="baseline", alpha=None, gflops_per_img=zoomvit_flops(base, flops_x).gflops))
+            rows.append(s.row(model=model, alpha=None, gflops_per_img=zoomvit_flops(baselines[model], flops_x).gflops))
     result = {"rows": rows, "size_buckets": list(config.evaluate.size_buckets)}
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     if figure_rows:

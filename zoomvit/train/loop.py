@@ -70,6 +70,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
     dtype = next(p for p in engine.module.parameters()).dtype
+    ema = None
+    if train.get("ema_decay"):
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(engine.module, decay=train["ema_decay"])
     steps_per_epoch = max(1, config["steps_per_epoch"] // train["grad_accum"])
     scheduler = CosineLRScheduler(
         optimizer,
@@ -85,6 +90,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             _, client_state = engine.load_checkpoint(ckpt_dir, tag="deepspeed")
         start_epoch, history = int(client_state["epoch"]) + 1, client_state["history"]
+        if ema is not None:
+            ema.module.load_state_dict(client_state["ema"])
         if rank == 0:
             print(f"[{config['task']['kind']}] resumed from the checkpoint of epoch {start_epoch}", flush=True)
     start_checksum = weights_checksum(engine.module.state_dict())
@@ -102,6 +109,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if engine.is_gradient_accumulation_boundary():
                 global_step += 1
                 scheduler.step_update(global_step)
+                if ema is not None:
+                    ema.update(engine.module, step=global_step)
             images += batch["label"].shape[0]
             loss_sum += loss.detach().item()
             steps += 1
@@ -113,17 +122,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": optimizer.param_groups[0]["lr"],
         }
         if epoch == start_epoch:
-            metrics.update(start_epoch=start_epoch, start_weights_checksum=start_checksum)
+            metrics.update(start_epoch=start_epoch, start_weights_checksum=start_checksum, **getattr(task, "param_counts", {}))
         engine.eval()
         metrics.update(_evaluate(task, engine, val_shard, train, device, dtype, rank, world))
+        if ema is not None:
+            metrics.update({f"ema_{k}": v for k, v in _evaluate(task, ema.module, val_shard, train, device, dtype, rank, world).items()})
         history.append(metrics)
+        client_state = {"epoch": epoch, "history": history}
+        if ema is not None:
+            client_state["ema"] = ema.module.state_dict()
         with tempfile.TemporaryDirectory() as ckpt_dir:
-            engine.save_checkpoint(ckpt_dir, tag="deepspeed", client_state={"epoch": epoch, "history": history})
+            engine.save_checkpoint(ckpt_dir, tag="deepspeed", client_state=client_state)
             if rank == 0:
                 with open(os.path.join(ckpt_dir, HISTORY), "w") as f:
                     json.dump(history, f)
             if epoch == train["epochs"] - 1:
-                _save_final(engine, os.path.join(ckpt_dir, FINAL_WEIGHTS), rank, train["zero_stage"])
+                _save_final(engine, os.path.join(ckpt_dir, FINAL_WEIGHTS), rank, train["zero_stage"], ema=ema)
             torch.distributed.barrier()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
         tracker.log(metrics, step=epoch)
@@ -152,10 +166,13 @@ def weights_checksum(state: dict[str, torch.Tensor]) -> float:
     return float(sum(v.detach().double().abs().sum() for v in state.values() if v.is_floating_point()))
 
 
-def _save_final(engine, path: str, rank: int, zero_stage: int) -> None:
+def _save_final(engine, path: str, rank: int, zero_stage: int, ema=None) -> None:
+    """The final weights: the EMA's when one is kept (as timm's train script keeps its best), else the model's."""
     from safetensors.torch import save_file
 
-    if zero_stage == 3:
+    if ema is not None:
+        state = ema.module.state_dict()
+    elif zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = engine.module.state_dict()

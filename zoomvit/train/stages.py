@@ -57,13 +57,38 @@ def train_zoomer(config: PipelineConfig, relevance_dir: Path, out_dir: Path, tra
     )
 
 
-def zoomvit_task(config: PipelineConfig, zoomer_weights: Path | str | None) -> dict[str, Any]:
+def distill_spec(config: PipelineConfig, distill, teacher_weights: Path | str | None) -> dict[str, Any]:
+    """The task's distillation settings; with source=model, how workers rebuild the teacher."""
+    spec: dict[str, Any] = {"distill": distill.model_dump(mode="json")}
+    if distill.mode != "none" and distill.source == "model":
+        t = config.teacher
+        spec["distill_teacher"] = {
+            "model": t.model,
+            "pretrained": t.pretrained,
+            "checkpoint": None if teacher_weights is None else str(teacher_weights),
+            "num_classes": config.data.num_classes,
+            "model_kwargs": dict(t.model_kwargs),
+        }
+    return spec
+
+
+def _distill_data(ds, distill, relevance_dir: Path | str | None, split: str):
+    if distill.mode == "none" or distill.source != "cache":
+        return ds
+    if relevance_dir is None:
+        raise ValueError("distill.source=cache needs the relevance stage's output")
+    return with_maps(ds, relevance_dir, split, None, logits=True)
+
+
+def zoomvit_task(config: PipelineConfig, zoomer_weights: Path | str | None, teacher_weights: Path | str | None = None) -> dict[str, Any]:
     zv = config.zoomvit
     return {
         "kind": "zoomvit",
         "model": zv.model,
         "model_kwargs": dict(zv.model_kwargs),
         "pretrained": zv.pretrained,
+        "init_checkpoint": zv.init_checkpoint,
+        **distill_spec(config, zv.distill, teacher_weights),
         "alpha": zv.alpha,
         "train_alpha": list(zv.train_alpha),
         "coarse_alpha": zv.coarse_alpha,
@@ -76,30 +101,61 @@ def zoomvit_task(config: PipelineConfig, zoomer_weights: Path | str | None) -> d
     }
 
 
-def train_zoomvit(config: PipelineConfig, zoomer_weights: Path, out_dir: Path, tracking: dict[str, str] | None = None) -> TrainResult:
+def train_zoomvit(
+    config: PipelineConfig,
+    zoomer_weights: Path,
+    out_dir: Path,
+    tracking: dict[str, str] | None = None,
+    *,
+    teacher_weights: Path | str | None = None,
+    relevance_dir: Path | str | None = None,
+) -> TrainResult:
+    distill = config.zoomvit.distill
     return run_training(
         name="zoomvit",
-        task=zoomvit_task(config, zoomer_weights),
+        task=zoomvit_task(config, zoomer_weights, teacher_weights),
         train=config.zoomvit.train,
-        train_ds=sample_dataset(config.data, "train"),
+        train_ds=_distill_data(sample_dataset(config.data, "train"), distill, relevance_dir, "train"),
         val_ds=sample_dataset(config.data, "val"),
         out_dir=out_dir,
         tracking=tracking,
     )
+
+
+def baseline_tasks(config: PipelineConfig, teacher_weights: Path | str | None = None) -> dict[str, dict[str, Any]]:
+    """The baseline and its ``others``, by name, each a classifier task with the baseline's recipe."""
+    b = config.baseline
+    shared = {"kind": "classifier", **distill_spec(config, b.distill, teacher_weights), **_common(config)}
+    tasks = {"baseline": {**shared, "model": b.model, "model_kwargs": dict(b.model_kwargs), "pretrained": b.pretrained, "init_checkpoint": b.init_checkpoint}}
+    for m in b.others:
+        tasks[m.name] = {**shared, "model": m.model, "model_kwargs": dict(m.model_kwargs), "pretrained": m.pretrained, "init_checkpoint": m.init_checkpoint}
+    return tasks
 
 
 def baseline_task(config: PipelineConfig) -> dict[str, Any]:
-    b = config.baseline
-    return {"kind": "classifier", "model": b.model, "model_kwargs": dict(b.model_kwargs), "pretrained": b.pretrained, **_common(config)}
+    return baseline_tasks(config)["baseline"]
 
 
-def train_baseline(config: PipelineConfig, out_dir: Path, tracking: dict[str, str] | None = None) -> TrainResult:
-    return run_training(
-        name="baseline",
-        task=baseline_task(config),
-        train=config.baseline.train,
-        train_ds=sample_dataset(config.data, "train"),
-        val_ds=sample_dataset(config.data, "val"),
-        out_dir=out_dir,
-        tracking=tracking,
-    )
+def train_baselines(
+    config: PipelineConfig,
+    out_dir: Path,
+    tracking: dict[str, str] | None = None,
+    *,
+    teacher_weights: Path | str | None = None,
+    relevance_dir: Path | str | None = None,
+) -> dict[str, TrainResult]:
+    """Train every baseline in turn; the first into ``out_dir``, the others into ``out_dir/<name>``.
+    Only the first logs its epochs into the stage's MLflow run (the others' results go in the manifest)."""
+    distill = config.baseline.distill
+    results = {}
+    for name, task in baseline_tasks(config, teacher_weights).items():
+        results[name] = run_training(
+            name=name,
+            task=task,
+            train=config.baseline.train,
+            train_ds=_distill_data(sample_dataset(config.data, "train"), distill, relevance_dir, "train"),
+            val_ds=sample_dataset(config.data, "val"),
+            out_dir=out_dir if name == "baseline" else out_dir / name,
+            tracking=tracking if name == "baseline" else None,
+        )
+    return results

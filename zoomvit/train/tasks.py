@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zoomvit.models  # noqa: F401  (registers the timm variants)
-from zoomvit.models import Zoomer, ZoomViT
+from zoomvit.models import Zoomer, ZoomViT, load_pretrained
 from zoomvit.relevance.teacher import load_state_dict_file
 from zoomvit.train.data import augment, to_model_input
 
@@ -54,39 +54,140 @@ class Task:
         raise NotImplementedError
 
 
+def apply_finetune(model: nn.Module, strategy: str, freeze_blocks: int = 0) -> dict[str, int]:
+    """Freeze parameters for a fine-tuning strategy; returns the trainable and total parameter counts.
+
+    full: everything trains; linear: the classifier head(s) only; partial: all but the patch
+    embedding, prefix tokens, position embedding and the first ``freeze_blocks`` blocks. A
+    ZoomViT's zoom-level embedding and distillation token, new to any pretrained ViT, train in
+    every strategy; a frozen Zoomer stays frozen.
+    """
+    if strategy not in ("full", "linear", "partial"):
+        raise ValueError(f"unknown fine-tuning strategy {strategy!r}")
+    always = {"zoom_embed", "dist_token"} if isinstance(model, ZoomViT) else set()
+    head_ids: set[int] = set()
+    frozen_prefixes: tuple[str, ...] = ()
+    if strategy == "linear":
+        heads = [m for m in (model.get_classifier(), getattr(model, "head_dist", None)) if m is not None]
+        head_ids = {id(p) for m in heads for p in m.parameters()}
+    elif strategy == "partial":
+        blocks = getattr(model, "blocks", None)
+        if blocks is None:
+            raise ValueError(f"partial fine-tuning needs a ViT with .blocks; {type(model).__name__} has none")
+        if freeze_blocks > len(blocks):
+            raise ValueError(f"freeze_blocks={freeze_blocks} but the model has {len(blocks)} blocks")
+        frozen_prefixes = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.", *[f"blocks.{i}." for i in range(freeze_blocks)])
+
+    def trains(name: str, p: nn.Parameter) -> bool:
+        if name in always or strategy == "full":
+            return True
+        if strategy == "linear":
+            return id(p) in head_ids
+        return not name.startswith(frozen_prefixes)
+
+    for name, p in model.named_parameters():
+        if name.startswith("zoomer."):
+            continue
+        p.requires_grad_(trains(name, p))
+    return {
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def distillation_loss(student_BK: torch.Tensor, teacher_BK: torch.Tensor, *, mode: str, tau: float) -> torch.Tensor:
+    """DeiT's distillation term: KL at temperature ``tau`` (soft) or cross-entropy on the teacher's argmax (hard)."""
+    if mode == "soft":
+        s = F.log_softmax(student_BK.float() / tau, dim=-1)
+        t = F.log_softmax(teacher_BK.float() / tau, dim=-1)
+        return F.kl_div(s, t, reduction="batchmean", log_target=True) * tau * tau
+    if mode == "hard":
+        return F.cross_entropy(student_BK.float(), teacher_BK.argmax(dim=-1))
+    raise ValueError(f"unknown distillation mode {mode!r}")
+
+
 class ClassifierTask(Task):
-    """A timm classifier (teacher or baseline): cross-entropy with optional mixup/cutmix and smoothing."""
+    """A timm classifier (teacher or baseline): cross-entropy with optional mixup/cutmix and
+    smoothing, DeiT distillation, a fine-tuning strategy and stochastic depth."""
 
     def __init__(self, spec: TaskSpec) -> None:
         super().__init__(spec)
         train = spec["train"]
+        self.distill = spec.get("distill") or {"mode": "none"}
+        self.teacher: nn.Module | None = None
         self.mixup = None
         if train["mixup"] > 0 or train["cutmix"] > 0:
+            if self.distill["mode"] != "none" and self.distill.get("source") == "cache":
+                raise ValueError("cached teacher logits describe unmixed images: use distill.source=model with mixup/cutmix")
             from timm.data import Mixup
 
             self.mixup = Mixup(
                 mixup_alpha=train["mixup"], cutmix_alpha=train["cutmix"], label_smoothing=train["label_smoothing"], num_classes=spec["num_classes"]
             )
 
-    def build_model(self) -> nn.Module:
-        kwargs = {**self.spec.get("model_kwargs", {}), "num_classes": self.spec["num_classes"]}
-        return timm.create_model(self.spec["model"], pretrained=self.spec.get("pretrained", False), **kwargs)
+    @property
+    def distilled(self) -> bool:
+        return self.distill["mode"] != "none"
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Training logits."""
+    def model_kwargs(self) -> dict[str, Any]:
+        kwargs = {**self.spec.get("model_kwargs", {}), "num_classes": self.spec["num_classes"]}
+        if self.spec["train"].get("drop_path"):
+            kwargs["drop_path_rate"] = self.spec["train"]["drop_path"]
+        return kwargs
+
+    def build_model(self) -> nn.Module:
+        model = timm.create_model(self.spec["model"], pretrained=self.spec.get("pretrained", False), **self.model_kwargs())
+        return self._prepare(model)
+
+    def _prepare(self, model: nn.Module) -> nn.Module:
+        if self.spec.get("init_checkpoint"):
+            load_pretrained(model, load_state_dict_file(self.spec["init_checkpoint"]))
+        if self.distilled and self.distill.get("token", True):
+            if not hasattr(model, "set_distilled_training"):
+                raise ValueError(
+                    f"{self.spec['model']} has no distillation token: pick a *_distilled_* model (or ZoomViT), "
+                    "or set distill.token=false to distil into the class head"
+                )
+            model.set_distilled_training(True)
+        train = self.spec["train"]
+        self.param_counts = apply_finetune(model, train.get("finetune", "full"), train.get("freeze_blocks", 0))
+        return model
+
+    def forward(self, model: nn.Module, x: torch.Tensor):
+        """Training logits, or (class logits, distillation logits) for a model with a distillation token."""
         return model(x)
+
+    def teacher_logits(self, batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if self.distill.get("source") == "cache":
+            if "teacher_logits" not in batch:
+                raise ValueError("distill.source=cache but the batch carries no teacher_logits")
+            return batch["teacher_logits"].float()
+        if self.teacher is None:
+            from zoomvit.relevance.teacher import load_teacher
+
+            self.teacher = load_teacher(**self.spec["distill_teacher"]).to(x.device)
+            self.teacher.requires_grad_(False)
+        with torch.no_grad():
+            return self.teacher(x.to(next(self.teacher.parameters()).dtype)).float()
 
     def train_loss(self, model, batch, dtype):
         train = self.spec["train"]
         x = self.inputs(batch, dtype)
         x, _ = augment(x, scale=train["random_resized_crop"], hflip=train["hflip"], generator=self.generator)
         target = batch["label"].long()
+        soft = None
         if self.mixup is not None and x.shape[0] % 2 == 0:
             x, soft = self.mixup(x, target)
-            logits = self.forward(model, x)
-            return torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        logits = self.forward(model, x)
-        return F.cross_entropy(logits.float(), target, label_smoothing=train["label_smoothing"])
+        out = self.forward(model, x)
+        logits, logits_dist = out if isinstance(out, tuple) else (out, out)
+        if soft is not None:
+            loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=train["label_smoothing"])
+        if not self.distilled:
+            return loss
+        kd = distillation_loss(logits_dist, self.teacher_logits(batch, x), mode=self.distill["mode"], tau=self.distill["tau"])
+        return (1 - self.distill["alpha"]) * loss + self.distill["alpha"] * kd
 
     @torch.no_grad()
     def evaluate(self, model, batches, dtype):
@@ -115,7 +216,9 @@ class ZoomViTTask(ClassifierTask):
 
     def build_model(self) -> nn.Module:
         spec = self.spec
-        kwargs = {**spec.get("model_kwargs", {}), "num_classes": spec["num_classes"]}
+        kwargs = self.model_kwargs()
+        if self.distilled and self.distill.get("token", True):
+            kwargs["distilled"] = True
         kwargs.update(
             alpha=spec["alpha"],
             coarse_alpha=spec.get("coarse_alpha"),
@@ -128,7 +231,7 @@ class ZoomViTTask(ClassifierTask):
         if spec.get("zoomer_checkpoint"):
             model.zoomer.load_state_dict(load_state_dict_file(spec["zoomer_checkpoint"]))
         model.zoomer.freeze()
-        return model
+        return self._prepare(model)
 
     def forward(self, model, x):
         if self.spec.get("token_budget") is None:

@@ -54,6 +54,10 @@ def run_training(
     train_ds = train_ds.drop_columns(["key"]).materialize()  # strings do not become tensors
     val_ds = val_ds.drop_columns(["key"]).materialize()
     n_train = train_ds.count()
+    if train.rand_augment:  # after materialize: a fresh draw every epoch
+        from zoomvit.train.data import rand_augment_batch
+
+        train_ds = train_ds.map_batches(rand_augment_batch, fn_kwargs={"spec": train.rand_augment}, batch_format="numpy")
     per_step = train.batch_size * train.num_workers
     if n_train < per_step:
         raise ValueError(f"{name}: {n_train} training samples are fewer than one step ({train.num_workers} workers x batch {train.batch_size})")
