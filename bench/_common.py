@@ -50,6 +50,40 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the demo's server on 127.0.0.1:5000 when it answers, else a sqlite file."""
+    import urllib.request
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:5000/health", timeout=2):
+            return "http://127.0.0.1:5000"
+    except OSError:
+        return f"sqlite:///{RESULTS.parents[1] / 'mlflow.db'}"
+
+
+def log_to_mlflow(name: str, *, params: dict[str, Any], metrics: dict[str, float], artifact: dict[str, Any], figure: Path | None = None) -> str:
+    """One run in the 'zoomvit-bench' experiment with the benchmark's params, metrics, JSON and figure."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri())
+    experiment = client.get_experiment_by_name("zoomvit-bench")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("zoomvit-bench")
+    run = client.create_run(experiment_id, run_name=name, tags={"benchmark": name, **{f"machine.{k}": str(v) for k, v in machine().items()}})
+    run_id = run.info.run_id
+    for key, value in params.items():
+        client.log_param(run_id, key, str(value)[:500])
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+    client.log_dict(run_id, artifact, f"{name}.json")
+    if figure is not None:
+        client.log_artifact(run_id, str(figure))
+    client.set_terminated(run_id)
+    print(f"MLflow: run {run_id} in experiment zoomvit-bench at {client.tracking_uri}")
+    return run_id
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return

@@ -214,6 +214,7 @@ class EvaluateConfig(Section):
     size_buckets: tuple[float, ...] = (0.25, 0.35)
     num_figures: int = Field(6, ge=0)
     alphas: tuple[float, ...] = ()
+    budgets: tuple[int, ...] = Field((), description="token budgets to evaluate ZoomViT at (top-k cells zoomed, static length)")
     flops_samples: int = Field(64, ge=1)
 
 

@@ -146,11 +146,13 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     )
     metrics: dict[str, Any] = {}
     for row in result["rows"]:
-        if row["model"] != "zoomvit":
+        if row.get("budget") is not None:
+            prefix = f"zoomvit_budget_{row['budget']}"
+        elif row["model"] != "zoomvit":
             prefix = row["model"]
         else:
             prefix = "zoomvit" if row["alpha"] == ctx.config.zoomvit.alpha else f"zoomvit_alpha_{row['alpha']}"
-        metrics.update({f"{prefix}_{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("alpha",)})
+        metrics.update({f"{prefix}_{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("alpha", "budget")})
     files = {"evaluation": "evaluation.json"}
     if (ctx.out_dir / "zoom_layouts.png").exists():
         files["figure"] = "zoom_layouts.png"

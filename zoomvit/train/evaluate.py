@@ -83,7 +83,9 @@ def evaluate_models(
     tasks = baseline_tasks(config)
     baselines = {name: load_trained(tasks[name], weights) for name, weights in baseline_weights.items()}
     alphas = [config.zoomvit.alpha, *[a for a in config.evaluate.alphas if a != config.zoomvit.alpha]]
-    scores = {("zoomvit", a): _Scores() for a in alphas} | {(name, None): _Scores() for name in baselines}
+    budgets = list(config.evaluate.budgets)
+    scores = {("zoomvit", a): _Scores() for a in alphas} | {("zoomvit_budget", k): _Scores() for k in budgets}
+    scores |= {(name, None): _Scores() for name in baselines}
     flops_images: list[torch.Tensor] = []
     figure_rows: list[dict[str, Any]] = []
     for batch in sample_dataset(config.data, "val").iter_batches(batch_size=config.zoomvit.train.eval_batch_size, batch_format="numpy"):
@@ -109,6 +111,11 @@ def evaluate_models(
                             "levels": zt.level_BL[i][zt.valid_BL[i]].numpy(),
                         }
                     )
+        for budget in budgets:
+            start = time.perf_counter()
+            logits, zt = zoom(x, importance, token_budget=budget, return_tokens=True)
+            seconds = zoomer_seconds + time.perf_counter() - start
+            scores[("zoomvit_budget", budget)].add(logits, labels, zt.num_tokens_B.numpy(), buckets, seconds)
         for name, base in baselines.items():
             start = time.perf_counter()
             logits = base(x)
@@ -124,6 +131,9 @@ def evaluate_models(
         if model == "zoomvit":
             report = zoomvit_flops(zoom, flops_x, alpha=alpha)
             rows.append(s.row(model="zoomvit", alpha=alpha, gflops_per_img=report.gflops))
+        elif model == "zoomvit_budget":
+            report = zoomvit_flops(zoom, flops_x, token_budget=alpha)
+            rows.append(s.row(model="zoomvit", alpha=None, budget=alpha, gflops_per_img=report.gflops))
         else:
             rows.append(s.row(model=model, alpha=None, gflops_per_img=zoomvit_flops(baselines[model], flops_x).gflops))
     result = {"rows": rows, "size_buckets": list(config.evaluate.size_buckets)}
