@@ -27,7 +27,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for label, marker in (("zoomvit alpha", "o-"), ("zoomvit budget", "s--"), ("baseline", "^")):
+    for label, marker in (("zoomvit alpha", "o-"), ("zoomvit budget", "s--"), ("zoomvit+coarse alpha", "d-"), ("baseline", "^")):
         pts = sorted((r["gflops_per_img"], 100 * r["top1"], r.get("top1_std", 0) * 100, r["point"]) for r in rows if r["kind"] == label)
         if not pts:
             continue
@@ -53,42 +53,61 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[1.01, 0.6, 0.45, 0.3, 0.2, 0.1, 0.05])
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 70, 76, 88, 100])
     parser.add_argument("--no-p2", action="store_true", help="skip the baseline at P/2 (4x the tokens, the slowest to train)")
+    parser.add_argument("--coarse-alpha", type=float, default=None, help="also train a ZoomViT that merges 2x2 cells below this score into one 2P token")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args()
 
-    from zoomvit.config import load_config
-    from zoomvit.pipeline.runner import run_pipeline
     from zoomvit.pipeline.runtime import init_ray
 
     init_ray()
+    variants = [("", [])]
+    if args.coarse_alpha is not None:
+        alphas = json.dumps([a for a in args.alphas if a >= args.coarse_alpha])
+        variants.append(("+coarse", [f"zoomvit.coarse_alpha={args.coarse_alpha}", "evaluate.budgets=[]", f"evaluate.alphas={alphas}"]))
     per_seed = []
     for seed in args.seeds:
-        overrides = [
-            f"data.root={REPO / 'demo_data' / 'demo'}",
-            f"artifact_root={REPO / 'runs'}",
-            f"zoomvit.train.epochs={args.epochs}",
-            f"baseline.train.epochs={args.epochs}",
-            f"zoomvit.train.seed={seed}",
-            f"baseline.train.seed={seed}",
-            f"evaluate.alphas={json.dumps(args.alphas)}",
-            f"evaluate.budgets={json.dumps(args.budgets)}",
-            *args.set,
-        ]
-        if not args.no_p2:
-            overrides.append("baseline.others=[{name: vit_p4, model: vit_demo_patch8_64, model_kwargs: {patch_size: 4}}]")
-        config = load_config(args.config, overrides)
-        result = run_pipeline(config)
-        evaluation = Path(result.stages["evaluate"]["out_dir"]) / "evaluation.json"
-        per_seed.append({"seed": seed, "pipeline_run": result.run_id, "rows": json.loads(evaluation.read_text())["rows"]})
+        seed_rows = []
+        for suffix, extra in variants:
+            seed_rows += run_variant(args, seed, suffix, extra)
+        per_seed.append({"seed": seed, "rows": seed_rows})
+    finish(args, per_seed)
 
+
+def run_variant(args, seed: int, suffix: str, extra: list[str]) -> list[dict]:
+    from zoomvit.config import load_config
+    from zoomvit.pipeline.runner import run_pipeline
+
+    overrides = [
+        f"data.root={REPO / 'demo_data' / 'demo'}",
+        f"artifact_root={REPO / 'runs'}",
+        f"zoomvit.train.epochs={args.epochs}",
+        f"baseline.train.epochs={args.epochs}",
+        f"zoomvit.train.seed={seed}",
+        f"baseline.train.seed={seed}",
+        f"evaluate.alphas={json.dumps(args.alphas)}",
+        f"evaluate.budgets={json.dumps(args.budgets)}",
+        *args.set,
+        *extra,
+    ]
+    if not args.no_p2:
+        overrides.append("baseline.others=[{name: vit_p4, model: vit_demo_patch8_64, model_kwargs: {patch_size: 4}}]")
+    result = run_pipeline(load_config(args.config, overrides))
+    rows = json.loads((Path(result.stages["evaluate"]["out_dir"]) / "evaluation.json").read_text())["rows"]
+    print(f"[tradeoff] seed {seed} zoomvit{suffix}: pipeline run {result.run_id}", flush=True)
+    if suffix:
+        rows = [r for r in rows if r["model"] == "zoomvit"]
+    return [{**r, "variant": suffix, "pipeline_run": result.run_id} for r in rows]
+
+
+def finish(args, per_seed: list[dict]) -> None:
     rows = []
     for i, row in enumerate(per_seed[0]["rows"]):
         same = [s["rows"][i] for s in per_seed]
         if row["model"] == "zoomvit" and row.get("budget") is not None:
-            kind, point = "zoomvit budget", f"K={row['budget']}"
+            kind, point = f"zoomvit{row['variant']} budget", f"K={row['budget']}"
         elif row["model"] == "zoomvit":
-            kind, point = "zoomvit alpha", f"a={row['alpha']}"
+            kind, point = f"zoomvit{row['variant']} alpha", f"a={row['alpha']}"
         else:
             kind, point = "baseline", {"baseline": "ViT P=8", "vit_p4": "ViT P=4"}.get(row["model"], row["model"])
         import numpy as np
@@ -118,7 +137,8 @@ def main() -> None:
     figure = RESULTS / "tradeoff.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(rows, figure)
-    payload = {"args": vars(args), "pipeline_runs": [s["pipeline_run"] for s in per_seed], "rows": rows, "verdict": verdict}
+    runs = sorted({r["pipeline_run"] for s in per_seed for r in s["rows"]})
+    payload = {"args": vars(args), "pipeline_runs": runs, "rows": rows, "verdict": verdict}
     print(f"wrote {write_result('tradeoff', payload)} and {figure}")
     if not args.no_mlflow:
         metrics = {"margin_points": verdict["margin_points"] or 0.0, "baseline_top1": base["top1"]}

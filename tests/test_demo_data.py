@@ -215,3 +215,20 @@ def test_cli_demo_data_writes_shards(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_cli_reports_invalid_arguments_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo-data", str(tmp_path), "--train", "-1"]) == 2
     assert "train and val must be >= 0" in capsys.readouterr().err
+
+
+def test_the_pipeline_regenerates_a_demo_dataset_made_with_other_settings(tmp_path: Path) -> None:
+    from zoomvit.config import load_config
+    from zoomvit.pipeline.runner import ensure_demo_data
+
+    tiny = str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml")
+    small = ["data.demo.train=32", "data.demo.val=16", "data.demo.samples_per_shard=16", f"data.root={tmp_path}"]
+    ensure_demo_data(load_config(tiny, small))
+    first = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")}
+    ensure_demo_data(load_config(tiny, small))
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")} == first, "same settings: kept as it is"
+
+    ensure_demo_data(load_config(tiny, [*small, "data.demo.train=48"]))
+    info = json.loads((tmp_path / "_info.json").read_text())
+    assert info["splits"]["train"]["num_samples"] == 48
+    assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]

@@ -71,14 +71,23 @@ def config_hash(config: PipelineConfig) -> str:
 
 
 def ensure_demo_data(config: PipelineConfig) -> None:
-    """Generate the demo dataset into ``data.root`` when the config asks for it and it is missing."""
+    """Generate the demo dataset into ``data.root`` when the config asks for it and it is missing,
+    or when the one there was generated with other settings (its ``_info.json`` says so)."""
     demo, root = config.data.demo, config.data.root
     if demo is None or root is None:
         return
+    wanted = {"train": demo.train, "val": demo.val, "image_size": demo.image_size, "seed": demo.seed, "samples_per_shard": demo.samples_per_shard, "photo_clutter": demo.photo_clutter}
     try:
         expand_shards(config.data.train_shards, root=root)
         expand_shards(config.data.val_shards, root=root)
-        return
+        info_path = Path(root) / "_info.json"
+        generator = json.loads(info_path.read_text()).get("generator", {}) if info_path.exists() else {}
+        if all(generator.get(k) == v for k, v in wanted.items()):
+            return
+        stale = sorted(Path(root).glob("train-*.tar")) + sorted(Path(root).glob("val-*.tar"))
+        print(f"[data] the demo dataset in {root} was generated with other settings; regenerating it", flush=True)
+        for path in stale:
+            path.unlink()
     except ValueError:
         pass
     from zoomvit.data.demo import generate_demo_dataset
