@@ -22,7 +22,7 @@ def ray_local():
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

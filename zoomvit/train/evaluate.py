@@ -89,7 +89,7 @@ def evaluate_models(
     flops_images: list[torch.Tensor] = []
     figure_rows: list[dict[str, Any]] = []
     for batch in sample_dataset(config.data, "val").iter_batches(batch_size=config.zoomvit.train.eval_batch_size, batch_format="numpy"):
-        x = to_model_input(torch.from_numpy(batch["image"]), config.data.mean, config.data.std)
+        x = to_model_input(torch.from_numpy(np.require(batch["image"], requirements="W")), config.data.mean, config.data.std)
         labels = torch.from_numpy(batch["label"]).long()
         buckets = size_bucket(batch["box"], config.data.image_size, config.evaluate.size_buckets)
         start = time.perf_counter()
