@@ -28,7 +28,7 @@ from ray.data import DataContext
 from zoomvit.data.decode import ImageTransform
 from zoomvit.data.ingest import read_decoded
 cpus, size, shards = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
 DataContext.get_current().enable_progress_bars = False
 ray.get(ray.remote(lambda: 1).remote())  # workers up
 start = time.perf_counter()

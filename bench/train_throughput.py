@@ -40,7 +40,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="trainbench-"))
     generate_demo_dataset(work / "data", train=args.images, val=256, image_size=64, samples_per_shard=512)
     config = load_config(str(REPO / "pipelines" / "configs" / "demo.yaml"), [f"data.root={work / 'data'}"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
 from zoomvit.data.demo import generate_demo_dataset
-from zoomvit.data.relevance_store import maps_array, read_maps, read_metadata
+from zoomvit.data.relevance_store import logits_array, maps_array, read_maps, read_metadata
 from zoomvit.relevance.stage import run_relevance_stage
 from tarutil import write_tar
 
@@ -71,6 +71,9 @@ def test_one_parquet_row_per_sample_with_finite_non_negative_maps(demo, straight
     assert meta["teacher"] == "vit_test_patch8_32" and meta["method"] == "grad_rollout" and meta["input_size"] == SIZE
     assert manifest["stats"]["groups_computed"] == 4 and manifest["stats"]["images_per_s"] > 0
     assert manifest["skips"]["counts"] == {}
+    logits = logits_array(train)
+    assert logits.shape == (48, 10), "the teacher's logits are kept for distillation from the cache"
+    assert (logits.argmax(1) == np.asarray(train["teacher_pred"])).mean() > 0.9  # float16 ties aside
 
 
 def jpeg(mode: str, size: int = SIZE) -> bytes:
@@ -147,8 +150,19 @@ def test_a_killed_run_resumes_with_only_the_missing_groups(demo, teacher_ckpt, s
     straight_dir, _ = straight
     for name in sorted(p.name for p in straight_dir.glob("*.parquet")):
         a, b = pq.read_table(tmp_path / "resumed" / name), pq.read_table(straight_dir / name)
-        assert a.drop(["relevance"]).equals(b.drop(["relevance"]))
+        assert a.drop(["relevance", "teacher_logits"]).equals(b.drop(["relevance", "teacher_logits"]))
         np.testing.assert_allclose(maps_array(a), maps_array(b), rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(logits_array(a), logits_array(b), rtol=1e-2, atol=1e-2)
+
+
+def test_an_actor_pool_that_would_starve_the_shard_reads_is_refused(demo, teacher_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="needs a whole CPU"):
+        run_relevance_stage(
+            data=DataConfig(root=str(demo), image_size=SIZE),
+            teacher=TeacherConfig(model="vit_test_patch8_32", checkpoint=teacher_ckpt),
+            relevance=RelevanceConfig(batch_size=8, concurrency=2, num_cpus_per_actor=0.75),
+            out_dir=tmp_path,
+        )
 
 
 def test_a_teacher_is_required(demo, tmp_path):

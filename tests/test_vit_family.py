@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 
 from zoomvit.config import TrainConfig, load_config
-from zoomvit.models import ZoomViT, adapt_pos_embed, load_pretrained
+from zoomvit.models import adapt_pos_embed, load_pretrained
 from zoomvit.train.data import rand_augment_batch
 from zoomvit.train.tasks import build_task
 
