@@ -269,3 +269,14 @@ def test_the_baseline_stage_trains_a_swin_and_a_hybrid_and_evaluates_them_side_b
     assert set(rows) == {"baseline", "hybrid"}, "the Swin baseline and the hybrid side by side"
     for row in rows.values():
         assert row["gflops_per_img"] > 0 and row["img_per_s"] > 0 and 0 <= row["top1"] <= 1
+
+
+def test_distillation_adds_the_teacher_or_the_relevance_stage_upstream_only_when_asked():
+    from zoomvit.pipeline.stages import STAGES
+
+    def upstream(name, *overrides):
+        return [u for u, _ in STAGES[name].upstream_for(load_config(str(CONFIG), list(overrides)))]
+
+    assert upstream("zoomvit") == ["zoomer"] and upstream("baseline") == []
+    assert upstream("zoomvit", "zoomvit.distill.mode=hard") == ["zoomer", "teacher"]
+    assert upstream("baseline", "baseline.distill.mode=soft", "baseline.distill.source=cache") == ["relevance"]
