@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from _common import RESULTS, log_to_mlflow, print_table, write_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,8 +112,6 @@ def finish(args, per_seed: list[dict]) -> None:
             kind, point = f"zoomvit{row['variant']} alpha", f"a={row['alpha']}"
         else:
             kind, point = "baseline", {"baseline": "ViT P=8", "vit_p4": "ViT P=4"}.get(row["model"], row["model"])
-        import numpy as np
-
         top1 = np.array([r["top1"] for r in same])
         out = {"kind": kind, "point": point, "tokens_per_img": row["tokens_per_img"], "gflops_per_img": row["gflops_per_img"], "top1": float(top1.mean())}
         out["top1_std"] = float(top1.std()) if len(top1) > 1 else 0.0

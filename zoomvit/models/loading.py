@@ -69,10 +69,16 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> d
     return filter_fn(state_dict, model) if filter_fn is not None else state_dict
 
 
-def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Load what fits after adapting; returns the keys loaded, skipped (shape or name mismatch) and missing."""
+def fitting_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The adapted tensors whose names and shapes fit ``model``, and the names of those that do not."""
     adapted = adapt_state_dict(state_dict, model)
     own = model.state_dict()
     fits = {k: v for k, v in adapted.items() if k in own and own[k].shape == v.shape}
+    return fits, sorted(k for k in adapted if k not in fits)
+
+
+def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Load what fits after adapting; returns the keys loaded, skipped (shape or name mismatch) and missing."""
+    fits, skipped = fitting_state_dict(state_dict, model)
     result = model.load_state_dict(fits, strict=False)
-    return {"loaded": sorted(fits), "skipped": sorted(k for k in adapted if k not in fits), "missing": sorted(result.missing_keys)}
+    return {"loaded": sorted(fits), "skipped": skipped, "missing": sorted(result.missing_keys)}

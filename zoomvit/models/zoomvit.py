@@ -226,10 +226,9 @@ def load_backbone_state_dict(model: ZoomViT, state_dict: dict[str, torch.Tensor]
 
 
 def _filter_backbone(state_dict: dict[str, torch.Tensor], model: ZoomViT) -> dict[str, torch.Tensor]:
-    from zoomvit.models.loading import adapt_state_dict
+    from zoomvit.models.loading import fitting_state_dict
 
-    own = model.state_dict()
-    return {k: v for k, v in adapt_state_dict(state_dict, model).items() if k in own and own[k].shape == v.shape}
+    return fitting_state_dict(state_dict, model)[0]
 
 
 def _create_zoomvit(variant: str, pretrained: bool = False, **kwargs: Any) -> ZoomViT:
