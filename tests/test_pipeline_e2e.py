@@ -222,3 +222,16 @@ def test_from_run_reuses_what_an_earlier_pipeline_run_recorded(first_run, head, 
     assert {n: r.data.tags["cache"] for n, r in runs.items()} == dict.fromkeys(STAGES, "hit")
     assert all(runs[n].data.tags["source_run"] == originals[n].info.run_id for n in STAGES)
     assert not (tmp_path / "empty_cache" / "teacher").exists()
+
+
+def test_force_recomputes_a_finished_stage_from_scratch_instead_of_resuming_it(first_run, head, workspace):
+    client, first = first_run
+    proc = pipeline(head, workspace, "--force", "relevance,zoomer")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = stage_runs(client, pipeline_runs(client)[-1].info.run_id)
+    assert {n: r.data.tags["cache"] for n, r in runs.items()} == {**dict.fromkeys(STAGES, "hit"), "relevance": "miss", "zoomer": "miss"}
+    relevance = runs["relevance"].data.metrics
+    assert relevance["groups_computed"] == relevance["groups_total"] > 0 and relevance["groups_cached"] == 0
+    epochs = len(client.get_metric_history(stage_runs(client, first.info.run_id)["zoomer"].info.run_id, "train_loss"))
+    assert len(client.get_metric_history(runs["zoomer"].info.run_id, "train_loss")) == epochs, "every epoch trained again"
+    assert client.get_metric_history(runs["zoomer"].info.run_id, "start_epoch")[0].value == 0

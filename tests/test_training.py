@@ -83,3 +83,25 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes(config, tmp_path):
     starts = [h["start_epoch"] for h in result.history if "start_epoch" in h]
     assert starts[0] == 0 and len(starts) == 2 and starts[1] > 0, f"the restarted group must resume, not start over: {starts}, killed {killed}"
     assert result.weights.exists()
+
+
+def test_each_epoch_sees_every_training_sample_once_in_a_new_order():
+    import numpy as np
+    import ray.data
+    import torch
+
+    from zoomvit.train.loop import epoch_batches
+
+    ds = ray.data.from_items([{"label": i} for i in range(512)], override_num_blocks=16).materialize()
+    shuffled = ds.randomize_block_order(seed=0)
+    recipe = {"batch_size": 32, "shuffle_buffer": 128, "seed": 0}
+
+    def order(dataset, epoch, **overrides):
+        batches = epoch_batches(dataset.iterator(), {**recipe, **overrides}, epoch=epoch, rank=0, device=torch.device("cpu"))
+        return np.concatenate([b["label"].numpy() for b in batches])
+
+    first, second = order(shuffled, 0), order(shuffled, 1)
+    assert sorted(first) == sorted(second) == list(range(512))
+    assert (first != second).mean() > 0.9
+    assert (first != np.arange(512)).mean() > 0.9
+    assert (order(ds, 0, shuffle_buffer=0) == np.arange(512)).all(), "shuffle_buffer=0 keeps the read order"

@@ -113,6 +113,7 @@ class TrainConfig(Section):
     cutmix: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_batch_size: int = Field(128, ge=1)
+    shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's shuffle buffer, on top of a new block order every epoch; 0 keeps the read order")
     max_train_samples: int | None = None
     rand_augment: str | None = Field(None, description="timm RandAugment spec, e.g. 'rand-m9-mstd0.5-inc1'")
     drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth rate (timm drop_path_rate)")

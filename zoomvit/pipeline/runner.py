@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,8 @@ def run_pipeline(
             print(f"[{name}] start (cache miss, {fp[:16]}) -> {out_dir}", flush=True)
             start = time.perf_counter()
             try:
+                if (out_dir / MANIFEST).exists():  # forced or --only: recompute, never resume a finished output
+                    shutil.rmtree(out_dir)
                 out_dir.mkdir(parents=True, exist_ok=True)
                 ctx = StageContext(config=config, out_dir=out_dir, upstream=manifests, fingerprint=fp, tracking={"uri": tracker.uri, "run_id": run_id})
                 outputs = stage.run(ctx)

@@ -102,7 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, train["epochs"]):
         engine.train()
         start, images, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-        for batch in train_shard.iter_torch_batches(batch_size=train["batch_size"], drop_last=True, device=device):
+        for batch in epoch_batches(train_shard, train, epoch=epoch, rank=rank, device=device):
             loss = task.train_loss(engine, batch, dtype)
             engine.backward(loss)
             engine.step()
@@ -143,6 +143,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker.log(metrics, step=epoch)
         if rank == 0:
             print(f"[{config['task']['kind']}] epoch {epoch + 1}/{train['epochs']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+
+
+def epoch_batches(shard, train: dict[str, Any], *, epoch: int, rank: int, device):
+    """One epoch of training batches, shuffled within ``shuffle_buffer`` rows (seeded by epoch and rank)."""
+    buffer = train["shuffle_buffer"]
+    return shard.iter_torch_batches(
+        batch_size=train["batch_size"],
+        drop_last=True,
+        device=device,
+        local_shuffle_buffer_size=buffer or None,
+        local_shuffle_seed=train["seed"] + 10_000 * epoch + rank if buffer else None,
+    )
 
 
 def _evaluate(task, engine, val_shard, train, device, dtype, rank: int, world: int) -> dict[str, float]:

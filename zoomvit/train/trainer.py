@@ -54,6 +54,8 @@ def run_training(
     train_ds = train_ds.drop_columns(["key"]).materialize()  # strings do not become tensors
     val_ds = val_ds.drop_columns(["key"]).materialize()
     n_train = train_ds.count()
+    if train.shuffle_buffer:  # a different (seeded) block order every epoch
+        train_ds = train_ds.randomize_block_order(seed=train.seed)
     if train.rand_augment:  # after materialize: a fresh draw every epoch
         from zoomvit.train.data import rand_augment_batch
 
