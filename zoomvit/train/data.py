@@ -92,21 +92,39 @@ def to_model_input(images_BHWC: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - mean_t) / std_t
 
 
+def random_resized_crop_boxes(B: int, H: int, W: int, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+    """Per-image crop boxes (left, top, width, height) in pixels: area fraction in ``scale``, aspect 3/4..4/3."""
+    area = H * W * torch.empty(B).uniform_(*scale, generator=generator)
+    ratio = torch.exp(torch.empty(B).uniform_(np.log(3 / 4), np.log(4 / 3), generator=generator))
+    w = torch.sqrt(area * ratio).clamp(max=W).round()
+    h = torch.sqrt(area / ratio).clamp(max=H).round()
+    left = torch.floor(torch.rand(B, generator=generator) * (W - w + 1))
+    top = torch.floor(torch.rand(B, generator=generator) * (H - h + 1))
+    return torch.stack([left, top, w, h], dim=1)
+
+
+def crop_and_resize(x_BCHW: torch.Tensor, boxes_B4: torch.Tensor) -> torch.Tensor:
+    """Each image's box resized bilinearly to the full size in one batched ``grid_sample``; equal to
+    ``F.interpolate(crop, align_corners=False)`` of each crop (samples clamped to the box's pixels)."""
+    B, C, H, W = x_BCHW.shape
+    left, top, w, h = boxes_B4.to(x_BCHW.device, torch.float32).unbind(1)
+
+    def axis(start, length, size):  # source pixel coordinate of each output pixel, normalised for grid_sample
+        out = torch.arange(size, device=x_BCHW.device, dtype=torch.float32)
+        src = start[:, None] + ((out[None] + 0.5) * length[:, None] / size - 0.5).clamp(min=0)
+        src = torch.minimum(src, start[:, None] + length[:, None] - 1)
+        return (src + 0.5) / size * 2 - 1
+
+    gx, gy = axis(left, w, W), axis(top, h, H)
+    grid = torch.stack([gx[:, None, :].expand(B, H, W), gy[:, :, None].expand(B, H, W)], dim=-1)
+    return F.grid_sample(x_BCHW, grid.to(x_BCHW.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def augment(x_BCHW: torch.Tensor, *, scale: tuple[float, float] | None, hflip: bool, generator: torch.Generator, maps_BHW: torch.Tensor | None = None):
     """Per-image random resized crop (aspect 3/4..4/3) and horizontal flip; maps follow flips only."""
     B, _, H, W = x_BCHW.shape
     if scale is not None:
-        out = torch.empty_like(x_BCHW)
-        for i in range(B):
-            area = H * W * float(torch.empty(1).uniform_(*scale, generator=generator))
-            ratio = float(torch.exp(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3), generator=generator)))
-            w = int(round(min(W, (area * ratio) ** 0.5)))
-            h = int(round(min(H, (area / ratio) ** 0.5)))
-            top = int(torch.randint(0, H - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, W - w + 1, (1,), generator=generator))
-            crop = x_BCHW[i : i + 1, :, top : top + h, left : left + w]
-            out[i] = F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)[0]
-        x_BCHW = out
+        x_BCHW = crop_and_resize(x_BCHW, random_resized_crop_boxes(B, H, W, scale, generator))
     if hflip:
         flip = torch.rand(B, generator=generator) < 0.5
         x_BCHW = torch.where(flip.view(B, 1, 1, 1).to(x_BCHW.device), x_BCHW.flip(-1), x_BCHW)
