@@ -92,6 +92,10 @@ def main() -> None:
 
     DataContext.get_current().enable_progress_bars = False
     variants = [(f"Ray Data, {a} actor(s)", {"concurrency": a}) for a in args.actors]
+    cpus = int(ray.cluster_resources()["CPU"])
+    if not args.use_gpu and cpus > 1:  # one single-threaded decode+attribution actor per core; reads keep 1 CPU
+        per_actor = (cpus - 1) / cpus
+        variants.append((f"Ray Data, {cpus} actors x 1 thread, decoding their own rows", {"concurrency": cpus, "num_cpus_per_actor": per_actor, "actor_threads": 1, "decode_in_actor": True}))
     if args.ablate:
         variants.append(("Ray Data, 1 actor, decode fused into it, 1 thread", {"decode_num_cpus": 1.0, "actor_threads": 1}))
         variants.append(("Ray Data, 1 actor, pipelined decode, 1 thread", {"actor_threads": 1}))

@@ -39,7 +39,7 @@ def run(root, out, ckpt, **kw):
     return run_relevance_stage(
         data=DataConfig(root=str(root), image_size=SIZE, max_bad_fraction=kw.pop("max_bad_fraction", 0.05)),
         teacher=TeacherConfig(model="vit_test_patch8_32", checkpoint=ckpt),
-        relevance=RelevanceConfig(batch_size=8, shards_per_group=kw.pop("shards_per_group", 1), splits=kw.pop("splits", ("train", "val"))),
+        relevance=RelevanceConfig(batch_size=8, shards_per_group=kw.pop("shards_per_group", 1), splits=kw.pop("splits", ("train", "val")), **kw.pop("layout", {})),
         out_dir=out,
         **kw,
     )
@@ -153,6 +153,17 @@ def test_a_killed_run_resumes_with_only_the_missing_groups(demo, teacher_ckpt, s
         assert a.drop(["relevance", "teacher_logits"]).equals(b.drop(["relevance", "teacher_logits"]))
         np.testing.assert_allclose(maps_array(a), maps_array(b), rtol=1e-3, atol=1e-6)
         np.testing.assert_allclose(logits_array(a), logits_array(b), rtol=1e-2, atol=1e-2)
+
+
+def test_actors_that_decode_their_own_rows_write_the_same_maps(demo, teacher_ckpt, straight, tmp_path):
+    layout = {"decode_in_actor": True, "concurrency": 2, "num_cpus_per_actor": 0.5, "actor_threads": 1}
+    manifest = run(demo, tmp_path, teacher_ckpt, layout=layout)
+    straight_dir, reference = straight
+    assert manifest["rows"] == reference["rows"] and manifest["skips"] == reference["skips"]
+    for name in sorted(p.name for p in straight_dir.glob("*.parquet")):
+        a, b = pq.read_table(tmp_path / name), pq.read_table(straight_dir / name)
+        assert a.drop(["relevance", "teacher_logits"]).equals(b.drop(["relevance", "teacher_logits"]))
+        np.testing.assert_allclose(maps_array(a), maps_array(b), rtol=1e-3, atol=1e-6)
 
 
 def test_an_actor_pool_that_would_starve_the_shard_reads_is_refused(demo, teacher_ckpt, tmp_path):

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 
-from zoomvit.config import TrainConfig, load_config
+from zoomvit.config import ConfigError, TrainConfig, load_config
 from zoomvit.models import adapt_pos_embed, load_pretrained
 from zoomvit.train.data import rand_augment_batch
 from zoomvit.train.tasks import build_task
@@ -280,3 +280,27 @@ def test_distillation_adds_the_teacher_or_the_relevance_stage_upstream_only_when
     assert upstream("zoomvit") == ["zoomer"] and upstream("baseline") == []
     assert upstream("zoomvit", "zoomvit.distill.mode=hard") == ["zoomer", "teacher"]
     assert upstream("baseline", "baseline.distill.mode=soft", "baseline.distill.source=cache") == ["relevance"]
+
+
+def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_its_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from zoomvit.pipeline.stages import STAGES
+    from zoomvit.train.stages import baseline_task, zoomvit_task
+
+    config = load_config(str(CONFIG), ["zoomvit.init_from_teacher=true", "baseline.init_from_teacher=true"])
+    assert [u for u, _ in STAGES["zoomvit"].upstream_for(config)] == ["zoomer", "teacher"]
+    assert [u for u, _ in STAGES["baseline"].upstream_for(config)] == ["teacher"]
+
+    teacher = timm.create_model(config.teacher.model, num_classes=config.data.num_classes)
+    path = tmp_path / "teacher.safetensors"
+    save_file(teacher.state_dict(), str(path))
+    spec = {**zoomvit_task(config, None, teacher_weights=path), "train": config.zoomvit.train.model_dump(), "seed": 0}
+    student = build_task(spec).build_model()
+    for name in ("blocks.1.mlp.fc1.weight", "pos_embed", "cls_token", "head.weight", "patch_embed.proj.weight"):
+        assert torch.equal(student.state_dict()[name], teacher.state_dict()[name]), name
+    for no_teacher in (lambda: zoomvit_task(config, None, teacher_weights=None), lambda: baseline_task(config)):
+        with pytest.raises(ValueError, match="init_from_teacher needs"):
+            no_teacher()
+    with pytest.raises(ConfigError, match="one way to initialise"):
+        load_config(str(CONFIG), ["baseline.init_from_teacher=true", "baseline.init_checkpoint=x.safetensors"])

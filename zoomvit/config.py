@@ -76,6 +76,11 @@ class RelevanceConfig(Section):
         description="CPUs reserved per decode task; differs from num_cpus_per_actor so that Ray Data "
         "does not fuse decoding into the attribution actor and the two run pipelined",
     )
+    decode_in_actor: bool = Field(
+        False,
+        description="each attribution actor decodes its own raw rows (no separate decode tasks): on CPU, "
+        "one single-threaded actor per core runs decode + attribution data-parallel, as N plain loops would",
+    )
     use_gpu: bool | Literal["auto"] = "auto"
     shards_per_group: int = Field(4, ge=1)
     decode_batch_size: int = Field(64, ge=1)
@@ -156,6 +161,18 @@ class ZoomerConfig(Section):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, lr=2e-3, random_resized_crop=None))
 
 
+INIT_FROM_TEACHER = (
+    "start from the teacher stage's trained weights, as the paper fine-tunes a pretrained ViT "
+    "(the teacher becomes an upstream stage; the other baselines in `others` start as configured)"
+)
+
+
+def _one_init(section) -> None:
+    chosen = [k for k in ("pretrained", "init_checkpoint", "init_from_teacher") if getattr(section, k)]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one way to initialise the weights, got {' and '.join(chosen)}")
+
+
 class ZoomViTConfig(Section):
     """ZoomViT: the timm variant, zoom settings for evaluation, and the random alpha range for training."""
 
@@ -168,11 +185,13 @@ class ZoomViTConfig(Section):
     keep_rate: float = Field(1.0, gt=0, le=1)
     token_budget: int | None = None
     init_checkpoint: str | None = Field(None, description="ViT/DeiT weights to start from (position embedding resampled)")
+    init_from_teacher: bool = Field(False, description=INIT_FROM_TEACHER)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
     def _alpha_range(self) -> "ZoomViTConfig":
+        _one_init(self)
         lo, hi = self.train_alpha
         if not lo <= hi:
             raise ValueError(f"train_alpha must be (low, high) with low <= high, got {self.train_alpha}")
@@ -199,12 +218,14 @@ class BaselineConfig(Section):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     pretrained: bool = False
     init_checkpoint: str | None = None
+    init_from_teacher: bool = Field(False, description=INIT_FROM_TEACHER)
     others: tuple[BaselineModel, ...] = ()
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "BaselineConfig":
+        _one_init(self)
         names = [m.name for m in self.others]
         if "baseline" in names or len(set(names)) != len(names):
             raise ValueError(f"baseline.others names must be unique and not 'baseline', got {names}")

@@ -3,7 +3,8 @@
 teacher -> relevance -> zoomer -> zoomvit -> evaluate <- baseline   (relevance -> evaluate: maps)
 
 With DeiT distillation, zoomvit and baseline also read the teacher (source=model) or the teacher
-logits cached with the relevance maps (source=cache).
+logits cached with the relevance maps (source=cache); with ``init_from_teacher`` they start from the
+teacher's weights.
 """
 
 from __future__ import annotations
@@ -37,12 +38,15 @@ class StageDef:
         return self.upstream + tuple(e for e in extra if e[0] not in {u for u, _ in self.upstream})
 
 
-def _distill_upstream(section: str) -> Callable[[PipelineConfig], tuple[tuple[str, str], ...]]:
+def _teacher_upstream(section: str) -> Callable[[PipelineConfig], tuple[tuple[str, str], ...]]:
+    """What a student stage reads from the teacher side: initial weights and/or distillation targets."""
+
     def upstream(config: PipelineConfig) -> tuple[tuple[str, str], ...]:
-        distill = getattr(config, section).distill
-        if distill.mode == "none":
-            return ()
-        return (("teacher", "distillation teacher"),) if distill.source == "model" else (("relevance", "teacher logits"),)
+        student = getattr(config, section)
+        extra = (("teacher", "initial weights"),) if student.init_from_teacher else ()
+        if student.distill.mode != "none":
+            extra += (("teacher", "distillation teacher"),) if student.distill.source == "model" else (("relevance", "teacher logits"),)
+        return extra
 
     return upstream
 
@@ -174,10 +178,10 @@ STAGES: dict[str, StageDef] = {
             name="zoomvit",
             sections=("data", "zoomer", "zoomvit"),
             upstream=(("zoomer", "frozen Zoomer"),),
-            extra_upstream=_distill_upstream("zoomvit"),
+            extra_upstream=_teacher_upstream("zoomvit"),
             run=run_zoomvit,
         ),
-        StageDef(name="baseline", sections=("data", "baseline"), upstream=(), extra_upstream=_distill_upstream("baseline"), run=run_baseline),
+        StageDef(name="baseline", sections=("data", "baseline"), upstream=(), extra_upstream=_teacher_upstream("baseline"), run=run_baseline),
         StageDef(
             name="evaluate",
             sections=("data", "zoomvit", "baseline", "evaluate"),

@@ -29,11 +29,12 @@ MANIFEST = "relevance.json"
 class RelevanceActor:
     """Holds one teacher; turns decoded batches into relevance rows (other rows pass through)."""
 
-    def __init__(self, *, teacher: dict[str, Any], method: str, target: str, mean, std, use_gpu: bool, threads: int) -> None:
+    def __init__(self, *, teacher: dict[str, Any], method: str, target: str, mean, std, use_gpu: bool, threads: int, decode: dict[str, Any] | None = None) -> None:
         import torch
 
         from zoomvit.relevance.teacher import load_teacher
 
+        self.decode = decode  # decode_batch kwargs when raw rows arrive (relevance.decode_in_actor)
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_teacher(**teacher).to(self.device)
@@ -42,11 +43,15 @@ class RelevanceActor:
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch) -> dict[str, np.ndarray]:
         import torch
 
         from zoomvit.relevance.attribution import relevance_maps
 
+        if self.decode is not None:
+            from zoomvit.data.ingest import decode_batch
+
+            batch = decode_batch(batch, **self.decode)
         n = len(batch["kind"])
         gh, gw = self.grid
         out = {k: batch[k] for k in ("kind", "key", "shard", "index", "label", "reason", "count")}
@@ -165,7 +170,7 @@ def run_relevance_stage(
 def _compute(todo, data, relevance, teacher_spec, base_meta, use_gpu, out_dir, stats, report, on_group_committed) -> None:
     import ray.data
 
-    from zoomvit.data.ingest import read_decoded
+    from zoomvit.data.ingest import read_decoded, read_shards
 
     cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
     held = relevance.concurrency * relevance.num_cpus_per_actor
@@ -177,13 +182,11 @@ def _compute(todo, data, relevance, teacher_spec, base_meta, use_gpu, out_dir, s
     transform = ImageTransform(image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct)
     paths = [p for g in todo for p in g.shards]
     by_shard = {shard_key(p): g for g in todo for p in g.shards}
-    ds = read_decoded(
-        paths,
-        num_classes=data.num_classes,
-        transform=transform,
-        batch_size=relevance.decode_batch_size,
-        num_cpus=relevance.decode_num_cpus,
-    )
+    decode = {"num_classes": data.num_classes, "transform": transform}
+    if relevance.decode_in_actor:
+        ds = read_shards(paths)
+    else:
+        ds = read_decoded(paths, **decode, batch_size=relevance.decode_batch_size, num_cpus=relevance.decode_num_cpus)
     threads = relevance.actor_threads
     if threads is None:
         node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
@@ -199,9 +202,10 @@ def _compute(todo, data, relevance, teacher_spec, base_meta, use_gpu, out_dir, s
             "std": data.std,
             "use_gpu": use_gpu,
             "threads": threads,
+            "decode": decode if relevance.decode_in_actor else None,
         },
         batch_size=relevance.batch_size,
-        batch_format="numpy",
+        batch_format="pyarrow" if relevance.decode_in_actor else "numpy",
         compute=ray.data.ActorPoolStrategy(size=relevance.concurrency),
         num_cpus=relevance.num_cpus_per_actor,
         num_gpus=1 if use_gpu else 0,

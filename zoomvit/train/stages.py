@@ -80,6 +80,14 @@ def _distill_data(ds, distill, relevance_dir: Path | str | None, split: str):
     return with_maps(ds, relevance_dir, split, None, logits=True)
 
 
+def _init_checkpoint(section, teacher_weights: Path | str | None) -> str | None:
+    if not section.init_from_teacher:
+        return section.init_checkpoint
+    if teacher_weights is None:
+        raise ValueError("init_from_teacher needs the teacher stage's trained weights (a hub teacher has none: use pretrained)")
+    return str(teacher_weights)
+
+
 def zoomvit_task(config: PipelineConfig, zoomer_weights: Path | str | None, teacher_weights: Path | str | None = None) -> dict[str, Any]:
     zv = config.zoomvit
     return {
@@ -87,7 +95,7 @@ def zoomvit_task(config: PipelineConfig, zoomer_weights: Path | str | None, teac
         "model": zv.model,
         "model_kwargs": dict(zv.model_kwargs),
         "pretrained": zv.pretrained,
-        "init_checkpoint": zv.init_checkpoint,
+        "init_checkpoint": _init_checkpoint(zv, teacher_weights),
         **distill_spec(config, zv.distill, teacher_weights),
         "alpha": zv.alpha,
         "train_alpha": list(zv.train_alpha),
@@ -126,7 +134,7 @@ def baseline_tasks(config: PipelineConfig, teacher_weights: Path | str | None = 
     """The baseline and its ``others``, by name, each a classifier task with the baseline's recipe."""
     b = config.baseline
     shared = {"kind": "classifier", **distill_spec(config, b.distill, teacher_weights), **_common(config)}
-    tasks = {"baseline": {**shared, "model": b.model, "model_kwargs": dict(b.model_kwargs), "pretrained": b.pretrained, "init_checkpoint": b.init_checkpoint}}
+    tasks = {"baseline": {**shared, "model": b.model, "model_kwargs": dict(b.model_kwargs), "pretrained": b.pretrained, "init_checkpoint": _init_checkpoint(b, teacher_weights)}}
     for m in b.others:
         tasks[m.name] = {**shared, "model": m.model, "model_kwargs": dict(m.model_kwargs), "pretrained": m.pretrained, "init_checkpoint": m.init_checkpoint}
     return tasks
