@@ -1,7 +1,7 @@
 """Relevance stage throughput: Ray Data (read -> decode tasks -> attribution actors -> Parquet)
 against a plain single-process loop over the same shards, teacher and batch size.
 
-    python bench/relevance_throughput.py [--images 4096] [--size 64] [--batch 128] [--actors 1 2]
+    python bench/relevance_throughput.py [--images 4096] [--size 64] [--batch 128] [--actors 1 2] [--loop-threads 1 2]
 
 Ray is started before timing; each Ray row is the stage's own wall time (Dataset start-up
 included), the loop row reads tars with the same decoder in one process.
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--teacher", default="vit_demo_patch8_64")
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--loop-threads", type=int, nargs="+", default=[1, 2], help="torch threads of the plain loop (one row each)")
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--ablate", action="store_true", help="add the fused-decode and single-thread variants")
     args = parser.parse_args()
@@ -79,12 +80,12 @@ def main() -> None:
     data = DataConfig(root=str(work / "data"), image_size=args.size)
 
     rows = []
-    torch.set_num_threads(1)
-    loop_1 = plain_loop(shards, teacher, size=args.size, batch=args.batch, mean=data.mean, std=data.std)
-    torch.set_num_threads(2)
-    loop_2 = plain_loop(shards, teacher, size=args.size, batch=args.batch, mean=data.mean, std=data.std)
-    best_loop = max(loop_1, loop_2)
-    for threads, ips in ((1, loop_1), (2, loop_2)):
+    loops = {}
+    for threads in args.loop_threads:
+        torch.set_num_threads(threads)
+        loops[threads] = plain_loop(shards, teacher, size=args.size, batch=args.batch, mean=data.mean, std=data.std)
+    best_loop = max(loops.values())
+    for threads, ips in loops.items():
         rows.append({"runner": f"plain loop, {threads} thread(s)", "img_per_s": ips, "ratio_vs_best_loop": ips / best_loop, "wall_s": args.images / ips, "stage_img_per_s": ips})
 
     ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)

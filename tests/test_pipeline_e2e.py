@@ -94,6 +94,7 @@ def test_ray_job_submit_runs_every_stage_with_one_nested_mlflow_run_each(first_r
         assert run.info.status == "FINISHED"
         assert run.data.tags["cache"] == "miss" and len(run.data.tags["fingerprint"]) == 64
     assert runs["zoomvit"].data.tags["upstream.zoomer"] == runs["zoomer"].info.run_id
+    assert runs["zoomvit"].data.tags["upstream.teacher"] == runs["teacher"].info.run_id, "init_from_teacher"
     assert runs["relevance"].data.tags["upstream.teacher"] == runs["teacher"].info.run_id
     assert runs["zoomer"].data.metrics["val_pearson"] > 0
     assert {"val_top1", "val_tokens_per_img"} <= set(runs["zoomvit"].data.metrics)

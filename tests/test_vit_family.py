@@ -286,7 +286,7 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
     from safetensors.torch import save_file
 
     from zoomvit.pipeline.stages import STAGES
-    from zoomvit.train.stages import baseline_task, zoomvit_task
+    from zoomvit.train.stages import train_baselines, train_zoomvit, zoomvit_task
 
     config = load_config(str(CONFIG), ["zoomvit.init_from_teacher=true", "baseline.init_from_teacher=true"])
     assert [u for u, _ in STAGES["zoomvit"].upstream_for(config)] == ["zoomer", "teacher"]
@@ -299,8 +299,9 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
     student = build_task(spec).build_model()
     for name in ("blocks.1.mlp.fc1.weight", "pos_embed", "cls_token", "head.weight", "patch_embed.proj.weight"):
         assert torch.equal(student.state_dict()[name], teacher.state_dict()[name]), name
-    for no_teacher in (lambda: zoomvit_task(config, None, teacher_weights=None), lambda: baseline_task(config)):
+    assert zoomvit_task(config, None)["init_checkpoint"] is None, "building the architecture to load trained weights"
+    for train in (train_zoomvit, train_baselines):
         with pytest.raises(ValueError, match="init_from_teacher needs"):
-            no_teacher()
+            train(config, tmp_path / "zoomer.safetensors", tmp_path) if train is train_zoomvit else train(config, tmp_path)
     with pytest.raises(ConfigError, match="one way to initialise"):
         load_config(str(CONFIG), ["baseline.init_from_teacher=true", "baseline.init_checkpoint=x.safetensors"])

@@ -81,11 +81,15 @@ def _distill_data(ds, distill, relevance_dir: Path | str | None, split: str):
 
 
 def _init_checkpoint(section, teacher_weights: Path | str | None) -> str | None:
+    """The weights training starts from (none when only the architecture is built, to load trained weights)."""
     if not section.init_from_teacher:
         return section.init_checkpoint
-    if teacher_weights is None:
+    return None if teacher_weights is None else str(teacher_weights)
+
+
+def _require_teacher_weights(section, teacher_weights: Path | str | None) -> None:
+    if section.init_from_teacher and teacher_weights is None:
         raise ValueError("init_from_teacher needs the teacher stage's trained weights (a hub teacher has none: use pretrained)")
-    return str(teacher_weights)
 
 
 def zoomvit_task(config: PipelineConfig, zoomer_weights: Path | str | None, teacher_weights: Path | str | None = None) -> dict[str, Any]:
@@ -119,6 +123,7 @@ def train_zoomvit(
     relevance_dir: Path | str | None = None,
 ) -> TrainResult:
     distill = config.zoomvit.distill
+    _require_teacher_weights(config.zoomvit, teacher_weights)
     return run_training(
         name="zoomvit",
         task=zoomvit_task(config, zoomer_weights, teacher_weights),
@@ -155,6 +160,7 @@ def train_baselines(
     """Train every baseline in turn; the first into ``out_dir``, the others into ``out_dir/<name>``.
     Only the first logs its epochs into the stage's MLflow run (the others' results go in the manifest)."""
     distill = config.baseline.distill
+    _require_teacher_weights(config.baseline, teacher_weights)
     results = {}
     for name, task in baseline_tasks(config, teacher_weights).items():
         results[name] = run_training(
