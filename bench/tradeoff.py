@@ -4,8 +4,9 @@ against the baseline ViT at patch P (8 px, 64 tokens) and at P/2 (4 px, 256 toke
     python bench/tradeoff.py [--epochs 14] [--seeds 0] [--no-p2]
 
 Runs the demo pipeline (pipelines/configs/demo.yaml) with ZoomViT and the baselines trained for
---epochs (the demo trains 6) and the extra evaluation points; the teacher, relevance maps and
-Zoomer come from the demo's cache when it ran before. Prints the table, writes
+--epochs (the demo fine-tunes ZoomViT and the baseline from the teacher for 3; the P/2 baseline
+trains from scratch) and the extra evaluation points; the teacher, relevance maps and Zoomer come
+from the demo's cache when it ran before. Prints the table, writes
 bench/results/tradeoff.json and tradeoff.png (top-1 vs GFLOPs/img), logs both to MLflow.
 """
 

@@ -277,8 +277,9 @@ def test_distillation_adds_the_teacher_or_the_relevance_stage_upstream_only_when
     def upstream(name, *overrides):
         return [u for u, _ in STAGES[name].upstream_for(load_config(str(CONFIG), list(overrides)))]
 
-    assert upstream("zoomvit") == ["zoomer"] and upstream("baseline") == []
-    assert upstream("zoomvit", "zoomvit.distill.mode=hard") == ["zoomer", "teacher"]
+    scratch = "zoomvit.init_from_teacher=false"  # tiny.yaml fine-tunes ZoomViT from its teacher
+    assert upstream("zoomvit", scratch) == ["zoomer"] and upstream("baseline") == []
+    assert upstream("zoomvit", scratch, "zoomvit.distill.mode=hard") == ["zoomer", "teacher"]
     assert upstream("baseline", "baseline.distill.mode=soft", "baseline.distill.source=cache") == ["relevance"]
 
 

@@ -96,8 +96,8 @@ def random_resized_crop_boxes(B: int, H: int, W: int, scale: tuple[float, float]
     """Per-image crop boxes (left, top, width, height) in pixels: area fraction in ``scale``, aspect 3/4..4/3."""
     area = H * W * torch.empty(B).uniform_(*scale, generator=generator)
     ratio = torch.exp(torch.empty(B).uniform_(np.log(3 / 4), np.log(4 / 3), generator=generator))
-    w = torch.sqrt(area * ratio).clamp(max=W).round()
-    h = torch.sqrt(area / ratio).clamp(max=H).round()
+    w = torch.sqrt(area * ratio).clamp(max=W).round().clamp(min=1)
+    h = torch.sqrt(area / ratio).clamp(max=H).round().clamp(min=1)
     left = torch.floor(torch.rand(B, generator=generator) * (W - w + 1))
     top = torch.floor(torch.rand(B, generator=generator) * (H - h + 1))
     return torch.stack([left, top, w, h], dim=1)
