@@ -5,7 +5,7 @@ against the baseline ViT at patch P (8 px, 64 tokens) and at P/2 (4 px, 256 toke
 
 Runs the demo pipeline (pipelines/configs/demo.yaml) with ZoomViT and the baselines trained for
 --epochs (the demo fine-tunes ZoomViT and the baseline from the teacher for 3; the P/2 baseline
-trains from scratch) and the extra evaluation points; the teacher, relevance maps and Zoomer come
+starts from the teacher too, its patch embedding and position grid resampled) and the extra evaluation points; the teacher, relevance maps and Zoomer come
 from the demo's cache when it ran before. Prints the table, writes
 bench/results/tradeoff.json and tradeoff.png (top-1 vs GFLOPs/img), logs both to MLflow.
 """
@@ -94,7 +94,7 @@ def run_variant(args, seed: int, suffix: str, extra: list[str]) -> list[dict]:
         *extra,
     ]
     if not args.no_p2:
-        overrides.append("baseline.others=[{name: vit_p4, model: vit_demo_patch8_64, model_kwargs: {patch_size: 4}}]")
+        overrides.append("baseline.others=[{name: vit_p4, model: vit_demo_patch8_64, model_kwargs: {patch_size: 4}, init_from_teacher: true}]")
     result = run_pipeline(load_config(args.config, overrides))
     rows = json.loads((Path(result.stages["evaluate"]["out_dir"]) / "evaluation.json").read_text())["rows"]
     print(f"[tradeoff] seed {seed} zoomvit{suffix}: pipeline run {result.run_id}", flush=True)

@@ -287,7 +287,7 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
     from safetensors.torch import save_file
 
     from zoomvit.pipeline.stages import STAGES
-    from zoomvit.train.stages import train_baselines, train_zoomvit, zoomvit_task
+    from zoomvit.train.stages import baseline_tasks, train_baselines, train_zoomvit, zoomvit_task
 
     config = load_config(str(CONFIG), ["zoomvit.init_from_teacher=true", "baseline.init_from_teacher=true"])
     assert [u for u, _ in STAGES["zoomvit"].upstream_for(config)] == ["zoomer", "teacher"]
@@ -301,6 +301,13 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
     for name in ("blocks.1.mlp.fc1.weight", "pos_embed", "cls_token", "head.weight", "patch_embed.proj.weight"):
         assert torch.equal(student.state_dict()[name], teacher.state_dict()[name]), name
     assert zoomvit_task(config, None)["init_checkpoint"] is None, "building the architecture to load trained weights"
+
+    p4 = "baseline.others=[{name: vit_p4, model: vit_test_patch8_32, model_kwargs: {patch_size: 4}, init_from_teacher: true}]"
+    with_p4 = load_config(str(CONFIG), [p4])
+    assert [u for u, _ in STAGES["baseline"].upstream_for(with_p4)] == ["teacher"], "one of the others starts from the teacher"
+    p4_model = build_task({**baseline_tasks(with_p4, path)["vit_p4"], "train": with_p4.baseline.train.model_dump(), "seed": 0}).build_model()
+    assert p4_model.patch_embed.grid_size == (8, 8)
+    assert torch.equal(p4_model.state_dict()["blocks.1.mlp.fc1.weight"], teacher.state_dict()["blocks.1.mlp.fc1.weight"])
     for train in (train_zoomvit, train_baselines):
         with pytest.raises(ValueError, match="init_from_teacher needs"):
             train(config, tmp_path / "zoomer.safetensors", tmp_path) if train is train_zoomvit else train(config, tmp_path)

@@ -163,7 +163,7 @@ class ZoomerConfig(Section):
 
 INIT_FROM_TEACHER = (
     "start from the teacher stage's trained weights, as the paper fine-tunes a pretrained ViT "
-    "(the teacher becomes an upstream stage; the other baselines in `others` start as configured)"
+    "(the teacher becomes an upstream stage; each of the baseline's `others` has its own switch)"
 )
 
 
@@ -208,6 +208,12 @@ class BaselineModel(Section):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     pretrained: bool = False
     init_checkpoint: str | None = None
+    init_from_teacher: bool = Field(False, description="start from the teacher's weights, resampled to this model's patch grid where it is a ViT")
+
+    @model_validator(mode="after")
+    def _init(self) -> "BaselineModel":
+        _one_init(self)
+        return self
 
 
 class BaselineConfig(Section):

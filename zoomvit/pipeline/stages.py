@@ -43,7 +43,8 @@ def _teacher_upstream(section: str) -> Callable[[PipelineConfig], tuple[tuple[st
 
     def upstream(config: PipelineConfig) -> tuple[tuple[str, str], ...]:
         student = getattr(config, section)
-        extra = (("teacher", "initial weights"),) if student.init_from_teacher else ()
+        from_teacher = student.init_from_teacher or any(m.init_from_teacher for m in getattr(student, "others", ()))
+        extra = (("teacher", "initial weights"),) if from_teacher else ()
         if student.distill.mode != "none":
             extra += (("teacher", "distillation teacher"),) if student.distill.source == "model" else (("relevance", "teacher logits"),)
         return extra

@@ -141,7 +141,7 @@ def baseline_tasks(config: PipelineConfig, teacher_weights: Path | str | None = 
     shared = {"kind": "classifier", **distill_spec(config, b.distill, teacher_weights), **_common(config)}
     tasks = {"baseline": {**shared, "model": b.model, "model_kwargs": dict(b.model_kwargs), "pretrained": b.pretrained, "init_checkpoint": _init_checkpoint(b, teacher_weights)}}
     for m in b.others:
-        tasks[m.name] = {**shared, "model": m.model, "model_kwargs": dict(m.model_kwargs), "pretrained": m.pretrained, "init_checkpoint": m.init_checkpoint}
+        tasks[m.name] = {**shared, "model": m.model, "model_kwargs": dict(m.model_kwargs), "pretrained": m.pretrained, "init_checkpoint": _init_checkpoint(m, teacher_weights)}
     return tasks
 
 
@@ -160,7 +160,8 @@ def train_baselines(
     """Train every baseline in turn; the first into ``out_dir``, the others into ``out_dir/<name>``.
     Only the first logs its epochs into the stage's MLflow run (the others' results go in the manifest)."""
     distill = config.baseline.distill
-    _require_teacher_weights(config.baseline, teacher_weights)
+    for section in (config.baseline, *config.baseline.others):
+        _require_teacher_weights(section, teacher_weights)
     results = {}
     for name, task in baseline_tasks(config, teacher_weights).items():
         results[name] = run_training(
