@@ -157,14 +157,12 @@ def epoch_batches(shard, train: dict[str, Any], *, epoch: int, rank: int, device
         return
     generator = torch.Generator().manual_seed(train["seed"] + 10_000 * epoch + rank)
     pending: list[dict[str, torch.Tensor]] = []
-    rows = 0
     for batch in batches:
         pending.append(batch)
-        rows += len(next(iter(batch.values())))
-        if rows >= buffer:
+        if sum(len(b["label"]) for b in pending) >= buffer:
             full, rest = _shuffle_rows(pending, size, generator)
             yield from full
-            pending, rows = ([rest], len(next(iter(rest.values())))) if rest else ([], 0)
+            pending = [rest] if rest else []
     if pending:
         yield from _shuffle_rows(pending, size, generator)[0]  # the last partial batch is dropped
 
@@ -172,8 +170,8 @@ def epoch_batches(shard, train: dict[str, Any], *, epoch: int, rank: int, device
 def _shuffle_rows(batches: list[dict[str, torch.Tensor]], size: int, generator: torch.Generator):
     """The rows of ``batches`` in a random order: full batches of ``size``, and the remainder (or None)."""
     pool = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-    rows = len(next(iter(pool.values())))
-    order = torch.randperm(rows, generator=generator).to(next(iter(pool.values())).device)
+    rows = len(pool["label"])
+    order = torch.randperm(rows, generator=generator).to(pool["label"].device)
     full = rows - rows % size
     out = [{k: v[order[i : i + size]] for k, v in pool.items()} for i in range(0, full, size)]
     rest = {k: v[order[full:]] for k, v in pool.items()} if full < rows else None
