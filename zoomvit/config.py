@@ -31,7 +31,8 @@ class DataConfig(Section):
 
     train_shards / val_shards: a path, a brace pattern (``train-{000000..000003}.tar``), a directory
     or a list of those; local, ``s3://``, ``gs://`` or any fsspec URL. Relative paths are taken
-    relative to ``root`` when it is set.
+    relative to ``root`` when it is set. ``share_decoded``: decode each split once per pipeline run
+    and keep it in Ray's object store for every stage (turn off for data sets that do not fit).
     """
 
     root: str | None = None
@@ -45,6 +46,7 @@ class DataConfig(Section):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     class_names: str | None = None
+    share_decoded: bool = True
     demo: DemoDataConfig | None = None
 
 

@@ -150,6 +150,12 @@ def decode_batch(batch: pa.Table, *, num_classes: int, transform: ImageTransform
     return out
 
 
+def keep_samples(batch: dict[str, np.ndarray], *, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """The decoded samples of a batch (skip and end-of-shard rows dropped), ``columns`` only."""
+    keep = batch["kind"] == "sample"
+    return {c: batch[c][keep] for c in columns}
+
+
 def read_decoded(
     paths: Sequence[str],
     *,

@@ -95,3 +95,22 @@ def maps_array(table: pa.Table) -> np.ndarray:
     gh, gw = int(table["grid_h"][0].as_py()), int(table["grid_w"][0].as_py())
     flat = table["relevance"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return flat.astype(np.float32).reshape(table.num_rows, gh, gw)
+
+
+def attach_targets(batch: dict[str, np.ndarray], *, targets_ref) -> dict[str, np.ndarray]:
+    """Adds each row's relevance map (column ``map``) and/or teacher logits (``teacher_logits``) by
+    key; drops rows the relevance stage has nothing for. ``targets_ref``: the object-store copy of
+    ``zoomvit.train.data.relevance_targets``, read zero-copy by every task."""
+    import ray
+
+    targets = ray.get(targets_ref)
+    keys = targets["keys"]
+    batch_keys = np.asarray(batch["key"], dtype=str)
+    rows = np.searchsorted(keys, batch_keys).clip(max=max(len(keys) - 1, 0))
+    keep = (keys[rows] == batch_keys) if len(keys) else np.zeros(len(batch_keys), dtype=bool)
+    out = {c: v[keep] for c, v in batch.items()}
+    if "maps" in targets:
+        out["map"] = targets["maps"][rows[keep]]
+    if "logits" in targets:
+        out["teacher_logits"] = targets["logits"][rows[keep]]
+    return out

@@ -3,7 +3,11 @@ per-batch GPU/CPU-side transforms the workers apply."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,63 +18,70 @@ from zoomvit.data.shards import expand_shards
 
 TRAIN_COLUMNS = ["key", "image", "label", "box"]
 
+_shared: dict[tuple[str, str], Any] | None = None
 
-def _only_samples(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    keep = batch["kind"] == "sample"
-    return {c: batch[c][keep] for c in TRAIN_COLUMNS}
+
+@contextmanager
+def shared_decoding() -> Iterator[None]:
+    """Inside this block, :func:`sample_dataset` decodes each split once and hands every later
+    caller the same materialized dataset (for configs with ``data.share_decoded``): the stages of
+    one pipeline run train and evaluate on the same decoded images."""
+    global _shared
+    outer = _shared
+    _shared = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _shared = outer
 
 
 def sample_dataset(data: DataConfig, split: str, *, limit: int | None = None):
     """Decoded good samples of a split as a Ray Dataset with columns key, image, label, box."""
-    from zoomvit.data.ingest import read_decoded
+    key = (data.model_dump_json(), split)
+    if _shared is not None and data.share_decoded and key in _shared:
+        ds = _shared[key]
+    else:
+        from zoomvit.data.ingest import keep_samples, read_decoded
 
-    spec = {"train": data.train_shards, "val": data.val_shards}[split]
-    transform = ImageTransform(image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct)
-    ds = read_decoded(expand_shards(spec, root=data.root), num_classes=data.num_classes, transform=transform)
-    ds = ds.map_batches(_only_samples, batch_format="numpy")
+        spec = {"train": data.train_shards, "val": data.val_shards}[split]
+        transform = ImageTransform(image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct)
+        ds = read_decoded(expand_shards(spec, root=data.root), num_classes=data.num_classes, transform=transform)
+        ds = ds.map_batches(keep_samples, fn_kwargs={"columns": TRAIN_COLUMNS}, batch_format="numpy")
+        if _shared is not None and data.share_decoded:
+            ds = _shared[key] = ds.materialize()
     return ds.limit(limit) if limit else ds
 
 
-class AttachMaps:
-    """Adds each row's relevance map (normalised per image, resized to ``grid``) and/or the teacher's
-    cached logits; drops rows the relevance stage has nothing for."""
+def relevance_targets(relevance_dir: str | Path, split: str, grid: tuple[int, int] | None, *, logits: bool = False) -> dict[str, np.ndarray]:
+    """The relevance stage's rows of a split sorted by key: ``keys``, and ``maps`` (normalised per
+    image, resized to ``grid``; when ``grid`` is given) and/or the teacher's ``logits``."""
+    from zoomvit.data.relevance_store import logits_array, maps_array, read_maps
+    from zoomvit.relevance.attribution import normalize_maps
 
-    def __init__(self, relevance_dir: str, split: str, grid: tuple[int, int] | None, logits: bool = False) -> None:
-        from zoomvit.data.relevance_store import logits_array, maps_array, read_maps
-        from zoomvit.relevance.attribution import normalize_maps
-
-        table = read_maps(relevance_dir, split)
-        self.index = {k: i for i, k in enumerate(table["key"].to_pylist())}
-        self.maps = self.logits = None
-        if grid is not None:
-            maps = torch.from_numpy(maps_array(table))
-            if tuple(maps.shape[1:]) != tuple(grid):
-                maps = F.interpolate(maps.unsqueeze(1), size=grid, mode="bilinear", align_corners=False, antialias=True).squeeze(1)
-            self.maps = normalize_maps(maps).numpy().astype(np.float32)
-        if logits:
-            self.logits = logits_array(table)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = np.array([self.index.get(str(k), -1) for k in batch["key"]], dtype=np.int64)
-        keep = rows >= 0
-        out = {c: v[keep] for c, v in batch.items()}
-        if self.maps is not None:
-            out["map"] = self.maps[rows[keep]]
-        if self.logits is not None:
-            out["teacher_logits"] = self.logits[rows[keep]]
-        return out
+    table = read_maps(relevance_dir, split)
+    keys = np.asarray(table["key"].to_pylist(), dtype=str)
+    order = np.argsort(keys, kind="stable")
+    if len(np.unique(keys)) != len(keys):
+        raise ValueError(f"the {split} relevance maps in {str(relevance_dir)!r} hold a sample key twice: keys must be unique across shards")
+    out = {"keys": keys[order]}
+    if grid is not None:
+        maps = torch.from_numpy(maps_array(table))
+        if tuple(maps.shape[1:]) != tuple(grid):
+            maps = F.interpolate(maps.unsqueeze(1), size=grid, mode="bilinear", align_corners=False, antialias=True).squeeze(1)
+        out["maps"] = normalize_maps(maps).numpy().astype(np.float32)[order]
+    if logits:
+        out["logits"] = logits_array(table)[order]
+    return out
 
 
 def with_maps(ds, relevance_dir: str | Path, split: str, grid: tuple[int, int] | None, *, logits: bool = False):
     """``ds`` joined by key with the relevance stage's maps (``grid`` given) and/or teacher logits."""
-    import ray.data
+    import ray
 
-    return ds.map_batches(
-        AttachMaps,
-        fn_constructor_kwargs={"relevance_dir": str(relevance_dir), "split": split, "grid": None if grid is None else tuple(grid), "logits": logits},
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),
-    )
+    from zoomvit.data.relevance_store import attach_targets
+
+    targets_ref = ray.put(relevance_targets(relevance_dir, split, None if grid is None else tuple(grid), logits=logits))
+    return ds.map_batches(attach_targets, fn_kwargs={"targets_ref": targets_ref}, batch_format="numpy")
 
 
 def rand_augment_batch(batch: dict[str, np.ndarray], *, spec: str) -> dict[str, np.ndarray]:

@@ -1,0 +1,84 @@
+"""The training stages' Ray Datasets: decoded splits shared within a pipeline run, and rows joined by
+key with the relevance stage's maps and teacher logits."""
+
+import numpy as np
+import pytest
+import torch
+
+from zoomvit.config import load_config
+from zoomvit.data.demo import generate_demo_dataset
+from zoomvit.data.relevance_store import group_path, write_group
+from zoomvit.relevance.attribution import normalize_maps
+from zoomvit.train.data import sample_dataset, shared_decoding, with_maps
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _relevance_rows(keys, rng):
+    return [
+        {
+            "key": k,
+            "shard": f"s{i % 2}",
+            "label": 0,
+            "target": 0,
+            "teacher_pred": 0,
+            "teacher_prob": 0.5,
+            "grid_h": 4,
+            "grid_w": 4,
+            "relevance": rng.random(16).astype(np.float16),
+            "teacher_logits": rng.standard_normal(3).astype(np.float16),
+        }
+        for i, k in enumerate(keys)
+    ]
+
+
+def test_each_row_gets_the_map_and_logits_of_its_own_key_and_rows_without_maps_are_dropped(ray_local, tmp_path):
+    rows = _relevance_rows([f"img{i:03d}" for i in range(40)], np.random.default_rng(0))
+    write_group(rows[:25], group_path(tmp_path, "train", 0), {})
+    write_group(rows[25:], group_path(tmp_path, "train", 1), {})
+    by_key = {r["key"]: r for r in rows}
+    samples = [{"key": f"img{i:03d}", "label": i} for i in range(45, -1, -3)]  # reversed; img042, img045 have no map
+
+    ds = with_maps(ray_local.data.from_items(samples, override_num_blocks=3), tmp_path, "train", (2, 2), logits=True)
+    out = ds.take_all()
+
+    assert sorted(r["key"] for r in out) == sorted(s["key"] for s in samples if s["key"] in by_key)
+    for r in out:
+        source = by_key[r["key"]]
+        grid = torch.from_numpy(source["relevance"].astype(np.float32)).view(1, 1, 4, 4)
+        want = normalize_maps(torch.nn.functional.interpolate(grid, size=(2, 2), mode="bilinear", align_corners=False, antialias=True).squeeze(1))[0]
+        np.testing.assert_allclose(r["map"], want.numpy(), atol=1e-6)
+        np.testing.assert_allclose(r["teacher_logits"], source["teacher_logits"].astype(np.float32))
+        assert r["label"] == int(r["key"][3:])
+
+
+def test_relevance_maps_that_hold_a_key_twice_are_refused(ray_local, tmp_path):
+    rows = _relevance_rows(["a", "b", "a"], np.random.default_rng(0))
+    write_group(rows[:2], group_path(tmp_path, "val", 0), {})
+    write_group(rows[2:], group_path(tmp_path, "val", 1), {})
+    with pytest.raises(ValueError, match="key twice"):
+        with_maps(ray_local.data.from_items([{"key": "a"}]), tmp_path, "val", (4, 4))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shared")
+    generate_demo_dataset(root, train=96, val=32, image_size=32, samples_per_shard=48)
+    return load_config(None, [f"data.root={root}", "data.image_size=32"]).data
+
+
+def test_inside_a_pipeline_run_each_split_is_decoded_once_and_shared(ray_local, tiny_data):
+    with shared_decoding():
+        train = sample_dataset(tiny_data, "train")
+        assert sample_dataset(tiny_data, "train") is train
+        assert sample_dataset(tiny_data, "val") is not train
+        assert train.count() == 96 and sample_dataset(tiny_data, "train", limit=10).count() == 10
+    assert sample_dataset(tiny_data, "train") is not train  # outside a run: a fresh lazy read
+
+
+def test_a_config_that_turns_sharing_off_decodes_for_every_caller(ray_local, tiny_data):
+    data = tiny_data.model_copy(update={"share_decoded": False})
+    with shared_decoding():
+        first = sample_dataset(data, "train")
+        assert sample_dataset(data, "train") is not first
+    assert first.count() == 96
