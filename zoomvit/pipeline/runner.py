@@ -119,6 +119,13 @@ def run_pipeline(
     force: Sequence[str] = (),
     from_run: str | None = None,
 ) -> PipelineResult:
+    from zoomvit.train.data import shared_decoding
+
+    with shared_decoding():  # the stages of one run share each split's decoded images
+        return _run_pipeline(config, only=only, force=force, from_run=from_run)
+
+
+def _run_pipeline(config: PipelineConfig, *, only: Sequence[str], force: Sequence[str], from_run: str | None) -> PipelineResult:
     for name in [*only, *force]:
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}")
@@ -146,68 +153,65 @@ def run_pipeline(
     fingerprints: dict[str, str] = {}
     print(f"[pipeline] {config.name}: MLflow run {parent} at {tracker.uri}; artifacts under {root}", flush=True)
     error: BaseException | None = None
-    from zoomvit.train.data import shared_decoding
-
     try:
-        with shared_decoding():  # the stages share each split's decoded images
-            for name in ORDER:
-                if name not in needed:
-                    continue
-                stage = STAGES[name]
-                upstream = stage.upstream_for(config)
-                fp = fingerprint(name, config, {u: fingerprints[u] for u, _ in upstream}, shards)
-                fingerprints[name] = fp
-                out_dir = root / name / fp[:16]
-                manifest = _read_manifest(out_dir)
-                if manifest is None and name in reused and reused[name]["fingerprint"] == fp:
-                    manifest = _read_manifest(Path(reused[name]["out_dir"]))
-                compute = name in selected and (manifest is None or name in force or bool(only))
-                if not compute and manifest is None:
-                    raise MissingUpstream(
-                        f"stage {name!r} has no cached output for this configuration (fingerprint {fp[:16]}), "
-                        f"and --only {','.join(only)} needs it: run the pipeline without --only first"
-                    )
-                upstream_runs = {u: manifests[u]["run_id"] for u, _ in upstream}
-                tags = {
-                    "zoomvit.kind": "stage",
-                    "stage": name,
-                    "fingerprint": fp,
-                    "cache": "miss" if compute else "hit",
-                    **{f"upstream.{u}": rid for u, rid in upstream_runs.items()},
-                }
-                if not compute:
-                    tags["source_run"] = manifest["run_id"]
-                run_id = tracker.start(name, parent=parent, tags=tags)
-                tracker.params(run_id, flatten(section(config, name)))  # each stage's config section is its own
-                node = {"stage": name, "run_id": run_id, "fingerprint": fp, "cache": tags["cache"], "upstream": [{"stage": u, "artifact": a, "run_id": upstream_runs[u]} for u, a in upstream]}
-                result.stages[name] = node
-                if not compute:
-                    node.update(out_dir=manifest["out_dir"], source_run=manifest["run_id"])
-                    manifests[name] = manifest
-                    tracker.metrics(run_id, manifest.get("metrics", {}))
-                    tracker.end(run_id)
-                    print(f"[{name}] cache hit ({fp[:16]}) from run {manifest['run_id']}", flush=True)
-                    continue
-                print(f"[{name}] start (cache miss, {fp[:16]}) -> {out_dir}", flush=True)
-                start = time.perf_counter()
-                try:
-                    if (out_dir / MANIFEST).exists():  # forced or --only: recompute, never resume a finished output
-                        shutil.rmtree(out_dir)
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    ctx = StageContext(config=config, out_dir=out_dir, upstream=manifests, fingerprint=fp, tracking={"uri": tracker.uri, "run_id": run_id})
-                    outputs = stage.run(ctx)
-                    manifest = {"stage": name, "fingerprint": fp, "run_id": run_id, "out_dir": str(out_dir), "seconds": time.perf_counter() - start, **outputs}
-                    _log_stage(tracker, run_id, config, manifest, manifests, shards, train_paths)
-                    (out_dir / f".{MANIFEST}.tmp").write_text(json.dumps(manifest, indent=2, default=str))
-                    os.replace(out_dir / f".{MANIFEST}.tmp", out_dir / MANIFEST)
-                except BaseException as err:
-                    node["cache"] = "failed"
-                    tracker.end(run_id, error=err)
-                    raise
-                tracker.end(run_id)
+        for name in ORDER:
+            if name not in needed:
+                continue
+            stage = STAGES[name]
+            upstream = stage.upstream_for(config)
+            fp = fingerprint(name, config, {u: fingerprints[u] for u, _ in upstream}, shards)
+            fingerprints[name] = fp
+            out_dir = root / name / fp[:16]
+            manifest = _read_manifest(out_dir)
+            if manifest is None and name in reused and reused[name]["fingerprint"] == fp:
+                manifest = _read_manifest(Path(reused[name]["out_dir"]))
+            compute = name in selected and (manifest is None or name in force or bool(only))
+            if not compute and manifest is None:
+                raise MissingUpstream(
+                    f"stage {name!r} has no cached output for this configuration (fingerprint {fp[:16]}), "
+                    f"and --only {','.join(only)} needs it: run the pipeline without --only first"
+                )
+            upstream_runs = {u: manifests[u]["run_id"] for u, _ in upstream}
+            tags = {
+                "zoomvit.kind": "stage",
+                "stage": name,
+                "fingerprint": fp,
+                "cache": "miss" if compute else "hit",
+                **{f"upstream.{u}": rid for u, rid in upstream_runs.items()},
+            }
+            if not compute:
+                tags["source_run"] = manifest["run_id"]
+            run_id = tracker.start(name, parent=parent, tags=tags)
+            tracker.params(run_id, flatten(section(config, name)))  # each stage's config section is its own
+            node = {"stage": name, "run_id": run_id, "fingerprint": fp, "cache": tags["cache"], "upstream": [{"stage": u, "artifact": a, "run_id": upstream_runs[u]} for u, a in upstream]}
+            result.stages[name] = node
+            if not compute:
+                node.update(out_dir=manifest["out_dir"], source_run=manifest["run_id"])
                 manifests[name] = manifest
-                node["out_dir"] = str(out_dir)
-                print(f"[{name}] done in {manifest['seconds']:.1f}s " + " ".join(f"{k}={v:.4g}" for k, v in list(manifest["metrics"].items())[:8] if isinstance(v, float)), flush=True)
+                tracker.metrics(run_id, manifest.get("metrics", {}))
+                tracker.end(run_id)
+                print(f"[{name}] cache hit ({fp[:16]}) from run {manifest['run_id']}", flush=True)
+                continue
+            print(f"[{name}] start (cache miss, {fp[:16]}) -> {out_dir}", flush=True)
+            start = time.perf_counter()
+            try:
+                if (out_dir / MANIFEST).exists():  # forced or --only: recompute, never resume a finished output
+                    shutil.rmtree(out_dir)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                ctx = StageContext(config=config, out_dir=out_dir, upstream=manifests, fingerprint=fp, tracking={"uri": tracker.uri, "run_id": run_id})
+                outputs = stage.run(ctx)
+                manifest = {"stage": name, "fingerprint": fp, "run_id": run_id, "out_dir": str(out_dir), "seconds": time.perf_counter() - start, **outputs}
+                _log_stage(tracker, run_id, config, manifest, manifests, shards, train_paths)
+                (out_dir / f".{MANIFEST}.tmp").write_text(json.dumps(manifest, indent=2, default=str))
+                os.replace(out_dir / f".{MANIFEST}.tmp", out_dir / MANIFEST)
+            except BaseException as err:
+                node["cache"] = "failed"
+                tracker.end(run_id, error=err)
+                raise
+            tracker.end(run_id)
+            manifests[name] = manifest
+            node["out_dir"] = str(out_dir)
+            print(f"[{name}] done in {manifest['seconds']:.1f}s " + " ".join(f"{k}={v:.4g}" for k, v in list(manifest["metrics"].items())[:8] if isinstance(v, float)), flush=True)
     except BaseException as err:
         error = err
         raise
