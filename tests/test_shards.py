@@ -11,7 +11,7 @@ from tarutil import write_tar
 
 from zoomvit.data.decode import ImageTransform
 from zoomvit.data.ingest import RAW_SCHEMA, decode_batch, raw_rows
-from zoomvit.data.shards import expand_shards, read_info, shard_infos, shard_key
+from zoomvit.data.shards import expand_shards, read_info, sample_count, shard_infos, shard_key
 
 
 def image_bytes(fmt: str, size: int = 40) -> bytes:
@@ -50,6 +50,24 @@ def test_a_missing_shard_is_a_clear_error(imagenet_like):
 
 def test_timms_info_json_is_read(imagenet_like):
     assert read_info(str(imagenet_like))["splits"]["train"]["shard_lengths"] == [3, 3]
+
+
+def test_the_sample_count_of_any_subset_of_shards_comes_from_info_json(imagenet_like):
+    info = json.loads((imagenet_like / "_info.json").read_text())
+    info["splits"]["train"].update(filenames=["imagenet1k-train-0000.tar", "imagenet1k-train-0001.tar"], shard_lengths=[3, 2])
+    (imagenet_like / "_info.json").write_text(json.dumps(info))
+    shards = expand_shards("imagenet1k-train-*.tar", root=str(imagenet_like))
+    assert sample_count(shards) == 5
+    assert sample_count(shards[1:]) == 2
+
+
+def test_shards_that_info_json_does_not_count_are_a_clear_error(imagenet_like):
+    shards = expand_shards("imagenet1k-train-*.tar", root=str(imagenet_like))  # its _info.json lists no file names
+    with pytest.raises(ValueError, match="no sample count for 'imagenet1k-train-0000.tar'"):
+        sample_count(shards)
+    (imagenet_like / "_info.json").unlink()
+    with pytest.raises(ValueError, match="data.decoded"):
+        sample_count(shards)
 
 
 def test_jpeg_and_png_members_decode_with_key_shard_and_label(imagenet_like):

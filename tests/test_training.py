@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from zoomvit.config import load_config
 from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.train.loop import weights_checksum
-from zoomvit.train.stages import baseline_task
+from zoomvit.train.stages import baseline_task, train_teacher
 from zoomvit.train.data import sample_dataset
 from zoomvit.train.trainer import run_training
 
@@ -49,6 +49,14 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(config, tmp_path):
     assert resumed.history[1]["start_epoch"] == 1
     assert resumed.history[1]["start_weights_checksum"] == pytest.approx(after_epoch_1, rel=1e-9)
     assert resumed.history[-1]["train_loss"] < resumed.history[0]["train_loss"]
+
+
+def test_a_streamed_training_set_is_read_anew_every_epoch_and_sized_by_info_json(config, tmp_path):
+    teacher = config.teacher.model_copy(update={"train": config.teacher.train.model_copy(update={"epochs": 2, "num_workers": 1})})
+    streamed = config.model_copy(update={"data": config.data.model_copy(update={"decoded": "streamed"}), "teacher": teacher})
+    result = train_teacher(streamed, tmp_path)
+    assert result.train_samples == 256  # from _info.json, not from a count of materialised rows
+    assert [h["train_images"] for h in result.history] == [256, 256]  # 8 full batches of 32, every epoch
 
 
 def _train_workers() -> list[psutil.Process]:

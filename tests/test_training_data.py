@@ -63,7 +63,7 @@ def test_relevance_maps_that_hold_a_key_twice_are_refused(ray_local, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("shared")
-    generate_demo_dataset(root, train=96, val=32, image_size=32, samples_per_shard=48)
+    generate_demo_dataset(root, train=96, val=32, image_size=32, samples_per_shard=16)
     return load_config(None, [f"data.root={root}", "data.image_size=32"]).data
 
 
@@ -76,9 +76,29 @@ def test_inside_a_pipeline_run_each_split_is_decoded_once_and_shared(ray_local, 
     assert sample_dataset(tiny_data, "train") is not train  # outside a run: a fresh lazy read
 
 
-def test_a_config_that_turns_sharing_off_decodes_for_every_caller(ray_local, tiny_data):
-    data = tiny_data.model_copy(update={"share_decoded": False})
+@pytest.mark.parametrize("decoded", ["per_stage", "streamed"])
+def test_configs_that_do_not_share_decode_for_every_caller(ray_local, tiny_data, decoded):
+    data = tiny_data.model_copy(update={"decoded": decoded})
     with shared_decoding():
         first = sample_dataset(data, "train")
         assert sample_dataset(data, "train") is not first
     assert first.count() == 96
+
+
+def _shard_order(ds) -> tuple[int, ...]:
+    keys = [str(k) for k in ds.to_pandas()["key"]]
+    assert len(keys) == 96 and len(set(keys)) == 96
+    return tuple(dict.fromkeys(int(k.rsplit("_", 1)[1]) // 16 for k in keys))  # 16 samples per shard
+
+
+def test_a_streamed_training_split_is_read_in_a_new_shard_order_every_epoch(ray_local, tiny_data):
+    options = ray_local.data.DataContext.get_current().execution_options
+    preserve, options.preserve_order = options.preserve_order, True  # rows come out in file order
+    try:
+        streamed = sample_dataset(tiny_data.model_copy(update={"decoded": "streamed"}), "train", file_shuffle_seed=0)
+        orders = [_shard_order(streamed) for _ in range(3)]
+        unshuffled = sample_dataset(tiny_data.model_copy(update={"decoded": "per_stage"}), "train", file_shuffle_seed=0)
+        assert _shard_order(unshuffled) == tuple(range(6))
+    finally:
+        options.preserve_order = preserve
+    assert len(set(orders)) == 3 and all(sorted(o) == list(range(6)) for o in orders)

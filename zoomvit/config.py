@@ -31,8 +31,13 @@ class DataConfig(Section):
 
     train_shards / val_shards: a path, a brace pattern (``train-{000000..000003}.tar``), a directory
     or a list of those; local, ``s3://``, ``gs://`` or any fsspec URL. Relative paths are taken
-    relative to ``root`` when it is set. ``share_decoded``: decode each split once per pipeline run
-    and keep it in Ray's object store for every stage (turn off for data sets that do not fit).
+    relative to ``root`` when it is set.
+
+    ``decoded``: how training stages hold the decoded images. ``shared``: each split is decoded once
+    per pipeline run and kept in Ray's object store for every stage; ``per_stage``: each stage
+    decodes and keeps its own copy; ``streamed``: nothing is kept, every epoch reads and decodes the
+    training shards again (data sets larger than the object store), with the sample count per epoch
+    from the ``_info.json`` beside the shards.
     """
 
     root: str | None = None
@@ -46,7 +51,7 @@ class DataConfig(Section):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     class_names: str | None = None
-    share_decoded: bool = True
+    decoded: Literal["shared", "per_stage", "streamed"] = "shared"
     demo: DemoDataConfig | None = None
 
 

@@ -103,11 +103,12 @@ def _datasource_class():
     return WebDatasetShards
 
 
-def read_shards(paths: Sequence[str], *, filesystem=None, override_num_blocks: int | None = None):
-    """A Ray Dataset of raw rows, one read task per shard where parallelism allows."""
+def read_shards(paths: Sequence[str], *, filesystem=None, override_num_blocks: int | None = None, shuffle=None):
+    """A Ray Dataset of raw rows, one read task per shard where parallelism allows; ``shuffle``: Ray
+    Data's file shuffle (None, "files" or a ``FileShuffleConfig``)."""
     import ray.data
 
-    datasource = _datasource_class()(list(paths), filesystem=filesystem, shuffle=None)
+    datasource = _datasource_class()(list(paths), filesystem=filesystem, shuffle=shuffle)
     return ray.data.read_datasource(datasource, override_num_blocks=override_num_blocks or len(paths))
 
 
@@ -164,9 +165,10 @@ def read_decoded(
     batch_size: int = 64,
     num_cpus: float = 1.0,
     filesystem=None,
+    shuffle=None,
 ):
     """Shards read and decoded on Ray Data (CPU tasks), skip and end-of-shard rows included."""
-    return read_shards(paths, filesystem=filesystem).map_batches(
+    return read_shards(paths, filesystem=filesystem, shuffle=shuffle).map_batches(
         decode_batch,
         batch_size=batch_size,
         batch_format="pyarrow",

@@ -67,6 +67,28 @@ def read_info(shard_dir: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+def sample_count(paths: Sequence[str]) -> int:
+    """How many samples the shards hold, from the ``_info.json`` beside them (``shard_lengths`` per
+    file name, as timm's exports and the demo generator write it); ValueError when it does not say."""
+    by_dir: dict[str, list[str]] = {}
+    for path in paths:
+        by_dir.setdefault(path.rsplit("/", 1)[0] if "/" in path else ".", []).append(path.rsplit("/", 1)[-1])
+    total = 0
+    for shard_dir, names in by_dir.items():
+        info = read_info(shard_dir) or {}
+        lengths: dict[str, int] = {}
+        for split in info.get("splits", {}).values():
+            lengths.update(zip(split.get("filenames", []), split.get("shard_lengths", [])))
+        missing = [n for n in names if n not in lengths]
+        if missing:
+            raise ValueError(
+                f"no sample count for {missing[0]!r} in {shard_dir}/_info.json (splits.*.filenames and shard_lengths): "
+                "streamed training needs one to size its epochs; or set data.decoded to shared or per_stage"
+            )
+        total += sum(lengths[n] for n in names)
+    return total
+
+
 def _protocol(path: str) -> str | None:
     return path.split("://", 1)[0] if "://" in path else None
 

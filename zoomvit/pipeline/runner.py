@@ -52,7 +52,7 @@ def section(config: PipelineConfig, dotted: str) -> Any:
     for part in dotted.split("."):
         value = value[part]
     if dotted == "data":  # where the shards live is covered by their identity, not by the path
-        value = {k: v for k, v in value.items() if k not in ("root", "demo", "share_decoded")}
+        value = {k: v for k, v in value.items() if k not in ("root", "demo", "decoded")}
     return value
 
 

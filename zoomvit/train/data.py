@@ -24,8 +24,8 @@ _shared: dict[tuple[str, str], Any] | None = None
 @contextmanager
 def shared_decoding() -> Iterator[None]:
     """Inside this block, :func:`sample_dataset` decodes each split once and hands every later
-    caller the same materialized dataset (for configs with ``data.share_decoded``): the stages of
-    one pipeline run train and evaluate on the same decoded images."""
+    caller the same materialized dataset (for ``data.decoded: shared``): the stages of one pipeline
+    run train and evaluate on the same decoded images."""
     global _shared
     outer = _shared
     _shared = {} if outer is None else outer
@@ -35,19 +35,28 @@ def shared_decoding() -> Iterator[None]:
         _shared = outer
 
 
-def sample_dataset(data: DataConfig, split: str, *, limit: int | None = None):
-    """Decoded good samples of a split as a Ray Dataset with columns key, image, label, box."""
+def split_paths(data: DataConfig, split: str) -> list[str]:
+    return expand_shards({"train": data.train_shards, "val": data.val_shards}[split], root=data.root)
+
+
+def sample_dataset(data: DataConfig, split: str, *, limit: int | None = None, file_shuffle_seed: int | None = None):
+    """Decoded good samples of a split as a Ray Dataset with columns key, image, label, box.
+    ``file_shuffle_seed``: with ``data.decoded: streamed``, read the shards in a new seeded order
+    every execution (every epoch)."""
+    shared = _shared is not None and data.decoded == "shared"
     key = (data.model_dump_json(), split)
-    if _shared is not None and data.share_decoded and key in _shared:
+    if shared and key in _shared:
         ds = _shared[key]
     else:
+        from ray.data import FileShuffleConfig
+
         from zoomvit.data.ingest import keep_samples, read_decoded
 
-        spec = {"train": data.train_shards, "val": data.val_shards}[split]
         transform = ImageTransform(image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct)
-        ds = read_decoded(expand_shards(spec, root=data.root), num_classes=data.num_classes, transform=transform)
+        shuffle = FileShuffleConfig(seed=file_shuffle_seed) if data.decoded == "streamed" and file_shuffle_seed is not None else None
+        ds = read_decoded(split_paths(data, split), num_classes=data.num_classes, transform=transform, shuffle=shuffle)
         ds = ds.map_batches(keep_samples, fn_kwargs={"columns": TRAIN_COLUMNS}, batch_format="numpy")
-        if _shared is not None and data.share_decoded:
+        if shared:
             ds = _shared[key] = ds.materialize()
     return ds.limit(limit) if limit else ds
 

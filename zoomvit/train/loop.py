@@ -120,6 +120,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch": epoch,
             "train_loss": loss_sum / max(steps, 1),
             "train_img_per_s": images * world / max(seconds, 1e-9),
+            "train_images": images * world,
             "lr": optimizer.param_groups[0]["lr"],
         }
         if epoch == start_epoch:

@@ -7,13 +7,21 @@ from typing import Any
 
 import timm
 
-from zoomvit.config import PipelineConfig
-from zoomvit.train.data import sample_dataset, with_maps
+from zoomvit.config import PipelineConfig, TrainConfig
+from zoomvit.data.shards import sample_count
+from zoomvit.train.data import sample_dataset, split_paths, with_maps
 from zoomvit.train.trainer import TrainResult, run_training
 
 
 def _common(config: PipelineConfig) -> dict[str, Any]:
     return {"num_classes": config.data.num_classes, "mean": list(config.data.mean), "std": list(config.data.std)}
+
+
+def _train_split(config: PipelineConfig, train: TrainConfig):
+    """The training split, and its sample count when ``data.decoded`` streams it (None otherwise)."""
+    data = config.data
+    count = sample_count(split_paths(data, "train")) if data.decoded == "streamed" else None
+    return sample_dataset(data, "train", file_shuffle_seed=train.seed), count
 
 
 def train_teacher(config: PipelineConfig, out_dir: Path, tracking: dict[str, str] | None = None) -> TrainResult | None:
@@ -24,14 +32,16 @@ def train_teacher(config: PipelineConfig, out_dir: Path, tracking: dict[str, str
     if teacher.train is None:
         raise ValueError("teacher: set pretrained=true, a checkpoint, or a train section")
     task = {"kind": "classifier", "model": teacher.model, "model_kwargs": dict(teacher.model_kwargs), **_common(config)}
+    train_ds, streamed = _train_split(config, teacher.train)
     return run_training(
         name="teacher",
         task=task,
         train=teacher.train,
-        train_ds=sample_dataset(config.data, "train"),
+        train_ds=train_ds,
         val_ds=sample_dataset(config.data, "val"),
         out_dir=out_dir,
         tracking=tracking,
+        streamed_samples=streamed,
     )
 
 
@@ -46,14 +56,16 @@ def train_zoomer(config: PipelineConfig, relevance_dir: Path, out_dir: Path, tra
     grid = zoomvit_grid(config)
     z = config.zoomer
     task = {"kind": "zoomer", "grid": list(grid), "width": z.width, "depth": z.depth, "loss": z.loss, "topk_fraction": z.topk_fraction, **_common(config)}
+    train_ds, streamed = _train_split(config, z.train)
     return run_training(
         name="zoomer",
         task=task,
         train=z.train,
-        train_ds=with_maps(sample_dataset(config.data, "train"), relevance_dir, "train", grid),
+        train_ds=with_maps(train_ds, relevance_dir, "train", grid),
         val_ds=with_maps(sample_dataset(config.data, "val"), relevance_dir, "val", grid),
         out_dir=out_dir,
         tracking=tracking,
+        streamed_samples=streamed,
     )
 
 
@@ -124,14 +136,16 @@ def train_zoomvit(
 ) -> TrainResult:
     distill = config.zoomvit.distill
     _require_teacher_weights(config.zoomvit, teacher_weights)
+    train_ds, streamed = _train_split(config, config.zoomvit.train)
     return run_training(
         name="zoomvit",
         task=zoomvit_task(config, zoomer_weights, teacher_weights),
         train=config.zoomvit.train,
-        train_ds=_distill_data(sample_dataset(config.data, "train"), distill, relevance_dir, "train"),
+        train_ds=_distill_data(train_ds, distill, relevance_dir, "train"),
         val_ds=sample_dataset(config.data, "val"),
         out_dir=out_dir,
         tracking=tracking,
+        streamed_samples=streamed,
     )
 
 
@@ -164,13 +178,15 @@ def train_baselines(
         _require_teacher_weights(section, teacher_weights)
     results = {}
     for name, task in baseline_tasks(config, teacher_weights).items():
+        train_ds, streamed = _train_split(config, config.baseline.train)
         results[name] = run_training(
             name=name,
             task=task,
             train=config.baseline.train,
-            train_ds=_distill_data(sample_dataset(config.data, "train"), distill, relevance_dir, "train"),
+            train_ds=_distill_data(train_ds, distill, relevance_dir, "train"),
             val_ds=sample_dataset(config.data, "val"),
             out_dir=out_dir if name == "baseline" else out_dir / name,
             tracking=tracking if name == "baseline" else None,
+            streamed_samples=streamed,
         )
     return results

@@ -38,10 +38,13 @@ def run_training(
     val_ds,
     out_dir: str | Path,
     tracking: dict[str, str] | None = None,
+    streamed_samples: int | None = None,
 ) -> TrainResult:
     """Train ``task`` on N workers; weights end in ``out_dir/model.safetensors``.
 
-    Rerunning with the same ``out_dir`` resumes from the latest checkpoint of an interrupted run.
+    The training set is materialised and counted, unless ``streamed_samples`` (its size, known
+    beforehand) is given: then every epoch reads it anew and nothing is kept. Rerunning with the
+    same ``out_dir`` resumes from the latest checkpoint of an interrupted run.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -51,11 +54,15 @@ def run_training(
     use_gpu = resolve_use_gpu(train.use_gpu)
     if train.max_train_samples:
         train_ds = train_ds.limit(train.max_train_samples)
-    train_ds = train_ds.drop_columns(["key"]).materialize()  # strings do not become tensors
+    train_ds = train_ds.drop_columns(["key"])  # strings do not become tensors
     val_ds = val_ds.drop_columns(["key"]).materialize()
-    n_train = train_ds.count()
-    if train.shuffle_buffer:  # a different (seeded) block order every epoch
-        train_ds = train_ds.randomize_block_order(seed=train.seed)
+    if streamed_samples is None:
+        train_ds = train_ds.materialize()
+        n_train = train_ds.count()
+        if train.shuffle_buffer:  # a different (seeded) block order every epoch
+            train_ds = train_ds.randomize_block_order(seed=train.seed)
+    else:  # an upper bound when samples are skipped (the cosine schedule then ends a little early)
+        n_train = min(streamed_samples, train.max_train_samples or streamed_samples)
     if train.rand_augment:  # after materialize: a fresh draw every epoch
         from zoomvit.train.data import rand_augment_batch
 
