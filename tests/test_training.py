@@ -59,6 +59,12 @@ def test_a_streamed_training_set_is_read_anew_every_epoch_and_sized_by_info_json
     assert [h["train_images"] for h in result.history] == [256, 256]  # 8 full batches of 32, every epoch
 
 
+def test_streamed_training_that_leaves_no_cpu_for_decoding_is_refused_instead_of_waiting_forever(config, tmp_path):
+    streamed = config.model_copy(update={"data": config.data.model_copy(update={"decoded": "streamed"})})  # 2 workers x 1 CPU on 2 CPUs
+    with pytest.raises(ValueError, match="leave a CPU free"):
+        train_teacher(streamed, tmp_path)
+
+
 def _train_workers() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):

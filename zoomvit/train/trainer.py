@@ -29,6 +29,22 @@ def resolve_use_gpu(use_gpu: bool | str) -> bool:
     return bool(use_gpu)
 
 
+def _require_decode_cpus(name: str, train: TrainConfig) -> None:
+    """Streamed epochs are read and decoded while the workers train: on a cluster that the training
+    workers fill exactly, Ray Data would get no CPU and the first epoch would wait forever. (A
+    cluster too small for the workers is left alone: it has to grow, and an autoscaler can add CPUs.)"""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    reserved = train.num_workers * train.cpus_per_worker
+    if reserved <= total < reserved + 1:
+        raise ValueError(
+            f"{name}: data.decoded=streamed decodes while training runs, but the {train.num_workers} workers x "
+            f"{train.cpus_per_worker} CPUs take all {total:g} CPUs of the cluster: leave a CPU free (fewer num_workers "
+            "or cpus_per_worker), add CPU nodes, or use data.decoded shared or per_stage"
+        )
+
+
 def run_training(
     *,
     name: str,
@@ -62,6 +78,7 @@ def run_training(
         if train.shuffle_buffer:  # a different (seeded) block order every epoch
             train_ds = train_ds.randomize_block_order(seed=train.seed)
     else:  # an upper bound when samples are skipped (the cosine schedule then ends a little early)
+        _require_decode_cpus(name, train)
         n_train = min(streamed_samples, train.max_train_samples or streamed_samples)
     if train.rand_augment:  # after materialize: a fresh draw every epoch
         from zoomvit.train.data import rand_augment_batch
