@@ -54,6 +54,12 @@ class DataConfig(Section):
     decoded: Literal["shared", "per_stage", "streamed"] = "shared"
     demo: DemoDataConfig | None = None
 
+    def shard_paths(self, split: Literal["train", "val"]) -> list[str]:
+        """The split's shard paths, expanded and sorted (ValueError when none exist)."""
+        from zoomvit.data.shards import expand_shards
+
+        return expand_shards({"train": self.train_shards, "val": self.val_shards}[split], root=self.root)
+
 
 class TeacherConfig(Section):
     """The teacher ViT: a timm name, optionally pretrained (hub) or from a local checkpoint."""

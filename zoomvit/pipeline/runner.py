@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import zoomvit
 from zoomvit.config import PipelineConfig
-from zoomvit.data.shards import ShardInfo, expand_shards, shard_infos
+from zoomvit.data.shards import ShardInfo, shard_infos
 from zoomvit.pipeline.stages import ORDER, STAGES, StageContext
 from zoomvit.tracking.runs import Tracker, flatten, git_commit, lineage_picture, resolve_tracking_uri, shards_digest
 
@@ -79,8 +79,8 @@ def ensure_demo_data(config: PipelineConfig) -> None:
         return
     wanted = {"train": demo.train, "val": demo.val, "image_size": demo.image_size, "seed": demo.seed, "samples_per_shard": demo.samples_per_shard, "photo_clutter": demo.photo_clutter}
     try:
-        expand_shards(config.data.train_shards, root=root)
-        expand_shards(config.data.val_shards, root=root)
+        config.data.shard_paths("train")
+        config.data.shard_paths("val")
         info_path = Path(root) / "_info.json"
         generator = json.loads(info_path.read_text()).get("generator", {}) if info_path.exists() else {}
         if all(generator.get(k) == v for k, v in wanted.items()):
@@ -131,8 +131,7 @@ def _run_pipeline(config: PipelineConfig, *, only: Sequence[str], force: Sequenc
             raise ValueError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}")
     ensure_demo_data(config)
     data = config.data
-    train_paths = expand_shards(data.train_shards, root=data.root)
-    val_paths = expand_shards(data.val_shards, root=data.root)
+    train_paths, val_paths = data.shard_paths("train"), data.shard_paths("val")
     shards = shard_infos(train_paths + val_paths)
     root = artifact_root(config)
     tracker = Tracker(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)

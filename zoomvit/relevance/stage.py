@@ -21,7 +21,7 @@ import zoomvit
 from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
 from zoomvit.data.decode import ImageTransform, SkipReason, SkipReport
 from zoomvit.data.relevance_store import group_path, read_metadata, write_group
-from zoomvit.data.shards import expand_shards, shard_key
+from zoomvit.data.shards import shard_key
 
 MANIFEST = "relevance.json"
 
@@ -117,10 +117,9 @@ def run_relevance_stage(
         "num_classes": data.num_classes,
         "model_kwargs": dict(teacher.model_kwargs),
     }
-    split_specs = {"train": data.train_shards, "val": data.val_shards}
     groups: list[_Group] = []
     for split in relevance.splits:
-        paths = expand_shards(split_specs[split], root=data.root)
+        paths = data.shard_paths(split)
         for i in range(0, len(paths), relevance.shards_per_group):
             groups.append(_Group(split=split, index=i // relevance.shards_per_group, shards=paths[i : i + relevance.shards_per_group]))
     base_meta = {

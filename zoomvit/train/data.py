@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from zoomvit.config import DataConfig
 from zoomvit.data.decode import ImageTransform
-from zoomvit.data.shards import expand_shards
 
 TRAIN_COLUMNS = ["key", "image", "label", "box"]
 
@@ -35,10 +34,6 @@ def shared_decoding() -> Iterator[None]:
         _shared = outer
 
 
-def split_paths(data: DataConfig, split: str) -> list[str]:
-    return expand_shards({"train": data.train_shards, "val": data.val_shards}[split], root=data.root)
-
-
 def sample_dataset(data: DataConfig, split: str, *, limit: int | None = None, file_shuffle_seed: int | None = None):
     """Decoded good samples of a split as a Ray Dataset with columns key, image, label, box.
     ``file_shuffle_seed``: with ``data.decoded: streamed``, read the shards in a new seeded order
@@ -54,7 +49,7 @@ def sample_dataset(data: DataConfig, split: str, *, limit: int | None = None, fi
 
         transform = ImageTransform(image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct)
         shuffle = FileShuffleConfig(seed=file_shuffle_seed) if data.decoded == "streamed" and file_shuffle_seed is not None else None
-        ds = read_decoded(split_paths(data, split), num_classes=data.num_classes, transform=transform, shuffle=shuffle)
+        ds = read_decoded(data.shard_paths(split), num_classes=data.num_classes, transform=transform, shuffle=shuffle)
         ds = ds.map_batches(keep_samples, fn_kwargs={"columns": TRAIN_COLUMNS}, batch_format="numpy")
         if shared:
             ds = _shared[key] = ds.materialize()

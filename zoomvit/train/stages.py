@@ -9,7 +9,7 @@ import timm
 
 from zoomvit.config import PipelineConfig, TrainConfig
 from zoomvit.data.shards import sample_count
-from zoomvit.train.data import sample_dataset, split_paths, with_maps
+from zoomvit.train.data import sample_dataset, with_maps
 from zoomvit.train.trainer import TrainResult, run_training
 
 
@@ -20,7 +20,7 @@ def _common(config: PipelineConfig) -> dict[str, Any]:
 def _train_split(config: PipelineConfig, train: TrainConfig):
     """The training split, and its sample count when ``data.decoded`` streams it (None otherwise)."""
     data = config.data
-    count = sample_count(split_paths(data, "train")) if data.decoded == "streamed" else None
+    count = sample_count(data.shard_paths("train")) if data.decoded == "streamed" else None
     return sample_dataset(data, "train", file_shuffle_seed=train.seed), count
 
 
@@ -177,8 +177,8 @@ def train_baselines(
     for section in (config.baseline, *config.baseline.others):
         _require_teacher_weights(section, teacher_weights)
     results = {}
+    train_ds, streamed = _train_split(config, config.baseline.train)
     for name, task in baseline_tasks(config, teacher_weights).items():
-        train_ds, streamed = _train_split(config, config.baseline.train)
         results[name] = run_training(
             name=name,
             task=task,

@@ -77,7 +77,7 @@ def run_training(
         n_train = train_ds.count()
         if train.shuffle_buffer:  # a different (seeded) block order every epoch
             train_ds = train_ds.randomize_block_order(seed=train.seed)
-    else:  # an upper bound when samples are skipped (the cosine schedule then ends a little early)
+    else:  # an upper bound when samples are skipped (the cosine schedule then stops just short of its minimum)
         _require_decode_cpus(name, train)
         n_train = min(streamed_samples, train.max_train_samples or streamed_samples)
     if train.rand_augment:  # after materialize: a fresh draw every epoch
