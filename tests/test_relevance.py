@@ -115,3 +115,25 @@ def test_the_one_patch_that_decides_the_class_gets_the_highest_relevance(one_pat
     assert int(mean_map.argmax()) == 1 * 4 + 2
     assert mean_map[6] > 2 * others.max()
     assert (result.maps_BHW.flatten(1).argmax(dim=1) == 6).float().mean() > 0.5
+
+
+def test_a_distilled_teacher_is_explained_through_both_of_its_decision_tokens():
+    from zoomvit.relevance.attribution import _grad_rollout, attention_probes
+
+    teacher = timm.create_model("deit_test_distilled_patch8_32", num_classes=5).eval()
+    images, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    result = relevance_maps(teacher, images, labels_B=labels)
+    with torch.enable_grad(), attention_probes(teacher) as attns:
+        logits = teacher(images)  # eval: the mean of the class and distillation heads
+        R = _grad_rollout(attns, torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), attns))
+    both = R[:, :2, 2:].mean(dim=1).reshape(3, 4, 4).clamp(min=0)
+    class_only = R[:, 0, 2:].reshape(3, 4, 4).clamp(min=0)
+    torch.testing.assert_close(result.maps_BHW, both)
+    assert not torch.allclose(result.maps_BHW, class_only)
+
+
+@pytest.mark.parametrize("pool", ["avg", "map"])
+def test_a_teacher_without_a_decision_token_is_refused(pool):
+    teacher = timm.create_model("vit_test_patch8_32", num_classes=5, global_pool=pool).eval()
+    with pytest.raises(ValueError, match="global_pool"):
+        relevance_maps(teacher, torch.randn(1, 3, 32, 32))

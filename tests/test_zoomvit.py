@@ -96,3 +96,62 @@ def test_zoomer_gradients_flow_and_stop_when_frozen():
     out = zoomer(torch.randn(2, 3, 64, 64))
     assert not out.requires_grad
     assert all(not p.requires_grad and p.grad is None for p in zoomer.parameters())
+
+
+# --- fidelity to the paper and the official code ------------------------------------------------------
+
+
+def test_a_zoomvit_made_from_a_vits_weights_is_that_vit_before_training():
+    """The zoom-level embedding starts at zero: with alpha above every score (no zoom, tokens in
+    importance order) a fresh ZoomViT with a ViT's weights gives that ViT's logits."""
+    vit = timm.create_model("vit_test_patch8_32").eval()
+    model = timm.create_model("zoomvit_test_patch8_32").eval()
+    load_backbone_state_dict(model, vit.state_dict())
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        scores = torch.rand(4, 4, 4) * 0.9
+        torch.testing.assert_close(model(images, scores, alpha=0.95), vit(images), rtol=1e-5, atol=1e-5)
+
+
+def test_the_global_zoomer_head_lets_every_cell_see_the_whole_image():
+    images = torch.randn(1, 3, 64, 64)
+    corner = images.clone()
+    corner[:, :, :8, :8] += 5.0  # top-left corner only
+    far_cell = {}
+    for head in ("global", "local"):
+        torch.manual_seed(0)
+        zoomer = Zoomer(grid=(8, 8), width=8, depth=1, head=head).eval()
+        with torch.no_grad():
+            far_cell[head] = float((zoomer(corner) - zoomer(images))[0, 7, 7].abs())
+    assert far_cell["local"] == 0.0  # outside the receptive field
+    assert far_cell["global"] > 1e-6
+
+
+def test_the_global_zoomer_head_is_the_official_one():
+    zoomer = Zoomer(grid=(14, 14), width=64, depth=2)
+    assert zoomer.head_kind == "global"
+    assert (zoomer.project.in_features, zoomer.project.out_features) == (4 * 14 * 14, 14 * 14)
+    with pytest.raises(ValueError, match="head"):
+        Zoomer(grid=(8, 8), head="attention")
+
+
+def test_a_frozen_zoomer_stays_fp32_when_the_model_is_cast_to_bf16():
+    model = timm.create_model("zoomvit_test_patch8_32").eval()
+    model.zoomer.freeze()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        fp32_scores = model.importance(images)
+        model.to(torch.bfloat16)
+        assert model.patch_embed.proj.weight.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in model.zoomer.parameters())
+        bf16_scores = model.importance(images)
+        assert bf16_scores.dtype == torch.float32
+        assert torch.equal(bf16_scores, fp32_scores)
+        logits = model(images)  # the bf16 backbone takes fp32 images
+        assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.parametrize("pool", ["max", "avgmax", ""])
+def test_a_pooling_zoomvit_cannot_honour_is_refused(pool):
+    with pytest.raises(ValueError, match="global_pool"):
+        timm.create_model("zoomvit_test_patch8_32", global_pool=pool)

@@ -34,11 +34,19 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
 
 
 @torch.no_grad()
-def zoomvit_flops(model: nn.Module, images_BCHW: torch.Tensor, scores_BHW: torch.Tensor | None = None, **zoom: Any) -> FlopReport:
+def zoomvit_flops(
+    model: nn.Module,
+    images_BCHW: torch.Tensor,
+    scores_BHW: torch.Tensor | None = None,
+    *,
+    highres: torch.Tensor | None = None,
+    **zoom: Any,
+) -> FlopReport:
     """Measured GFLOPs of every image run alone (no padding), for a ZoomViT or any timm model.
 
     A ZoomViT image's cost depends only on its token count, so each distinct count is measured
-    once. The Zoomer's cost is counted when it supplies the scores.
+    once. The Zoomer's cost is counted when it supplies the scores. ``highres``: the 2x copy a
+    ``zoom_source='highres'`` model reads (its zoomed tokens cost what up-sampled ones do).
     """
     from zoomvit.models.zoomvit import ZoomViT
 
@@ -58,7 +66,8 @@ def zoomvit_flops(model: nn.Module, images_BCHW: torch.Tensor, scores_BHW: torch
         per_count: dict[int, float] = {}
         for i, n in enumerate(tokens_B.tolist()):
             if n not in per_count:
-                per_count[n] = count_flops(model, images_BCHW[i : i + 1], scores_BHW[i : i + 1], **zoom) / 1e9
+                hr = None if highres is None else highres[i : i + 1]
+                per_count[n] = count_flops(model, images_BCHW[i : i + 1], scores_BHW[i : i + 1], highres=hr, **zoom) / 1e9
         gflops_B = torch.tensor([per_count[n] for n in tokens_B.tolist()])
         return FlopReport(gflops_B=gflops_B, zoomer_gflops=zoomer_gflops, tokens_B=tokens_B)
     finally:

@@ -4,19 +4,28 @@ Every image is first described on the backbone's patch grid (gh x gw cells of P 
 whose importance score passes ``alpha`` is *zoomed*: it becomes four tokens of P/2 x P/2 pixels. A
 2 x 2 block of cells that are all below ``coarse_alpha`` becomes one *coarse* token of 2P x 2P
 pixels. Every other cell is one P x P token. All three kinds are embedded with the same P x P patch
-projection, applied to the 2x up-sampled image (zoom), the image itself, or the 2x down-sampled
-image (coarse), as the official ZoomViT does for the zoomed level.
+projection. A zoomed sub-cell's P x P pixels come from one of:
 
-Tokens of every kind live in one fixed per-image "universe" (coarse cells, then normal cells, then
-zoomed sub-cells, each in raster order); a layout picks the valid ones, sorts them by importance and
-pads to the longest image of the batch. Keeping the universe fixed makes layouts pure index tensors,
-so planning is batched and independent of the embedding.
+- ``upsample`` + ``nearest`` (the default, as the official ZoomViT code: the image with every pixel
+  repeated 2x2), so the projection sees exactly the P/2 cell and nothing of its neighbours;
+- ``upsample`` + ``bilinear``: a bilinear 2x up-sample (mixes in a half pixel of the neighbours);
+- ``highres``: a copy of the image decoded at twice the input resolution, so a zoomed token reads
+  real pixels the P x P token never saw (beyond the paper).
+
+Coarse tokens read the 2x down-sampled (2x2 average) image.
+
+Tokens of every kind live in one fixed per-image "universe" (coarse blocks and normal cells in raster
+order, then zoomed sub-cells cell by cell: the four sub-cells of a cell are adjacent); a layout picks
+the valid ones, sorts them by importance (stable, so ties keep the universe order and a cell's four
+sub-cells stay together) and pads to the longest image of the batch. Keeping the universe fixed makes
+layouts pure index tensors, so planning is batched and independent of the embedding.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,30 +34,37 @@ import torch.nn.functional as F
 COARSE, NORMAL, ZOOM = -1, 0, 1
 NUM_LEVELS = 3
 
+ZoomSource = Literal["upsample", "highres"]
+ZoomResample = Literal["nearest", "bilinear"]
+ZOOM_SOURCES: tuple[str, ...] = ("upsample", "highres")
+ZOOM_RESAMPLES: tuple[str, ...] = ("nearest", "bilinear")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ZoomConfig:
     """How an importance map turns into tokens.
 
-    alpha: cells with score > alpha are zoomed (4 tokens of P/2 px).
+    alpha: cells with score > alpha are zoomed (4 tokens of P/2 px); a float, or a (B,) tensor of
+        per-image thresholds (training draws one per image).
     coarse_alpha: 2x2 blocks whose four scores are all < coarse_alpha become one 2P token
         (None: no coarse tokens). Must not exceed alpha.
     keep_rate: after ordering by importance keep ceil(keep_rate * n) tokens per image (pruning).
     token_budget: if set, zoom exactly the top-k cells of every image so that each image has
-        ``token_budget`` tokens (static shapes, no padding); alpha and coarse_alpha are ignored.
+        ``token_budget`` tokens; alpha and coarse_alpha are ignored. An int (static shapes, no
+        padding) or a (B,) tensor of per-image budgets. Ties go to the lower cell index.
     """
 
-    alpha: float = 0.5
+    alpha: float | torch.Tensor = 0.5
     coarse_alpha: float | None = None
     keep_rate: float = 1.0
-    token_budget: int | None = None
+    token_budget: int | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.coarse_alpha is not None and self.coarse_alpha > self.alpha:
+        if self.coarse_alpha is not None and self.coarse_alpha > float(torch.as_tensor(self.alpha).min()):
             raise ValueError(f"coarse_alpha ({self.coarse_alpha}) must not exceed alpha ({self.alpha})")
         if not 0.0 < self.keep_rate <= 1.0:
             raise ValueError(f"keep_rate must be in (0, 1], got {self.keep_rate}")
-        if self.token_budget is not None and self.token_budget <= 0:
+        if self.token_budget is not None and int(torch.as_tensor(self.token_budget).min()) <= 0:
             raise ValueError(f"token_budget must be positive, got {self.token_budget}")
 
 
@@ -93,16 +109,19 @@ def build_universe(grid: tuple[int, int], patch_size: int, *, coarse: bool, devi
         raise ValueError(f"coarse tokens need an even patch grid, got {gh}x{gw}")
     levels, boxes = [], []
 
-    def add(level: int, rows: int, cols: int, side: int) -> None:
-        r = torch.arange(rows, device=device).repeat_interleave(cols)
-        c = torch.arange(cols, device=device).repeat(rows)
+    def add(level: int, r: torch.Tensor, c: torch.Tensor, side: int) -> None:
         boxes.append(torch.stack([c * side, r * side, (c + 1) * side, (r + 1) * side], dim=1))
-        levels.append(torch.full((rows * cols,), level, device=device))
+        levels.append(torch.full((len(r),), level, device=device))
+
+    def raster(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.arange(rows, device=device).repeat_interleave(cols), torch.arange(cols, device=device).repeat(rows)
 
     if coarse:
-        add(COARSE, gh // 2, gw // 2, 2 * patch_size)
-    add(NORMAL, gh, gw, patch_size)
-    add(ZOOM, 2 * gh, 2 * gw, patch_size // 2)
+        add(COARSE, *raster(gh // 2, gw // 2), 2 * patch_size)
+    add(NORMAL, *raster(gh, gw), patch_size)
+    r, c = raster(gh, gw)
+    sub_r, sub_c = torch.tensor([0, 0, 1, 1], device=device), torch.tensor([0, 1, 0, 1], device=device)
+    add(ZOOM, (2 * r[:, None] + sub_r).flatten(), (2 * c[:, None] + sub_c).flatten(), patch_size // 2)
     return TokenUniverse(
         grid=grid, patch_size=patch_size, level_U=torch.cat(levels), box_U4=torch.cat(boxes), coarse=coarse
     )
@@ -113,12 +132,14 @@ def cell_levels(scores_BHW: torch.Tensor, config: ZoomConfig) -> torch.Tensor:
     B, gh, gw = scores_BHW.shape
     levels = torch.zeros_like(scores_BHW, dtype=torch.long)
     if config.token_budget is not None:
-        k = budget_zoom_cells(config.token_budget, gh * gw)
-        if k:
-            top = scores_BHW.flatten(1).topk(k, dim=1).indices
-            levels.view(B, -1).scatter_(1, top, ZOOM)
+        budget_B = torch.as_tensor(config.token_budget, device=scores_BHW.device).expand(B)
+        k_B = torch.tensor([budget_zoom_cells(int(b), gh * gw) for b in budget_B.tolist()], device=scores_BHW.device)
+        order = torch.sort(scores_BHW.flatten(1), dim=1, descending=True, stable=True).indices
+        rank_BN = torch.empty_like(order).scatter_(1, order, torch.arange(gh * gw, device=order.device).expand(B, -1))
+        levels.view(B, -1)[rank_BN < k_B[:, None]] = ZOOM
         return levels
-    levels[scores_BHW > config.alpha] = ZOOM
+    alpha_B11 = torch.as_tensor(config.alpha, dtype=scores_BHW.dtype, device=scores_BHW.device).reshape(-1, 1, 1)
+    levels[scores_BHW > alpha_B11] = ZOOM
     if config.coarse_alpha is not None:
         low = (scores_BHW < config.coarse_alpha).float()
         block_low = F.max_pool2d(-low.unsqueeze(1), 2).neg().squeeze(1) > 0  # all four cells low
@@ -158,10 +179,8 @@ def plan_layout(scores_BHW: torch.Tensor, universe: TokenUniverse, config: ZoomC
         parts_score.append(coarse_score)
     parts_valid.append(flat_levels == NORMAL)
     parts_score.append(flat_scores)
-    zoom_cell = (levels_BHW == ZOOM).repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
-    zoom_score = scores_BHW.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
-    parts_valid.append(zoom_cell.flatten(1))
-    parts_score.append(zoom_score.flatten(1))
+    parts_valid.append((flat_levels == ZOOM).repeat_interleave(4, dim=1))
+    parts_score.append(flat_scores.repeat_interleave(4, dim=1))
     valid_BU = torch.cat(parts_valid, dim=1)
     score_BU = torch.cat(parts_score, dim=1)
 
@@ -186,21 +205,45 @@ def plan_layout(scores_BHW: torch.Tensor, universe: TokenUniverse, config: ZoomC
     )
 
 
-def universe_patches(images_BCHW: torch.Tensor, universe: TokenUniverse) -> torch.Tensor:
-    """Pixels of every candidate token, flattened like a P x P conv kernel: (B, U, C*P*P)."""
+def zoom_pixels(
+    images_BCHW: torch.Tensor,
+    *,
+    source: ZoomSource = "upsample",
+    resample: ZoomResample = "nearest",
+    highres_BCHW: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The (B, C, 2H, 2W) image zoomed sub-cells are cut from (see the module docstring)."""
+    B, C, H, W = images_BCHW.shape
+    if source == "highres":
+        if highres_BCHW is None:
+            raise ValueError("zoom_source='highres' needs the 2x resolution copy of the images (highres=...)")
+        if tuple(highres_BCHW.shape) != (B, C, 2 * H, 2 * W):
+            raise ValueError(f"the highres images must be {(B, C, 2 * H, 2 * W)}, got {tuple(highres_BCHW.shape)}")
+        return highres_BCHW.to(images_BCHW.dtype)
+    if source != "upsample":
+        raise ValueError(f"zoom_source must be one of {ZOOM_SOURCES}, got {source!r}")
+    if resample == "nearest":
+        return images_BCHW.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    if resample == "bilinear":
+        return F.interpolate(images_BCHW, scale_factor=2, mode="bilinear", align_corners=False)
+    raise ValueError(f"zoom_resample must be one of {ZOOM_RESAMPLES}, got {resample!r}")
+
+
+def universe_patches(images_BCHW: torch.Tensor, universe: TokenUniverse, zoomed_BCHW: torch.Tensor) -> torch.Tensor:
+    """Pixels of every candidate token, flattened like a P x P conv kernel: (B, U, C*P*P).
+    ``zoomed_BCHW``: the 2x image zoomed sub-cells are cut from (:func:`zoom_pixels`)."""
     P = universe.patch_size
     parts = []
     if universe.coarse:
         parts.append(_patchify(F.avg_pool2d(images_BCHW, 2), P))
     parts.append(_patchify(images_BCHW, P))
-    up = F.interpolate(images_BCHW, scale_factor=2, mode="bilinear", align_corners=False)
-    parts.append(_patchify(up, P))
+    parts.append(_cell_major(_patchify(zoomed_BCHW, P), universe.grid))
     return torch.cat(parts, dim=1)
 
 
-def gather_patches(images_BCHW: torch.Tensor, universe: TokenUniverse, layout: TokenLayout) -> torch.Tensor:
+def gather_patches(images_BCHW: torch.Tensor, universe: TokenUniverse, layout: TokenLayout, zoomed_BCHW: torch.Tensor) -> torch.Tensor:
     """Pixels of the chosen tokens only: (B, L, C*P*P)."""
-    patches_BUK = universe_patches(images_BCHW, universe)
+    patches_BUK = universe_patches(images_BCHW, universe, zoomed_BCHW)
     idx = layout.index_BL.unsqueeze(-1).expand(-1, -1, patches_BUK.shape[-1])
     return patches_BUK.gather(1, idx)
 
@@ -212,16 +255,45 @@ def _patchify(x_BCHW: torch.Tensor, P: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * P * P)
 
 
-def universe_pos_embed(pos_grid_1DHW: torch.Tensor, universe: TokenUniverse) -> torch.Tensor:
-    """Position embedding of every candidate token, sampled at the token's true centre: (U, D).
+def _cell_major(fine_BNK: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Rows of a (2gh x 2gw) raster reordered cell by cell (the universe's zoom order)."""
+    gh, gw = grid
+    B, _, K = fine_BNK.shape
+    return fine_BNK.reshape(B, gh, 2, gw, 2, K).permute(0, 1, 3, 2, 4, 5).reshape(B, 4 * gh * gw, K)
 
-    Bilinear resampling of the patch-grid embedding (align_corners=False) evaluates it exactly at
-    the centres of the finer (zoom) and coarser grids.
+
+def universe_pos_embed(pos_grid_1DHW: torch.Tensor, universe: TokenUniverse) -> torch.Tensor:
+    """Position embedding of every candidate token, evaluated at the token's true centre: (U, D).
+
+    The patch-grid embedding is treated as a function sampled at the cell centres and evaluated
+    bilinearly at the centres of the finer (zoom) and coarser grids; the outer half-cell ring of the
+    zoom grid lies beyond the outermost centres and is extrapolated linearly from the two nearest.
     """
     gh, gw = universe.grid
     parts = []
     if universe.coarse:
-        parts.append(F.interpolate(pos_grid_1DHW, size=(gh // 2, gw // 2), mode="bilinear", align_corners=False))
+        parts.append(_sample_linear(pos_grid_1DHW, gh // 2, gw // 2))
     parts.append(pos_grid_1DHW)
-    parts.append(F.interpolate(pos_grid_1DHW, size=(2 * gh, 2 * gw), mode="bilinear", align_corners=False))
+    fine = _sample_linear(pos_grid_1DHW, 2 * gh, 2 * gw).flatten(2).transpose(1, 2)
+    parts.append(_cell_major(fine, universe.grid).transpose(1, 2))
     return torch.cat([p.flatten(2).squeeze(0).transpose(0, 1) for p in parts], dim=0)
+
+
+def _sample_linear(grid_1DHW: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """Separable linear interpolation (extrapolation at the border) from cell centres of an H x W
+    grid to cell centres of an out_h x out_w grid covering the same square."""
+
+    def weights(n_in: int, n_out: int) -> torch.Tensor:  # (n_out, n_in)
+        W = torch.zeros(n_out, n_in, dtype=grid_1DHW.dtype, device=grid_1DHW.device)
+        if n_in == 1:
+            return W + 1
+        src = (torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5
+        i0 = src.floor().clamp(0, n_in - 2).long()
+        t = (src - i0).to(W.dtype)
+        rows = torch.arange(n_out)
+        W[rows, i0] = 1 - t
+        W[rows, i0 + 1] = t
+        return W
+
+    _, _, H, Wd = grid_1DHW.shape
+    return torch.einsum("oh,dhw,pw->dop", weights(H, out_h), grid_1DHW[0], weights(Wd, out_w)).unsqueeze(0)

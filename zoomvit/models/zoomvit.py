@@ -2,8 +2,10 @@
 
 The backbone is timm's ``VisionTransformer`` (same parameter names, so DeiT/ViT state dicts load
 where shapes match); only the tokenizer differs: tokens of three sizes (2P, P, P/2 px), a position
-embedding sampled at each token's true location, a learned zoom-level embedding, tokens ordered by
-importance, and a padding mask so every image of a batch keeps exactly its own result.
+embedding evaluated at each token's true location, a learned zoom-level embedding that starts at
+zero (a ZoomViT made from a ViT's weights is that ViT until it trains), tokens ordered by importance,
+and a padding mask so every image of a batch keeps exactly its own result. The Zoomer always runs
+in fp32, whatever precision the backbone is cast to.
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ from timm.models.vision_transformer import VisionTransformer
 from zoomvit.models.tokenizer import (
     NUM_LEVELS,
     TokenLayout,
+    ZOOM_RESAMPLES,
+    ZOOM_SOURCES,
     ZoomConfig,
+    ZoomResample,
+    ZoomSource,
     build_universe,
     gather_patches,
     plan_layout,
     universe_pos_embed,
+    zoom_pixels,
 )
 from zoomvit.models.zoomer import Zoomer
 
@@ -63,8 +70,11 @@ class ZoomViT(VisionTransformer):
         coarse: bool = False,
         keep_rate: float = 1.0,
         token_budget: int | None = None,
+        zoom_source: ZoomSource = "upsample",
+        zoom_resample: ZoomResample = "nearest",
         zoomer_width: int = 64,
         zoomer_depth: int = 2,
+        zoomer_head: str = "global",
         with_zoomer: bool = True,
         distilled: bool = False,
         **vit_kwargs: Any,
@@ -72,8 +82,14 @@ class ZoomViT(VisionTransformer):
         for key, unsupported in (("reg_tokens", 0), ("no_embed_class", False), ("dynamic_img_size", False)):
             if vit_kwargs.get(key, unsupported) != unsupported:
                 raise ValueError(f"ZoomViT does not support {key}={vit_kwargs[key]!r}")
-        if vit_kwargs.get("class_token", True) is False or vit_kwargs.get("global_pool", "token") == "map":
-            raise ValueError("ZoomViT needs a class token and 'token' or 'avg' pooling")
+        if vit_kwargs.get("class_token", True) is False:
+            raise ValueError("ZoomViT needs a class token")
+        if vit_kwargs.get("global_pool", "token") not in ("token", "avg"):
+            raise ValueError(f"ZoomViT pools with 'token' or 'avg', got global_pool={vit_kwargs['global_pool']!r}")
+        if zoom_source not in ZOOM_SOURCES:
+            raise ValueError(f"zoom_source must be one of {ZOOM_SOURCES}, got {zoom_source!r}")
+        if zoom_resample not in ZOOM_RESAMPLES:
+            raise ValueError(f"zoom_resample must be one of {ZOOM_RESAMPLES}, got {zoom_resample!r}")
         super().__init__(**vit_kwargs)
         self.distilled = distilled
         self.distilled_training = False
@@ -87,9 +103,9 @@ class ZoomViT(VisionTransformer):
             trunc_normal_(self.pos_embed[:, 1:2], std=0.02)
         self.zoom = ZoomConfig(alpha=alpha, coarse_alpha=coarse_alpha, keep_rate=keep_rate, token_budget=token_budget)
         self.coarse = coarse or coarse_alpha is not None
+        self.zoom_source, self.zoom_resample = zoom_source, zoom_resample
         self.zoom_embed = nn.Parameter(torch.zeros(NUM_LEVELS, self.embed_dim))
-        trunc_normal_(self.zoom_embed, std=0.02)
-        self.zoomer = Zoomer(grid=self.grid, width=zoomer_width, depth=zoomer_depth) if with_zoomer else None
+        self.zoomer = Zoomer(grid=self.grid, width=zoomer_width, depth=zoomer_depth, head=zoomer_head) if with_zoomer else None
         self._universe = build_universe(self.grid, self.patch_size, coarse=self.coarse)
 
     @property
@@ -136,17 +152,27 @@ class ZoomViT(VisionTransformer):
         return plan_layout(scores_BHW, self._universe_on(scores_BHW.device), config or self.zoom)
 
     def tokenize(
-        self, images_BCHW: torch.Tensor, scores_BHW: torch.Tensor | None = None, *, config: ZoomConfig | None = None, **zoom: Any
+        self,
+        images_BCHW: torch.Tensor,
+        scores_BHW: torch.Tensor | None = None,
+        *,
+        highres: torch.Tensor | None = None,
+        config: ZoomConfig | None = None,
+        **zoom: Any,
     ) -> ZoomTokens:
-        """Embed an image batch into zoom tokens. ``zoom`` overrides fields of the zoom config."""
+        """Embed an image batch into zoom tokens. ``highres``: the images at twice the resolution
+        (read by zoomed tokens when ``zoom_source='highres'``); ``zoom`` overrides zoom config fields."""
         if scores_BHW is None:
             scores_BHW = self.importance(images_BCHW)
         config = config or self.zoom_config(**zoom)
         universe = self._universe_on(images_BCHW.device)
         layout = plan_layout(scores_BHW, universe, config)
         pe = self.patch_embed
-        patches_BLK = gather_patches(images_BCHW, universe, layout)
-        tokens = F.linear(patches_BLK, pe.proj.weight.flatten(1), pe.proj.bias)
+        weight = pe.proj.weight
+        images_BCHW = images_BCHW.to(weight.dtype)
+        zoomed = zoom_pixels(images_BCHW, source=self.zoom_source, resample=self.zoom_resample, highres_BCHW=highres)
+        patches_BLK = gather_patches(images_BCHW, universe, layout, zoomed)
+        tokens = F.linear(patches_BLK, weight.flatten(1), pe.proj.bias)
         tokens = pe.norm(tokens)
         pos_grid = self.pos_embed[:, self.num_prefix_tokens :].reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
         pos_UD = universe_pos_embed(pos_grid, universe)
@@ -196,14 +222,22 @@ class ZoomViT(VisionTransformer):
         return (logits + logits_dist) / 2
 
     def forward(
-        self, images_BCHW: torch.Tensor, scores: torch.Tensor | None = None, *, return_tokens: bool = False, **zoom: Any
+        self,
+        images_BCHW: torch.Tensor,
+        scores: torch.Tensor | None = None,
+        *,
+        highres: torch.Tensor | None = None,
+        return_tokens: bool = False,
+        **zoom: Any,
     ):
         """Logits for an image batch; ``scores`` (B, gh, gw) replaces the attached Zoomer's maps.
 
-        ``zoom`` overrides the zoom config for this call (alpha=..., token_budget=..., keep_rate=...).
-        With ``return_tokens`` the result is ``(logits, ZoomTokens)``.
+        ``highres``: the batch at twice the resolution, for ``zoom_source='highres'``. ``zoom``
+        overrides the zoom config for this call (alpha=..., token_budget=..., keep_rate=...; alpha
+        and token_budget also take a (B,) tensor of per-image values). With ``return_tokens`` the
+        result is ``(logits, ZoomTokens)``.
         """
-        zt = self.tokenize(images_BCHW, scores, **zoom)
+        zt = self.tokenize(images_BCHW, scores, highres=highres, **zoom)
         logits = self.forward_head_masked(self.forward_tokens(zt), zt.valid_BL)
         return (logits, zt) if return_tokens else logits
 

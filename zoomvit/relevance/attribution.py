@@ -7,7 +7,10 @@ Methods:
   rows renormalised.
 - ``attention``: the last block's class-token attention, averaged over heads.
 
-The map is the class token's row of R over the patch tokens, on the patch grid.
+The map is the decision token's row of R over the patch tokens, on the patch grid. A distilled DeiT
+decides with two tokens (its eval logits average the class and distillation heads), so its map is
+the mean of both rows. A teacher pooling its patch tokens (``avg``, ``map``) has no decision token
+to read relevance from and is refused.
 """
 
 from __future__ import annotations
@@ -80,8 +83,7 @@ def relevance_maps(
         raise ValueError(f"unknown relevance method {method!r}; choose one of {METHODS}")
     grid = tuple(model.patch_embed.grid_size)
     prefix = int(getattr(model, "num_prefix_tokens", 1))
-    if prefix < 1 or not getattr(model, "has_class_token", True):
-        raise ValueError("relevance maps need a teacher with a class token")
+    rows = decision_rows(model)
     was_training = model.training
     model.eval()
     try:
@@ -96,11 +98,25 @@ def relevance_maps(
                 R = _rollout(attns)
             else:
                 R = attns[-1].detach().mean(dim=1)
-        cls_row = R[:, 0, prefix:]
-        maps = cls_row.reshape(-1, *grid).float().clamp(min=0)
+        decision = R[:, rows, prefix:].mean(dim=1)
+        maps = decision.reshape(-1, *grid).float().clamp(min=0)
         return RelevanceResult(maps_BHW=maps.detach(), target_B=target.detach(), logits_BK=logits.detach())
     finally:
         model.train(was_training)
+
+
+def decision_rows(model: nn.Module) -> list[int]:
+    """The token rows the teacher's logits are read from: the class token, plus the distillation
+    token of a distilled DeiT (timm's ``dist_token``)."""
+    if int(getattr(model, "num_prefix_tokens", 1)) < 1 or not getattr(model, "has_class_token", True):
+        raise ValueError("relevance maps need a teacher with a class token")
+    pool = getattr(model, "global_pool", "token")
+    if pool != "token":
+        raise ValueError(
+            f"the teacher pools its patch tokens (global_pool={pool!r}): no single token decides the class, "
+            "so rollout has no row to read; use a class-token teacher (global_pool='token')"
+        )
+    return [0, 1] if getattr(model, "dist_token", None) is not None else [0]
 
 
 def _grad_rollout(attns: list[torch.Tensor], grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
