@@ -28,6 +28,40 @@ def test_random_boxes_stay_inside_the_image_and_cover_the_asked_area():
 
 def test_augment_is_deterministic_for_a_generator_seed():
     x = torch.rand(8, 3, 16, 16)
-    a, _ = augment(x, scale=(0.5, 1.0), hflip=True, generator=torch.Generator().manual_seed(3))
-    b, _ = augment(x, scale=(0.5, 1.0), hflip=True, generator=torch.Generator().manual_seed(3))
+    a = augment(x, scale=(0.5, 1.0), hflip=True, generator=torch.Generator().manual_seed(3)).x_BCHW
+    b = augment(x, scale=(0.5, 1.0), hflip=True, generator=torch.Generator().manual_seed(3)).x_BCHW
     assert torch.equal(a, b) and not torch.equal(a, x)
+
+
+def _ramp(size: int, B: int = 8) -> torch.Tensor:
+    """A per-image linear ramp sampled at the pixel centres of a size x size grid over [0, 1]^2."""
+    c = (torch.arange(size) + 0.5) / size
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(B, 1, 1, generator=g), torch.rand(B, 1, 1, generator=g)
+    return (a * c[None, :, None] + b * c[None, None, :]).unsqueeze(1).expand(B, 3, size, size).contiguous()
+
+
+def test_the_highres_copy_gets_the_same_crop_and_flip_as_the_image():
+    x, hr = _ramp(32), _ramp(64)
+    views = augment(x, scale=(0.3, 1.0), hflip=True, generator=torch.Generator().manual_seed(5), highres_BCHW=hr)
+    assert views.highres_BCHW.shape == (8, 3, 64, 64)
+    # A linear ramp is resampled exactly: the 2x2 mean of the cropped copy is the cropped image
+    # (away from the box border, where sampling clamps to the box's own pixels).
+    pooled = F.avg_pool2d(views.highres_BCHW, 2)
+    torch.testing.assert_close(pooled[..., 2:-2, 2:-2], views.x_BCHW[..., 2:-2, 2:-2], rtol=0, atol=2e-3)
+
+
+def test_relevance_maps_are_cropped_with_the_images_boxes_and_renormalised():
+    B, S, G = 16, 64, 8
+    g = torch.Generator().manual_seed(0)
+    cells = torch.randint(2, 6, (B, 2), generator=g)
+    x = torch.zeros(B, 3, S, S)
+    maps = torch.zeros(B, G, G)
+    for b, (r, c) in enumerate(cells.tolist()):
+        x[b, :, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8] = 1.0
+        maps[b, r, c] = 1.0
+    views = augment(x, scale=(0.5, 1.0), hflip=True, generator=torch.Generator().manual_seed(2), maps_BHW=maps)
+    assert views.maps_BHW.amin(dim=(1, 2)).eq(0).all() and views.maps_BHW.amax(dim=(1, 2)).sub(1).abs().lt(1e-6).all()
+    # where the bright cell went in the cropped image is where the map's peak went
+    image_cells = F.avg_pool2d(views.x_BCHW[:, 0:1], 8).squeeze(1)
+    assert torch.equal(image_cells.flatten(1).argmax(1), views.maps_BHW.flatten(1).argmax(1))

@@ -1,7 +1,9 @@
 """The ViT family's tools around ZoomViT: DeiT distillation, fine-tuning strategies, resolution
 changes of pretrained weights, any timm classifier as a baseline, regularisation switches."""
 
+import functools
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +31,24 @@ def classifier(model="vit_test_patch8_32", distill=None, **train):
     return build_task(spec)
 
 
+@functools.cache
+def zoomer_checkpoint() -> str:
+    """A Zoomer's weights for the test ZoomViT (ZoomViT refuses to train without one)."""
+    from safetensors.torch import save_file
+
+    from zoomvit.models import Zoomer
+
+    path = Path(tempfile.mkdtemp()) / "zoomer.safetensors"
+    save_file(Zoomer(grid=(4, 4), width=8, depth=1).state_dict(), str(path))
+    return str(path)
+
+
 def zoomvit_task(distill=None, **train):
     spec = {
         "kind": "zoomvit", "model": "zoomvit_test_patch8_32", "num_classes": 10, "mean": [0.5] * 3, "std": [0.5] * 3,
-        "alpha": 0.5, "train_alpha": [0.3, 0.6], "zoomer_width": 8, "zoomer_depth": 1, "train": {**TRAIN, **train},
+        "alpha": 0.5, "train_alpha": [0.3, 0.6], "train_budget": None, "num_cells": 16, "coarse_alpha": None, "keep_rate": 1.0,
+        "token_budget": None, "zoom_source": "upsample", "zoom_resample": "nearest", "zoomer_checkpoint": zoomer_checkpoint(),
+        "zoomer_width": 8, "zoomer_depth": 1, "zoomer_head": "global", "inference": False, "train": {**TRAIN, **train},
     }
     if distill:
         spec["distill"] = {"alpha": 0.5, "tau": 1.0, "token": True, "source": "cache", **distill}
@@ -280,12 +296,14 @@ def test_distillation_adds_the_teacher_or_the_relevance_stage_upstream_only_when
     scratch = "zoomvit.init_from_teacher=false"  # tiny.yaml fine-tunes ZoomViT from its teacher
     assert upstream("zoomvit", scratch) == ["zoomer"] and upstream("baseline") == []
     assert upstream("zoomvit", scratch, "zoomvit.distill.mode=hard") == ["zoomer", "teacher"]
-    assert upstream("baseline", "baseline.distill.mode=soft", "baseline.distill.source=cache") == ["relevance"]
+    plain_views = "baseline.train.random_resized_crop=null"  # cached logits describe the unaugmented image
+    assert upstream("baseline", "baseline.distill.mode=soft", "baseline.distill.source=cache", plain_views) == ["relevance"]
 
 
 def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_its_weights(tmp_path):
     from safetensors.torch import save_file
 
+    from zoomvit.models import Zoomer
     from zoomvit.pipeline.stages import STAGES
     from zoomvit.train.stages import baseline_tasks, train_baselines, train_zoomvit, zoomvit_task
 
@@ -296,7 +314,9 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
     teacher = timm.create_model(config.teacher.model, num_classes=config.data.num_classes)
     path = tmp_path / "teacher.safetensors"
     save_file(teacher.state_dict(), str(path))
-    spec = {**zoomvit_task(config, None, teacher_weights=path), "train": config.zoomvit.train.model_dump(), "seed": 0}
+    zoomer = tmp_path / "zoomer.safetensors"
+    save_file(Zoomer(grid=(4, 4), width=config.zoomer.width, depth=config.zoomer.depth).state_dict(), str(zoomer))
+    spec = {**zoomvit_task(config, zoomer, teacher_weights=path), "train": config.zoomvit.train.model_dump(), "seed": 0}
     student = build_task(spec).build_model()
     for name in ("blocks.1.mlp.fc1.weight", "pos_embed", "cls_token", "head.weight", "patch_embed.proj.weight"):
         assert torch.equal(student.state_dict()[name], teacher.state_dict()[name]), name

@@ -167,11 +167,17 @@ class DistillConfig(Section):
 
 
 class ZoomerConfig(Section):
+    """The Zoomer: ``head`` global (the official one: every cell's score sees the whole image) or
+    local (a 1x1 conv on the pooled grid). It trains on random resized crops of the images and the
+    teacher maps (the same boxes), as ZoomViT training will show it: keep ``train.random_resized_crop``
+    equal to ``zoomvit.train.random_resized_crop``."""
+
     width: int = Field(32, ge=4)
     depth: int = Field(2, ge=1)
+    head: Literal["global", "local"] = "global"
     loss: Literal["mse", "bce"] = "bce"
     topk_fraction: float = Field(0.25, gt=0, le=1)
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, lr=2e-3, random_resized_crop=None))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, lr=2e-3))
 
 
 INIT_FROM_TEACHER = (
@@ -186,17 +192,52 @@ def _one_init(section) -> None:
         raise ValueError(f"choose one way to initialise the weights, got {' and '.join(chosen)}")
 
 
+def cached_logits_conflicts(train: dict[str, Any]) -> list[str]:
+    """The augmentations of a recipe (a ``TrainConfig`` dump) under which the student sees other
+    pixels than the cached teacher logits describe."""
+    on = {
+        "random_resized_crop": train["random_resized_crop"] is not None,
+        "hflip": train["hflip"],
+        "rand_augment": train["rand_augment"] is not None,
+        "mixup": train["mixup"] > 0,
+        "cutmix": train["cutmix"] > 0,
+    }
+    return [name for name, used in on.items() if used]
+
+
+def _cached_logits_need_plain_views(section) -> None:
+    if section.distill.mode != "none" and section.distill.source == "cache":
+        conflicts = cached_logits_conflicts(section.train.model_dump())
+        if conflicts:
+            raise ValueError(
+                f"distill.source=cache: the cached teacher logits describe the unaugmented image, but the recipe "
+                f"augments ({', '.join(conflicts)}); use distill.source=model or turn those off"
+            )
+
+
 class ZoomViTConfig(Section):
-    """ZoomViT: the timm variant, zoom settings for evaluation, and the random alpha range for training."""
+    """ZoomViT: the timm variant, how it zooms, its operating point for evaluation, and the range of
+    operating points training draws from (one per image).
+
+    ``zoom_source``: ``upsample`` (the paper: zoomed cells re-read the image up-sampled with
+    ``zoom_resample``, ``nearest`` as the official code) or ``highres`` (zoomed cells read a copy
+    decoded at twice the input resolution: real pixels; only ZoomViT stages decode it).
+    Training draws each image's alpha uniformly from ``train_alpha``, or, with ``train_budget``
+    (low, high) set, its token budget (zoomed cells uniform between the two); evaluation must stay
+    inside what training covered.
+    """
 
     model: str = "zoomvit_demo_patch8_64"
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     pretrained: bool = False
     alpha: float = 0.5
     train_alpha: tuple[float, float] = (0.0, 1.0)
+    train_budget: tuple[int, int] | None = None
     coarse_alpha: float | None = None
     keep_rate: float = Field(1.0, gt=0, le=1)
     token_budget: int | None = None
+    zoom_source: Literal["upsample", "highres"] = "upsample"
+    zoom_resample: Literal["nearest", "bilinear"] = "nearest"
     init_checkpoint: str | None = Field(None, description="ViT/DeiT weights to start from (position embedding resampled)")
     init_from_teacher: bool = Field(False, description=INIT_FROM_TEACHER)
     distill: DistillConfig = Field(default_factory=DistillConfig)
@@ -205,12 +246,31 @@ class ZoomViTConfig(Section):
     @model_validator(mode="after")
     def _alpha_range(self) -> "ZoomViTConfig":
         _one_init(self)
+        _cached_logits_need_plain_views(self)
         lo, hi = self.train_alpha
         if not lo <= hi:
             raise ValueError(f"train_alpha must be (low, high) with low <= high, got {self.train_alpha}")
         if self.coarse_alpha is not None and self.coarse_alpha > min(lo, self.alpha):
             raise ValueError(f"coarse_alpha {self.coarse_alpha} must not exceed alpha or the low end of train_alpha")
+        if self.train_budget is not None and not self.train_budget[0] <= self.train_budget[1]:
+            raise ValueError(f"train_budget must be (low, high) with low <= high, got {self.train_budget}")
+        if self.zoom_source == "highres":
+            t = self.train
+            mixing = [n for n, on in (("mixup", t.mixup > 0), ("cutmix", t.cutmix > 0), ("rand_augment", t.rand_augment)) if on]
+            if mixing:
+                raise ValueError(f"zoom_source=highres: {', '.join(mixing)} would change the image but not its 2x copy; turn them off")
         return self
+
+    @property
+    def trains_in_budget_mode(self) -> bool:
+        return self.train_budget is not None or self.token_budget is not None
+
+    @property
+    def train_budget_range(self) -> tuple[int, int] | None:
+        """The token budgets training covers (``train_budget``, else the fixed ``token_budget``)."""
+        if self.train_budget is not None:
+            return self.train_budget
+        return None if self.token_budget is None else (self.token_budget, self.token_budget)
 
 
 class BaselineModel(Section):
@@ -245,6 +305,7 @@ class BaselineConfig(Section):
     @model_validator(mode="after")
     def _unique_names(self) -> "BaselineConfig":
         _one_init(self)
+        _cached_logits_need_plain_views(self)
         names = [m.name for m in self.others]
         if "baseline" in names or len(set(names)) != len(names):
             raise ValueError(f"baseline.others names must be unique and not 'baseline', got {names}")
@@ -279,6 +340,34 @@ class PipelineConfig(Section):
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _evaluated_where_trained(self) -> "PipelineConfig":
+        """ZoomViT is evaluated only at operating points its training covered (no extrapolation)."""
+        zv = self.zoomvit
+        budgets = [b for b in (zv.token_budget, *self.evaluate.budgets) if b is not None]
+        alphas = [*([zv.alpha] if zv.token_budget is None else []), *self.evaluate.alphas]
+        if zv.trains_in_budget_mode:
+            lo, hi = zv.train_budget_range
+            outside = [b for b in budgets if not lo <= b <= hi]
+            if outside:
+                raise ValueError(f"token budgets {outside} lie outside zoomvit.train_budget {[lo, hi]}: widen train_budget")
+            if alphas:
+                raise ValueError(
+                    f"ZoomViT trains in budget mode but alphas {alphas} are evaluated: evaluate budgets "
+                    "(evaluate.budgets, zoomvit.token_budget), or train with train_alpha and no train_budget"
+                )
+        else:
+            lo, hi = zv.train_alpha
+            outside = [a for a in alphas if not lo <= a <= hi]
+            if outside:
+                raise ValueError(f"alphas {outside} lie outside zoomvit.train_alpha {[lo, hi]}: widen train_alpha or evaluate inside it")
+            if budgets:
+                raise ValueError(
+                    f"token budgets {budgets} are evaluated but ZoomViT trains with per-image alphas: "
+                    "set zoomvit.train_budget to train in budget mode"
+                )
+        return self
 
 
 class ConfigError(ValueError):

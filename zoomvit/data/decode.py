@@ -53,7 +53,8 @@ class ImageTransform:
     ``center_crop`` resizes the shorter side to ``int(image_size / crop_pct)`` and crops the centre
     (``crop_pct=1.0`` crops nothing from the shorter side); ``resize`` stretches to the square.
     Images whose shorter side is below ``min_size`` are skipped as tiny. Transparent pixels are
-    composited on ``alpha_background`` (black by default).
+    composited on ``alpha_background`` (black by default). ``highres``: also decode the same crop at
+    twice the size (for ZoomViT's ``zoom_source: highres``).
     """
 
     image_size: int
@@ -61,6 +62,7 @@ class ImageTransform:
     crop_pct: float = 1.0
     min_size: int = 8
     alpha_background: Literal["black", "white"] = "black"
+    highres: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
@@ -104,10 +106,12 @@ class ImageTransform:
             return None
         return mapped
 
-    def apply(self, img: Image.Image) -> np.ndarray:
-        """Resize and crop an image (opened, not necessarily loaded) to uint8 ``(S, S, 3)``."""
+    def apply(self, img: Image.Image, *, scale: int = 1) -> np.ndarray:
+        """Resize and crop an image (opened, not necessarily loaded) to uint8 ``(S, S, 3)``; with
+        ``scale=2`` the same crop at twice the resolution, ``(2S, 2S, 3)``, pixel-aligned with it."""
         width, height = img.size
-        rw, rh, left, top = self.geometry(width, height)
+        rw, rh, left, top = (v * scale for v in self.geometry(width, height))
+        size = self.image_size * scale
         source_box: tuple[float, float, float, float] | None = None
         if img.format in ("JPEG", "MPO") and min(width // rw, height // rh) >= 2:
             drafted = img.draft(None, (rw, rh))
@@ -116,8 +120,8 @@ class ImageTransform:
         rgb = to_rgb(img, background=_ALPHA_BACKGROUNDS[self.alpha_background])
         if rgb.size != (rw, rh):
             rgb = rgb.resize((rw, rh), Image.Resampling.BICUBIC, box=source_box)
-        if (rw, rh) != (self.image_size, self.image_size):
-            rgb = rgb.crop((left, top, left + self.image_size, top + self.image_size))
+        if (rw, rh) != (size, size):
+            rgb = rgb.crop((left, top, left + size, top + size))
         return np.asarray(rgb, dtype=np.uint8).copy()
 
 
@@ -130,6 +134,7 @@ class DecodedSample:
     meta: dict[str, Any] | None
     box: tuple[float, float, float, float] | None
     source_size: tuple[int, int]
+    image_hr: np.ndarray | None = None
 
 
 def to_rgb(img: Image.Image, *, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
@@ -277,6 +282,7 @@ def decode_sample(
         if min(width, height) < transform.min_size:
             return None, SkipReason.tiny_image
         image = transform.apply(img)
+        image_hr = transform.apply(_open_image(image_value), scale=2) if transform.highres else None
     except Exception:
         return None, SkipReason.corrupt_image
 
@@ -291,6 +297,7 @@ def decode_sample(
             meta=meta,
             box=None if box is None else transform.map_box(box, width, height),
             source_size=(width, height),
+            image_hr=image_hr,
         ),
         None,
     )

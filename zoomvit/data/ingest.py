@@ -113,7 +113,8 @@ def read_shards(paths: Sequence[str], *, filesystem=None, override_num_blocks: i
 
 
 def decode_batch(batch: pa.Table, *, num_classes: int, transform: ImageTransform) -> dict[str, np.ndarray]:
-    """Raw rows to decoded rows: kind, key, shard, index, label, image (N, S, S, 3 uint8), box, reason, count."""
+    """Raw rows to decoded rows: kind, key, shard, index, label, image (N, S, S, 3 uint8), box, reason,
+    count; with ``transform.highres`` also image_hr (N, 2S, 2S, 3 uint8)."""
     rows = batch.to_pylist()
     n, size = len(rows), transform.image_size
     out: dict[str, np.ndarray] = {
@@ -123,6 +124,7 @@ def decode_batch(batch: pa.Table, *, num_classes: int, transform: ImageTransform
         "index": np.zeros(n, dtype=np.int64),
         "label": np.full(n, -1, dtype=np.int64),
         "image": np.zeros((n, size, size, 3), dtype=np.uint8),
+        **({"image_hr": np.zeros((n, 2 * size, 2 * size, 3), dtype=np.uint8)} if transform.highres else {}),
         "box": np.full((n, 4), np.nan, dtype=np.float32),
         "reason": np.full(n, "", dtype=object),
         "count": np.zeros(n, dtype=np.int64),
@@ -146,6 +148,8 @@ def decode_batch(batch: pa.Table, *, num_classes: int, transform: ImageTransform
         out["kind"][i] = "sample"
         out["label"][i] = decoded.label
         out["image"][i] = decoded.image
+        if decoded.image_hr is not None:
+            out["image_hr"][i] = decoded.image_hr
         if decoded.box is not None:
             out["box"][i] = decoded.box
     return out

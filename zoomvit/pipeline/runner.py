@@ -254,7 +254,7 @@ def _load_model(name: str, config: PipelineConfig, weights: Path):
         zoomer = Zoomer(grid=zoomvit_grid(config), width=config.zoomer.width, depth=config.zoomer.depth)
         zoomer.load_state_dict(load_state_dict_file(weights))
         return zoomer.freeze()
-    return load_trained(zoomvit_task(config, None) if name == "zoomvit" else baseline_task(config), weights)
+    return load_trained(zoomvit_task(config, None, inference=True) if name == "zoomvit" else baseline_task(config), weights)
 
 
 def _write_lineage(tracker: Tracker, parent: str, config: PipelineConfig, result: PipelineResult, root: Path) -> None:

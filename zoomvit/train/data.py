@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from zoomvit.config import DataConfig
 from zoomvit.data.decode import ImageTransform
+from zoomvit.relevance.attribution import normalize_maps
 
 TRAIN_COLUMNS = ["key", "image", "label", "box"]
 
@@ -34,12 +35,14 @@ def shared_decoding() -> Iterator[None]:
         _shared = outer
 
 
-def sample_dataset(data: DataConfig, split: str, *, limit: int | None = None, file_shuffle_seed: int | None = None):
-    """Decoded good samples of a split as a Ray Dataset with columns key, image, label, box.
-    ``file_shuffle_seed``: with ``data.decoded: streamed``, read the shards in a new seeded order
-    every execution (every epoch)."""
+def sample_dataset(
+    data: DataConfig, split: str, *, limit: int | None = None, file_shuffle_seed: int | None = None, highres: bool = False
+):
+    """Decoded good samples of a split as a Ray Dataset with columns key, image, label, box (and
+    image_hr, the same crop at twice the resolution, with ``highres``). ``file_shuffle_seed``: with
+    ``data.decoded: streamed``, read the shards in a new seeded order every execution (every epoch)."""
     shared = _shared is not None and data.decoded == "shared"
-    key = (data.model_dump_json(), split)
+    key = (data.model_dump_json(), split, highres)
     if shared and key in _shared:
         ds = _shared[key]
     else:
@@ -47,10 +50,11 @@ def sample_dataset(data: DataConfig, split: str, *, limit: int | None = None, fi
 
         from zoomvit.data.ingest import keep_samples, read_decoded
 
-        transform = ImageTransform(image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct)
+        transform = ImageTransform(image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct, highres=highres)
         shuffle = FileShuffleConfig(seed=file_shuffle_seed) if data.decoded == "streamed" and file_shuffle_seed is not None else None
         ds = read_decoded(data.shard_paths(split), num_classes=data.num_classes, transform=transform, shuffle=shuffle)
-        ds = ds.map_batches(keep_samples, fn_kwargs={"columns": TRAIN_COLUMNS}, batch_format="numpy")
+        columns = [*TRAIN_COLUMNS, "image_hr"] if highres else TRAIN_COLUMNS
+        ds = ds.map_batches(keep_samples, fn_kwargs={"columns": columns}, batch_format="numpy")
         if shared:
             ds = _shared[key] = ds.materialize()
     return ds.limit(limit) if limit else ds
@@ -135,17 +139,44 @@ def crop_and_resize(x_BCHW: torch.Tensor, boxes_B4: torch.Tensor) -> torch.Tenso
     return F.grid_sample(x_BCHW, grid.to(x_BCHW.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def augment(x_BCHW: torch.Tensor, *, scale: tuple[float, float] | None, hflip: bool, generator: torch.Generator, maps_BHW: torch.Tensor | None = None):
-    """Per-image random resized crop (aspect 3/4..4/3) and horizontal flip; maps follow flips only."""
+class Views(NamedTuple):
+    """One augmented batch: the model input, and what must follow it pixel for pixel."""
+
+    x_BCHW: torch.Tensor
+    maps_BHW: torch.Tensor | None = None
+    highres_BCHW: torch.Tensor | None = None
+
+
+def augment(
+    x_BCHW: torch.Tensor,
+    *,
+    scale: tuple[float, float] | None,
+    hflip: bool,
+    generator: torch.Generator,
+    maps_BHW: torch.Tensor | None = None,
+    highres_BCHW: torch.Tensor | None = None,
+) -> Views:
+    """Per-image random resized crop (aspect 3/4..4/3) and horizontal flip. Relevance maps and the
+    2x resolution copy get the same crop boxes (scaled to their size) and flips; a cropped map is
+    renormalised to [0, 1] like the teacher's maps."""
     B, _, H, W = x_BCHW.shape
     if scale is not None:
-        x_BCHW = crop_and_resize(x_BCHW, random_resized_crop_boxes(B, H, W, scale, generator))
+        boxes_B4 = random_resized_crop_boxes(B, H, W, scale, generator)
+        x_BCHW = crop_and_resize(x_BCHW, boxes_B4)
+        if highres_BCHW is not None:
+            highres_BCHW = crop_and_resize(highres_BCHW, boxes_B4 * (highres_BCHW.shape[-1] / W))
+        if maps_BHW is not None:
+            gh, gw = maps_BHW.shape[1:]
+            grid_boxes = boxes_B4 * torch.tensor([gw / W, gh / H, gw / W, gh / H])
+            maps_BHW = normalize_maps(crop_and_resize(maps_BHW.unsqueeze(1).float(), grid_boxes).squeeze(1))
     if hflip:
         flip = torch.rand(B, generator=generator) < 0.5
         x_BCHW = torch.where(flip.view(B, 1, 1, 1).to(x_BCHW.device), x_BCHW.flip(-1), x_BCHW)
+        if highres_BCHW is not None:
+            highres_BCHW = torch.where(flip.view(B, 1, 1, 1).to(highres_BCHW.device), highres_BCHW.flip(-1), highres_BCHW)
         if maps_BHW is not None:
             maps_BHW = torch.where(flip.view(B, 1, 1).to(maps_BHW.device), maps_BHW.flip(-1), maps_BHW)
-    return x_BCHW, maps_BHW
+    return Views(x_BCHW, maps_BHW, highres_BCHW)
 
 
 def size_bucket(box_B4: np.ndarray, image_size: int, edges: tuple[float, ...]) -> list[str]:

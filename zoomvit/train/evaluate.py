@@ -77,7 +77,8 @@ def evaluate_models(
 ) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    zoom = load_trained(zoomvit_task(config, None), zoomvit_weights)
+    zoom = load_trained(zoomvit_task(config, None, inference=True), zoomvit_weights)
+    highres = config.zoomvit.zoom_source == "highres"
     if not isinstance(baseline_weights, dict):
         baseline_weights = {"baseline": baseline_weights}
     tasks = baseline_tasks(config)
@@ -87,9 +88,12 @@ def evaluate_models(
     scores = {("zoomvit", a): _Scores() for a in alphas} | {("zoomvit_budget", k): _Scores() for k in budgets}
     scores |= {(name, None): _Scores() for name in baselines}
     flops_images: list[torch.Tensor] = []
+    flops_highres: list[torch.Tensor] = []
     figure_rows: list[dict[str, Any]] = []
-    for batch in sample_dataset(config.data, "val").iter_batches(batch_size=config.zoomvit.train.eval_batch_size, batch_format="numpy"):
+    val = sample_dataset(config.data, "val", highres=highres)
+    for batch in val.iter_batches(batch_size=config.zoomvit.train.eval_batch_size, batch_format="numpy"):
         x = to_model_input(torch.from_numpy(np.require(batch["image"], requirements="W")), config.data.mean, config.data.std)
+        x_hr = to_model_input(torch.from_numpy(np.require(batch["image_hr"], requirements="W")), config.data.mean, config.data.std) if highres else None
         labels = torch.from_numpy(batch["label"]).long()
         buckets = size_bucket(batch["box"], config.data.image_size, config.evaluate.size_buckets)
         start = time.perf_counter()
@@ -97,7 +101,7 @@ def evaluate_models(
         zoomer_seconds = time.perf_counter() - start
         for alpha in alphas:
             start = time.perf_counter()
-            logits, zt = zoom(x, importance, alpha=alpha, return_tokens=True)
+            logits, zt = zoom(x, importance, highres=x_hr, alpha=alpha, return_tokens=True)
             seconds = zoomer_seconds + time.perf_counter() - start
             scores[("zoomvit", alpha)].add(logits, labels, zt.num_tokens_B.numpy(), buckets, seconds)
             if alpha == config.zoomvit.alpha and len(figure_rows) < config.evaluate.num_figures:
@@ -113,7 +117,7 @@ def evaluate_models(
                     )
         for budget in budgets:
             start = time.perf_counter()
-            logits, zt = zoom(x, importance, token_budget=budget, return_tokens=True)
+            logits, zt = zoom(x, importance, highres=x_hr, token_budget=budget, return_tokens=True)
             seconds = zoomer_seconds + time.perf_counter() - start
             scores[("zoomvit_budget", budget)].add(logits, labels, zt.num_tokens_B.numpy(), buckets, seconds)
         for name, base in baselines.items():
@@ -123,16 +127,19 @@ def evaluate_models(
             scores[(name, None)].add(logits, labels, np.full(len(x), uniform_tokens(base)), buckets, seconds)
         if sum(len(f) for f in flops_images) < config.evaluate.flops_samples:
             flops_images.append(x)
+            if highres:
+                flops_highres.append(x_hr)
     if not flops_images:
         raise ValueError("the val split holds no usable samples")
     flops_x = torch.cat(flops_images)[: config.evaluate.flops_samples]
+    flops_hr = torch.cat(flops_highres)[: config.evaluate.flops_samples] if highres else None
     rows = []
     for (model, alpha), s in scores.items():
         if model == "zoomvit":
-            report = zoomvit_flops(zoom, flops_x, alpha=alpha)
+            report = zoomvit_flops(zoom, flops_x, highres=flops_hr, alpha=alpha)
             rows.append(s.row(model="zoomvit", alpha=alpha, gflops_per_img=report.gflops))
         elif model == "zoomvit_budget":
-            report = zoomvit_flops(zoom, flops_x, token_budget=alpha)
+            report = zoomvit_flops(zoom, flops_x, highres=flops_hr, token_budget=alpha)
             rows.append(s.row(model="zoomvit", alpha=None, budget=alpha, gflops_per_img=report.gflops))
         else:
             rows.append(s.row(model=model, alpha=None, gflops_per_img=zoomvit_flops(baselines[model], flops_x).gflops))

@@ -17,11 +17,11 @@ def _common(config: PipelineConfig) -> dict[str, Any]:
     return {"num_classes": config.data.num_classes, "mean": list(config.data.mean), "std": list(config.data.std)}
 
 
-def _train_split(config: PipelineConfig, train: TrainConfig):
+def _train_split(config: PipelineConfig, train: TrainConfig, *, highres: bool = False):
     """The training split, and its sample count when ``data.decoded`` streams it (None otherwise)."""
     data = config.data
     count = sample_count(data.shard_paths("train")) if data.decoded == "streamed" else None
-    return sample_dataset(data, "train", file_shuffle_seed=train.seed), count
+    return sample_dataset(data, "train", file_shuffle_seed=train.seed, highres=highres), count
 
 
 def train_teacher(config: PipelineConfig, out_dir: Path, tracking: dict[str, str] | None = None) -> TrainResult | None:
@@ -55,7 +55,10 @@ def zoomvit_grid(config: PipelineConfig) -> tuple[int, int]:
 def train_zoomer(config: PipelineConfig, relevance_dir: Path, out_dir: Path, tracking: dict[str, str] | None = None) -> TrainResult:
     grid = zoomvit_grid(config)
     z = config.zoomer
-    task = {"kind": "zoomer", "grid": list(grid), "width": z.width, "depth": z.depth, "loss": z.loss, "topk_fraction": z.topk_fraction, **_common(config)}
+    task = {
+        "kind": "zoomer", "grid": list(grid), "width": z.width, "depth": z.depth, "head": z.head, "loss": z.loss,
+        "topk_fraction": z.topk_fraction, **_common(config),
+    }  # fmt: skip
     train_ds, streamed = _train_split(config, z.train)
     return run_training(
         name="zoomer",
@@ -104,8 +107,12 @@ def _require_teacher_weights(section, teacher_weights: Path | str | None) -> Non
         raise ValueError("init_from_teacher needs the teacher stage's trained weights (a hub teacher has none: use pretrained)")
 
 
-def zoomvit_task(config: PipelineConfig, zoomer_weights: Path | str | None, teacher_weights: Path | str | None = None) -> dict[str, Any]:
+def zoomvit_task(
+    config: PipelineConfig, zoomer_weights: Path | str | None, teacher_weights: Path | str | None = None, *, inference: bool = False
+) -> dict[str, Any]:
+    """ZoomViT's task spec; ``inference``: only the architecture, to load trained weights into."""
     zv = config.zoomvit
+    gh, gw = zoomvit_grid(config)
     return {
         "kind": "zoomvit",
         "model": zv.model,
@@ -115,12 +122,18 @@ def zoomvit_task(config: PipelineConfig, zoomer_weights: Path | str | None, teac
         **distill_spec(config, zv.distill, teacher_weights),
         "alpha": zv.alpha,
         "train_alpha": list(zv.train_alpha),
+        "train_budget": None if zv.train_budget_range is None else list(zv.train_budget_range),
+        "num_cells": gh * gw,
         "coarse_alpha": zv.coarse_alpha,
         "keep_rate": zv.keep_rate,
         "token_budget": zv.token_budget,
+        "zoom_source": zv.zoom_source,
+        "zoom_resample": zv.zoom_resample,
         "zoomer_checkpoint": None if zoomer_weights is None else str(zoomer_weights),
         "zoomer_width": config.zoomer.width,
         "zoomer_depth": config.zoomer.depth,
+        "zoomer_head": config.zoomer.head,
+        "inference": inference,
         **_common(config),
     }
 
@@ -135,14 +148,17 @@ def train_zoomvit(
     relevance_dir: Path | str | None = None,
 ) -> TrainResult:
     distill = config.zoomvit.distill
+    if zoomer_weights is None:
+        raise ValueError("the zoomvit stage needs the zoomer stage's trained weights: a random Zoomer would zoom into noise")
     _require_teacher_weights(config.zoomvit, teacher_weights)
-    train_ds, streamed = _train_split(config, config.zoomvit.train)
+    highres = config.zoomvit.zoom_source == "highres"
+    train_ds, streamed = _train_split(config, config.zoomvit.train, highres=highres)
     return run_training(
         name="zoomvit",
         task=zoomvit_task(config, zoomer_weights, teacher_weights),
         train=config.zoomvit.train,
         train_ds=_distill_data(train_ds, distill, relevance_dir, "train"),
-        val_ds=sample_dataset(config.data, "val"),
+        val_ds=sample_dataset(config.data, "val", highres=highres),
         out_dir=out_dir,
         tracking=tracking,
         streamed_samples=streamed,

@@ -16,9 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zoomvit.models  # noqa: F401  (registers the timm variants)
+from zoomvit.config import cached_logits_conflicts
 from zoomvit.models import Zoomer, ZoomViT, load_pretrained
 from zoomvit.relevance.teacher import load_state_dict_file
-from zoomvit.train.data import augment, to_model_input
+from zoomvit.train.data import Views, augment, to_model_input
 
 TaskSpec = dict[str, Any]
 
@@ -40,8 +41,8 @@ class Task:
         self.mean, self.std = spec["mean"], spec["std"]
         self.generator = torch.Generator().manual_seed(int(spec.get("seed", 0)))
 
-    def inputs(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return to_model_input(batch["image"], self.mean, self.std).to(dtype)
+    def inputs(self, batch: dict[str, torch.Tensor], dtype: torch.dtype, column: str = "image") -> torch.Tensor:
+        return to_model_input(batch[column], self.mean, self.std).to(dtype)
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -116,9 +117,14 @@ class ClassifierTask(Task):
         self.distill = spec.get("distill") or {"mode": "none"}
         self.teacher: nn.Module | None = None
         self.mixup = None
+        if self.distill["mode"] != "none" and self.distill.get("source") == "cache":
+            augmentations = cached_logits_conflicts(train)
+            if augmentations:
+                raise ValueError(
+                    f"cached teacher logits describe the unaugmented image, not the view the student sees "
+                    f"({', '.join(augmentations)}): use distill.source=model, or turn those off"
+                )
         if train["mixup"] > 0 or train["cutmix"] > 0:
-            if self.distill["mode"] != "none" and self.distill.get("source") == "cache":
-                raise ValueError("cached teacher logits describe unmixed images: use distill.source=model with mixup/cutmix")
             from timm.data import Mixup
 
             self.mixup = Mixup(
@@ -153,9 +159,14 @@ class ClassifierTask(Task):
         self.param_counts = apply_finetune(model, train.get("finetune", "full"), train.get("freeze_blocks", 0))
         return model
 
-    def forward(self, model: nn.Module, x: torch.Tensor):
+    def views(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> Views:
+        """The augmented training views of a batch."""
+        train = self.spec["train"]
+        return augment(self.inputs(batch, dtype), scale=train["random_resized_crop"], hflip=train["hflip"], generator=self.generator)
+
+    def forward(self, model: nn.Module, views: Views):
         """Training logits, or (class logits, distillation logits) for a model with a distillation token."""
-        return model(x)
+        return model(views.x_BCHW)
 
     def teacher_logits(self, batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if self.distill.get("source") == "cache":
@@ -172,13 +183,14 @@ class ClassifierTask(Task):
 
     def train_loss(self, model, batch, dtype):
         train = self.spec["train"]
-        x = self.inputs(batch, dtype)
-        x, _ = augment(x, scale=train["random_resized_crop"], hflip=train["hflip"], generator=self.generator)
+        views = self.views(batch, dtype)
+        x = views.x_BCHW
         target = batch["label"].long()
         soft = None
         if self.mixup is not None and x.shape[0] % 2 == 0:
             x, soft = self.mixup(x, target)
-        out = self.forward(model, x)
+            views = views._replace(x_BCHW=x)
+        out = self.forward(model, views)
         logits, logits_dist = out if isinstance(out, tuple) else (out, out)
         if soft is not None:
             loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -193,8 +205,7 @@ class ClassifierTask(Task):
     def evaluate(self, model, batches, dtype):
         sums = dict.fromkeys(("n", "val_loss", "val_top1", "val_top5", "val_tokens_per_img"), 0.0)
         for batch in batches:
-            x = self.inputs(batch, dtype)
-            logits, tokens_B = self.predict(model, x)
+            logits, tokens_B = self.predict(model, batch, dtype)
             logits = logits.float()
             label = batch["label"].long()
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -205,43 +216,72 @@ class ClassifierTask(Task):
             sums["val_tokens_per_img"] += float(tokens_B.sum())
         return sums
 
-    def predict(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
         """Evaluation logits and tokens per image."""
+        x = self.inputs(batch, dtype)
         gh, gw = model.patch_embed.grid_size if hasattr(model, "patch_embed") else (0, 0)
         return model(x), np.full(x.shape[0], gh * gw, dtype=np.float64)
 
 
 class ZoomViTTask(ClassifierTask):
-    """ZoomViT with a frozen Zoomer; alpha drawn per batch in training, fixed for evaluation."""
+    """ZoomViT with a frozen fp32 Zoomer. In training every image draws its own operating point
+    (alpha from ``train_alpha``, or a token budget from ``train_budget``); evaluation uses the model's."""
 
     def build_model(self) -> nn.Module:
         spec = self.spec
+        if spec["zoomer_checkpoint"] is None and not spec["inference"]:
+            raise ValueError("training ZoomViT needs the zoomer stage's trained weights: a random Zoomer would zoom into noise")
         kwargs = self.model_kwargs()
         if self.distilled and self.distill.get("token", True):
             kwargs["distilled"] = True
         kwargs.update(
             alpha=spec["alpha"],
-            coarse_alpha=spec.get("coarse_alpha"),
-            keep_rate=spec.get("keep_rate", 1.0),
-            token_budget=spec.get("token_budget"),
+            coarse_alpha=spec["coarse_alpha"],
+            keep_rate=spec["keep_rate"],
+            token_budget=spec["token_budget"],
+            zoom_source=spec["zoom_source"],
+            zoom_resample=spec["zoom_resample"],
             zoomer_width=spec["zoomer_width"],
             zoomer_depth=spec["zoomer_depth"],
+            zoomer_head=spec["zoomer_head"],
         )
         model: ZoomViT = timm.create_model(spec["model"], pretrained=spec.get("pretrained", False), **kwargs)
-        if spec.get("zoomer_checkpoint"):
+        if spec["zoomer_checkpoint"] is not None:
             model.zoomer.load_state_dict(load_state_dict_file(spec["zoomer_checkpoint"]))
         model.zoomer.freeze()
         return self._prepare(model)
 
-    def forward(self, model, x):
-        if self.spec.get("token_budget") is None:
-            lo, hi = self.spec["train_alpha"]
-            alpha = float(torch.empty(1).uniform_(lo, hi, generator=self.generator))
-            return model(x, alpha=alpha)
-        return model(x)
+    @property
+    def highres(self) -> bool:
+        return self.spec["zoom_source"] == "highres"
 
-    def predict(self, model, x):
-        logits, zt = model(x, return_tokens=True)
+    def inputs(self, batch, dtype, column="image"):
+        return super().inputs(batch, torch.float32, column)  # the Zoomer reads fp32; the tokenizer casts
+
+    def views(self, batch, dtype):
+        train = self.spec["train"]
+        highres = self.inputs(batch, dtype, "image_hr") if self.highres else None
+        return augment(
+            self.inputs(batch, dtype), scale=train["random_resized_crop"], hflip=train["hflip"], generator=self.generator, highres_BCHW=highres
+        )
+
+    def operating_points(self, B: int) -> dict[str, torch.Tensor]:
+        """Per-image alpha (uniform in ``train_alpha``) or token budget (zoomed cells uniform in ``train_budget``)."""
+        if self.spec["train_budget"] is not None:
+            cells = self.spec["num_cells"]
+            lo, hi = ((b - cells) // 3 for b in self.spec["train_budget"])
+            k_B = torch.randint(lo, hi + 1, (B,), generator=self.generator)
+            return {"token_budget": cells + 3 * k_B}
+        lo, hi = self.spec["train_alpha"]
+        return {"alpha": torch.empty(B).uniform_(lo, hi, generator=self.generator)}
+
+    def forward(self, model, views):
+        B = views.x_BCHW.shape[0]
+        return model(views.x_BCHW, highres=views.highres_BCHW, **self.operating_points(B))
+
+    def predict(self, model, batch, dtype):
+        highres = self.inputs(batch, dtype, "image_hr") if self.highres else None
+        logits, zt = model(self.inputs(batch, dtype), highres=highres, return_tokens=True)
         return logits, zt.num_tokens_B.double().cpu().numpy()
 
 
@@ -249,7 +289,7 @@ class ZoomerTask(Task):
     """The Zoomer regressing per-image-normalised teacher maps."""
 
     def build_model(self) -> nn.Module:
-        return Zoomer(grid=tuple(self.spec["grid"]), width=self.spec["width"], depth=self.spec["depth"])
+        return Zoomer(grid=tuple(self.spec["grid"]), width=self.spec["width"], depth=self.spec["depth"], head=self.spec["head"])
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.spec["loss"] == "bce":
@@ -257,21 +297,34 @@ class ZoomerTask(Task):
         return F.mse_loss(logits.float().sigmoid(), target.float())
 
     def train_loss(self, model, batch, dtype):
-        x = self.inputs(batch, dtype)
-        x, maps = augment(x, scale=None, hflip=self.spec["train"]["hflip"], generator=self.generator, maps_BHW=batch["map"])
-        return self._loss(model(x, logits=True), maps)
+        """The Zoomer learns on the views ZoomViT training will show it: the same random resized
+        crops (maps cropped with the same boxes) and flips."""
+        train = self.spec["train"]
+        views = augment(
+            self.inputs(batch, dtype), scale=train["random_resized_crop"], hflip=train["hflip"], generator=self.generator, maps_BHW=batch["map"]
+        )
+        return self._loss(model(views.x_BCHW, logits=True), views.maps_BHW)
 
     @torch.no_grad()
     def evaluate(self, model, batches, dtype):
-        sums = dict.fromkeys(("n", "val_loss", "val_pearson", "val_topk_overlap"), 0.0)
+        """Pearson and top-k overlap with the teacher on whole val images and (``val_crop_*``) on
+        random resized crops of them (a fixed seed, the training crop range or (0.5, 1))."""
+        scale = self.spec["train"]["random_resized_crop"] or (0.5, 1.0)
+        crops = torch.Generator().manual_seed(12345)
+        keys = ("val_loss", "val_pearson", "val_topk_overlap", "val_crop_pearson", "val_crop_topk_overlap")
+        sums = dict.fromkeys(("n", *keys), 0.0)
         for batch in batches:
             x = self.inputs(batch, dtype)
-            logits = model(x, logits=True).float()
             target = batch["map"].float()
+            logits = model(x, logits=True).float()
             sums["n"] += len(x)
             sums["val_loss"] += float(self._loss(logits, target)) * len(x)
             sums["val_pearson"] += float(pearson_per_image(logits.sigmoid(), target).sum())
             sums["val_topk_overlap"] += float(topk_overlap(logits, target, self.spec["topk_fraction"]).sum())
+            views = augment(x, scale=scale, hflip=False, generator=crops, maps_BHW=target)
+            crop_logits = model(views.x_BCHW, logits=True).float()
+            sums["val_crop_pearson"] += float(pearson_per_image(crop_logits.sigmoid(), views.maps_BHW).sum())
+            sums["val_crop_topk_overlap"] += float(topk_overlap(crop_logits, views.maps_BHW, self.spec["topk_fraction"]).sum())
         return sums
 
 
