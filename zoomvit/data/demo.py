@@ -6,6 +6,11 @@ dimmer fragments of other digits, gaussian noise, a per-image background tint an
 crops of scikit-learn's bundled sample photos. The label is the digit's class; the ``.json`` member
 records the digit's box so evaluation can report accuracy by object size.
 
+``difficulty`` (0 to 1; presets ``default`` = 0, ``hard`` = 1) turns one knob: the digit shrinks
+(sizes x (1 - 0.4 d)), clutter grows to the digit's size, gets saturated colours and up to the
+digit's brightness, there is more of it and more noise, and with probability d the background is a
+dimmed photograph. At 0 the output is exactly the original look (byte for byte).
+
 Train and validation draw their digits (and clutter) from disjoint halves of the UCI images.
 Output is byte-for-byte reproducible for the same arguments: each sample has its own random
 stream derived from ``(seed, split, index)`` and tar headers carry fixed names, times and owners.
@@ -47,6 +52,7 @@ _FRAGMENT_MAX_AREA = 16.0
 _PHOTO_INTENSITY = (0.25, 0.5)
 _STROKE_FLOOR = 0.15
 _STROKE_GAMMA = 0.75
+PRESETS: dict[str, float] = {"default": 0.0, "hard": 1.0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +68,7 @@ class DemoSpec:
     num_clutter: int = 6
     noise_std: float = 0.08
     photo_clutter: bool = False
+    difficulty: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("train", "val", "image_size", "seed", "samples_per_shard", "num_clutter"):
@@ -87,7 +94,10 @@ class DemoSpec:
             raise ValueError(f"digit_scale must satisfy 0 < low <= high <= 1, got {self.digit_scale!r}")
         if not (math.isfinite(self.noise_std) and self.noise_std >= 0.0):
             raise ValueError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
+        if not (math.isfinite(self.difficulty) and 0.0 <= self.difficulty <= 1.0):
+            raise ValueError(f"difficulty must be in [0, 1], got {self.difficulty!r}")
         object.__setattr__(self, "digit_scale", (low, high))
+        object.__setattr__(self, "difficulty", float(self.difficulty))
         object.__setattr__(self, "noise_std", float(self.noise_std))
         object.__setattr__(self, "photo_clutter", bool(self.photo_clutter))
 
@@ -148,15 +158,17 @@ def _paste_max(canvas: np.ndarray, layer: np.ndarray, color: np.ndarray, x: int,
     np.maximum(canvas[y0:y1, x0:x1], patch, out=canvas[y0:y1, x0:x1])
 
 
-def _fragment(rng: np.random.Generator, digit: np.ndarray, side: int) -> np.ndarray:
-    """A crop of an upscaled digit covering at most ``_FRAGMENT_MAX_AREA`` of its 8x8 cells."""
+def _fragment(rng: np.random.Generator, digit: np.ndarray, side: int, difficulty: float = 0.0) -> np.ndarray:
+    """A crop of an upscaled digit covering at most ``_FRAGMENT_MAX_AREA`` of its 8x8 cells (up to
+    all 64 as ``difficulty`` rises: clutter the size of the digit)."""
     full = _upscale(digit, side, side)
     cell = side / 8.0
-    lo, hi = _FRAGMENT_CELLS
+    lo, hi = _FRAGMENT_CELLS[0] + 2.0 * difficulty, _FRAGMENT_CELLS[1] + 3.0 * difficulty
+    max_area = _FRAGMENT_MAX_AREA + 48.0 * difficulty
     best = full[: max(2, round(3 * cell)), : max(2, round(3 * cell))]
     for _ in range(8):
         h_cells, w_cells = rng.uniform(lo, hi, size=2)
-        if h_cells * w_cells > _FRAGMENT_MAX_AREA:
+        if h_cells * w_cells > max_area:
             continue
         h, w = max(2, round(h_cells * cell)), max(2, round(w_cells * cell))
         y, x = (int(v) for v in rng.integers(0, side - np.array([h, w]) + 1))
@@ -173,37 +185,34 @@ def _render(spec: DemoSpec, split: str, index: int) -> RenderedSample:
     pool = split_indices(split)
     rng = np.random.default_rng([spec.seed, _SPLIT_IDS[split], index])
     size = spec.image_size
-    low, high = spec.digit_scale
+    d = spec.difficulty
+    low, high = (v * (1.0 - 0.4 * d) for v in spec.digit_scale)
 
     canvas = np.empty((size, size, 3), dtype=np.float32)
     canvas[...] = rng.uniform(*_BACKGROUND_TINT, size=3)
+    if d > 0 and rng.uniform() < d:
+        photo = _photos()[int(rng.integers(len(_photos())))]
+        _paste_max(canvas, _photo_patch(rng, photo, size) * rng.uniform(0.3, 0.3 + 0.3 * d), np.ones(3, np.float32), 0, 0)
 
     if spec.photo_clutter:
         photos = _photos()
         for _ in range(int(rng.integers(1, 3))):
             photo = photos[int(rng.integers(len(photos)))]
             side = int(rng.integers(size // 4, size // 2 + 1))
-            limit = min(photo.shape[:2])
-            crop_side = min(limit, int(rng.integers(side, max(side, limit // 2) + 1)))
-            py = int(rng.integers(0, photo.shape[0] - crop_side + 1))
-            px = int(rng.integers(0, photo.shape[1] - crop_side + 1))
-            crop = photo[py : py + crop_side, px : px + crop_side]
-            channels = [
-                Image.fromarray(np.ascontiguousarray(crop[..., c])).resize((side, side), Image.Resampling.BILINEAR)
-                for c in range(3)
-            ]
-            patch = np.stack([np.asarray(c) for c in channels], axis=-1) * rng.uniform(*_PHOTO_INTENSITY)
+            patch = _photo_patch(rng, photo, side) * rng.uniform(*_PHOTO_INTENSITY)
             x, y = (int(v) for v in rng.integers(0, size - side + 1, size=2))
             _paste_max(canvas, patch.astype(np.float32), np.ones(3, np.float32), x, y)
 
     source = int(pool[int(rng.integers(len(pool)))])
-    for _ in range(spec.num_clutter):
+    intensity = (_CLUTTER_INTENSITY[0] + 0.3 * d, _CLUTTER_INTENSITY[1] + 0.35 * d)
+    saturation = (_CLUTTER_COLOR[0] * (1.0 - d), _CLUTTER_COLOR[1])
+    for _ in range(spec.num_clutter + round(4 * d)):
         other = int(pool[int(rng.integers(len(pool)))])
         while other == source:
             other = int(pool[int(rng.integers(len(pool)))])
-        layer = _fragment(rng, images[other], max(8, round(rng.uniform(low, high) * size)))
+        layer = _fragment(rng, images[other], max(8, round(rng.uniform(low, high) * size)), d)
         h, w = layer.shape
-        color = (rng.uniform(*_CLUTTER_INTENSITY) * rng.uniform(*_CLUTTER_COLOR, size=3)).astype(np.float32)
+        color = (rng.uniform(*intensity) * rng.uniform(*saturation, size=3)).astype(np.float32)
         x = int(rng.integers(-w // 2, size - w // 2 + 1))
         y = int(rng.integers(-h // 2, size - h // 2 + 1))
         _paste_max(canvas, layer, color, x, y)
@@ -213,8 +222,9 @@ def _render(spec: DemoSpec, split: str, index: int) -> RenderedSample:
     color = rng.uniform(*_DIGIT_COLOR, size=3).astype(np.float32)
     _paste_max(canvas, _upscale(images[source], side, side), color, x0, y0)
 
-    if spec.noise_std > 0:
-        canvas += rng.normal(0.0, spec.noise_std, size=canvas.shape).astype(np.float32)
+    noise_std = spec.noise_std * (1.0 + 0.5 * d)
+    if noise_std > 0:
+        canvas += rng.normal(0.0, noise_std, size=canvas.shape).astype(np.float32)
     pixels = np.clip(np.rint(canvas * 255.0), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
@@ -226,6 +236,17 @@ def _render(spec: DemoSpec, split: str, index: int) -> RenderedSample:
         scale=side / size,
         source_index=source,
     )
+
+
+def _photo_patch(rng: np.random.Generator, photo: np.ndarray, side: int) -> np.ndarray:
+    """A random square crop of a photo, resized to ``side`` x ``side`` (RGB in [0, 1])."""
+    limit = min(photo.shape[:2])
+    crop_side = min(limit, int(rng.integers(side, max(side, limit // 2) + 1)))
+    py = int(rng.integers(0, photo.shape[0] - crop_side + 1))
+    px = int(rng.integers(0, photo.shape[1] - crop_side + 1))
+    crop = photo[py : py + crop_side, px : px + crop_side]
+    channels = [Image.fromarray(np.ascontiguousarray(crop[..., c])).resize((side, side), Image.Resampling.BILINEAR) for c in range(3)]
+    return np.stack([np.asarray(c) for c in channels], axis=-1).astype(np.float32)
 
 
 def render_sample(spec: DemoSpec, split: str, index: int) -> RenderedSample:
@@ -276,6 +297,7 @@ def generate_demo_dataset(
     num_clutter: int = 6,
     noise_std: float = 0.08,
     photo_clutter: bool = False,
+    difficulty: float = 0.0,
 ) -> dict[str, Any]:
     """Write ``train-NNNNNN.tar``/``val-NNNNNN.tar`` shards, ``classes.txt`` and ``_info.json`` into out_dir.
 
@@ -292,6 +314,7 @@ def generate_demo_dataset(
         num_clutter=num_clutter,
         noise_std=noise_std,
         photo_clutter=photo_clutter,
+        difficulty=difficulty,
     )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

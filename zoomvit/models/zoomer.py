@@ -56,12 +56,16 @@ class Zoomer(nn.Module):
         self.project = None
         if head == "global":
             self.project = nn.Linear(4 * gh * gw, gh * gw)
-            # The stage's features are non-negative, so a 1x1 conv with random signs is often negative
-            # at every position and the ReLU passes nothing: no gradient ever (6 of 20 seeds at
-            # widths 8-64). Non-negative weights start it open.
             with torch.no_grad():
+                # The stage's features are non-negative, so a 1x1 conv with random signs is often
+                # negative at every position and the ReLU passes nothing, ever (6 of 20 seeds at widths
+                # 8-64): non-negative weights start it open.
                 self.head.weight.abs_()
                 self.head.bias.zero_()
+                # Start the global layer as each cell's 2x2 average (the local head), so it begins
+                # from a spatially sensible map and learns what it gains from the whole image.
+                self.project.weight.copy_(_cell_average(gh, gw))
+                self.project.bias.zero_()
         self.frozen = False
 
     def forward_logits(self, images_BCHW: torch.Tensor) -> torch.Tensor:
@@ -93,3 +97,10 @@ class Zoomer(nn.Module):
             return super()._apply(fn, recurse)
         # device moves apply, dtype casts do not (casting to bf16 and back would already lose precision)
         return super()._apply(lambda t: t.to(fn(t).device) if t.is_floating_point() else fn(t), recurse)
+
+
+def _cell_average(gh: int, gw: int) -> torch.Tensor:
+    """(gh*gw, 4*gh*gw) weights averaging each cell's 2x2 block of a (2gh, 2gw) raster."""
+    r, c = torch.meshgrid(torch.arange(2 * gh), torch.arange(2 * gw), indexing="ij")
+    cell = ((r // 2) * gw + c // 2).flatten()
+    return torch.nn.functional.one_hot(cell, gh * gw).T.float() / 4
