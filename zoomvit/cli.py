@@ -10,7 +10,7 @@ from zoomvit import __version__
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from zoomvit.data.demo import generate_demo_dataset
+    from zoomvit.data.demo import PRESETS, generate_demo_dataset
 
     info = generate_demo_dataset(
         args.out_dir,
@@ -23,6 +23,7 @@ def _demo_data(args: argparse.Namespace) -> int:
         num_clutter=args.num_clutter,
         noise_std=args.noise_std,
         photo_clutter=args.photo_clutter,
+        difficulty=PRESETS[args.preset] if args.difficulty is None else args.difficulty,
     )
     splits = info["splits"]
     print(
@@ -52,6 +53,8 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-clutter", type=int, default=6, help="digit fragments per image (default: 6)")
     parser.add_argument("--noise-std", type=float, default=0.08, help="gaussian noise std on a 0..1 scale")
     parser.add_argument("--photo-clutter", action="store_true", help="also paste dimmed crops of sample photos")
+    parser.add_argument("--preset", choices=("default", "hard"), default="default", help="difficulty preset (hard: difficulty 1)")
+    parser.add_argument("--difficulty", type=float, default=None, help="the difficulty knob in [0, 1]; overrides --preset")
     parser.set_defaults(func=_demo_data)
 
 

@@ -16,7 +16,11 @@ class Section(BaseModel):
 
 
 class DemoDataConfig(Section):
-    """Generate the demo dataset into ``data.root`` when its shards are missing."""
+    """Generate the demo dataset into ``data.root`` when its shards are missing.
+
+    ``preset``: ``default`` (small white digits among dim clutter) or ``hard`` (smaller digits, clutter
+    of the digit's size in saturated colours up to its brightness, photo backgrounds); ``difficulty``
+    (0..1) sets the knob directly and overrides the preset."""
 
     train: int = Field(2048, ge=0)
     val: int = Field(512, ge=0)
@@ -24,6 +28,14 @@ class DemoDataConfig(Section):
     seed: int = 0
     samples_per_shard: int = Field(256, ge=1)
     photo_clutter: bool = False
+    preset: Literal["default", "hard"] = "default"
+    difficulty: float | None = Field(None, ge=0, le=1)
+
+    @property
+    def effective_difficulty(self) -> float:
+        from zoomvit.data.demo import PRESETS
+
+        return PRESETS[self.preset] if self.difficulty is None else self.difficulty
 
 
 class DataConfig(Section):
@@ -320,6 +332,21 @@ class EvaluateConfig(Section):
     flops_samples: int = Field(64, ge=1)
 
 
+class GatesConfig(Section):
+    """Quality floors checked before a stage builds on an upstream model; a pipeline below one stops
+    with a message naming the figure, the floor and how to override (``--set gates.<name>=...``).
+
+    teacher_min_top1: the teacher's val top-1 before relevance (None: twice chance, 2 / num_classes);
+    zoomer_min_pearson: the Zoomer's val Pearson with the teacher maps before ZoomViT trains on it.
+    """
+
+    teacher_min_top1: float | None = Field(None, ge=0, le=1)
+    zoomer_min_pearson: float = Field(0.2, ge=-1, le=1)
+
+    def teacher_floor(self, num_classes: int) -> float:
+        return min(1.0, 2.0 / num_classes) if self.teacher_min_top1 is None else self.teacher_min_top1
+
+
 class TrackingConfig(Section):
     """MLflow: ``uri`` else $MLFLOW_TRACKING_URI else a sqlite store in the working directory."""
 
@@ -339,6 +366,7 @@ class PipelineConfig(Section):
     zoomvit: ZoomViTConfig = Field(default_factory=ZoomViTConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

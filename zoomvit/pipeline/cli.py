@@ -63,7 +63,7 @@ def full_main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = {name: node["cache"] for name, node in result.stages.items()}
-    print(json.dumps({"mlflow_run": result.run_id, "tracking_uri": result.tracking_uri, "stages": summary}, indent=2))
+    print(json.dumps({"mlflow_run": result.run_id, "tracking_uri": result.tracking_uri, "stages": summary, "warnings": result.warnings}, indent=2))
     return 0
 
 

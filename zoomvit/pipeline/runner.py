@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import zoomvit
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo, shard_infos
-from zoomvit.pipeline.stages import ORDER, STAGES, StageContext
+from zoomvit.pipeline.stages import ORDER, STAGES, QualityGateFailed, StageContext
 from zoomvit.tracking.runs import Tracker, flatten, git_commit, lineage_picture, resolve_tracking_uri, shards_digest
 
 MANIFEST = "manifest.json"
@@ -36,6 +36,7 @@ class PipelineResult:
     run_id: str
     tracking_uri: str
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> lineage node
+    warnings: list[str] = field(default_factory=list)  # said plainly at the end of the run
 
     @property
     def computed(self) -> list[str]:
@@ -77,7 +78,10 @@ def ensure_demo_data(config: PipelineConfig) -> None:
     demo, root = config.data.demo, config.data.root
     if demo is None or root is None:
         return
-    wanted = {"train": demo.train, "val": demo.val, "image_size": demo.image_size, "seed": demo.seed, "samples_per_shard": demo.samples_per_shard, "photo_clutter": demo.photo_clutter}
+    wanted = {
+        "train": demo.train, "val": demo.val, "image_size": demo.image_size, "seed": demo.seed,
+        "samples_per_shard": demo.samples_per_shard, "photo_clutter": demo.photo_clutter, "difficulty": demo.effective_difficulty,
+    }  # fmt: skip
     try:
         config.data.shard_paths("train")
         config.data.shard_paths("val")
@@ -93,10 +97,11 @@ def ensure_demo_data(config: PipelineConfig) -> None:
         pass
     from zoomvit.data.demo import generate_demo_dataset
 
-    print(f"[data] generating the demo dataset in {root} ({demo.train} train / {demo.val} val, {demo.image_size}px)", flush=True)
+    print(f"[data] generating the demo dataset in {root} ({demo.train} train / {demo.val} val, {demo.image_size}px, difficulty {demo.effective_difficulty})", flush=True)
     generate_demo_dataset(
-        root, train=demo.train, val=demo.val, image_size=demo.image_size, seed=demo.seed, samples_per_shard=demo.samples_per_shard, photo_clutter=demo.photo_clutter
-    )
+        root, train=demo.train, val=demo.val, image_size=demo.image_size, seed=demo.seed, samples_per_shard=demo.samples_per_shard,
+        photo_clutter=demo.photo_clutter, difficulty=demo.effective_difficulty,
+    )  # fmt: skip
 
 
 def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
@@ -171,6 +176,15 @@ def _run_pipeline(config: PipelineConfig, *, only: Sequence[str], force: Sequenc
                     f"and --only {','.join(only)} needs it: run the pipeline without --only first"
                 )
             upstream_runs = {u: manifests[u]["run_id"] for u, _ in upstream}
+            reason = stage.gate(config, manifests) if stage.gate else None
+            if reason is not None:
+                gated = tracker.start(name, parent=parent, tags={"zoomvit.kind": "stage", "stage": name, "fingerprint": fp, "cache": "gated", "failure_reason": reason})
+                result.stages[name] = {"stage": name, "run_id": gated, "fingerprint": fp, "cache": "gated", "reason": reason, "upstream": []}
+                tracker.tags(parent, {"failure_reason": f"{name}: {reason}"})
+                gate_error = QualityGateFailed(f"stage {name!r} did not run: {reason}")
+                tracker.end(gated, error=gate_error)
+                print(f"[{name}] stopped by a quality gate: {reason}", flush=True)
+                raise gate_error
             tags = {
                 "zoomvit.kind": "stage",
                 "stage": name,
@@ -216,8 +230,36 @@ def _run_pipeline(config: PipelineConfig, *, only: Sequence[str], force: Sequenc
         raise
     finally:
         _write_lineage(tracker, parent, config, result, root)
+        if error is None:
+            result.warnings = near_chance(config, manifests)
+            if result.warnings:
+                tracker.tags(parent, {"warning.near_chance": "; ".join(result.warnings)})
+            for line in result.warnings:
+                print(f"[pipeline] WARNING: {line}", flush=True)
         tracker.end(parent, error=error)
     return result
+
+
+def near_chance(config: PipelineConfig, manifests: dict[str, dict[str, Any]]) -> list[str]:
+    """Models whose val top-1 is not clearly above chance: below chance + 3 binomial standard errors
+    (the val size from the evaluate stage; without it, 1.5x chance)."""
+    chance = 1.0 / config.data.num_classes
+    scores: dict[str, tuple[float, int | None]] = {}
+    for name in ("teacher", "zoomvit", "baseline"):
+        top1 = manifests.get(name, {}).get("metrics", {}).get("val_top1")
+        if top1 is not None:
+            scores[name] = (top1, None)
+    for row in manifests.get("evaluate", {}).get("rows", []):
+        if row["model"] != "zoomvit" or row.get("alpha") == config.zoomvit.alpha:
+            scores[row["model"]] = (row["top1"], row["n"])
+    n_val = next((n for _, n in scores.values() if n), None)
+    lines = []
+    for name, (top1, n) in scores.items():
+        n = n or n_val
+        bar = chance + 3 * (chance * (1 - chance) / n) ** 0.5 if n else 1.5 * chance
+        if top1 < bar:
+            lines.append(f"{name} is at chance: val top-1 {100 * top1:.1f}% against chance {100 * chance:.1f}% (bar {100 * bar:.1f}%)")
+    return lines
 
 
 def _log_stage(tracker: Tracker, run_id: str, config: PipelineConfig, manifest: dict[str, Any], upstream: dict[str, dict[str, Any]], shards, train_paths) -> None:
@@ -251,7 +293,7 @@ def _load_model(name: str, config: PipelineConfig, weights: Path):
     from zoomvit.train.stages import baseline_task, zoomvit_grid, zoomvit_task
 
     if name == "zoomer":
-        zoomer = Zoomer(grid=zoomvit_grid(config), width=config.zoomer.width, depth=config.zoomer.depth)
+        zoomer = Zoomer(grid=zoomvit_grid(config), width=config.zoomer.width, depth=config.zoomer.depth, head=config.zoomer.head)
         zoomer.load_state_dict(load_state_dict_file(weights))
         return zoomer.freeze()
     return load_trained(zoomvit_task(config, None, inference=True) if name == "zoomvit" else baseline_task(config), weights)

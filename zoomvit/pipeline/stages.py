@@ -32,6 +32,8 @@ class StageDef:
     upstream: tuple[tuple[str, str], ...]  # (stage, artifact passed)
     run: Callable[[StageContext], dict[str, Any]]  # returns {"files": {...}, "metrics": {...}}
     extra_upstream: Callable[[PipelineConfig], tuple[tuple[str, str], ...]] | None = None
+    # a quality floor on an upstream stage's output: the reason the stage must not run, or None
+    gate: Callable[[PipelineConfig, dict[str, dict[str, Any]]], str | None] | None = None
 
     def upstream_for(self, config: PipelineConfig) -> tuple[tuple[str, str], ...]:
         extra = self.extra_upstream(config) if self.extra_upstream else ()
@@ -59,6 +61,37 @@ def _distill_inputs(ctx: StageContext) -> dict[str, Any]:
         "teacher_weights": _upstream_file(ctx, "teacher", "weights") if teacher and "weights" in teacher["files"] else None,
         "relevance_dir": _upstream_file(ctx, "relevance", "maps") if relevance else None,
     }
+
+
+class QualityGateFailed(ValueError):
+    """An upstream model is below its configured quality floor (``gates``)."""
+
+
+def teacher_gate(config: PipelineConfig, upstream: dict[str, dict[str, Any]]) -> str | None:
+    """The teacher must beat its floor on val before its relevance maps teach the Zoomer."""
+    top1 = upstream["teacher"].get("metrics", {}).get("val_top1")
+    if top1 is None:  # a hub or checkpoint teacher: no val figure from training
+        return None
+    floor = config.gates.teacher_floor(config.data.num_classes)
+    if top1 >= floor:
+        return None
+    return (
+        f"the teacher's val top-1 is {top1:.4f}, below the floor {floor:.4f} (chance is {1 / config.data.num_classes:.4f}): "
+        "its relevance maps would teach the Zoomer noise. Train a better teacher, or override with "
+        "--set gates.teacher_min_top1=0"
+    )
+
+
+def zoomer_gate(config: PipelineConfig, upstream: dict[str, dict[str, Any]]) -> str | None:
+    """The Zoomer must follow the teacher's maps before ZoomViT zooms where it points."""
+    pearson = upstream["zoomer"].get("metrics", {}).get("val_pearson")
+    floor = config.gates.zoomer_min_pearson
+    if pearson is None or pearson >= floor:
+        return None
+    return (
+        f"the Zoomer's val Pearson with the teacher maps is {pearson:.4f}, below the floor {floor:.4f}: ZoomViT would zoom "
+        "into noise. Improve the teacher or the Zoomer, or override with --set gates.zoomer_min_pearson=-1"
+    )
 
 
 def _upstream_file(ctx: StageContext, stage: str, name: str) -> Path:
@@ -168,7 +201,13 @@ STAGES: dict[str, StageDef] = {
     s.name: s
     for s in (
         StageDef(name="teacher", sections=("data", "teacher"), upstream=(), run=run_teacher),
-        StageDef(name="relevance", sections=("data", "teacher", "relevance"), upstream=(("teacher", "teacher weights"),), run=run_relevance),
+        StageDef(
+            name="relevance",
+            sections=("data", "teacher", "relevance"),
+            upstream=(("teacher", "teacher weights"),),
+            run=run_relevance,
+            gate=teacher_gate,
+        ),
         StageDef(
             name="zoomer",
             sections=("data", "zoomer", "zoomvit.model", "zoomvit.model_kwargs"),
@@ -181,6 +220,7 @@ STAGES: dict[str, StageDef] = {
             upstream=(("zoomer", "frozen Zoomer"),),
             extra_upstream=_teacher_upstream("zoomvit"),
             run=run_zoomvit,
+            gate=zoomer_gate,
         ),
         StageDef(name="baseline", sections=("data", "baseline"), upstream=(), extra_upstream=_teacher_upstream("baseline"), run=run_baseline),
         StageDef(
