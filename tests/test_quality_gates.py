@@ -40,8 +40,8 @@ def test_the_zoomer_gate_reads_val_pearson():
 def test_models_at_chance_are_named_in_the_end_of_run_warnings():
     config = _config()
     rows = [
-        {"model": "zoomvit", "alpha": config.zoomvit.alpha, "top1": 0.104, "n": 512},
-        {"model": "zoomvit", "alpha": 0.9, "top1": 0.5, "n": 512},
+        {"model": "zoomvit", "alpha": config.zoomvit.alpha, "headline": True, "top1": 0.104, "n": 512},
+        {"model": "zoomvit", "alpha": 0.9, "headline": False, "top1": 0.5, "n": 512},
         {"model": "baseline", "alpha": None, "top1": 0.30, "n": 512},
     ]
     lines = near_chance(config, {"teacher": {"metrics": {"val_top1": 0.113}}, "evaluate": {"rows": rows}})

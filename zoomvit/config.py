@@ -64,6 +64,13 @@ class DataConfig(Section):
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     class_names: str | None = None
     decoded: Literal["shared", "per_stage", "streamed"] = "shared"
+    calibration_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="share of the training samples (chosen by a hash of the key) held out of every training "
+        "stage; ZoomViT's operating point is calibrated on it (zoomvit.target_tokens / target_gflops)",
+    )
     demo: DemoDataConfig | None = None
 
     def shard_paths(self, split: Literal["train", "val"]) -> list[str]:
@@ -250,6 +257,10 @@ class ZoomViTConfig(Section):
     token_budget: int | None = None
     zoom_source: Literal["upsample", "highres"] = "upsample"
     zoom_resample: Literal["nearest", "bilinear"] = "nearest"
+    target_tokens: float | None = Field(
+        None, gt=0, description="mean tokens per image to calibrate alpha to on the calibration slice (replaces alpha and train_alpha)"
+    )
+    target_gflops: float | None = Field(None, gt=0, description="GFLOPs per image (Zoomer included) to calibrate alpha to, as target_tokens")
     init_checkpoint: str | None = Field(None, description="ViT/DeiT weights to start from (position embedding resampled)")
     init_from_teacher: bool = Field(False, description=INIT_FROM_TEACHER)
     distill: DistillConfig = Field(default_factory=DistillConfig)
@@ -264,6 +275,10 @@ class ZoomViTConfig(Section):
             raise ValueError(f"train_alpha must be (low, high) with low <= high, got {self.train_alpha}")
         if self.coarse_alpha is not None and self.coarse_alpha > min(lo, self.alpha):
             raise ValueError(f"coarse_alpha {self.coarse_alpha} must not exceed alpha or the low end of train_alpha")
+        if self.target_tokens is not None and self.target_gflops is not None:
+            raise ValueError("set one of target_tokens and target_gflops")
+        if self.calibrated and self.trains_in_budget_mode:
+            raise ValueError("target_tokens/target_gflops calibrate alpha: they do not combine with token_budget or train_budget")
         if self.train_budget is not None and not self.train_budget[0] <= self.train_budget[1]:
             raise ValueError(f"train_budget must be (low, high) with low <= high, got {self.train_budget}")
         if self.zoom_source == "highres":
@@ -272,6 +287,11 @@ class ZoomViTConfig(Section):
             if mixing:
                 raise ValueError(f"zoom_source=highres: {', '.join(mixing)} would change the image but not its 2x copy; turn them off")
         return self
+
+    @property
+    def calibrated(self) -> bool:
+        """alpha and train_alpha come from calibration on the held-out slice, not from the config."""
+        return self.target_tokens is not None or self.target_gflops is not None
 
     @property
     def trains_in_budget_mode(self) -> bool:
@@ -373,6 +393,12 @@ class PipelineConfig(Section):
     def _evaluated_where_trained(self) -> "PipelineConfig":
         """ZoomViT is evaluated only at operating points its training covered (no extrapolation)."""
         zv = self.zoomvit
+        if zv.calibrated:
+            if self.data.calibration_fraction == 0:
+                raise ValueError("zoomvit.target_tokens/target_gflops calibrate on a held-out slice: set data.calibration_fraction > 0")
+            if self.evaluate.alphas or self.evaluate.budgets:
+                raise ValueError("with a calibrated zoomvit target, evaluate.alphas and evaluate.budgets would lie outside what training covered: leave them empty")
+            return self
         budgets = [b for b in (zv.token_budget, *self.evaluate.budgets) if b is not None]
         alphas = [*([zv.alpha] if zv.token_budget is None else []), *self.evaluate.alphas]
         if zv.trains_in_budget_mode:

@@ -154,7 +154,12 @@ def run_zoomer(ctx: StageContext) -> dict[str, Any]:
 def run_zoomvit(ctx: StageContext) -> dict[str, Any]:
     from zoomvit.train.stages import train_zoomvit
 
-    return _train_outputs(train_zoomvit(ctx.config, _upstream_file(ctx, "zoomer", "weights"), ctx.out_dir, ctx.tracking, **_distill_inputs(ctx)))
+    result, operating_point = train_zoomvit(ctx.config, _upstream_file(ctx, "zoomer", "weights"), ctx.out_dir, ctx.tracking, **_distill_inputs(ctx))
+    outputs = _train_outputs(result)
+    if operating_point is not None:
+        outputs["calibration"] = operating_point
+        outputs["metrics"].update(calibrated_alpha=operating_point["alpha"], calibration_tokens_per_img=operating_point["calibration_tokens_per_img"])
+    return outputs
 
 
 def run_baseline(ctx: StageContext) -> dict[str, Any]:
@@ -181,6 +186,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         },
         relevance_dir=_upstream_file(ctx, "relevance", "maps"),
         out_dir=ctx.out_dir,
+        alpha=ctx.upstream["zoomvit"].get("calibration", {}).get("alpha"),
     )
     metrics: dict[str, Any] = {}
     for row in result["rows"]:
@@ -189,7 +195,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         elif row["model"] != "zoomvit":
             prefix = row["model"]
         else:
-            prefix = "zoomvit" if row["alpha"] == ctx.config.zoomvit.alpha else f"zoomvit_alpha_{row['alpha']}"
+            prefix = "zoomvit" if row["headline"] else f"zoomvit_alpha_{row['alpha']}"
         metrics.update({f"{prefix}_{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("alpha", "budget")})
     files = {"evaluation": "evaluation.json"}
     if (ctx.out_dir / "zoom_layouts.png").exists():

@@ -3,10 +3,11 @@ per-batch GPU/CPU-side transforms the workers apply."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -35,12 +36,45 @@ def shared_decoding() -> Iterator[None]:
         _shared = outer
 
 
+def in_calibration_slice(keys: np.ndarray, fraction: float) -> np.ndarray:
+    """Whether each sample key belongs to the held-out calibration slice: a hash of the key alone,
+    so the slice is the same whatever the shard order, worker or run."""
+    if fraction <= 0:
+        return np.zeros(len(keys), dtype=bool)
+    digests = [int.from_bytes(hashlib.sha256(str(k).encode()).digest()[:8], "big") for k in keys]
+    return np.asarray(digests, dtype=np.float64) / 2.0**64 < fraction
+
+
+def _select_part(batch: dict[str, np.ndarray], *, fraction: float, calibration: bool) -> dict[str, np.ndarray]:
+    keep = in_calibration_slice(batch["key"], fraction) == calibration
+    return {k: v[keep] for k, v in batch.items()}
+
+
 def sample_dataset(
-    data: DataConfig, split: str, *, limit: int | None = None, file_shuffle_seed: int | None = None, highres: bool = False
+    data: DataConfig,
+    split: str,
+    *,
+    limit: int | None = None,
+    file_shuffle_seed: int | None = None,
+    highres: bool = False,
+    part: Literal["all", "fit", "calibration"] = "all",
 ):
     """Decoded good samples of a split as a Ray Dataset with columns key, image, label, box (and
-    image_hr, the same crop at twice the resolution, with ``highres``). ``file_shuffle_seed``: with
-    ``data.decoded: streamed``, read the shards in a new seeded order every execution (every epoch)."""
+    image_hr, the same crop at twice the resolution, with ``highres``). ``part`` of the train split:
+    ``fit`` (what training stages read) leaves out the calibration slice (``data.calibration_fraction``),
+    ``calibration`` is that slice alone. ``file_shuffle_seed``: with ``data.decoded: streamed``, read the
+    shards in a new seeded order every execution (every epoch)."""
+    if part != "all" and split != "train":
+        raise ValueError(f"the calibration slice is part of the train split, not of {split!r}")
+    if part == "calibration" and data.calibration_fraction == 0:
+        raise ValueError("data.calibration_fraction is 0: there is no calibration slice")
+    ds = _decoded(data, split, file_shuffle_seed=file_shuffle_seed, highres=highres)
+    if part != "all" and data.calibration_fraction > 0:
+        ds = ds.map_batches(_select_part, fn_kwargs={"fraction": data.calibration_fraction, "calibration": part == "calibration"}, batch_format="numpy")
+    return ds.limit(limit) if limit else ds
+
+
+def _decoded(data: DataConfig, split: str, *, file_shuffle_seed: int | None, highres: bool):
     shared = _shared is not None and data.decoded == "shared"
     key = (data.model_dump_json(), split, highres)
     if shared and key in _shared:
@@ -57,7 +91,7 @@ def sample_dataset(
         ds = ds.map_batches(keep_samples, fn_kwargs={"columns": columns}, batch_format="numpy")
         if shared:
             ds = _shared[key] = ds.materialize()
-    return ds.limit(limit) if limit else ds
+    return ds
 
 
 def relevance_targets(relevance_dir: str | Path, split: str, grid: tuple[int, int] | None, *, logits: bool = False) -> dict[str, np.ndarray]:

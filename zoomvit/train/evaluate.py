@@ -74,7 +74,9 @@ def evaluate_models(
     baseline_weights: str | Path | dict[str, str | Path],
     relevance_dir: str | Path | None,
     out_dir: str | Path,
+    alpha: float | None = None,
 ) -> dict[str, Any]:
+    """``alpha``: ZoomViT's reported operating point when calibrated (else ``zoomvit.alpha``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     zoom = load_trained(zoomvit_task(config, None, inference=True), zoomvit_weights)
@@ -83,7 +85,8 @@ def evaluate_models(
         baseline_weights = {"baseline": baseline_weights}
     tasks = baseline_tasks(config)
     baselines = {name: load_trained(tasks[name], weights) for name, weights in baseline_weights.items()}
-    alphas = [config.zoomvit.alpha, *[a for a in config.evaluate.alphas if a != config.zoomvit.alpha]]
+    headline = config.zoomvit.alpha if alpha is None else alpha
+    alphas = [headline, *[a for a in config.evaluate.alphas if a != headline]]
     budgets = list(config.evaluate.budgets)
     scores = {("zoomvit", a): _Scores() for a in alphas} | {("zoomvit_budget", k): _Scores() for k in budgets}
     scores |= {(name, None): _Scores() for name in baselines}
@@ -104,7 +107,7 @@ def evaluate_models(
             logits, zt = zoom(x, importance, highres=x_hr, alpha=alpha, return_tokens=True)
             seconds = zoomer_seconds + time.perf_counter() - start
             scores[("zoomvit", alpha)].add(logits, labels, zt.num_tokens_B.numpy(), buckets, seconds)
-            if alpha == config.zoomvit.alpha and len(figure_rows) < config.evaluate.num_figures:
+            if alpha == headline and len(figure_rows) < config.evaluate.num_figures:
                 for i in range(min(len(x), config.evaluate.num_figures - len(figure_rows))):
                     figure_rows.append(
                         {
@@ -137,10 +140,10 @@ def evaluate_models(
     for (model, alpha), s in scores.items():
         if model == "zoomvit":
             report = zoomvit_flops(zoom, flops_x, highres=flops_hr, alpha=alpha)
-            rows.append(s.row(model="zoomvit", alpha=alpha, gflops_per_img=report.gflops))
+            rows.append(s.row(model="zoomvit", alpha=alpha, headline=alpha == headline, gflops_per_img=report.gflops))
         elif model == "zoomvit_budget":
             report = zoomvit_flops(zoom, flops_x, highres=flops_hr, token_budget=alpha)
-            rows.append(s.row(model="zoomvit", alpha=None, budget=alpha, gflops_per_img=report.gflops))
+            rows.append(s.row(model="zoomvit", alpha=None, budget=alpha, headline=False, gflops_per_img=report.gflops))
         else:
             rows.append(s.row(model=model, alpha=None, gflops_per_img=zoomvit_flops(baselines[model], flops_x).gflops))
     result = {"rows": rows, "size_buckets": list(config.evaluate.size_buckets)}

@@ -21,7 +21,7 @@ def _train_split(config: PipelineConfig, train: TrainConfig, *, highres: bool = 
     """The training split, and its sample count when ``data.decoded`` streams it (None otherwise)."""
     data = config.data
     count = sample_count(data.shard_paths("train")) if data.decoded == "streamed" else None
-    return sample_dataset(data, "train", file_shuffle_seed=train.seed, highres=highres), count
+    return sample_dataset(data, "train", file_shuffle_seed=train.seed, highres=highres, part="fit"), count
 
 
 def train_teacher(config: PipelineConfig, out_dir: Path, tracking: dict[str, str] | None = None) -> TrainResult | None:
@@ -108,11 +108,18 @@ def _require_teacher_weights(section, teacher_weights: Path | str | None) -> Non
 
 
 def zoomvit_task(
-    config: PipelineConfig, zoomer_weights: Path | str | None, teacher_weights: Path | str | None = None, *, inference: bool = False
+    config: PipelineConfig,
+    zoomer_weights: Path | str | None,
+    teacher_weights: Path | str | None = None,
+    *,
+    inference: bool = False,
+    operating_point: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """ZoomViT's task spec; ``inference``: only the architecture, to load trained weights into."""
+    """ZoomViT's task spec; ``inference``: only the architecture, to load trained weights into;
+    ``operating_point``: a calibrated alpha and train_alpha replacing the config's."""
     zv = config.zoomvit
     gh, gw = zoomvit_grid(config)
+    op = operating_point or {"alpha": zv.alpha, "train_alpha": list(zv.train_alpha)}
     return {
         "kind": "zoomvit",
         "model": zv.model,
@@ -120,8 +127,8 @@ def zoomvit_task(
         "pretrained": zv.pretrained,
         "init_checkpoint": _init_checkpoint(zv, teacher_weights),
         **distill_spec(config, zv.distill, teacher_weights),
-        "alpha": zv.alpha,
-        "train_alpha": list(zv.train_alpha),
+        "alpha": op["alpha"],
+        "train_alpha": list(op["train_alpha"]),
         "train_budget": None if zv.train_budget_range is None else list(zv.train_budget_range),
         "num_cells": gh * gw,
         "coarse_alpha": zv.coarse_alpha,
@@ -146,16 +153,23 @@ def train_zoomvit(
     *,
     teacher_weights: Path | str | None = None,
     relevance_dir: Path | str | None = None,
-) -> TrainResult:
+) -> tuple[TrainResult, dict[str, Any] | None]:
     distill = config.zoomvit.distill
     if zoomer_weights is None:
         raise ValueError("the zoomvit stage needs the zoomer stage's trained weights: a random Zoomer would zoom into noise")
     _require_teacher_weights(config.zoomvit, teacher_weights)
     highres = config.zoomvit.zoom_source == "highres"
+    operating_point = None
+    if config.zoomvit.calibrated:
+        from zoomvit.train.calibration import calibrate_operating_point
+
+        operating_point = calibrate_operating_point(config, zoomer_weights)
+        print(f"[zoomvit] calibrated on {operating_point['calibration_samples']} held-out samples: alpha {operating_point['alpha']:.4g} "
+              f"for {operating_point['target_tokens']:.1f} tokens/img; training alphas {operating_point['train_alpha']}", flush=True)  # fmt: skip
     train_ds, streamed = _train_split(config, config.zoomvit.train, highres=highres)
-    return run_training(
+    result = run_training(
         name="zoomvit",
-        task=zoomvit_task(config, zoomer_weights, teacher_weights),
+        task=zoomvit_task(config, zoomer_weights, teacher_weights, operating_point=operating_point),
         train=config.zoomvit.train,
         train_ds=_distill_data(train_ds, distill, relevance_dir, "train"),
         val_ds=sample_dataset(config.data, "val", highres=highres),
@@ -163,6 +177,7 @@ def train_zoomvit(
         tracking=tracking,
         streamed_samples=streamed,
     )
+    return result, operating_point
 
 
 def baseline_tasks(config: PipelineConfig, teacher_weights: Path | str | None = None) -> dict[str, dict[str, Any]]:
