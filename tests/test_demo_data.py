@@ -232,3 +232,35 @@ def test_the_pipeline_regenerates_a_demo_dataset_made_with_other_settings(tmp_pa
     info = json.loads((tmp_path / "_info.json").read_text())
     assert info["splits"]["train"]["num_samples"] == 48
     assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+
+
+def test_the_hard_preset_has_smaller_digits_and_brighter_colourful_clutter(tmp_path: Path) -> None:
+    from zoomvit.data.demo import DemoSpec, render_sample
+
+    easy, hard = DemoSpec(train=200, val=0), DemoSpec(train=200, val=0, difficulty=1.0)
+    easy_scale = np.mean([render_sample(easy, "train", i).scale for i in range(200)])
+    hard_scale = np.mean([render_sample(hard, "train", i).scale for i in range(200)])
+    assert hard_scale < 0.75 * easy_scale
+
+    def clutter_stats(spec):
+        saturation, brightness = [], []
+        for i in range(40):
+            sample = render_sample(spec, "train", i)
+            rgb = np.asarray(Image.open(io.BytesIO(sample.jpeg)), dtype=np.float32) / 255
+            outside = np.ones(rgb.shape[:2], dtype=bool)
+            x0, y0, x1, y1 = sample.box
+            outside[y0:y1, x0:x1] = False
+            pixels = rgb[outside]
+            saturation.append(float((pixels.max(1) - pixels.min(1)).mean()))
+            brightness.append(float(np.quantile(pixels.max(1), 0.99)))
+        return np.mean(saturation), np.mean(brightness)
+
+    (easy_sat, easy_bright), (hard_sat, hard_bright) = clutter_stats(easy), clutter_stats(hard)
+    assert hard_sat > easy_sat and hard_bright > easy_bright
+
+
+def test_difficulty_is_validated_and_stamped(tmp_path: Path) -> None:
+    info = generate_demo_dataset(tmp_path, train=4, val=0, difficulty=0.5)
+    assert info["generator"]["difficulty"] == 0.5
+    with pytest.raises(ValueError, match="difficulty"):
+        generate_demo_dataset(tmp_path / "x", train=4, val=0, difficulty=1.5)

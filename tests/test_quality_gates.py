@@ -68,10 +68,12 @@ def _shuffle_labels(root: Path, seed: int = 0) -> None:
 @pytest.mark.slow
 def test_a_teacher_trained_on_shuffled_labels_stops_the_pipeline_before_relevance(ray_local, tmp_path):
     data = tmp_path / "data"
-    generate_demo_dataset(data, train=256, val=128, image_size=32, samples_per_shard=64)
+    # the hard preset, as the pipeline would generate it (it finds its own stamp and keeps the shards)
+    generate_demo_dataset(data, train=256, val=128, image_size=32, samples_per_shard=64, difficulty=1.0)
     _shuffle_labels(data)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = [f"data.root={data}", "data.demo=null", f"artifact_root={tmp_path / 'runs'}", f"tracking.uri={uri}"]
+    demo = "data.demo={train: 256, val: 128, image_size: 32, samples_per_shard: 64, preset: hard}"
+    sets = [f"data.root={data}", demo, f"artifact_root={tmp_path / 'runs'}", f"tracking.uri={uri}"]
     with pytest.raises(QualityGateFailed, match=r"relevance.*teacher's val top-1 .* below the floor 0\.2000"):
         run_pipeline(_config(*sets))
     client = MlflowClient(tracking_uri=uri)
