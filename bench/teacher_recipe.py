@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["default"], choices=["default", "hard"])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for every recipe")
+    parser.add_argument("--name", default="teacher_recipe", help="result file name under bench/results")
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args()
 
@@ -76,9 +77,9 @@ def main() -> None:
             print(rows[-1], flush=True)
     print_table(rows)
     payload = {"args": vars(args), "recipes": {k: RECIPES[k] for k in args.recipes}, "rows": rows}
-    print(f"wrote {write_result('teacher_recipe', payload)}")
+    print(f"wrote {write_result(args.name, payload)}")
     if not args.no_mlflow:
-        log_to_mlflow("teacher_recipe", params=vars(args), metrics={f"{r['preset']}_{i}_val_top1": r["val_top1"] for i, r in enumerate(rows)}, artifact=payload)
+        log_to_mlflow(args.name, params=vars(args), metrics={f"{r['preset']}_{i}_val_top1": r["val_top1"] for i, r in enumerate(rows)}, artifact=payload)
 
 
 if __name__ == "__main__":
