@@ -114,3 +114,14 @@ def test_the_declared_python_floor_covers_the_standard_library_the_package_uses(
     needs_311 = {"from enum import StrEnum", "import tomllib", "from typing import Self", "ExceptionGroup"}
     used = {n for path in (REPO / "zoomvit").rglob("*.py") for n in needs_311 if n in path.read_text()}
     assert not used or (major, minor) >= (3, 11), f"{sorted(used)} need Python 3.11, requires-python says {floor}"
+
+
+@pytest.mark.parametrize("head", ["global", "local"])
+def test_the_runner_reloads_a_trained_zoomer_of_either_head(tmp_path, head):
+    from zoomvit.pipeline.runner import _load_model
+
+    config = load_config(TINY, [f"zoomer.head={head}"])
+    zoomer = Zoomer(grid=(4, 4), width=config.zoomer.width, depth=config.zoomer.depth, head=head)
+    save_file(zoomer.state_dict(), str(tmp_path / "zoomer.safetensors"))
+    loaded = _load_model("zoomer", config, tmp_path / "zoomer.safetensors")
+    assert loaded.head_kind == head and loaded.frozen
