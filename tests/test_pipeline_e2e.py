@@ -118,6 +118,21 @@ def test_each_training_stage_lowers_its_loss_with_zero2_on_two_workers(first_run
         assert len(history) == len(losses), "rank 0 alone logs one value per epoch"
 
 
+def test_the_evaluate_stage_reports_intervals_and_zoom_controls_at_zoomvits_token_counts(first_run, workspace):
+    client, parent = first_run
+    out_dir = client.get_run(stage_runs(client, parent)["evaluate"].info.run_id).data.params["out_dir"]
+    rows = {row["model"]: row for row in json.loads((Path(out_dir) / "evaluation.json").read_text())["rows"] if row["model"] != "zoomvit" or row["headline"]}
+    controls = {"zoomvit_control_random", "zoomvit_control_centre", "zoomvit_control_teacher"}
+    assert {"zoomvit", "baseline"} | controls <= set(rows)
+    for name, row in rows.items():
+        lo, hi = row["top1_ci95"]
+        assert lo <= row["top1"] <= hi, name
+        assert all(k + "_ci95" in row for k in row if k.startswith("top1_size_") and not k.endswith("_ci95")), name
+    for name in controls:  # the same number of zoomed cells per image as the Zoomer chose
+        assert rows[name]["tokens_per_img"] == pytest.approx(rows["zoomvit"]["tokens_per_img"]), name
+        assert rows[name]["gflops_per_img"] < rows["zoomvit"]["gflops_per_img"], "a control pays no Zoomer"
+
+
 def test_a_second_run_of_the_same_config_is_all_cache_hits(first_run, head, workspace):
     client, first = first_run
     proc = pipeline(head, workspace)

@@ -281,7 +281,7 @@ def test_the_baseline_stage_trains_a_swin_and_a_hybrid_and_evaluates_them_side_b
         relevance_dir=None,
         out_dir=tmp_path / "evaluate",
     )
-    rows = {row["model"]: row for row in table["rows"] if row["model"] != "zoomvit"}
+    rows = {row["model"]: row for row in table["rows"] if not row["model"].startswith("zoomvit")}
     assert set(rows) == {"baseline", "hybrid"}, "the Swin baseline and the hybrid side by side"
     for row in rows.values():
         assert row["gflops_per_img"] > 0 and row["img_per_s"] > 0 and 0 <= row["top1"] <= 1

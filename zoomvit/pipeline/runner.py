@@ -215,6 +215,9 @@ def _run_pipeline(config: PipelineConfig, *, only: Sequence[str], force: Sequenc
                 outputs = stage.run(ctx)
                 manifest = {"stage": name, "fingerprint": fp, "run_id": run_id, "out_dir": str(out_dir), "seconds": time.perf_counter() - start, **outputs}
                 _log_stage(tracker, run_id, config, manifest, manifests, shards, train_paths)
+                if name == "evaluate":  # the run's headline evidence also on the parent
+                    for key in ("evaluation", "frontier"):
+                        tracker.artifact(parent, out_dir / manifest["files"][key])
                 (out_dir / f".{MANIFEST}.tmp").write_text(json.dumps(manifest, indent=2, default=str))
                 os.replace(out_dir / f".{MANIFEST}.tmp", out_dir / MANIFEST)
             except BaseException as err:
@@ -250,6 +253,8 @@ def near_chance(config: PipelineConfig, manifests: dict[str, dict[str, Any]]) ->
         if top1 is not None:
             scores[name] = (top1, None)
     for row in manifests.get("evaluate", {}).get("rows", []):
+        if row["model"].startswith("zoomvit_control"):
+            continue
         if row["model"] != "zoomvit" or row.get("headline"):
             scores[row["model"]] = (row["top1"], row["n"])
     n_val = next((n for _, n in scores.values() if n), None)
@@ -281,7 +286,7 @@ def _log_stage(tracker: Tracker, run_id: str, config: PipelineConfig, manifest: 
         weights = out_dir / manifest["files"]["weights"]
         tracker.model(run_id, _load_model(name, config, weights), name)
         tracker.artifact(run_id, weights, "weights")
-    for key in ("evaluation", "figure"):
+    for key in ("evaluation", "figure", "frontier"):
         if key in manifest["files"]:
             tracker.artifact(run_id, out_dir / manifest["files"][key])
 

@@ -197,7 +197,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         else:
             prefix = "zoomvit" if row["headline"] else f"zoomvit_alpha_{row['alpha']}"
         metrics.update({f"{prefix}_{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("alpha", "budget")})
-    files = {"evaluation": "evaluation.json"}
+    files = {"evaluation": "evaluation.json", "frontier": "frontier.png"}
     if (ctx.out_dir / "zoom_layouts.png").exists():
         files["figure"] = "zoom_layouts.png"
     return {"files": files, "metrics": metrics, "rows": result["rows"]}

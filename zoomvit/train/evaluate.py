@@ -1,14 +1,16 @@
 """The evaluate stage: ZoomViT and the baseline side by side on the val shards.
 
-Accuracy overall and by object-size bucket (from the ``.json`` boxes), tokens/img, measured
-GFLOPs/img, inference img/s, and a figure (image | teacher map | Zoomer map | token layout).
+Accuracy overall and by object-size bucket (from the ``.json`` boxes) with 95% bootstrap intervals,
+tokens/img, measured GFLOPs/img, inference img/s, and a figure (image | teacher map | Zoomer map |
+token layout). Zoom controls with ZoomViT's own weights: every image zooms as many cells as the
+Zoomer chose for it at the reported alpha, but random cells (a fixed seed), the cells nearest the
+centre, or the teacher's most relevant cells (the oracle the Zoomer imitates).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from zoomvit.config import PipelineConfig
-from zoomvit.models import ZoomViT, zoomvit_flops
+from zoomvit.models import ZOOM, ZoomViT, zoomvit_flops
 from zoomvit.models.flops import uniform_tokens
 from zoomvit.relevance.teacher import load_state_dict_file
 from zoomvit.train.data import sample_dataset, size_bucket, to_model_input
@@ -33,37 +35,72 @@ def load_trained(task: dict[str, Any], weights: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
+def bootstrap_ci(hits: np.ndarray, *, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of a mean of per-image 0/1 outcomes."""
+    hits = np.asarray(hits, dtype=np.float64)
+    if len(hits) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = hits[rng.integers(0, len(hits), size=(resamples, len(hits)))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
 class _Scores:
     def __init__(self) -> None:
-        self.n = self.top1 = self.top5 = 0
+        self.top5 = 0
         self.tokens = 0.0
         self.seconds = 0.0
-        self.bucket_n: dict[str, int] = defaultdict(int)
-        self.bucket_hit: dict[str, int] = defaultdict(int)
+        self.hits: list[np.ndarray] = []
+        self.buckets: list[str] = []
+
+    @property
+    def n(self) -> int:
+        return len(self.buckets)
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, tokens: np.ndarray, buckets: list[str], seconds: float) -> None:
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit1 = (top5[:, 0] == labels).numpy()
-        self.n += len(labels)
-        self.top1 += int(hit1.sum())
+        self.hits.append((top5[:, 0] == labels).numpy())
+        self.buckets.extend(buckets)
         self.top5 += int((top5 == labels[:, None]).any(dim=1).sum())
         self.tokens += float(tokens.sum())
         self.seconds += seconds
-        for b, h in zip(buckets, hit1):
-            self.bucket_n[b] += 1
-            self.bucket_hit[b] += int(h)
 
     def row(self, **extra: Any) -> dict[str, Any]:
+        hits = np.concatenate(self.hits).astype(np.float64)
+        buckets = np.asarray(self.buckets)
         row = {
             **extra,
-            "top1": self.top1 / self.n,
+            "top1": float(hits.mean()),
+            "top1_ci95": list(bootstrap_ci(hits)),
             "top5": self.top5 / self.n,
             "tokens_per_img": self.tokens / self.n,
             "img_per_s": self.n / self.seconds if self.seconds else 0.0,
             "n": self.n,
         }
-        row.update({f"top1_size_{b}": self.bucket_hit[b] / self.bucket_n[b] for b in sorted(self.bucket_n)})
+        for b in sorted(set(self.buckets)):
+            row[f"top1_size_{b}"] = float(hits[buckets == b].mean())
+            row[f"top1_size_{b}_ci95"] = list(bootstrap_ci(hits[buckets == b]))
         return row
+
+
+CONTROLS: tuple[str, ...] = ("random", "centre", "teacher")
+
+
+def control_scores(kind: str, shape_BHW: tuple[int, int, int], *, generator: torch.Generator, teacher_BHW: torch.Tensor | None = None) -> torch.Tensor:
+    """Cell scores whose top-k cells a control zooms: random (seeded), nearest the centre first, or
+    the teacher's relevance (the oracle)."""
+    B, gh, gw = shape_BHW
+    if kind == "random":
+        return torch.rand(B, gh, gw, generator=generator)
+    if kind == "centre":
+        r = torch.arange(gh, dtype=torch.float32)[:, None] - (gh - 1) / 2
+        c = torch.arange(gw, dtype=torch.float32)[None, :] - (gw - 1) / 2
+        return (-(r**2 + c**2)).expand(B, gh, gw).clone()
+    if kind == "teacher":
+        assert teacher_BHW is not None
+        return teacher_BHW
+    raise ValueError(f"unknown control {kind!r}; choose one of {CONTROLS}")
 
 
 @torch.no_grad()
@@ -90,6 +127,10 @@ def evaluate_models(
     budgets = list(config.evaluate.budgets)
     scores = {("zoomvit", a): _Scores() for a in alphas} | {("zoomvit_budget", k): _Scores() for k in budgets}
     scores |= {(name, None): _Scores() for name in baselines}
+    teacher = _val_maps(relevance_dir, zoom.grid)
+    controls = [c for c in CONTROLS if c != "teacher" or teacher is not None]
+    scores |= {("control", c): _Scores() for c in controls}
+    control_generator = torch.Generator().manual_seed(0)
     flops_images: list[torch.Tensor] = []
     flops_highres: list[torch.Tensor] = []
     figure_rows: list[dict[str, Any]] = []
@@ -107,6 +148,15 @@ def evaluate_models(
             logits, zt = zoom(x, importance, highres=x_hr, alpha=alpha, return_tokens=True)
             seconds = zoomer_seconds + time.perf_counter() - start
             scores[("zoomvit", alpha)].add(logits, labels, zt.num_tokens_B.numpy(), buckets, seconds)
+            if alpha == headline:
+                budget_B = zoom.num_cells + 3 * ((zt.level_BL == ZOOM) & zt.valid_BL).sum(dim=1) // 4
+                keys = [str(k) for k in batch["key"]]
+                for kind in controls:
+                    maps = None if kind != "teacher" else torch.from_numpy(np.stack([teacher[k] for k in keys]))
+                    chosen = control_scores(kind, tuple(importance.shape), generator=control_generator, teacher_BHW=maps)
+                    start = time.perf_counter()
+                    c_logits, c_zt = zoom(x, chosen, highres=x_hr, token_budget=budget_B, return_tokens=True)
+                    scores[("control", kind)].add(c_logits, labels, c_zt.num_tokens_B.numpy(), buckets, time.perf_counter() - start)
             if alpha == headline and len(figure_rows) < config.evaluate.num_figures:
                 for i in range(min(len(x), config.evaluate.num_figures - len(figure_rows))):
                     figure_rows.append(
@@ -137,21 +187,36 @@ def evaluate_models(
     flops_x = torch.cat(flops_images)[: config.evaluate.flops_samples]
     flops_hr = torch.cat(flops_highres)[: config.evaluate.flops_samples] if highres else None
     rows = []
-    for (model, alpha), s in scores.items():
+    # a control's layouts have the reported ZoomViT's token counts; it pays no Zoomer
+    control_gflops = float(zoomvit_flops(zoom, flops_x, highres=flops_hr, alpha=headline).gflops_B.mean())
+    for (model, setting), s in scores.items():
         if model == "zoomvit":
-            report = zoomvit_flops(zoom, flops_x, highres=flops_hr, alpha=alpha)
-            rows.append(s.row(model="zoomvit", alpha=alpha, headline=alpha == headline, gflops_per_img=report.gflops))
+            report = zoomvit_flops(zoom, flops_x, highres=flops_hr, alpha=setting)
+            rows.append(s.row(model="zoomvit", alpha=setting, headline=setting == headline, gflops_per_img=report.gflops))
         elif model == "zoomvit_budget":
-            report = zoomvit_flops(zoom, flops_x, highres=flops_hr, token_budget=alpha)
-            rows.append(s.row(model="zoomvit", alpha=None, budget=alpha, headline=False, gflops_per_img=report.gflops))
+            report = zoomvit_flops(zoom, flops_x, highres=flops_hr, token_budget=setting)
+            rows.append(s.row(model="zoomvit", alpha=None, budget=setting, headline=False, gflops_per_img=report.gflops))
+        elif model == "control":
+            rows.append(s.row(model=f"zoomvit_control_{setting}", alpha=headline, headline=False, gflops_per_img=control_gflops))
         else:
             rows.append(s.row(model=model, alpha=None, gflops_per_img=zoomvit_flops(baselines[model], flops_x).gflops))
     result = {"rows": rows, "size_buckets": list(config.evaluate.size_buckets)}
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
+    save_frontier(rows, out_dir / "frontier.png")
     if figure_rows:
         teacher_maps = _teacher_maps(relevance_dir, [r["key"] for r in figure_rows])
         save_figure(figure_rows, teacher_maps, out_dir / "zoom_layouts.png")
     return result
+
+
+def _val_maps(relevance_dir: str | Path | None, grid: tuple[int, int]) -> dict[str, np.ndarray] | None:
+    """The teacher's val relevance maps on ZoomViT's grid, by key (None without a relevance stage)."""
+    if relevance_dir is None:
+        return None
+    from zoomvit.train.data import relevance_targets
+
+    targets = relevance_targets(relevance_dir, "val", tuple(grid))
+    return dict(zip(targets["keys"].tolist(), targets["maps"]))
 
 
 def _teacher_maps(relevance_dir: str | Path | None, keys: list[str]) -> dict[str, np.ndarray]:
@@ -166,6 +231,41 @@ def _teacher_maps(relevance_dir: str | Path | None, keys: list[str]) -> dict[str
         return {}
     sub = table.take(wanted)
     return dict(zip(sub["key"].to_pylist(), maps_array(sub)))
+
+
+def save_frontier(rows: list[dict[str, Any]], path: Path) -> None:
+    """Top-1 (95% bootstrap interval) against GFLOPs/img for every row: ZoomViT's operating points as
+    a line, the baselines and the zoom controls as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def errorbar(ax, group, fmt, label):
+        group = sorted(group, key=lambda r: r["gflops_per_img"])
+        x = [r["gflops_per_img"] for r in group]
+        y = [100 * r["top1"] for r in group]
+        err = [[100 * (r["top1"] - r["top1_ci95"][0]) for r in group], [100 * (r["top1_ci95"][1] - r["top1"]) for r in group]]
+        ax.errorbar(x, y, yerr=err, fmt=fmt, capsize=3, label=label)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    zoom = [r for r in rows if r["model"] == "zoomvit"]
+    if zoom:
+        errorbar(ax, zoom, "o-", "ZoomViT (operating points)")
+        head = [r for r in zoom if r.get("headline")]
+        if head:
+            ax.scatter([head[0]["gflops_per_img"]], [100 * head[0]["top1"]], s=160, facecolors="none", edgecolors="k", label="ZoomViT, reported point")
+    for r in rows:
+        if r["model"] != "zoomvit":
+            marker = "x" if r["model"].startswith("zoomvit_control") else "s"
+            errorbar(ax, [r], marker, r["model"].replace("zoomvit_control_", "control: "))
+    ax.set_xlabel("GFLOPs / image (Zoomer included for ZoomViT)")
+    ax.set_ylabel("val top-1 (%), 95% bootstrap interval")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def save_figure(rows: list[dict[str, Any]], teacher_maps: dict[str, np.ndarray], path: Path) -> None:
