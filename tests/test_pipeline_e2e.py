@@ -120,7 +120,7 @@ def test_each_training_stage_lowers_its_loss_with_zero2_on_two_workers(first_run
 
 def test_the_evaluate_stage_reports_intervals_and_zoom_controls_at_zoomvits_token_counts(first_run, workspace):
     client, parent = first_run
-    out_dir = client.get_run(stage_runs(client, parent)["evaluate"].info.run_id).data.params["out_dir"]
+    out_dir = stage_runs(client, parent.info.run_id)["evaluate"].data.params["out_dir"]
     rows = {row["model"]: row for row in json.loads((Path(out_dir) / "evaluation.json").read_text())["rows"] if row["model"] != "zoomvit" or row["headline"]}
     controls = {"zoomvit_control_random", "zoomvit_control_centre", "zoomvit_control_teacher"}
     assert {"zoomvit", "baseline"} | controls <= set(rows)

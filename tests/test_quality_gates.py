@@ -19,7 +19,8 @@ TINY = str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny
 
 
 def _config(*overrides):
-    return load_config(TINY, list(overrides))
+    """tiny.yaml with the gates at their defaults (tiny.yaml turns them off for the mechanics tests)."""
+    return load_config(TINY, ["gates.teacher_min_top1=null", "gates.zoomer_min_pearson=0.2", *overrides])
 
 
 def test_the_teacher_gate_defaults_to_twice_chance_and_names_its_override():
