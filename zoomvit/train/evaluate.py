@@ -204,8 +204,7 @@ def evaluate_models(
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     save_frontier(rows, out_dir / "frontier.png")
     if figure_rows:
-        teacher_maps = _teacher_maps(relevance_dir, [r["key"] for r in figure_rows])
-        save_figure(figure_rows, teacher_maps, out_dir / "zoom_layouts.png")
+        save_figure(figure_rows, teacher or {}, out_dir / "zoom_layouts.png")
     return result
 
 
@@ -217,20 +216,6 @@ def _val_maps(relevance_dir: str | Path | None, grid: tuple[int, int]) -> dict[s
 
     targets = relevance_targets(relevance_dir, "val", tuple(grid))
     return dict(zip(targets["keys"].tolist(), targets["maps"]))
-
-
-def _teacher_maps(relevance_dir: str | Path | None, keys: list[str]) -> dict[str, np.ndarray]:
-    if relevance_dir is None:
-        return {}
-    from zoomvit.data.relevance_store import maps_array, read_maps
-
-    table = read_maps(relevance_dir, "val")
-    index = {k: i for i, k in enumerate(table["key"].to_pylist())}
-    wanted = [index[k] for k in keys if k in index]
-    if not wanted:
-        return {}
-    sub = table.take(wanted)
-    return dict(zip(sub["key"].to_pylist(), maps_array(sub)))
 
 
 def save_frontier(rows: list[dict[str, Any]], path: Path) -> None:
