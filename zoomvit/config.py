@@ -289,6 +289,11 @@ class ZoomViTConfig(Section):
         return self
 
     @property
+    def reads_highres(self) -> bool:
+        """Whether ZoomViT's stages need the 2x resolution copy of every image."""
+        return self.zoom_source == "highres"
+
+    @property
     def calibrated(self) -> bool:
         """alpha and train_alpha come from calibration on the held-out slice, not from the config."""
         return self.target_tokens is not None or self.target_gflops is not None

@@ -12,7 +12,6 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from zoomvit.config import PipelineConfig
@@ -70,7 +69,7 @@ def calibrate_operating_point(config: PipelineConfig, zoomer_weights: str | Path
     import timm
 
     from zoomvit.relevance.teacher import load_state_dict_file
-    from zoomvit.train.data import sample_dataset, to_model_input
+    from zoomvit.train.data import numpy_batch_input, sample_dataset
 
     zv, data = config.zoomvit, config.data
     model = timm.create_model(
@@ -81,7 +80,7 @@ def calibrate_operating_point(config: PipelineConfig, zoomer_weights: str | Path
     model.zoomer.freeze()
     scores, keys = [], []
     for batch in sample_dataset(data, "train", part="calibration").iter_batches(batch_size=256, batch_format="numpy"):
-        x = to_model_input(torch.from_numpy(np.require(batch["image"], requirements="W")), data.mean, data.std)
+        x = numpy_batch_input(batch, data)
         scores.append(model.importance(x))
         keys.extend(str(k) for k in batch["key"])
     if not keys:

@@ -138,6 +138,11 @@ def rand_augment_batch(batch: dict[str, np.ndarray], *, spec: str) -> dict[str, 
     return {**batch, "image": out}
 
 
+def numpy_batch_input(batch: dict[str, np.ndarray], data: DataConfig, column: str = "image") -> torch.Tensor:
+    """A numpy batch's uint8 HWC images (``column``) as normalised model input."""
+    return to_model_input(torch.from_numpy(np.require(batch[column], requirements="W")), data.mean, data.std)
+
+
 def to_model_input(images_BHWC: torch.Tensor, mean, std) -> torch.Tensor:
     x = images_BHWC.permute(0, 3, 1, 2).float() / 255.0
     mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)

@@ -21,7 +21,7 @@ from zoomvit.config import PipelineConfig
 from zoomvit.models import ZOOM, ZoomViT, zoomvit_flops
 from zoomvit.models.flops import uniform_tokens
 from zoomvit.relevance.teacher import load_state_dict_file
-from zoomvit.train.data import sample_dataset, size_bucket, to_model_input
+from zoomvit.train.data import numpy_batch_input, sample_dataset, size_bucket
 from zoomvit.train.stages import baseline_tasks, zoomvit_task
 from zoomvit.train.tasks import build_task
 
@@ -117,7 +117,7 @@ def evaluate_models(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     zoom = load_trained(zoomvit_task(config, None, inference=True), zoomvit_weights)
-    highres = config.zoomvit.zoom_source == "highres"
+    highres = config.zoomvit.reads_highres
     if not isinstance(baseline_weights, dict):
         baseline_weights = {"baseline": baseline_weights}
     tasks = baseline_tasks(config)
@@ -136,8 +136,8 @@ def evaluate_models(
     figure_rows: list[dict[str, Any]] = []
     val = sample_dataset(config.data, "val", highres=highres)
     for batch in val.iter_batches(batch_size=config.zoomvit.train.eval_batch_size, batch_format="numpy"):
-        x = to_model_input(torch.from_numpy(np.require(batch["image"], requirements="W")), config.data.mean, config.data.std)
-        x_hr = to_model_input(torch.from_numpy(np.require(batch["image_hr"], requirements="W")), config.data.mean, config.data.std) if highres else None
+        x = numpy_batch_input(batch, config.data)
+        x_hr = numpy_batch_input(batch, config.data, "image_hr") if highres else None
         labels = torch.from_numpy(batch["label"]).long()
         buckets = size_bucket(batch["box"], config.data.image_size, config.evaluate.size_buckets)
         start = time.perf_counter()

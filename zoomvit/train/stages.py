@@ -158,7 +158,7 @@ def train_zoomvit(
     if zoomer_weights is None:
         raise ValueError("the zoomvit stage needs the zoomer stage's trained weights: a random Zoomer would zoom into noise")
     _require_teacher_weights(config.zoomvit, teacher_weights)
-    highres = config.zoomvit.zoom_source == "highres"
+    highres = config.zoomvit.reads_highres
     operating_point = None
     if config.zoomvit.calibrated:
         from zoomvit.train.calibration import calibrate_operating_point
