@@ -123,7 +123,8 @@ def test_the_evaluate_stage_reports_intervals_and_zoom_controls_at_zoomvits_toke
     out_dir = stage_runs(client, parent.info.run_id)["evaluate"].data.params["out_dir"]
     rows = {row["model"]: row for row in json.loads((Path(out_dir) / "evaluation.json").read_text())["rows"] if row["model"] != "zoomvit" or row["headline"]}
     controls = {"zoomvit_control_random", "zoomvit_control_centre", "zoomvit_control_teacher"}
-    assert {"zoomvit", "baseline"} | controls <= set(rows)
+    assert {"zoomvit", "baseline", "baseline_24px", "baseline_72px"} | controls <= set(rows)
+    assert [rows[n]["tokens_per_img"] for n in ("baseline_24px", "baseline", "baseline_72px")] == [9, 16, 81]
     for name, row in rows.items():
         lo, hi = row["top1_ci95"]
         assert lo <= row["top1"] <= hi, name
@@ -131,6 +132,15 @@ def test_the_evaluate_stage_reports_intervals_and_zoom_controls_at_zoomvits_toke
     for name in controls:  # the same number of zoomed cells per image as the Zoomer chose
         assert rows[name]["tokens_per_img"] == pytest.approx(rows["zoomvit"]["tokens_per_img"]), name
         assert rows[name]["gflops_per_img"] < rows["zoomvit"]["gflops_per_img"], "a control pays no Zoomer"
+    equal = json.loads((Path(out_dir) / "evaluation.json").read_text())["equal_gflops"]
+    assert equal["family"] == ["baseline_24px", "baseline", "baseline_72px"]
+    g_low, g_high = equal["all"]["baseline_gflops"]
+    assert g_low <= rows["zoomvit"]["gflops_per_img"] <= g_high
+    lo, hi = equal["all"]["delta_top1_ci95"]
+    assert lo <= equal["all"]["delta_top1"] <= hi
+    metrics = stage_runs(client, parent.info.run_id)["evaluate"].data.metrics
+    assert metrics["zoomvit_minus_baseline_family"] == pytest.approx(equal["all"]["delta_top1"])
+    assert {"evaluation.json", "frontier.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_a_second_run_of_the_same_config_is_all_cache_hits(first_run, head, workspace):

@@ -258,6 +258,7 @@ def test_the_baseline_stage_trains_a_swin_and_a_hybrid_and_evaluates_them_side_b
             "baseline.train.ema_decay=0.9",
             "baseline.train.drop_path=0.1",
             "baseline.model=swin_tiny_patch4_window7_224",
+            "baseline.input_sizes=[]",
             f"baseline.model_kwargs={swin}",
             f"baseline.others=[{{name: hybrid, model: vit_tiny_r_s16_p8_224, model_kwargs: {hybrid}}}]",
         ],

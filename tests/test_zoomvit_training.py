@@ -125,35 +125,3 @@ def test_the_runner_reloads_a_trained_zoomer_of_either_head(tmp_path, head):
     save_file(zoomer.state_dict(), str(tmp_path / "zoomer.safetensors"))
     loaded = _load_model("zoomer", config, tmp_path / "zoomer.safetensors")
     assert loaded.head_kind == head and loaded.frozen
-
-
-def test_bootstrap_intervals_cover_the_true_accuracy_about_95_percent_of_the_time():
-    import numpy as np
-
-    from zoomvit.train.evaluate import bootstrap_ci
-
-    rng = np.random.default_rng(0)
-    covered = 0
-    for trial in range(200):
-        hits = rng.random(300) < 0.3
-        lo, hi = bootstrap_ci(hits, resamples=500, seed=trial)
-        covered += lo <= 0.3 <= hi
-    assert 0.89 <= covered / 200 <= 0.99
-
-
-def test_zoom_controls_pick_seeded_random_cells_and_the_centre_cells():
-    from zoomvit.train.evaluate import control_scores
-
-    first = control_scores("random", (3, 4, 4), generator=torch.Generator().manual_seed(0))
-    again = control_scores("random", (3, 4, 4), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(first, again) and not torch.equal(first[0], first[1])
-    centre = control_scores("centre", (2, 4, 4), generator=torch.Generator())
-    import timm
-
-    zoomvit = timm.create_model("zoomvit_test_patch8_32", with_zoomer=False).eval()
-    zt = zoomvit.tokenize(torch.randn(2, 3, 32, 32), centre, token_budget=torch.tensor([16 + 3 * 4, 16 + 3 * 1]))
-    for b, k in ((0, 4), (1, 1)):
-        cells = {(y0 // 8, x0 // 8) for (x0, y0, _, _), lvl in zip(zt.box_BL4[b].tolist(), zt.level_BL[b].tolist()) if lvl == 1}
-        assert len(cells) == k and cells <= {(1, 1), (1, 2), (2, 1), (2, 2)}
-    teacher = torch.rand(2, 4, 4)
-    assert torch.equal(control_scores("teacher", (2, 4, 4), generator=torch.Generator(), teacher_BHW=teacher), teacher)

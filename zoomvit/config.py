@@ -335,6 +335,11 @@ class BaselineConfig(Section):
     pretrained: bool = False
     init_checkpoint: str | None = None
     init_from_teacher: bool = Field(False, description=INIT_FROM_TEACHER)
+    input_sizes: tuple[int, ...] = Field(
+        (),
+        description="the baseline family: the same model, init and recipe again at each of these input sizes "
+        "(images resized before the patch embedding: a finer or coarser uniform grid), named baseline_<size>px",
+    )
     others: tuple[BaselineModel, ...] = ()
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -343,10 +348,32 @@ class BaselineConfig(Section):
     def _unique_names(self) -> "BaselineConfig":
         _one_init(self)
         _cached_logits_need_plain_views(self)
-        names = [m.name for m in self.others]
+        if any(size < 1 for size in self.input_sizes) or len(set(self.input_sizes)) != len(self.input_sizes):
+            raise ValueError(f"baseline.input_sizes must be distinct positive sizes, got {list(self.input_sizes)}")
+        names = [m.name for m in self.members]
         if "baseline" in names or len(set(names)) != len(names):
-            raise ValueError(f"baseline.others names must be unique and not 'baseline', got {names}")
+            raise ValueError(f"baseline.others names must be unique and not 'baseline' or baseline_<size>px, got {names}")
         return self
+
+    @property
+    def members(self) -> tuple[BaselineModel, ...]:
+        """Every baseline beside the main one: the input-size family, then ``others``."""
+        return self.family + self.others
+
+    @property
+    def family(self) -> tuple[BaselineModel, ...]:
+        """The baseline again at each of ``input_sizes``."""
+        return tuple(
+            BaselineModel(
+                name=f"baseline_{size}px",
+                model=self.model,
+                model_kwargs={**self.model_kwargs, "img_size": size, "resize_input": True},
+                pretrained=self.pretrained,
+                init_checkpoint=self.init_checkpoint,
+                init_from_teacher=self.init_from_teacher,
+            )
+            for size in self.input_sizes
+        )
 
 
 class EvaluateConfig(Section):

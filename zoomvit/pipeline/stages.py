@@ -197,10 +197,14 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         else:
             prefix = "zoomvit" if row["headline"] else f"zoomvit_alpha_{row['alpha']}"
         metrics.update({f"{prefix}_{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("alpha", "budget")})
+    for part, paired in result["equal_gflops"].items():
+        if isinstance(paired, dict):
+            key = "zoomvit_minus_baseline_family" + ("" if part == "all" else f"_{part}")
+            metrics |= {key: paired["delta_top1"], f"{key}_ci95_low": paired["delta_top1_ci95"][0], f"{key}_ci95_high": paired["delta_top1_ci95"][1]}
     files = {"evaluation": "evaluation.json", "frontier": "frontier.png"}
     if (ctx.out_dir / "zoom_layouts.png").exists():
         files["figure"] = "zoom_layouts.png"
-    return {"files": files, "metrics": metrics, "rows": result["rows"]}
+    return {"files": files, "metrics": metrics, "rows": result["rows"], "equal_gflops": result["equal_gflops"]}
 
 
 STAGES: dict[str, StageDef] = {

@@ -4,7 +4,9 @@ Accuracy overall and by object-size bucket (from the ``.json`` boxes) with 95% b
 tokens/img, measured GFLOPs/img, inference img/s, and a figure (image | teacher map | Zoomer map |
 token layout). Zoom controls with ZoomViT's own weights: every image zooms as many cells as the
 Zoomer chose for it at the reported alpha, but random cells (a fixed seed), the cells nearest the
-centre, or the teacher's most relevant cells (the oracle the Zoomer imitates).
+centre, or the teacher's most relevant cells (the oracle the Zoomer imitates). With a baseline
+family (``baseline.input_sizes``), the reported ZoomViT against the family interpolated at its
+GFLOPs, paired over the same images (``equal_gflops`` in evaluation.json).
 """
 
 from __future__ import annotations
@@ -82,6 +84,26 @@ class _Scores:
             row[f"top1_size_{b}"] = float(hits[buckets == b].mean())
             row[f"top1_size_{b}_ci95"] = list(bootstrap_ci(hits[buckets == b]))
         return row
+
+
+def paired_delta_at_equal_gflops(
+    hits_N: np.ndarray, gflops: float, family: list[tuple[float, np.ndarray]], *, resamples: int = 2000, seed: int = 0
+) -> dict[str, Any] | None:
+    """ZoomViT's top-1 minus the baseline family's, linearly interpolated to ZoomViT's GFLOPs between
+    the two family points that bracket it, with a paired percentile bootstrap over the same images
+    (each image's interpolated outcome is ``(1 - w) * hit_low + w * hit_high``). None when no two
+    family points bracket ``gflops``: the family is never extrapolated."""
+    family = sorted(family, key=lambda point: point[0])
+    for (g_low, h_low), (g_high, h_high) in zip(family, family[1:]):
+        if g_low <= gflops <= g_high:
+            w = 0.0 if g_high == g_low else (gflops - g_low) / (g_high - g_low)
+            diff_N = np.asarray(hits_N, np.float64) - ((1 - w) * h_low + w * h_high)
+            rng = np.random.default_rng(seed)
+            means = diff_N[rng.integers(0, len(diff_N), size=(resamples, len(diff_N)))].mean(axis=1)
+            low, high = (float(v) for v in np.quantile(means, [0.025, 0.975]))
+            return {"delta_top1": float(diff_N.mean()), "delta_top1_ci95": [low, high], "significant": bool(low > 0 or high < 0),
+                    "baseline_gflops": [g_low, g_high], "weight_high": w}  # fmt: skip
+    return None
 
 
 CONTROLS: tuple[str, ...] = ("random", "centre", "teacher")
@@ -199,13 +221,29 @@ def evaluate_models(
         elif model == "control":
             rows.append(s.row(model=f"zoomvit_control_{setting}", alpha=headline, headline=False, gflops_per_img=control_gflops))
         else:
-            rows.append(s.row(model=model, alpha=None, gflops_per_img=zoomvit_flops(baselines[model], flops_x).gflops))
-    result = {"rows": rows, "size_buckets": list(config.evaluate.size_buckets)}
+            family = model == "baseline" or model in {m.name for m in config.baseline.family}
+            rows.append(s.row(model=model, alpha=None, family=family, gflops_per_img=zoomvit_flops(baselines[model], flops_x).gflops))
+    result = {"rows": rows, "size_buckets": list(config.evaluate.size_buckets), "equal_gflops": _equal_gflops(config, rows, scores, headline)}
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     save_frontier(rows, out_dir / "frontier.png")
     if figure_rows:
         save_figure(figure_rows, teacher or {}, out_dir / "zoom_layouts.png")
     return result
+
+
+def _equal_gflops(config: PipelineConfig, rows: list[dict[str, Any]], scores: dict, headline: float) -> dict[str, Any]:
+    """The reported ZoomViT against the baseline family at its GFLOPs: overall and per size bucket."""
+    gflops = {r["model"]: r["gflops_per_img"] for r in rows if r.get("family")}
+    zoom = next(r for r in rows if r["model"] == "zoomvit" and r.get("headline"))
+    zoom_s = scores[("zoomvit", headline)]
+    hits = {"zoomvit": np.concatenate(zoom_s.hits)} | {name: np.concatenate(scores[(name, None)].hits) for name in gflops}
+    buckets = np.asarray(zoom_s.buckets)
+    out: dict[str, Any] = {"zoomvit_gflops": zoom["gflops_per_img"], "family": sorted(gflops, key=gflops.get)}
+    out["all"] = paired_delta_at_equal_gflops(hits["zoomvit"], zoom["gflops_per_img"], [(g, hits[n]) for n, g in gflops.items()])
+    for b in sorted(set(buckets)):
+        keep = buckets == b
+        out[f"size_{b}"] = paired_delta_at_equal_gflops(hits["zoomvit"][keep], zoom["gflops_per_img"], [(g, hits[n][keep]) for n, g in gflops.items()])
+    return out
 
 
 def _val_maps(relevance_dir: str | Path | None, grid: tuple[int, int]) -> dict[str, np.ndarray] | None:
@@ -219,8 +257,8 @@ def _val_maps(relevance_dir: str | Path | None, grid: tuple[int, int]) -> dict[s
 
 
 def save_frontier(rows: list[dict[str, Any]], path: Path) -> None:
-    """Top-1 (95% bootstrap interval) against GFLOPs/img for every row: ZoomViT's operating points as
-    a line, the baselines and the zoom controls as points."""
+    """Top-1 (95% bootstrap interval) against GFLOPs/img for every row: ZoomViT's operating points and
+    the baseline family as lines, other baselines and the zoom controls as points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,8 +278,11 @@ def save_frontier(rows: list[dict[str, Any]], path: Path) -> None:
         head = [r for r in zoom if r.get("headline")]
         if head:
             ax.scatter([head[0]["gflops_per_img"]], [100 * head[0]["top1"]], s=160, facecolors="none", edgecolors="k", label="ZoomViT, reported point")
+    family = [r for r in rows if r.get("family")]
+    if len(family) > 1:
+        errorbar(ax, family, "s--", "baseline family (input sizes)")
     for r in rows:
-        if r["model"] != "zoomvit":
+        if r["model"] != "zoomvit" and not (len(family) > 1 and r.get("family")):
             marker = "x" if r["model"].startswith("zoomvit_control") else "s"
             errorbar(ax, [r], marker, r["model"].replace("zoomvit_control_", "control: "))
     ax.set_xlabel("GFLOPs / image (Zoomer included for ZoomViT)")

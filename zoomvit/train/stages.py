@@ -185,7 +185,7 @@ def baseline_tasks(config: PipelineConfig, teacher_weights: Path | str | None = 
     b = config.baseline
     shared = {"kind": "classifier", **distill_spec(config, b.distill, teacher_weights), **_common(config)}
     tasks = {"baseline": {**shared, "model": b.model, "model_kwargs": dict(b.model_kwargs), "pretrained": b.pretrained, "init_checkpoint": _init_checkpoint(b, teacher_weights)}}
-    for m in b.others:
+    for m in b.members:
         tasks[m.name] = {**shared, "model": m.model, "model_kwargs": dict(m.model_kwargs), "pretrained": m.pretrained, "init_checkpoint": _init_checkpoint(m, teacher_weights)}
     return tasks
 
@@ -205,7 +205,7 @@ def train_baselines(
     """Train every baseline in turn; the first into ``out_dir``, the others into ``out_dir/<name>``.
     Only the first logs its epochs into the stage's MLflow run (the others' results go in the manifest)."""
     distill = config.baseline.distill
-    for section in (config.baseline, *config.baseline.others):
+    for section in (config.baseline, *config.baseline.members):
         _require_teacher_weights(section, teacher_weights)
     results = {}
     train_ds, streamed = _train_split(config, config.baseline.train)

@@ -142,7 +142,16 @@ class ClassifierTask(Task):
         return kwargs
 
     def build_model(self) -> nn.Module:
-        model = timm.create_model(self.spec["model"], pretrained=self.spec.get("pretrained", False), **self.model_kwargs())
+        kwargs = self.model_kwargs()
+        try:
+            model = timm.create_model(self.spec["model"], pretrained=self.spec.get("pretrained", False), **kwargs)
+        except TypeError as err:
+            if "resize_input" not in kwargs:
+                raise
+            raise ValueError(
+                f"baseline.input_sizes needs a ViT that resizes its input ({self.spec['model']} does not): "
+                "use one registered in zoomvit.models.baseline, or leave input_sizes empty"
+            ) from err
         return self._prepare(model)
 
     def _prepare(self, model: nn.Module) -> nn.Module:

@@ -1,0 +1,108 @@
+"""The evidence protocol of the evaluate stage: intervals that cover, zoom controls that zoom the cells
+they claim, a baseline family at the token counts it claims, and ZoomViT compared with that family
+at equal GFLOPs on the same images."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import zoomvit.models  # noqa: F401
+from zoomvit.config import ConfigError, load_config
+from zoomvit.models.flops import uniform_tokens, zoomvit_flops
+from zoomvit.train.evaluate import bootstrap_ci, control_scores, paired_delta_at_equal_gflops
+from zoomvit.train.stages import baseline_tasks
+from zoomvit.train.tasks import build_task
+
+from test_zoomvit_training import TINY
+
+
+def test_bootstrap_intervals_cover_the_true_accuracy_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    covered = 0
+    for trial in range(200):
+        hits = rng.random(300) < 0.3
+        lo, hi = bootstrap_ci(hits, resamples=500, seed=trial)
+        covered += lo <= 0.3 <= hi
+    assert 0.89 <= covered / 200 <= 0.99
+
+
+def test_zoom_controls_pick_seeded_random_cells_and_the_centre_cells():
+    first = control_scores("random", (3, 4, 4), generator=torch.Generator().manual_seed(0))
+    again = control_scores("random", (3, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first, again) and not torch.equal(first[0], first[1])
+    centre = control_scores("centre", (2, 4, 4), generator=torch.Generator())
+    zoomvit = timm.create_model("zoomvit_test_patch8_32", with_zoomer=False).eval()
+    zt = zoomvit.tokenize(torch.randn(2, 3, 32, 32), centre, token_budget=torch.tensor([16 + 3 * 4, 16 + 3 * 1]))
+    for b, k in ((0, 4), (1, 1)):
+        cells = {(y0 // 8, x0 // 8) for (x0, y0, _, _), lvl in zip(zt.box_BL4[b].tolist(), zt.level_BL[b].tolist()) if lvl == 1}
+        assert len(cells) == k and cells <= {(1, 1), (1, 2), (2, 1), (2, 2)}
+    teacher = torch.rand(2, 4, 4)
+    assert torch.equal(control_scores("teacher", (2, 4, 4), generator=torch.Generator(), teacher_BHW=teacher), teacher)
+
+
+def test_the_baseline_family_is_the_baseline_at_each_input_size_with_that_many_tokens():
+    config = load_config(TINY, ["baseline.input_sizes=[24, 48]"])
+    tasks = baseline_tasks(config)
+    assert list(tasks) == ["baseline", "baseline_24px", "baseline_48px"]
+    x = torch.randn(2, 3, 32, 32)
+    tokens, gflops = {}, {}
+    for name, task in tasks.items():
+        model = build_task({**task, "train": config.baseline.train.model_dump(), "seed": 0}).build_model().eval()
+        assert model(x).shape == (2, 10), name
+        tokens[name] = uniform_tokens(model)
+        gflops[name] = zoomvit_flops(model, x).gflops
+    assert tokens == {"baseline": 16, "baseline_24px": 9, "baseline_48px": 36}
+    assert gflops["baseline_24px"] < gflops["baseline"] < gflops["baseline_48px"]
+
+
+def test_a_family_member_starts_from_the_same_weights_with_its_position_grid_resampled(tmp_path):
+    from safetensors.torch import save_file
+
+    teacher = timm.create_model("vit_test_patch8_32", num_classes=10)
+    save_file(teacher.state_dict(), str(tmp_path / "teacher.safetensors"))
+    config = load_config(TINY, ["baseline.input_sizes=[48]", "baseline.init_from_teacher=true"])
+    task = baseline_tasks(config, tmp_path / "teacher.safetensors")["baseline_48px"]
+    member = build_task({**task, "train": config.baseline.train.model_dump(), "seed": 0}).build_model()
+    assert member.pos_embed.shape[1] == 1 + 36
+    assert torch.equal(member.blocks[0].attn.qkv.weight, teacher.blocks[0].attn.qkv.weight)
+    assert torch.equal(member.patch_embed.proj.weight, teacher.patch_embed.proj.weight)
+
+
+@pytest.mark.parametrize("sizes", ["[32, 32]", "[0]"])
+def test_baseline_input_sizes_must_be_distinct_and_positive(sizes):
+    with pytest.raises(ConfigError, match="input_sizes"):
+        load_config(TINY, [f"baseline.input_sizes={sizes}"])
+
+
+def test_a_family_size_off_the_patch_grid_is_refused():
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        timm.create_model("vit_test_patch8_32", img_size=36, resize_input=True)
+
+
+def test_equal_gflops_comparison_interpolates_the_family_and_pairs_the_same_images():
+    rng = np.random.default_rng(0)
+    low, high = rng.random(4000) < 0.4, rng.random(4000) < 0.6
+    # halfway between the two family points, an identical model is no better than their interpolation
+    same = np.where(rng.random(4000) < 0.5, low, high)
+    paired = paired_delta_at_equal_gflops(same, 1.5, [(2.0, high), (1.0, low)])
+    assert paired["weight_high"] == pytest.approx(0.5)
+    lo, hi = paired["delta_top1_ci95"]
+    assert lo <= 0 <= hi and not paired["significant"]
+    better = high | (rng.random(4000) < 0.5)
+    paired = paired_delta_at_equal_gflops(better, 1.5, [(1.0, low), (2.0, high)])
+    assert paired["delta_top1"] == pytest.approx(better.mean() - (low.mean() + high.mean()) / 2)
+    assert paired["significant"] and paired["delta_top1_ci95"][0] > 0
+
+
+def test_equal_gflops_comparison_never_extrapolates_the_family():
+    hits = np.ones(10)
+    assert paired_delta_at_equal_gflops(hits, 3.0, [(1.0, hits), (2.0, hits)]) is None
+    assert paired_delta_at_equal_gflops(hits, 1.5, [(1.0, hits)]) is None
+
+
+def test_a_family_of_a_model_that_cannot_resize_its_input_is_a_clear_error():
+    config = load_config(TINY, ["baseline.input_sizes=[48]", "baseline.model=resnet18"])
+    task = baseline_tasks(config)["baseline_48px"]
+    with pytest.raises(ValueError, match="input_sizes needs a ViT that resizes its input"):
+        build_task({**task, "train": config.baseline.train.model_dump(), "seed": 0}).build_model()
