@@ -9,7 +9,7 @@ from zoomvit.config import load_config
 from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.data.relevance_store import group_path, write_group
 from zoomvit.relevance.attribution import normalize_maps
-from zoomvit.train.data import sample_dataset, shared_decoding, with_maps
+from zoomvit.train.data import DecodedSplits, sample_dataset, with_maps
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -67,22 +67,24 @@ def tiny_data(tmp_path_factory):
     return load_config(None, [f"data.root={root}", "data.image_size=32"]).data
 
 
-def test_inside_a_pipeline_run_each_split_is_decoded_once_and_shared(ray_local, tiny_data):
-    with shared_decoding():
-        train = sample_dataset(tiny_data, "train")
-        assert sample_dataset(tiny_data, "train") is train
-        assert sample_dataset(tiny_data, "val") is not train
-        assert train.count() == 96 and sample_dataset(tiny_data, "train", limit=10).count() == 10
-    assert sample_dataset(tiny_data, "train") is not train  # outside a run: a fresh lazy read
+def test_a_runs_decoded_splits_decode_each_split_once_for_every_stage(ray_local, tiny_data):
+    splits = DecodedSplits()
+    train = sample_dataset(tiny_data, "train", splits=splits)
+    assert sample_dataset(tiny_data, "train", splits=splits) is train
+    assert sample_dataset(tiny_data, "val", splits=splits) is not train
+    assert train.count() == 96 and sample_dataset(tiny_data, "train", limit=10, splits=splits).count() == 10
+    assert len(splits) == 2
+    assert sample_dataset(tiny_data, "train") is not train, "without the run's splits: a fresh lazy read"
+    assert sample_dataset(tiny_data, "train", splits=DecodedSplits()) is not train, "another run decodes its own"
 
 
 @pytest.mark.parametrize("decoded", ["per_stage", "streamed"])
 def test_configs_that_do_not_share_decode_for_every_caller(ray_local, tiny_data, decoded):
     data = tiny_data.model_copy(update={"decoded": decoded})
-    with shared_decoding():
-        first = sample_dataset(data, "train")
-        assert sample_dataset(data, "train") is not first
-    assert first.count() == 96
+    splits = DecodedSplits()
+    first = sample_dataset(data, "train", splits=splits)
+    assert sample_dataset(data, "train", splits=splits) is not first
+    assert first.count() == 96 and len(splits) == 0
 
 
 def _shard_order(ds) -> tuple[int, ...]:

@@ -1,4 +1,5 @@
-"""Pretrained weights into a model of another input size, patch grid or head: any timm classifier.
+"""Reading checkpoints without unpickling, and loading pretrained weights into a model of another
+input size, patch grid or head: any timm classifier.
 
 ViT-family position embeddings are resampled on their 2D grid (bicubic, via timm's
 ``resample_abs_pos_embed``) with the prefix tokens (class, distillation) kept apart; a
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,3 +84,21 @@ def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> di
     fits, skipped = fitting_state_dict(state_dict, model)
     result = model.load_state_dict(fits, strict=False)
     return {"loaded": sorted(fits), "skipped": skipped, "missing": sorted(result.missing_keys)}
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file or a torch file read with ``weights_only=True``."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} does not hold a state dict")
+    return state

@@ -124,13 +124,6 @@ def run_pipeline(
     force: Sequence[str] = (),
     from_run: str | None = None,
 ) -> PipelineResult:
-    from zoomvit.train.data import shared_decoding
-
-    with shared_decoding():  # the stages of one run share each split's decoded images
-        return _run_pipeline(config, only=only, force=force, from_run=from_run)
-
-
-def _run_pipeline(config: PipelineConfig, *, only: Sequence[str], force: Sequence[str], from_run: str | None) -> PipelineResult:
     for name in [*only, *force]:
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}")
@@ -139,7 +132,10 @@ def _run_pipeline(config: PipelineConfig, *, only: Sequence[str], force: Sequenc
     train_paths, val_paths = data.shard_paths("train"), data.shard_paths("val")
     shards = shard_infos(train_paths + val_paths)
     root = artifact_root(config)
+    from zoomvit.train.data import DecodedSplits
+
     tracker = Tracker(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)
+    splits = DecodedSplits()  # the stages of one run share each split's decoded images
     reused = _lineage_from_run(tracker, from_run)["stages"] if from_run else {}
 
     selected = [n for n in ORDER if not only or n in only]
@@ -211,7 +207,7 @@ def _run_pipeline(config: PipelineConfig, *, only: Sequence[str], force: Sequenc
                 if (out_dir / MANIFEST).exists():  # forced or --only: recompute, never resume a finished output
                     shutil.rmtree(out_dir)
                 out_dir.mkdir(parents=True, exist_ok=True)
-                ctx = StageContext(config=config, out_dir=out_dir, upstream=manifests, fingerprint=fp, tracking={"uri": tracker.uri, "run_id": run_id})
+                ctx = StageContext(config=config, out_dir=out_dir, upstream=manifests, fingerprint=fp, tracking={"uri": tracker.uri, "run_id": run_id}, splits=splits)
                 outputs = stage.run(ctx)
                 manifest = {"stage": name, "fingerprint": fp, "run_id": run_id, "out_dir": str(out_dir), "seconds": time.perf_counter() - start, **outputs}
                 _log_stage(tracker, run_id, config, manifest, manifests, shards, train_paths)
@@ -293,7 +289,7 @@ def _log_stage(tracker: Tracker, run_id: str, config: PipelineConfig, manifest: 
 
 def _load_model(name: str, config: PipelineConfig, weights: Path):
     from zoomvit.models import Zoomer
-    from zoomvit.relevance.teacher import load_state_dict_file
+    from zoomvit.models.loading import load_state_dict_file
     from zoomvit.train.evaluate import load_trained
     from zoomvit.train.stages import baseline_task, zoomvit_grid, zoomvit_task
 

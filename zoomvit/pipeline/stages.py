@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from zoomvit.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from zoomvit.train.data import DecodedSplits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,6 +26,7 @@ class StageContext:
     upstream: dict[str, dict[str, Any]]  # stage name -> that stage's manifest
     fingerprint: str
     tracking: dict[str, str]  # uri + run_id of this stage's MLflow run (for the training workers)
+    splits: DecodedSplits | None = None  # the run's shared decoded splits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +115,7 @@ def _train_outputs(result) -> dict[str, Any]:
 def run_teacher(ctx: StageContext) -> dict[str, Any]:
     from zoomvit.train.stages import train_teacher
 
-    result = train_teacher(ctx.config, ctx.out_dir, ctx.tracking)
+    result = train_teacher(ctx.config, ctx.out_dir, ctx.tracking, splits=ctx.splits)
     if result is None:
         t = ctx.config.teacher
         return {"files": {}, "metrics": {}, "reference": {"model": t.model, "pretrained": t.pretrained, "checkpoint": t.checkpoint}}
@@ -148,13 +152,13 @@ def run_relevance(ctx: StageContext) -> dict[str, Any]:
 def run_zoomer(ctx: StageContext) -> dict[str, Any]:
     from zoomvit.train.stages import train_zoomer
 
-    return _train_outputs(train_zoomer(ctx.config, _upstream_file(ctx, "relevance", "maps"), ctx.out_dir, ctx.tracking))
+    return _train_outputs(train_zoomer(ctx.config, _upstream_file(ctx, "relevance", "maps"), ctx.out_dir, ctx.tracking, splits=ctx.splits))
 
 
 def run_zoomvit(ctx: StageContext) -> dict[str, Any]:
     from zoomvit.train.stages import train_zoomvit
 
-    result, operating_point = train_zoomvit(ctx.config, _upstream_file(ctx, "zoomer", "weights"), ctx.out_dir, ctx.tracking, **_distill_inputs(ctx))
+    result, operating_point = train_zoomvit(ctx.config, _upstream_file(ctx, "zoomer", "weights"), ctx.out_dir, ctx.tracking, splits=ctx.splits, **_distill_inputs(ctx))
     outputs = _train_outputs(result)
     if operating_point is not None:
         outputs["calibration"] = operating_point
@@ -165,7 +169,7 @@ def run_zoomvit(ctx: StageContext) -> dict[str, Any]:
 def run_baseline(ctx: StageContext) -> dict[str, Any]:
     from zoomvit.train.stages import train_baselines
 
-    results = train_baselines(ctx.config, ctx.out_dir, ctx.tracking, **_distill_inputs(ctx))
+    results = train_baselines(ctx.config, ctx.out_dir, ctx.tracking, splits=ctx.splits, **_distill_inputs(ctx))
     outputs = _train_outputs(results.pop("baseline"))
     for name, result in results.items():
         outputs["files"][f"weights_{name}"] = str(result.weights.relative_to(ctx.out_dir))
@@ -187,6 +191,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         relevance_dir=_upstream_file(ctx, "relevance", "maps"),
         out_dir=ctx.out_dir,
         alpha=ctx.upstream["zoomvit"].get("calibration", {}).get("alpha"),
+        splits=ctx.splits,
     )
     metrics: dict[str, Any] = {}
     for row in result["rows"]:

@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 import torch.nn as nn
 
 import zoomvit.models  # noqa: F401  (registers the demo variants)
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` file or a torch file read with ``weights_only=True``."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{str(path)!r} does not hold a state dict")
-    return state
+from zoomvit.models.loading import load_state_dict_file
 
 
 def load_teacher(

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from zoomvit.config import PipelineConfig
+from zoomvit.train.data import DecodedSplits, numpy_batch_input, sample_dataset
 
 
 def calibrate_alpha(scores_NHW: torch.Tensor, target_tokens: float) -> float:
@@ -62,14 +63,13 @@ def tokens_for_gflops(model, target_gflops: float, image_BCHW: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def calibrate_operating_point(config: PipelineConfig, zoomer_weights: str | Path) -> dict[str, Any]:
+def calibrate_operating_point(config: PipelineConfig, zoomer_weights: str | Path, *, splits: DecodedSplits | None = None) -> dict[str, Any]:
     """alpha for ``zoomvit.target_tokens`` (or ``target_gflops``), the training range of alphas
     (from no zoom to twice the target's extra tokens), and what was measured, from the Zoomer's maps
     of the calibration slice."""
     import timm
 
-    from zoomvit.relevance.teacher import load_state_dict_file
-    from zoomvit.train.data import numpy_batch_input, sample_dataset
+    from zoomvit.models.loading import load_state_dict_file
 
     zv, data = config.zoomvit, config.data
     model = timm.create_model(
@@ -79,7 +79,7 @@ def calibrate_operating_point(config: PipelineConfig, zoomer_weights: str | Path
     model.zoomer.load_state_dict(load_state_dict_file(zoomer_weights))
     model.zoomer.freeze()
     scores, keys = [], []
-    for batch in sample_dataset(data, "train", part="calibration").iter_batches(batch_size=256, batch_format="numpy"):
+    for batch in sample_dataset(data, "train", part="calibration", splits=splits).iter_batches(batch_size=256, batch_format="numpy"):
         x = numpy_batch_input(batch, data)
         scores.append(model.importance(x))
         keys.extend(str(k) for k in batch["key"])

@@ -4,8 +4,6 @@ per-batch GPU/CPU-side transforms the workers apply."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -19,21 +17,16 @@ from zoomvit.relevance.attribution import normalize_maps
 
 TRAIN_COLUMNS = ["key", "image", "label", "box"]
 
-_shared: dict[tuple[str, str], Any] | None = None
+class DecodedSplits:
+    """The decoded splits one pipeline run shares: given to :func:`sample_dataset` with
+    ``data.decoded: shared``, each split is decoded once, materialized, and the same dataset is handed
+    to every later stage of the run. Without one, every call reads the shards afresh."""
 
+    def __init__(self) -> None:
+        self._datasets: dict[tuple[str, str, bool], Any] = {}
 
-@contextmanager
-def shared_decoding() -> Iterator[None]:
-    """Inside this block, :func:`sample_dataset` decodes each split once and hands every later
-    caller the same materialized dataset (for ``data.decoded: shared``): the stages of one pipeline
-    run train and evaluate on the same decoded images."""
-    global _shared
-    outer = _shared
-    _shared = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _shared = outer
+    def __len__(self) -> int:
+        return len(self._datasets)
 
 
 def in_calibration_slice(keys: np.ndarray, fraction: float) -> np.ndarray:
@@ -58,27 +51,29 @@ def sample_dataset(
     file_shuffle_seed: int | None = None,
     highres: bool = False,
     part: Literal["all", "fit", "calibration"] = "all",
+    splits: DecodedSplits | None = None,
 ):
     """Decoded good samples of a split as a Ray Dataset with columns key, image, label, box (and
     image_hr, the same crop at twice the resolution, with ``highres``). ``part`` of the train split:
     ``fit`` (what training stages read) leaves out the calibration slice (``data.calibration_fraction``),
     ``calibration`` is that slice alone. ``file_shuffle_seed``: with ``data.decoded: streamed``, read the
-    shards in a new seeded order every execution (every epoch)."""
+    shards in a new seeded order every execution (every epoch). ``splits``: the run's shared decoded
+    splits (read for ``data.decoded: shared``)."""
     if part != "all" and split != "train":
         raise ValueError(f"the calibration slice is part of the train split, not of {split!r}")
     if part == "calibration" and data.calibration_fraction == 0:
         raise ValueError("data.calibration_fraction is 0: there is no calibration slice")
-    ds = _decoded(data, split, file_shuffle_seed=file_shuffle_seed, highres=highres)
+    ds = _decoded(data, split, file_shuffle_seed=file_shuffle_seed, highres=highres, splits=splits)
     if part != "all" and data.calibration_fraction > 0:
         ds = ds.map_batches(_select_part, fn_kwargs={"fraction": data.calibration_fraction, "calibration": part == "calibration"}, batch_format="numpy")
     return ds.limit(limit) if limit else ds
 
 
-def _decoded(data: DataConfig, split: str, *, file_shuffle_seed: int | None, highres: bool):
-    shared = _shared is not None and data.decoded == "shared"
+def _decoded(data: DataConfig, split: str, *, file_shuffle_seed: int | None, highres: bool, splits: DecodedSplits | None):
+    shared = splits is not None and data.decoded == "shared"
     key = (data.model_dump_json(), split, highres)
-    if shared and key in _shared:
-        ds = _shared[key]
+    if shared and key in splits._datasets:
+        ds = splits._datasets[key]
     else:
         from ray.data import FileShuffleConfig
 
@@ -90,7 +85,7 @@ def _decoded(data: DataConfig, split: str, *, file_shuffle_seed: int | None, hig
         columns = [*TRAIN_COLUMNS, "image_hr"] if highres else TRAIN_COLUMNS
         ds = ds.map_batches(keep_samples, fn_kwargs={"columns": columns}, batch_format="numpy")
         if shared:
-            ds = _shared[key] = ds.materialize()
+            ds = splits._datasets[key] = ds.materialize()
     return ds
 
 

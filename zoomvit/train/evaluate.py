@@ -22,8 +22,8 @@ import torch
 from zoomvit.config import PipelineConfig
 from zoomvit.models import ZOOM, ZoomViT, zoomvit_flops
 from zoomvit.models.flops import uniform_tokens
-from zoomvit.relevance.teacher import load_state_dict_file
-from zoomvit.train.data import numpy_batch_input, sample_dataset, size_bucket
+from zoomvit.models.loading import load_state_dict_file
+from zoomvit.train.data import DecodedSplits, numpy_batch_input, sample_dataset, size_bucket
 from zoomvit.train.stages import baseline_tasks, zoomvit_task
 from zoomvit.train.tasks import build_task
 
@@ -134,8 +134,10 @@ def evaluate_models(
     relevance_dir: str | Path | None,
     out_dir: str | Path,
     alpha: float | None = None,
+    splits: DecodedSplits | None = None,
 ) -> dict[str, Any]:
-    """``alpha``: ZoomViT's reported operating point when calibrated (else ``zoomvit.alpha``)."""
+    """``alpha``: ZoomViT's reported operating point when calibrated (else ``zoomvit.alpha``);
+    ``splits``: the run's shared decoded splits."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     zoom = load_trained(zoomvit_task(config, None, inference=True), zoomvit_weights)
@@ -156,7 +158,7 @@ def evaluate_models(
     flops_images: list[torch.Tensor] = []
     flops_highres: list[torch.Tensor] = []
     figure_rows: list[dict[str, Any]] = []
-    val = sample_dataset(config.data, "val", highres=highres)
+    val = sample_dataset(config.data, "val", highres=highres, splits=splits)
     for batch in val.iter_batches(batch_size=config.zoomvit.train.eval_batch_size, batch_format="numpy"):
         x = numpy_batch_input(batch, config.data)
         x_hr = numpy_batch_input(batch, config.data, "image_hr") if highres else None

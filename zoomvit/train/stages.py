@@ -9,7 +9,7 @@ import timm
 
 from zoomvit.config import PipelineConfig, TrainConfig
 from zoomvit.data.shards import sample_count
-from zoomvit.train.data import sample_dataset, with_maps
+from zoomvit.train.data import DecodedSplits, sample_dataset, with_maps
 from zoomvit.train.trainer import TrainResult, run_training
 
 
@@ -17,14 +17,14 @@ def _common(config: PipelineConfig) -> dict[str, Any]:
     return {"num_classes": config.data.num_classes, "mean": list(config.data.mean), "std": list(config.data.std)}
 
 
-def _train_split(config: PipelineConfig, train: TrainConfig, *, highres: bool = False):
+def _train_split(config: PipelineConfig, train: TrainConfig, splits: DecodedSplits | None, *, highres: bool = False):
     """The training split, and its sample count when ``data.decoded`` streams it (None otherwise)."""
     data = config.data
     count = sample_count(data.shard_paths("train")) if data.decoded == "streamed" else None
-    return sample_dataset(data, "train", file_shuffle_seed=train.seed, highres=highres, part="fit"), count
+    return sample_dataset(data, "train", file_shuffle_seed=train.seed, highres=highres, part="fit", splits=splits), count
 
 
-def train_teacher(config: PipelineConfig, out_dir: Path, tracking: dict[str, str] | None = None) -> TrainResult | None:
+def train_teacher(config: PipelineConfig, out_dir: Path, tracking: dict[str, str] | None = None, *, splits: DecodedSplits | None = None) -> TrainResult | None:
     """Train the teacher ViT on the shards; None when the config names a pretrained teacher."""
     teacher = config.teacher
     if teacher.pretrained or teacher.checkpoint:
@@ -32,13 +32,13 @@ def train_teacher(config: PipelineConfig, out_dir: Path, tracking: dict[str, str
     if teacher.train is None:
         raise ValueError("teacher: set pretrained=true, a checkpoint, or a train section")
     task = {"kind": "classifier", "model": teacher.model, "model_kwargs": dict(teacher.model_kwargs), **_common(config)}
-    train_ds, streamed = _train_split(config, teacher.train)
+    train_ds, streamed = _train_split(config, teacher.train, splits)
     return run_training(
         name="teacher",
         task=task,
         train=teacher.train,
         train_ds=train_ds,
-        val_ds=sample_dataset(config.data, "val"),
+        val_ds=sample_dataset(config.data, "val", splits=splits),
         out_dir=out_dir,
         tracking=tracking,
         streamed_samples=streamed,
@@ -52,20 +52,22 @@ def zoomvit_grid(config: PipelineConfig) -> tuple[int, int]:
     return tuple(model.grid)
 
 
-def train_zoomer(config: PipelineConfig, relevance_dir: Path, out_dir: Path, tracking: dict[str, str] | None = None) -> TrainResult:
+def train_zoomer(
+    config: PipelineConfig, relevance_dir: Path, out_dir: Path, tracking: dict[str, str] | None = None, *, splits: DecodedSplits | None = None
+) -> TrainResult:
     grid = zoomvit_grid(config)
     z = config.zoomer
     task = {
         "kind": "zoomer", "grid": list(grid), "width": z.width, "depth": z.depth, "head": z.head, "loss": z.loss,
         "topk_fraction": z.topk_fraction, **_common(config),
     }  # fmt: skip
-    train_ds, streamed = _train_split(config, z.train)
+    train_ds, streamed = _train_split(config, z.train, splits)
     return run_training(
         name="zoomer",
         task=task,
         train=z.train,
         train_ds=with_maps(train_ds, relevance_dir, "train", grid),
-        val_ds=with_maps(sample_dataset(config.data, "val"), relevance_dir, "val", grid),
+        val_ds=with_maps(sample_dataset(config.data, "val", splits=splits), relevance_dir, "val", grid),
         out_dir=out_dir,
         tracking=tracking,
         streamed_samples=streamed,
@@ -153,6 +155,7 @@ def train_zoomvit(
     *,
     teacher_weights: Path | str | None = None,
     relevance_dir: Path | str | None = None,
+    splits: DecodedSplits | None = None,
 ) -> tuple[TrainResult, dict[str, Any] | None]:
     distill = config.zoomvit.distill
     if zoomer_weights is None:
@@ -163,16 +166,16 @@ def train_zoomvit(
     if config.zoomvit.calibrated:
         from zoomvit.train.calibration import calibrate_operating_point
 
-        operating_point = calibrate_operating_point(config, zoomer_weights)
+        operating_point = calibrate_operating_point(config, zoomer_weights, splits=splits)
         print(f"[zoomvit] calibrated on {operating_point['calibration_samples']} held-out samples: alpha {operating_point['alpha']:.4g} "
               f"for {operating_point['target_tokens']:.1f} tokens/img; training alphas {operating_point['train_alpha']}", flush=True)  # fmt: skip
-    train_ds, streamed = _train_split(config, config.zoomvit.train, highres=highres)
+    train_ds, streamed = _train_split(config, config.zoomvit.train, splits, highres=highres)
     result = run_training(
         name="zoomvit",
         task=zoomvit_task(config, zoomer_weights, teacher_weights, operating_point=operating_point),
         train=config.zoomvit.train,
         train_ds=_distill_data(train_ds, distill, relevance_dir, "train"),
-        val_ds=sample_dataset(config.data, "val", highres=highres),
+        val_ds=sample_dataset(config.data, "val", highres=highres, splits=splits),
         out_dir=out_dir,
         tracking=tracking,
         streamed_samples=streamed,
@@ -201,6 +204,7 @@ def train_baselines(
     *,
     teacher_weights: Path | str | None = None,
     relevance_dir: Path | str | None = None,
+    splits: DecodedSplits | None = None,
 ) -> dict[str, TrainResult]:
     """Train every baseline in turn; the first into ``out_dir``, the others into ``out_dir/<name>``.
     Only the first logs its epochs into the stage's MLflow run (the others' results go in the manifest)."""
@@ -208,14 +212,14 @@ def train_baselines(
     for section in (config.baseline, *config.baseline.members):
         _require_teacher_weights(section, teacher_weights)
     results = {}
-    train_ds, streamed = _train_split(config, config.baseline.train)
+    train_ds, streamed = _train_split(config, config.baseline.train, splits)
     for name, task in baseline_tasks(config, teacher_weights).items():
         results[name] = run_training(
             name=name,
             task=task,
             train=config.baseline.train,
             train_ds=_distill_data(train_ds, distill, relevance_dir, "train"),
-            val_ds=sample_dataset(config.data, "val"),
+            val_ds=sample_dataset(config.data, "val", splits=splits),
             out_dir=out_dir if name == "baseline" else out_dir / name,
             tracking=tracking if name == "baseline" else None,
             streamed_samples=streamed,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import zoomvit.models  # noqa: F401  (registers the timm variants)
 from zoomvit.config import cached_logits_conflicts
 from zoomvit.models import Zoomer, ZoomViT, load_pretrained
-from zoomvit.relevance.teacher import load_state_dict_file
+from zoomvit.models.loading import load_state_dict_file
 from zoomvit.train.data import Views, augment, to_model_input
 
 TaskSpec = dict[str, Any]
