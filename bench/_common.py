@@ -7,8 +7,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -63,14 +64,23 @@ def tracking_uri() -> str:
         return f"sqlite:///{RESULTS.parents[1] / 'mlflow.db'}"
 
 
-def log_to_mlflow(name: str, *, params: dict[str, Any], metrics: dict[str, float], artifact: dict[str, Any], figure: Path | None = None) -> str:
+def log_to_mlflow(
+    name: str,
+    *,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    artifact: dict[str, Any],
+    figure: Path | None = None,
+) -> str:
     """One run in the 'zoomvit-bench' experiment with the benchmark's params, metrics, JSON and figure."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri())
     experiment = client.get_experiment_by_name("zoomvit-bench")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("zoomvit-bench")
-    run = client.create_run(experiment_id, run_name=name, tags={"benchmark": name, **{f"machine.{k}": str(v) for k, v in machine().items()}})
+    run = client.create_run(
+        experiment_id, run_name=name, tags={"benchmark": name, **{f"machine.{k}": str(v) for k, v in machine().items()}}
+    )
     run_id = run.info.run_id
     for key, value in params.items():
         client.log_param(run_id, key, str(value)[:500])

@@ -1,6 +1,7 @@
 """Perturbation test of the teacher's relevance maps (Chefer et al. 2021).
 
-    python bench/faithfulness.py [--teacher runs/teacher/<fp>/model.safetensors] [--images 512] [--target predicted|label]
+    python bench/faithfulness.py [--teacher runs/teacher/<fp>/model.safetensors] [--images 512]
+                                 [--target predicted|label]
 
 Each map explains the teacher's *predicted* class (Chefer's protocol; ``--target label`` explains
 the ground-truth class instead). Patches are removed (set to the dataset mean) in order of
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import log_to_mlflow, print_table, write_result
 
 import zoomvit.models  # noqa: F401
-from _common import log_to_mlflow, print_table, write_result
 from zoomvit.config import load_config
 from zoomvit.relevance import relevance_maps
 from zoomvit.relevance.teacher import load_teacher
@@ -90,13 +91,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--target", choices=["predicted", "label"], default="predicted", help="the class each map explains")
+    parser.add_argument(
+        "--target", choices=["predicted", "label"], default="predicted", help="the class each map explains"
+    )
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args()
 
     config = load_config(args.config, [f"data.root={args.data_root}"])
     teacher_path = args.teacher or newest_teacher()
-    model = load_teacher(config.teacher.model, checkpoint=teacher_path, num_classes=config.data.num_classes, model_kwargs=dict(config.teacher.model_kwargs))
+    model = load_teacher(
+        config.teacher.model,
+        checkpoint=teacher_path,
+        num_classes=config.data.num_classes,
+        model_kwargs=dict(config.teacher.model_kwargs),
+    )
     x, labels = val_images(config, args.images)
     grid = tuple(model.patch_embed.grid_size)
     patch = model.patch_embed.patch_size[0]
@@ -120,7 +128,13 @@ def main() -> None:
     with torch.no_grad():
         accuracy = float((model(x).argmax(1) == labels).float().mean())
     rows = []
-    auc = {m: {k: np.trapezoid(np.concatenate(curves[m][k]), fractions, axis=1) / (fractions[-1] - fractions[0]) for k in curves[m]} for m in METHODS}
+    auc = {
+        m: {
+            k: np.trapezoid(np.concatenate(curves[m][k]), fractions, axis=1) / (fractions[-1] - fractions[0])
+            for k in curves[m]
+        }
+        for m in METHODS
+    }
     for method in METHODS:
         row = {"method": method}
         for kind in ("positive", "negative"):
@@ -133,23 +147,45 @@ def main() -> None:
                 row[f"{kind}_grad_rollout_minus_ci95"] = [round(low, 4), round(high, 4)]
             row[f"{kind}_curve"] = [round(float(v), 4) for v in np.concatenate(curves[method][kind]).mean(0)]
         rows.append(row)
-    print(f"teacher {teacher_path}: top-1 {accuracy:.3f} on {len(x)} val images; grid {grid}, patch {patch}px; maps explain the {args.target} class")
+    print(
+        f"teacher {teacher_path}: top-1 {accuracy:.3f} on {len(x)} val images; grid {grid}, patch {patch}px; "
+        f"maps explain the {args.target} class"
+    )
     print_table([{k: v for k, v in r.items() if not k.endswith("curve")} for r in rows])
     others = [r for r in rows if r["method"] != "grad_rollout"]
     verdict = {
         "best_positive": min(rows, key=lambda r: r["positive_auc"])["method"],
         "best_negative": max(rows, key=lambda r: r["negative_auc"])["method"],
-        # significant: the paired interval excludes zero in grad rollout's favour (lower positive AUC, higher negative AUC)
-        "grad_rollout_significantly_better_positive": [r["method"] for r in others if r["positive_grad_rollout_minus_ci95"][1] < 0],
-        "grad_rollout_significantly_better_negative": [r["method"] for r in others if r["negative_grad_rollout_minus_ci95"][0] > 0],
+        # significant: the paired interval excludes zero in grad rollout's favour
+        # (a lower positive AUC, a higher negative AUC)
+        "grad_rollout_significantly_better_positive": [
+            r["method"] for r in others if r["positive_grad_rollout_minus_ci95"][1] < 0
+        ],
+        "grad_rollout_significantly_better_negative": [
+            r["method"] for r in others if r["negative_grad_rollout_minus_ci95"][0] > 0
+        ],
     }
-    verdict["target_met"] = all(len(verdict[f"grad_rollout_significantly_better_{k}"]) == len(others) for k in ("positive", "negative"))
+    verdict["target_met"] = all(
+        len(verdict[f"grad_rollout_significantly_better_{k}"]) == len(others) for k in ("positive", "negative")
+    )
     print(verdict)
-    payload = {"args": vars(args), "teacher": teacher_path, "teacher_top1": accuracy, "fractions": fractions.tolist(), "rows": rows, **verdict}
+    payload = {
+        "args": vars(args),
+        "teacher": teacher_path,
+        "teacher_top1": accuracy,
+        "fractions": fractions.tolist(),
+        "rows": rows,
+        **verdict,
+    }
     print(f"wrote {write_result('faithfulness', payload)}")
     if not args.no_mlflow:
         metrics = {f"{r['method']}_{k}": r[k] for r in rows for k in ("positive_auc", "negative_auc")}
-        log_to_mlflow("faithfulness", params={"images": len(x), "teacher": teacher_path, "target": args.target}, metrics=metrics, artifact=payload)
+        log_to_mlflow(
+            "faithfulness",
+            params={"images": len(x), "teacher": teacher_path, "target": args.target},
+            metrics=metrics,
+            artifact=payload,
+        )
 
 
 if __name__ == "__main__":

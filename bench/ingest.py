@@ -57,7 +57,9 @@ def plain_loader(shards: list[str], *, workers: int, size: int) -> tuple[int, fl
 
     transform = ImageTransform(image_size=size)
     pipeline = (
-        wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker, empty_check=False)
+        wds.WebDataset(
+            shards, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker, empty_check=False
+        )
         .map(functools.partial(_decode, transform=transform))
         .select(lambda x: x is not None)
         .batched(64, collation_fn=None)
@@ -80,17 +82,31 @@ def main() -> None:
     from zoomvit.data.demo import generate_demo_dataset
 
     work = Path(tempfile.mkdtemp(prefix="ingestbench-"))
-    generate_demo_dataset(work, train=args.images, val=0, image_size=args.size, samples_per_shard=512, photo_clutter=True)
+    generate_demo_dataset(
+        work, train=args.images, val=0, image_size=args.size, samples_per_shard=512, photo_clutter=True
+    )
     shards = sorted(glob.glob(str(work / "train-*.tar")))
     rows = []
     for cpus in args.cpus:
         n, seconds = plain_loader(shards, workers=cpus, size=args.out_size)
         loader_ips = n / seconds
-        child = subprocess.run([sys.executable, "-c", RAY_CHILD, str(cpus), str(args.out_size), *shards], capture_output=True, text=True, check=True)
+        child = subprocess.run(
+            [sys.executable, "-c", RAY_CHILD, str(cpus), str(args.out_size), *shards],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         result = __import__("json").loads(child.stdout.strip().splitlines()[-1])
         assert result["images"] == n, (result, n)
         ray_ips = result["images"] / result["seconds"]
-        rows.append({"cpus": cpus, "loader_img_per_s": loader_ips, "ray_data_img_per_s": ray_ips, "ray_vs_loader": ray_ips / loader_ips})
+        rows.append(
+            {
+                "cpus": cpus,
+                "loader_img_per_s": loader_ips,
+                "ray_data_img_per_s": ray_ips,
+                "ray_vs_loader": ray_ips / loader_ips,
+            }
+        )
     if len(rows) == 2:
         for key in ("loader", "ray_data"):
             rows[1][f"{key}_scaling"] = rows[1][f"{key}_img_per_s"] / rows[0][f"{key}_img_per_s"]

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+from _common import print_table, write_result
 from safetensors.torch import save_file
 
 import zoomvit.models  # noqa: F401
-from _common import print_table, write_result
 from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
 from zoomvit.data.decode import ImageTransform, decode_sample, iter_tar_samples
 from zoomvit.data.demo import generate_demo_dataset
@@ -63,7 +63,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--teacher", default="vit_demo_patch8_64")
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--loop-threads", type=int, nargs="+", default=[1, 2], help="torch threads of the plain loop (one row each)")
+    parser.add_argument(
+        "--loop-threads", type=int, nargs="+", default=[1, 2], help="torch threads of the plain loop (one row each)"
+    )
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--ablate", action="store_true", help="add the fused-decode and single-thread variants")
     args = parser.parse_args()
@@ -86,7 +88,15 @@ def main() -> None:
         loops[threads] = plain_loop(shards, teacher, size=args.size, batch=args.batch, mean=data.mean, std=data.std)
     best_loop = max(loops.values())
     for threads, ips in loops.items():
-        rows.append({"runner": f"plain loop, {threads} thread(s)", "img_per_s": ips, "ratio_vs_best_loop": ips / best_loop, "wall_s": args.images / ips, "stage_img_per_s": ips})
+        rows.append(
+            {
+                "runner": f"plain loop, {threads} thread(s)",
+                "img_per_s": ips,
+                "ratio_vs_best_loop": ips / best_loop,
+                "wall_s": args.images / ips,
+                "stage_img_per_s": ips,
+            }
+        )
 
     ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
     from ray.data import DataContext
@@ -96,19 +106,38 @@ def main() -> None:
     cpus = int(ray.cluster_resources()["CPU"])
     if not args.use_gpu and cpus > 1:  # one single-threaded decode+attribution actor per core; reads keep 1 CPU
         per_actor = (cpus - 1) / cpus
-        variants.append((f"Ray Data, {cpus} actors x 1 thread, decoding their own rows", {"concurrency": cpus, "num_cpus_per_actor": per_actor, "actor_threads": 1, "decode_in_actor": True}))
+        variants.append(
+            (
+                f"Ray Data, {cpus} actors x 1 thread, decoding their own rows",
+                {"concurrency": cpus, "num_cpus_per_actor": per_actor, "actor_threads": 1, "decode_in_actor": True},
+            )
+        )
     if args.ablate:
-        variants.append(("Ray Data, 1 actor, decode fused into it, 1 thread", {"decode_num_cpus": 1.0, "actor_threads": 1}))
+        variants.append(
+            ("Ray Data, 1 actor, decode fused into it, 1 thread", {"decode_num_cpus": 1.0, "actor_threads": 1})
+        )
         variants.append(("Ray Data, 1 actor, pipelined decode, 1 thread", {"actor_threads": 1}))
     for name, overrides in variants:
-        cfg = RelevanceConfig(batch_size=args.batch, shards_per_group=2, splits=("train",), use_gpu=args.use_gpu, **overrides)
+        cfg = RelevanceConfig(
+            batch_size=args.batch, shards_per_group=2, splits=("train",), use_gpu=args.use_gpu, **overrides
+        )
         out = work / f"ray-{len(rows)}"
         start = time.perf_counter()
-        manifest = run_relevance_stage(data=data, teacher=TeacherConfig(model=args.teacher, checkpoint=str(ckpt)), relevance=cfg, out_dir=out)
+        manifest = run_relevance_stage(
+            data=data, teacher=TeacherConfig(model=args.teacher, checkpoint=str(ckpt)), relevance=cfg, out_dir=out
+        )
         wall = time.perf_counter() - start
         ips = manifest["rows"] / wall
         steady = manifest["stats"]["images_per_s"]
-        rows.append({"runner": name, "img_per_s": ips, "ratio_vs_best_loop": ips / best_loop, "wall_s": wall, "stage_img_per_s": steady})
+        rows.append(
+            {
+                "runner": name,
+                "img_per_s": ips,
+                "ratio_vs_best_loop": ips / best_loop,
+                "wall_s": wall,
+                "stage_img_per_s": steady,
+            }
+        )
     print_table(rows)
     path = write_result("relevance_throughput", {"args": vars(args), "rows": rows, "shards": len(shards)})
     print(f"wrote {path}")

@@ -18,10 +18,10 @@ import time
 import numpy as np
 import timm
 import torch
+from _common import print_table, write_result
 from PIL import Image
 
 import zoomvit.models  # noqa: F401
-from _common import print_table, write_result
 from zoomvit.data.decode import ImageTransform, decode_sample
 from zoomvit.models.flops import count_flops
 from zoomvit.relevance.attribution import relevance_maps
@@ -50,7 +50,9 @@ def decode_rate(n: int) -> tuple[float, float]:
     torch.set_num_threads(1)
     start = time.perf_counter()
     for i, data in enumerate(jpegs):
-        decoded, _ = decode_sample({"__key__": f"k{i}", "jpg": data, "cls": b"1"}, num_classes=1000, transform=transform)
+        decoded, _ = decode_sample(
+            {"__key__": f"k{i}", "jpg": data, "cls": b"1"}, num_classes=1000, transform=transform
+        )
         assert decoded is not None
     return n / (time.perf_counter() - start), float(np.mean([len(j) for j in jpegs]))
 
@@ -102,7 +104,9 @@ def main() -> None:
     zoomer_fwd = count_flops(zoomvit.zoomer, x)
     vit_fwd = {}
     for tokens in (196, 295, 391):
-        model = timm.create_model("zoomvit_small_patch16_224", num_classes=1000, token_budget=tokens, with_zoomer=False).eval()
+        model = timm.create_model(
+            "zoomvit_small_patch16_224", num_classes=1000, token_budget=tokens, with_zoomer=False
+        ).eval()
         scores = torch.rand(1, 14, 14)
         with torch.no_grad():
             vit_fwd[tokens] = count_flops(model, x, scores=scores)
@@ -116,12 +120,33 @@ def main() -> None:
 
     rows = []
     relevance_total = relevance_flops * images
-    rows.append({"item": "relevance pass (grad rollout, train+val)", "flops": relevance_total, "A100_h": gpu_hours(relevance_total, "A100"), "H100_h": gpu_hours(relevance_total, "H100")})
+    rows.append(
+        {
+            "item": "relevance pass (grad rollout, train+val)",
+            "flops": relevance_total,
+            "A100_h": gpu_hours(relevance_total, "A100"),
+            "H100_h": gpu_hours(relevance_total, "H100"),
+        }
+    )
     zoomer_total = 3 * zoomer_fwd * TRAIN_IMAGES * 30
-    rows.append({"item": "Zoomer, 30 epochs", "flops": zoomer_total, "A100_h": gpu_hours(zoomer_total, "A100"), "H100_h": gpu_hours(zoomer_total, "H100")})
+    rows.append(
+        {
+            "item": "Zoomer, 30 epochs",
+            "flops": zoomer_total,
+            "A100_h": gpu_hours(zoomer_total, "A100"),
+            "H100_h": gpu_hours(zoomer_total, "H100"),
+        }
+    )
     for tokens, fwd in vit_fwd.items():
         total = (3 * fwd + zoomer_fwd) * TRAIN_IMAGES * 400
-        rows.append({"item": f"ZoomViT-S {tokens} tokens, 400 epochs", "flops": total, "A100_h": gpu_hours(total, "A100"), "H100_h": gpu_hours(total, "H100")})
+        rows.append(
+            {
+                "item": f"ZoomViT-S {tokens} tokens, 400 epochs",
+                "flops": total,
+                "A100_h": gpu_hours(total, "A100"),
+                "H100_h": gpu_hours(total, "H100"),
+            }
+        )
     print_table(rows)
 
     feed = {}

@@ -26,7 +26,12 @@ RECIPES: dict[str, list[str]] = {
     "milder crops": [f"{T}.lr=0.001", f"{T}.random_resized_crop=[0.8, 1.0]"],
     "lr 2e-3, milder crops": [f"{T}.lr=0.002", f"{T}.random_resized_crop=[0.8, 1.0]"],
     "lr 2e-3, no crops": [f"{T}.lr=0.002", f"{T}.random_resized_crop=null"],
-    "lr 2e-3, milder crops, 2x data, half epochs": [f"{T}.lr=0.002", f"{T}.random_resized_crop=[0.8, 1.0]", "data.demo.train=8192", f"{T}.epochs=3"],
+    "lr 2e-3, milder crops, 2x data, half epochs": [
+        f"{T}.lr=0.002",
+        f"{T}.random_resized_crop=[0.8, 1.0]",
+        "data.demo.train=8192",
+        f"{T}.epochs=3",
+    ],
 }
 
 
@@ -35,7 +40,9 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "pipelines" / "configs" / "demo.yaml"))
     parser.add_argument("--presets", nargs="+", default=["default"], choices=["default", "hard"])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for every recipe")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for every recipe"
+    )
     parser.add_argument("--name", default="teacher_recipe", help="result file name under bench/results")
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args()
@@ -79,7 +86,12 @@ def main() -> None:
     payload = {"args": vars(args), "recipes": {k: RECIPES[k] for k in args.recipes}, "rows": rows}
     print(f"wrote {write_result(args.name, payload)}")
     if not args.no_mlflow:
-        log_to_mlflow(args.name, params=vars(args), metrics={f"{r['preset']}_{i}_val_top1": r["val_top1"] for i, r in enumerate(rows)}, artifact=payload)
+        log_to_mlflow(
+            args.name,
+            params=vars(args),
+            metrics={f"{r['preset']}_{i}_val_top1": r["val_top1"] for i, r in enumerate(rows)},
+            artifact=payload,
+        )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import RESULTS, log_to_mlflow, print_table, write_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +36,13 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "pipelines" / "configs" / "demo.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--preset", default="default", choices=["default", "hard"])
-    parser.add_argument("--input-sizes", type=int, nargs="+", default=[48, 80], help="the baseline family (the baseline's own size is always in it)")
+    parser.add_argument(
+        "--input-sizes",
+        type=int,
+        nargs="+",
+        default=[48, 80],
+        help="the baseline family (the baseline's own size is always in it)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     parser.add_argument("--artifact-root", default=str(REPO / "runs"))
     parser.add_argument("--no-mlflow", action="store_true")
@@ -62,7 +67,9 @@ def main() -> None:
         start = time.perf_counter()
         result = run_pipeline(load_config(args.config, overrides))
         evaluation = json.loads((Path(result.stages["evaluate"]["out_dir"]) / "evaluation.json").read_text())
-        per_seed.append({"seed": seed, "pipeline_run": result.run_id, "seconds": time.perf_counter() - start, **evaluation})
+        per_seed.append(
+            {"seed": seed, "pipeline_run": result.run_id, "seconds": time.perf_counter() - start, **evaluation}
+        )
         print(f"[tradeoff] seed {seed}: pipeline run {result.run_id}, {per_seed[-1]['seconds']:.0f} s", flush=True)
     summary = summarise(per_seed)
     print_table(summary["rows"])
@@ -73,13 +80,27 @@ def main() -> None:
     payload = {"args": vars(args), "per_seed": per_seed, **summary}
     print(f"wrote {write_result(f'tradeoff_{args.preset}', payload)} and {figure}")
     if not args.no_mlflow:
-        metrics = {k: v for k, v in summary["verdict"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        log_to_mlflow(f"tradeoff_{args.preset}", params={"seeds": args.seeds, "preset": args.preset, "input_sizes": args.input_sizes}, metrics=metrics, artifact=payload, figure=figure)
+        metrics = {
+            k: v for k, v in summary["verdict"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        log_to_mlflow(
+            f"tradeoff_{args.preset}",
+            params={"seeds": args.seeds, "preset": args.preset, "input_sizes": args.input_sizes},
+            metrics=metrics,
+            artifact=payload,
+            figure=figure,
+        )
 
 
 def _label(row: dict) -> str:
     if row["model"] == "zoomvit":
-        return "zoomvit (reported)" if row.get("headline") else (f"zoomvit budget {row['budget']}" if row.get("budget") is not None else f"zoomvit alpha {row['alpha']}")
+        return (
+            "zoomvit (reported)"
+            if row.get("headline")
+            else (
+                f"zoomvit budget {row['budget']}" if row.get("budget") is not None else f"zoomvit alpha {row['alpha']}"
+            )
+        )
     return row["model"]
 
 
@@ -152,12 +173,26 @@ def plot(rows: list[dict], path: Path, *, title: str) -> None:
     for label, group in groups.items():
         group = sorted(group, key=lambda r: r["gflops_per_img"])
         if group:
-            ax.errorbar([r["gflops_per_img"] for r in group], [100 * r["top1_mean"] for r in group], yerr=[100 * r["top1_std"] for r in group], fmt="o-" if "ZoomViT" in label else "s--", capsize=3, label=label)
+            ax.errorbar(
+                [r["gflops_per_img"] for r in group],
+                [100 * r["top1_mean"] for r in group],
+                yerr=[100 * r["top1_std"] for r in group],
+                fmt="o-" if "ZoomViT" in label else "s--",
+                capsize=3,
+                label=label,
+            )
     for r in rows:
         if r["row"] == "zoomvit (reported)":
             ax.scatter([r["gflops_per_img"]], [100 * r["top1_mean"]], s=160, facecolors="none", edgecolors="k")
         elif r["row"].startswith("zoomvit_control"):
-            ax.errorbar([r["gflops_per_img"]], [100 * r["top1_mean"]], yerr=[100 * r["top1_std"]], fmt="x", capsize=3, label=r["row"].replace("zoomvit_control_", "control: "))
+            ax.errorbar(
+                [r["gflops_per_img"]],
+                [100 * r["top1_mean"]],
+                yerr=[100 * r["top1_std"]],
+                fmt="x",
+                capsize=3,
+                label=r["row"].replace("zoomvit_control_", "control: "),
+            )
     ax.set_xlabel("GFLOPs / image (Zoomer included for ZoomViT)")
     ax.set_ylabel("val top-1 (%), mean ± std over seeds")
     ax.set_title(title)

@@ -44,14 +44,20 @@ def main() -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    train_ds, val_ds = sample_dataset(config.data, "train").materialize(), sample_dataset(config.data, "val").materialize()
+    train_ds, val_ds = (
+        sample_dataset(config.data, "train").materialize(),
+        sample_dataset(config.data, "val").materialize(),
+    )
 
     from safetensors.torch import save_file
 
     from zoomvit.models import Zoomer
 
     zoomer = work / "zoomer.safetensors"  # throughput only: which cells a Zoomer picks does not change the cost
-    save_file(Zoomer(grid=(8, 8), width=config.zoomer.width, depth=config.zoomer.depth, head=config.zoomer.head).state_dict(), str(zoomer))
+    save_file(
+        Zoomer(grid=(8, 8), width=config.zoomer.width, depth=config.zoomer.depth, head=config.zoomer.head).state_dict(),
+        str(zoomer),
+    )
     uniform = zoomvit_task(config, zoomer) | {"alpha": 1.01, "train_alpha": [1.01, 1.01]}
     budget = zoomvit_task(config, zoomer) | {"token_budget": 64 + 3 * 8, "train_budget": [64 + 3 * 8] * 2}
     cases = [
@@ -66,20 +72,40 @@ def main() -> None:
     rows = []
     for i, (name, task, zero, workers) in enumerate(cases):
         recipe = config.baseline.train.model_copy(
-            update={"epochs": args.epochs, "zero_stage": zero, "num_workers": workers, "cpus_per_worker": 1.0, "batch_size": args.batch, "max_failures": 0}
+            update={
+                "epochs": args.epochs,
+                "zero_stage": zero,
+                "num_workers": workers,
+                "cpus_per_worker": 1.0,
+                "batch_size": args.batch,
+                "max_failures": 0,
+            }
         )
-        result = run_training(name=f"bench{i}", task=task, train=recipe, train_ds=train_ds, val_ds=val_ds, out_dir=work / f"run{i}")
+        result = run_training(
+            name=f"bench{i}", task=task, train=recipe, train_ds=train_ds, val_ds=val_ds, out_dir=work / f"run{i}"
+        )
         last = result.history[-1]
-        rows.append({"model": name, "zero": zero, "workers": workers, "img_per_s": last["train_img_per_s"], "val_tokens_per_img": last["val_tokens_per_img"]})
+        rows.append(
+            {
+                "model": name,
+                "zero": zero,
+                "workers": workers,
+                "img_per_s": last["train_img_per_s"],
+                "val_tokens_per_img": last["val_tokens_per_img"],
+            }
+        )
         print(rows[-1], flush=True)
 
     def ips(model, zero, workers):
-        return next(r["img_per_s"] for r in rows if r["model"] == model and r["zero"] == zero and r["workers"] == workers)
+        return next(
+            r["img_per_s"] for r in rows if r["model"] == model and r["zero"] == zero and r["workers"] == workers
+        )
 
     summary = {
         "scaling_efficiency_baseline_zero0": ips("baseline", 0, 2) / (2 * ips("baseline", 0, 1)),
         "scaling_efficiency_baseline_zero2": ips("baseline", 2, 2) / (2 * ips("baseline", 2, 1)),
-        "scaling_efficiency_zoomvit_zero2": ips("zoomvit, 64 uniform tokens", 2, 2) / (2 * ips("zoomvit, 64 uniform tokens", 2, 1)),
+        "scaling_efficiency_zoomvit_zero2": ips("zoomvit, 64 uniform tokens", 2, 2)
+        / (2 * ips("zoomvit, 64 uniform tokens", 2, 1)),
         "zero2_vs_zero0_2workers": ips("baseline", 2, 2) / ips("baseline", 0, 2),
         "zoomvit_vs_baseline_equal_tokens_2workers": ips("zoomvit, 64 uniform tokens", 2, 2) / ips("baseline", 2, 2),
     }

@@ -91,18 +91,31 @@ def main() -> None:
         row = next(r for r in rows if r["model"] == "zoomvit" and r["headline"])
         smallest = sorted(k for k in row if k.startswith("top1_size_lt"))[0]
         zoomvit_rows.append(_row(name, row, smallest, manifest(result, "zoomvit")))
-        baseline_row = baseline_row or _row("baseline (uniform P)", next(r for r in rows if r["model"] == "baseline"), smallest, manifest(result, "baseline"))
+        baseline_row = baseline_row or _row(
+            "baseline (uniform P)",
+            next(r for r in rows if r["model"] == "baseline"),
+            smallest,
+            manifest(result, "baseline"),
+        )
     zoomvit_rows.append(baseline_row)
 
     print_table(zoomer_rows)
     print()
     print_table(zoomvit_rows)
-    payload = {"args": vars(args), "zoomer": zoomer_rows, "zoomvit": zoomvit_rows, "seconds": seconds, "pipeline_run": first.run_id}
+    payload = {
+        "args": vars(args),
+        "zoomer": zoomer_rows,
+        "zoomvit": zoomvit_rows,
+        "seconds": seconds,
+        "pipeline_run": first.run_id,
+    }
     print(f"wrote {write_result('zoom_variants', payload)}")
     if not args.no_mlflow:
         metrics = {f"zoomer_{_slug(r['zoomer'])}_val_pearson": r["val_pearson"] for r in zoomer_rows}
         metrics |= {f"top1_{_slug(r['variant'])}": r["top1"] for r in zoomvit_rows}
-        log_to_mlflow("zoom_variants", params={"epochs": args.epochs, "set": args.set}, metrics=metrics, artifact=payload)
+        log_to_mlflow(
+            "zoom_variants", params={"epochs": args.epochs, "set": args.set}, metrics=metrics, artifact=payload
+        )
 
 
 def _slug(name: str) -> str:

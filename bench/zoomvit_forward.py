@@ -14,11 +14,14 @@ import argparse
 
 import timm
 import torch
-
-import zoomvit.models  # noqa: F401
 from _common import median_time, print_table, write_result
 
-SIZES = {"small": ("zoomvit_small_patch16_224", "deit_small_patch16_224", 224), "demo": ("zoomvit_demo_patch8_64", "vit_demo_patch8_64", 64)}
+import zoomvit.models  # noqa: F401
+
+SIZES = {
+    "small": ("zoomvit_small_patch16_224", "deit_small_patch16_224", 224),
+    "demo": ("zoomvit_demo_patch8_64", "vit_demo_patch8_64", 64),
+}
 
 
 def main() -> None:
@@ -46,12 +49,30 @@ def main() -> None:
     with torch.inference_mode():
         t_zoom = median_time(lambda: zoomvit(images, scores, alpha=2.0), repeats=args.repeats, sync=sync)
         t_base = median_time(lambda: baseline(images), repeats=args.repeats, sync=sync)
-        rows.append({"mode": "uniform", "tokens": n, "zoomvit_ms": 1e3 * t_zoom, "baseline_ms": 1e3 * t_base, "ratio": t_zoom / t_base})
+        rows.append(
+            {
+                "mode": "uniform",
+                "tokens": n,
+                "zoomvit_ms": 1e3 * t_zoom,
+                "baseline_ms": 1e3 * t_base,
+                "ratio": t_zoom / t_base,
+            }
+        )
         for k in (n // 4, n // 2):
             budget = n + 3 * k
-            t_zoom = median_time(lambda: zoomvit(images, scores, token_budget=budget), repeats=args.repeats, sync=sync)
+            t_zoom = median_time(
+                lambda budget=budget: zoomvit(images, scores, token_budget=budget), repeats=args.repeats, sync=sync
+            )
             t_base = median_time(baseline_on(budget), repeats=args.repeats, sync=sync)
-            rows.append({"mode": f"budget {budget}", "tokens": budget, "zoomvit_ms": 1e3 * t_zoom, "baseline_ms": 1e3 * t_base, "ratio": t_zoom / t_base})
+            rows.append(
+                {
+                    "mode": f"budget {budget}",
+                    "tokens": budget,
+                    "zoomvit_ms": 1e3 * t_zoom,
+                    "baseline_ms": 1e3 * t_base,
+                    "ratio": t_zoom / t_base,
+                }
+            )
     print_table(rows)
     path = write_result(f"zoomvit_forward_{args.model}_{device.type}", {"args": vars(args), "rows": rows})
     print(f"wrote {path}")

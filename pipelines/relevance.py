@@ -1,9 +1,10 @@
 """Teacher relevance maps for the configured shards, written as Parquet groups.
 
-    python pipelines/relevance.py --config pipelines/configs/demo.yaml [--out DIR] [--checkpoint T.safetensors]
+python pipelines/relevance.py --config pipelines/configs/demo.yaml [--out DIR] [--checkpoint T.safetensors]
 """
 
 import _bootstrap  # noqa: F401  (must come first)
+
 from zoomvit.pipeline.cli import relevance_main
 
 if __name__ == "__main__":

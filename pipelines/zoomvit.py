@@ -1,9 +1,10 @@
 """Run only the zoomvit stage, on cached upstream outputs (see pipelines/full.py for the options).
 
-    python pipelines/zoomvit.py --config pipelines/configs/demo.yaml [--set KEY=VALUE ...]
+python pipelines/zoomvit.py --config pipelines/configs/demo.yaml [--set KEY=VALUE ...]
 """
 
 import _bootstrap  # noqa: F401  (must come first)
+
 from zoomvit.pipeline.cli import stage_main
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def mlflow_server(state_dir: Path, **env: str):
         **env,
     }
     env = {**os.environ, **settings}
-    proc = subprocess.run(["bash", "mlflow/serve.sh", "--daemon"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        ["bash", "mlflow/serve.sh", "--daemon"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
+    )
     log = state_dir / "server.log"
     assert proc.returncode == 0, proc.stdout + proc.stderr + (log.read_text()[-3000:] if log.exists() else "")
     try:

@@ -8,10 +8,15 @@ from zoomvit.train.data import augment, crop_and_resize, random_resized_crop_box
 
 def test_the_batched_crop_equals_cropping_and_resizing_each_image():
     x = torch.rand(6, 3, 32, 32)
-    boxes = torch.tensor([[0, 0, 32, 32], [3, 5, 20, 17], [10, 0, 22, 32], [0, 12, 9, 20], [7, 7, 16, 16], [31, 31, 1, 1]], dtype=torch.float32)
+    boxes = torch.tensor(
+        [[0, 0, 32, 32], [3, 5, 20, 17], [10, 0, 22, 32], [0, 12, 9, 20], [7, 7, 16, 16], [31, 31, 1, 1]],
+        dtype=torch.float32,
+    )
     out = crop_and_resize(x, boxes)
     for i, (left, top, w, h) in enumerate(boxes.long().tolist()):
-        ref = F.interpolate(x[i : i + 1, :, top : top + h, left : left + w], size=(32, 32), mode="bilinear", align_corners=False)[0]
+        ref = F.interpolate(
+            x[i : i + 1, :, top : top + h, left : left + w], size=(32, 32), mode="bilinear", align_corners=False
+        )[0]
         assert torch.allclose(out[i], ref, atol=1e-5), (i, (out[i] - ref).abs().max())
     assert torch.allclose(out[0], x[0], atol=1e-6), "the full-image box is the identity"
     assert torch.allclose(out[5], x[5, :, 31:, 31:].expand(3, 32, 32), atol=1e-6), "a one-pixel box fills the image"

@@ -51,7 +51,10 @@ def test_a_calibrated_target_needs_a_slice_and_no_fixed_evaluation_points():
 def calibrated(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("calib")
     generate_demo_dataset(root / "data", train=192, val=32, image_size=32, samples_per_shard=64)
-    config = load_config(TINY, [f"data.root={root / 'data'}", "data.demo=null", "data.calibration_fraction=0.25", "zoomvit.target_tokens=22"])
+    config = load_config(
+        TINY,
+        [f"data.root={root / 'data'}", "data.demo=null", "data.calibration_fraction=0.25", "zoomvit.target_tokens=22"],
+    )
     zoomer = root / "zoomer.safetensors"
     torch.manual_seed(0)
     save_file(Zoomer(grid=(4, 4), width=config.zoomer.width, depth=config.zoomer.depth).state_dict(), str(zoomer))
@@ -75,5 +78,10 @@ def test_the_operating_point_is_calibrated_on_the_slice_to_the_target(calibrated
     lo, hi = op["train_alpha"]
     assert lo <= op["alpha"] <= hi
     assert 0.15 * 192 < op["calibration_samples"] < 0.35 * 192
-    gflops = calibrate_operating_point(config.model_copy(update={"zoomvit": config.zoomvit.model_copy(update={"target_tokens": None, "target_gflops": 1e-9})}), zoomer)
+    gflops = calibrate_operating_point(
+        config.model_copy(
+            update={"zoomvit": config.zoomvit.model_copy(update={"target_tokens": None, "target_gflops": 1e-9})}
+        ),
+        zoomer,
+    )
     assert gflops["target_tokens"] == 16.0, "a budget below the cheapest layout falls back to no zoom"

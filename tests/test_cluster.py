@@ -58,7 +58,8 @@ def test_production_yamls_keep_the_head_free_of_work_and_scale_from_zero():
         assert any("MLFLOW_TRACKING_URI" in c for c in config["worker_setup_commands"])
         gpu_types = [t for t, s in config["available_node_types"].items() if s["resources"].get("GPU")]
         assert gpu_types and all(
-            any(k.startswith("accelerator_type:") for k in config["available_node_types"][t]["resources"]) for t in gpu_types
+            any(k.startswith("accelerator_type:") for k in config["available_node_types"][t]["resources"])
+            for t in gpu_types
         )
 
 
@@ -68,7 +69,9 @@ def test_the_shipped_local_config_is_the_aws_node_types_scaled_down():
         "regenerate with: zoomvit cluster local cluster/aws.yaml -o cluster/local-autoscaling.yaml"
     )
     types = shipped["available_node_types"]
-    assert types["gpu_h100x8"]["resources"]["GPU"] == 1 and types["gpu_h100x8"]["resources"]["accelerator_type:H100"] == 1
+    assert (
+        types["gpu_h100x8"]["resources"]["GPU"] == 1 and types["gpu_h100x8"]["resources"]["accelerator_type:H100"] == 1
+    )
     assert "GPU" not in types["cpu_ingest"]["resources"]
     assert all(s["resources"]["CPU"] <= 1 for s in types.values())
     assert shipped["provider"]["type"] == "fake_multinode"
@@ -162,14 +165,24 @@ def test_local_autoscaling_cluster_scales_the_requested_node_type_up_then_down(t
     if (Path.home() / ".ray" / "auth_token").exists():
         env["RAY_AUTH_MODE"] = "token"
     start = [
-        "ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
-        f"--autoscaling-config={config_path}", "--include-dashboard=false", "--disable-usage-stats",
+        "ray",
+        "start",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=0",
+        f"--autoscaling-config={config_path}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
     ]
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
     try:
         probe = subprocess.run(
             [sys.executable, "-c", AUTOSCALE_PROBE, f"127.0.0.1:{port}"],
-            env=env, capture_output=True, text=True, timeout=420,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=420,
         )
         assert probe.returncode == 0, probe.stderr[-3000:]
         seen = json.loads(probe.stdout.strip().splitlines()[-1])

@@ -223,9 +223,14 @@ def test_mapped_box_lands_on_the_pixels_it_marked(size: tuple[int, int], fmt: st
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"image_size": 0}, {"image_size": 32, "crop_pct": 0.0}, {"image_size": 32, "crop_pct": 1.5},
-     {"image_size": 32, "resize_mode": "pad"}, {"image_size": 32, "min_size": 0},
-     {"image_size": 32, "alpha_background": "grey"}],
+    [
+        {"image_size": 0},
+        {"image_size": 32, "crop_pct": 0.0},
+        {"image_size": 32, "crop_pct": 1.5},
+        {"image_size": 32, "resize_mode": "pad"},
+        {"image_size": 32, "min_size": 0},
+        {"image_size": 32, "alpha_background": "grey"},
+    ],
 )
 def test_invalid_transform_raises_value_error(kwargs: dict) -> None:
     with pytest.raises(ValueError):
@@ -241,15 +246,27 @@ def test_duplicate_key_filter_flags_second_and_later_occurrences() -> None:
 def test_a_tiny_shard_of_good_and_bad_samples_is_decoded_counted_and_deduplicated(tmp_path: Path) -> None:
     jpg = encode(gradient(), "JPEG")
     shard = tmp_path / "mixed.tar"
-    write_tar(shard, [
-        ("good.jpg", jpg), ("good.cls", b"1"), ("good.json", b'{"box": [0, 0, 24, 20]}'),
-        ("gray.jpeg", encode(gradient("L"), "JPEG")), ("gray.cls", b"2\n"),
-        ("broken.jpg", b"garbage"), ("broken.cls", b"1"),
-        ("nolabel.png", encode(gradient(), "PNG")),
-        ("dir/nested.webp", encode(gradient(), "WEBP")), ("dir/nested.cls", b"7"),
-        ("good.jpg", jpg), ("good.cls", b"1"),
-        ("twice.jpg", jpg), ("twice.cls", b"4"), ("twice.jpg", jpg), ("twice.cls", b"4"),
-    ])
+    write_tar(
+        shard,
+        [
+            ("good.jpg", jpg),
+            ("good.cls", b"1"),
+            ("good.json", b'{"box": [0, 0, 24, 20]}'),
+            ("gray.jpeg", encode(gradient("L"), "JPEG")),
+            ("gray.cls", b"2\n"),
+            ("broken.jpg", b"garbage"),
+            ("broken.cls", b"1"),
+            ("nolabel.png", encode(gradient(), "PNG")),
+            ("dir/nested.webp", encode(gradient(), "WEBP")),
+            ("dir/nested.cls", b"7"),
+            ("good.jpg", jpg),
+            ("good.cls", b"1"),
+            ("twice.jpg", jpg),
+            ("twice.cls", b"4"),
+            ("twice.jpg", jpg),
+            ("twice.cls", b"4"),
+        ],
+    )
     report, keys, decoded = SkipReport(), DuplicateKeyFilter(), []
     with shard.open("rb") as f:
         for s in iter_tar_samples(f, url=str(shard)):
@@ -267,8 +284,10 @@ def test_a_tiny_shard_of_good_and_bad_samples_is_decoded_counted_and_deduplicate
     assert decoded[0].box == pytest.approx(TRANSFORM.map_box((0, 0, 24, 20), 48, 40))
     assert report.counts == {"corrupt_image": 1, "missing_label": 1, "duplicate_key": 2}
     assert {(e["key"], e["reason"]) for e in report.skipped} == {
-        ("broken", "corrupt_image"), ("nolabel", "missing_label"),
-        ("good", "duplicate_key"), ("twice", "duplicate_key"),
+        ("broken", "corrupt_image"),
+        ("nolabel", "missing_label"),
+        ("good", "duplicate_key"),
+        ("twice", "duplicate_key"),
     }
     assert all(e["shard"] == str(shard) for e in report.skipped)
     assert (report.num_ok, report.total, report.bad_fraction) == (4, 8, 0.5)
@@ -276,8 +295,10 @@ def test_a_tiny_shard_of_good_and_bad_samples_is_decoded_counted_and_deduplicate
 
 def test_a_truncated_shard_yields_what_it_could_read_then_a_truncated_shard_skip(tmp_path: Path) -> None:
     shard = tmp_path / "whole.tar"
-    write_tar(shard, [(f"s{i}.{ext}", data) for i in range(3)
-                      for ext, data in (("jpg", encode(gradient(), "JPEG")), ("cls", b"0"))])
+    write_tar(
+        shard,
+        [(f"s{i}.{ext}", data) for i in range(3) for ext, data in (("jpg", encode(gradient(), "JPEG")), ("cls", b"0"))],
+    )
     raw = shard.read_bytes()
     cut = raw.index(b"s2.jpg") + 512 + 100  # inside the last image's data
     samples = list(iter_tar_samples(io.BytesIO(raw[:cut]), url="cut.tar"))
@@ -353,5 +374,13 @@ def test_skip_report_check_fails_only_past_the_allowed_fraction() -> None:
 def test_skip_reasons_are_strings() -> None:
     assert SkipReason.corrupt_image == "corrupt_image"
     assert {r.value for r in SkipReason} == {
-        "corrupt_image", "missing_image", "missing_label", "bad_label", "label_out_of_range",
-        "tiny_image", "duplicate_key", "truncated_shard", "read_error"}
+        "corrupt_image",
+        "missing_image",
+        "missing_label",
+        "bad_label",
+        "label_out_of_range",
+        "tiny_image",
+        "duplicate_key",
+        "truncated_shard",
+        "read_error",
+    }

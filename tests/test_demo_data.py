@@ -38,9 +38,13 @@ def test_writes_shards_classes_and_info(dataset: tuple[Path, dict]) -> None:
     out, info = dataset
     names = sorted(p.name for p in out.iterdir())
     assert names == [
-        "_info.json", "classes.txt",
-        "train-000000.tar", "train-000001.tar", "train-000002.tar",
-        "val-000000.tar", "val-000001.tar",
+        "_info.json",
+        "classes.txt",
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+        "val-000000.tar",
+        "val-000001.tar",
     ]
     assert (out / "classes.txt").read_text().splitlines() == list(CLASS_NAMES) == [str(d) for d in range(10)]
     assert json.loads((out / "_info.json").read_text()) == info
@@ -202,8 +206,20 @@ def test_invalid_arguments_raise_value_error(tmp_path: Path, overrides: dict) ->
 
 def test_cli_demo_data_writes_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    argv = ["demo-data", str(out), "--train", "6", "--val", "3", "--image-size", "32", "--seed", "1",
-            "--samples-per-shard", "4"]
+    argv = [
+        "demo-data",
+        str(out),
+        "--train",
+        "6",
+        "--val",
+        "3",
+        "--image-size",
+        "32",
+        "--seed",
+        "1",
+        "--samples-per-shard",
+        "4",
+    ]
     assert main(argv) == 0
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
     info = json.loads((out / "_info.json").read_text())
@@ -231,7 +247,11 @@ def test_the_pipeline_regenerates_a_demo_dataset_made_with_other_settings(tmp_pa
     ensure_demo_data(load_config(tiny, [*small, "data.demo.train=48"]))
     info = json.loads((tmp_path / "_info.json").read_text())
     assert info["splits"]["train"]["num_samples"] == 48
-    assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == [
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+    ]
 
 
 def test_the_hard_preset_has_smaller_digits_and_brighter_colourful_clutter(tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from zoomvit.config import load_config
+from zoomvit.data.decode import ImageTransform, decode_sample, iter_tar_samples
 from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.data.relevance_store import maps_array, read_maps
 from zoomvit.data.shards import expand_shards
-from zoomvit.data.decode import ImageTransform, decode_sample, iter_tar_samples
 from zoomvit.relevance import normalize_maps
 from zoomvit.relevance.stage import run_relevance_stage
 from zoomvit.train.stages import train_zoomer
@@ -72,7 +72,8 @@ def setup(tmp_path_factory):
             "zoomvit.model=zoomvit_demo_patch8_64",
             "zoomer.width=16",
             "zoomer.depth=1",
-            "zoomer.train={epochs: 12, batch_size: 32, lr: 0.005, warmup_epochs: 1, random_resized_crop: null, num_workers: 2, zero_stage: 2}",
+            "zoomer.train={epochs: 12, batch_size: 32, lr: 0.005, warmup_epochs: 1, random_resized_crop: null, "
+            "num_workers: 2, zero_stage: 2}",
         ],
     )
     relevance_dir = root / "relevance"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from test_zoomvit_training import TINY
 
 import zoomvit.models  # noqa: F401
 from zoomvit.config import ConfigError, load_config
@@ -13,8 +14,6 @@ from zoomvit.models.flops import uniform_tokens, zoomvit_flops
 from zoomvit.train.evaluate import bootstrap_ci, control_scores, paired_delta_at_equal_gflops
 from zoomvit.train.stages import baseline_tasks
 from zoomvit.train.tasks import build_task
-
-from test_zoomvit_training import TINY
 
 
 def test_bootstrap_intervals_cover_the_true_accuracy_about_95_percent_of_the_time():
@@ -35,7 +34,11 @@ def test_zoom_controls_pick_seeded_random_cells_and_the_centre_cells():
     zoomvit = timm.create_model("zoomvit_test_patch8_32", with_zoomer=False).eval()
     zt = zoomvit.tokenize(torch.randn(2, 3, 32, 32), centre, token_budget=torch.tensor([16 + 3 * 4, 16 + 3 * 1]))
     for b, k in ((0, 4), (1, 1)):
-        cells = {(y0 // 8, x0 // 8) for (x0, y0, _, _), lvl in zip(zt.box_BL4[b].tolist(), zt.level_BL[b].tolist()) if lvl == 1}
+        cells = {
+            (y0 // 8, x0 // 8)
+            for (x0, y0, _, _), lvl in zip(zt.box_BL4[b].tolist(), zt.level_BL[b].tolist())
+            if lvl == 1
+        }
         assert len(cells) == k and cells <= {(1, 1), (1, 2), (2, 1), (2, 2)}
     teacher = torch.rand(2, 4, 4)
     assert torch.equal(control_scores("teacher", (2, 4, 4), generator=torch.Generator(), teacher_BHW=teacher), teacher)

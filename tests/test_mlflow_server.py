@@ -6,7 +6,6 @@ import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
-
 from servers import mlflow_server
 
 pytestmark = pytest.mark.slow
@@ -27,7 +26,9 @@ def _status(url: str, auth: tuple[str, str] | None = None) -> int:
 
 def test_basic_auth_rejects_anonymous_and_wrong_passwords_and_admits_the_admin(tmp_path, monkeypatch):
     admin = ("zoomvit-admin", "s3cret-for-the-test")
-    with mlflow_server(tmp_path, MLFLOW_AUTH="basic", MLFLOW_AUTH_ADMIN_USERNAME=admin[0], MLFLOW_AUTH_ADMIN_PASSWORD=admin[1]) as url:
+    with mlflow_server(
+        tmp_path, MLFLOW_AUTH="basic", MLFLOW_AUTH_ADMIN_USERNAME=admin[0], MLFLOW_AUTH_ADMIN_PASSWORD=admin[1]
+    ) as url:
         search = f"{url}/api/2.0/mlflow/experiments/search?max_results=10"
         assert _status(search) == 401
         assert _status(search, (admin[0], "wrong")) == 401

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-
 from servers import free_port, mlflow_server
 
 pytestmark = pytest.mark.slow
@@ -34,8 +33,19 @@ def head():
     port, dash = free_port(), free_port()
     env = ray_env()
     subprocess.run(
-        ["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True,
+        [
+            "ray",
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
     )
     yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
@@ -49,7 +59,14 @@ def workspace(tmp_path_factory):
         yield {
             "root": root,
             "uri": uri,
-            "sets": ["--set", f"data.root={root / 'data'}", "--set", f"artifact_root={root / 'runs'}", "--set", f"tracking.uri={uri}"],
+            "sets": [
+                "--set",
+                f"data.root={root / 'data'}",
+                "--set",
+                f"artifact_root={root / 'runs'}",
+                "--set",
+                f"tracking.uri={uri}",
+            ],
         }
 
 
@@ -57,20 +74,35 @@ def pipeline(head, workspace, *args: str, submit: bool = False) -> subprocess.Co
     command = [sys.executable, "pipelines/full.py", "--config", TINY, *workspace["sets"], *args]
     env = dict(head["env"])
     if submit:
-        command = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--", "python", *command[1:]]
+        command = [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            head["dashboard"],
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            *command[1:],
+        ]
     else:
         env["RAY_ADDRESS"] = head["gcs"]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
 def stage_runs(client: MlflowClient, parent_id: str) -> dict[str, object]:
-    runs = client.search_runs([client.get_run(parent_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    runs = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
     return {r.data.tags["stage"]: r for r in runs}
 
 
 def pipeline_runs(client: MlflowClient) -> list:
     exp = client.get_experiment_by_name("zoomvit")
-    return client.search_runs([exp.experiment_id], filter_string="tags.`zoomvit.kind` = 'pipeline'", order_by=["attributes.start_time ASC"])
+    return client.search_runs(
+        [exp.experiment_id], filter_string="tags.`zoomvit.kind` = 'pipeline'", order_by=["attributes.start_time ASC"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +122,7 @@ def test_ray_job_submit_runs_every_stage_with_one_nested_mlflow_run_each(first_r
     assert {"git_commit", "config_hash", "cluster_resources"} <= set(parent.data.tags)
     runs = stage_runs(client, parent.info.run_id)
     assert sorted(runs) == sorted(STAGES)
-    for name, run in runs.items():
+    for run in runs.values():
         assert run.info.status == "FINISHED"
         assert run.data.tags["cache"] == "miss" and len(run.data.tags["fingerprint"]) == 64
     assert runs["zoomvit"].data.tags["upstream.zoomer"] == runs["zoomer"].info.run_id
@@ -100,7 +132,9 @@ def test_ray_job_submit_runs_every_stage_with_one_nested_mlflow_run_each(first_r
     assert {"val_top1", "val_tokens_per_img"} <= set(runs["zoomvit"].data.metrics)
 
     lineage = json.loads(Path(client.download_artifacts(parent.info.run_id, "lineage.json", str(tmp_path))).read_text())
-    assert {name: node["run_id"] for name, node in lineage["stages"].items()} == {n: r.info.run_id for n, r in runs.items()}
+    assert {name: node["run_id"] for name, node in lineage["stages"].items()} == {
+        n: r.info.run_id for n, r in runs.items()
+    }
     assert "lineage.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "zoom_layouts.png" in {a.path for a in client.list_artifacts(runs["evaluate"].info.run_id)}
     inputs = {d.dataset.name for d in client.get_run(runs["zoomer"].info.run_id).inputs.dataset_inputs}
@@ -121,7 +155,11 @@ def test_each_training_stage_lowers_its_loss_with_zero2_on_two_workers(first_run
 def test_the_evaluate_stage_reports_intervals_and_zoom_controls_at_zoomvits_token_counts(first_run, workspace):
     client, parent = first_run
     out_dir = stage_runs(client, parent.info.run_id)["evaluate"].data.params["out_dir"]
-    rows = {row["model"]: row for row in json.loads((Path(out_dir) / "evaluation.json").read_text())["rows"] if row["model"] != "zoomvit" or row["headline"]}
+    rows = {
+        row["model"]: row
+        for row in json.loads((Path(out_dir) / "evaluation.json").read_text())["rows"]
+        if row["model"] != "zoomvit" or row["headline"]
+    }
     controls = {"zoomvit_control_random", "zoomvit_control_centre", "zoomvit_control_teacher"}
     assert {"zoomvit", "baseline", "baseline_24px", "baseline_72px"} | controls <= set(rows)
     assert [rows[n]["tokens_per_img"] for n in ("baseline_24px", "baseline", "baseline_72px")] == [9, 16, 81]
@@ -177,7 +215,9 @@ def test_the_mlflow_ui_compares_two_zoomvit_runs_in_headless_chromium(first_run,
     client, _ = first_run
     experiment = client.get_experiment_by_name("zoomvit").experiment_id
     zoomvit_runs = client.search_runs(
-        [experiment], filter_string="tags.stage = 'zoomvit' and tags.cache = 'miss'", order_by=["attributes.start_time ASC"]
+        [experiment],
+        filter_string="tags.stage = 'zoomvit' and tags.cache = 'miss'",
+        order_by=["attributes.start_time ASC"],
     )
     assert len(zoomvit_runs) >= 2, "needs the alpha=0.5 run and the --only zoomvit alpha=0.3 run"
     runs = zoomvit_runs[-2:]
@@ -203,8 +243,14 @@ def test_the_mlflow_ui_compares_two_zoomvit_runs_in_headless_chromium(first_run,
 
 
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -225,14 +271,27 @@ def test_a_failing_stage_fails_the_parent_and_keeps_the_upstream_cache(first_run
 
 def test_a_bad_config_key_exits_non_zero_naming_the_key(workspace):
     proc = subprocess.run(
-        [sys.executable, "pipelines/full.py", "--config", TINY, "--set", "zoomvit.alpah=0.3"], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "pipelines/full.py", "--config", TINY, "--set", "zoomvit.alpah=0.3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "zoomvit.alpah" in proc.stderr
 
 
 def test_only_a_stage_whose_upstream_is_not_cached_names_the_missing_stage(head, tmp_path):
-    ws = {"sets": ["--set", f"data.root={tmp_path / 'data'}", "--set", f"artifact_root={tmp_path / 'runs'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]}
+    ws = {
+        "sets": [
+            "--set",
+            f"data.root={tmp_path / 'data'}",
+            "--set",
+            f"artifact_root={tmp_path / 'runs'}",
+            "--set",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+        ]
+    }
     proc = pipeline(head, ws, "--only", "zoomvit")
     assert proc.returncode == 2
     assert "'teacher'" in proc.stderr and "no cached output" in proc.stderr
@@ -255,10 +314,19 @@ def test_force_recomputes_a_finished_stage_from_scratch_instead_of_resuming_it(f
     proc = pipeline(head, workspace, "--force", "relevance,zoomer")
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = stage_runs(client, pipeline_runs(client)[-1].info.run_id)
-    assert {n: r.data.tags["cache"] for n, r in runs.items()} == {**dict.fromkeys(STAGES, "hit"), "relevance": "miss", "zoomer": "miss"}
+    assert {n: r.data.tags["cache"] for n, r in runs.items()} == {
+        **dict.fromkeys(STAGES, "hit"),
+        "relevance": "miss",
+        "zoomer": "miss",
+    }
     originals = stage_runs(client, first.info.run_id)
     relevance = runs["relevance"].data.metrics
-    assert relevance["groups_cached"] == 0 and relevance["groups_computed"] == originals["relevance"].data.metrics["groups_computed"] > 0
+    assert (
+        relevance["groups_cached"] == 0
+        and relevance["groups_computed"] == originals["relevance"].data.metrics["groups_computed"] > 0
+    )
     epochs = len(client.get_metric_history(originals["zoomer"].info.run_id, "train_loss"))
-    assert len(client.get_metric_history(runs["zoomer"].info.run_id, "train_loss")) == epochs, "every epoch trained again"
+    assert len(client.get_metric_history(runs["zoomer"].info.run_id, "train_loss")) == epochs, (
+        "every epoch trained again"
+    )
     assert client.get_metric_history(runs["zoomer"].info.run_id, "start_epoch")[0].value == 0

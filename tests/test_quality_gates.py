@@ -81,7 +81,10 @@ def test_a_teacher_trained_on_shuffled_labels_stops_the_pipeline_before_relevanc
     experiment = client.get_experiment_by_name("zoomvit").experiment_id
     parent = client.search_runs([experiment], filter_string="tags.`zoomvit.kind` = 'pipeline'")[0]
     assert parent.info.status == "FAILED" and "gates.teacher_min_top1" in parent.data.tags["failure_reason"]
-    stages = {r.data.tags["stage"]: r for r in client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    stages = {
+        r.data.tags["stage"]: r
+        for r in client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    }
     assert stages["teacher"].info.status == "FINISHED"
     assert stages["relevance"].info.status == "FAILED" and stages["relevance"].data.tags["cache"] == "gated"
     assert "below the floor" in stages["relevance"].data.tags["failure_reason"]

@@ -52,7 +52,9 @@ def test_without_labels_the_teachers_prediction_is_explained(teacher):
     result = relevance_maps(teacher, images)
     assert torch.equal(result.target_B, teacher(images).argmax(1))
     for i in range(2):
-        torch.testing.assert_close(result.maps_BHW[i], slow_grad_rollout(teacher, images[i], int(result.target_B[i])), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            result.maps_BHW[i], slow_grad_rollout(teacher, images[i], int(result.target_B[i])), rtol=1e-4, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -9,12 +9,12 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from tarutil import write_tar
 
 from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
 from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.data.relevance_store import logits_array, maps_array, read_maps, read_metadata
 from zoomvit.relevance.stage import run_relevance_stage
-from tarutil import write_tar
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SIZE = 32
@@ -39,7 +39,12 @@ def run(root, out, ckpt, **kw):
     return run_relevance_stage(
         data=DataConfig(root=str(root), image_size=SIZE, max_bad_fraction=kw.pop("max_bad_fraction", 0.05)),
         teacher=TeacherConfig(model="vit_test_patch8_32", checkpoint=ckpt),
-        relevance=RelevanceConfig(batch_size=8, shards_per_group=kw.pop("shards_per_group", 1), splits=kw.pop("splits", ("train", "val")), **kw.pop("layout", {})),
+        relevance=RelevanceConfig(
+            batch_size=8,
+            shards_per_group=kw.pop("shards_per_group", 1),
+            splits=kw.pop("splits", ("train", "val")),
+            **kw.pop("layout", {}),
+        ),
         out_dir=out,
         **kw,
     )
@@ -89,19 +94,29 @@ def test_bad_samples_are_counted_by_reason_and_good_ones_all_get_maps(teacher_ck
     write_tar(
         root / "train-000000.tar",
         [
-            ("good.jpg", jpeg("RGB")), ("good.cls", b"1"),
-            ("corrupt.jpg", b"\xff\xd8 not a jpeg"), ("corrupt.cls", b"2"),
+            ("good.jpg", jpeg("RGB")),
+            ("good.cls", b"1"),
+            ("corrupt.jpg", b"\xff\xd8 not a jpeg"),
+            ("corrupt.cls", b"2"),
             ("nolabel.jpg", jpeg("RGB")),
-            ("outofrange.jpg", jpeg("RGB")), ("outofrange.cls", b"99"),
-            ("gray.jpg", jpeg("L")), ("gray.cls", b"3"),
-            ("cmyk.jpg", jpeg("CMYK")), ("cmyk.cls", b"4"),
-            ("tiny.jpg", jpeg("RGB", 4)), ("tiny.cls", b"5"),
-            ("dup.jpg", jpeg("RGB")), ("dup.cls", b"6"),
-            ("dup.jpg", jpeg("RGB")), ("dup.cls", b"6"),
+            ("outofrange.jpg", jpeg("RGB")),
+            ("outofrange.cls", b"99"),
+            ("gray.jpg", jpeg("L")),
+            ("gray.cls", b"3"),
+            ("cmyk.jpg", jpeg("CMYK")),
+            ("cmyk.cls", b"4"),
+            ("tiny.jpg", jpeg("RGB", 4)),
+            ("tiny.cls", b"5"),
+            ("dup.jpg", jpeg("RGB")),
+            ("dup.cls", b"6"),
+            ("dup.jpg", jpeg("RGB")),
+            ("dup.cls", b"6"),
         ],
     )
     whole = root / "whole.tar"
-    write_tar(whole, [(f"t{i}.{ext}", jpeg("RGB") if ext == "jpg" else b"7") for i in range(3) for ext in ("cls", "jpg")])
+    write_tar(
+        whole, [(f"t{i}.{ext}", jpeg("RGB") if ext == "jpg" else b"7") for i in range(3) for ext in ("cls", "jpg")]
+    )
     with tarfile.open(whole) as tar:
         cut = tar.getmember("t2.jpg").offset_data + 100
     (root / "train-000001.tar").write_bytes(whole.read_bytes()[:cut])

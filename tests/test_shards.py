@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-
 from tarutil import write_tar
 
 from zoomvit.data.decode import ImageTransform
@@ -30,7 +29,9 @@ def imagenet_like(tmp_path):
             meta = json.dumps({"filename": f"{key}.JPEG"}).encode()
             members += [(f"{key}.{ext}", image_bytes(fmt)), (f"{key}.cls", str(i).encode()), (f"{key}.json", meta)]
         write_tar(tmp_path / f"imagenet1k-train-{shard:04d}.tar", members)
-    (tmp_path / "_info.json").write_text(json.dumps({"name": "imagenet-1k", "splits": {"train": {"num_samples": 6, "shard_lengths": [3, 3]}}}))
+    (tmp_path / "_info.json").write_text(
+        json.dumps({"name": "imagenet-1k", "splits": {"train": {"num_samples": 6, "shard_lengths": [3, 3]}}})
+    )
     return tmp_path
 
 
@@ -54,7 +55,9 @@ def test_timms_info_json_is_read(imagenet_like):
 
 def test_the_sample_count_of_any_subset_of_shards_comes_from_info_json(imagenet_like):
     info = json.loads((imagenet_like / "_info.json").read_text())
-    info["splits"]["train"].update(filenames=["imagenet1k-train-0000.tar", "imagenet1k-train-0001.tar"], shard_lengths=[3, 2])
+    info["splits"]["train"].update(
+        filenames=["imagenet1k-train-0000.tar", "imagenet1k-train-0001.tar"], shard_lengths=[3, 2]
+    )
     (imagenet_like / "_info.json").write_text(json.dumps(info))
     shards = expand_shards("imagenet1k-train-*.tar", root=str(imagenet_like))
     assert sample_count(shards) == 5

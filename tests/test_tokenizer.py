@@ -70,7 +70,10 @@ def _pixel_part_of_first_token(model, images, highres=None):
     with torch.no_grad():
         zt = model.tokenize(images, scores, alpha=0.5, highres=highres)
         assert zt.level_BL[0, 0] == ZOOM and zt.box_BL4[0, 0].tolist() == [16, 8, 20, 12]
-        return zt.tokens_BLD[0, 0] - model.tokenize(torch.zeros_like(images), scores, alpha=0.5, highres=zero_hr).tokens_BLD[0, 0]
+        return (
+            zt.tokens_BLD[0, 0]
+            - model.tokenize(torch.zeros_like(images), scores, alpha=0.5, highres=zero_hr).tokens_BLD[0, 0]
+        )
 
 
 def _projection_of(model, zoomed_2x, row: int = 2, col: int = 4):
@@ -83,7 +86,9 @@ def _projection_of(model, zoomed_2x, row: int = 2, col: int = 4):
 def test_zoomed_token_by_default_sees_exactly_its_cell_with_pixels_repeated_as_the_official_code(model):
     images = torch.randn(1, 3, 32, 32)
     nearest = images.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-    torch.testing.assert_close(_pixel_part_of_first_token(model, images), _projection_of(model, nearest), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _pixel_part_of_first_token(model, images), _projection_of(model, nearest), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("source,resample", [("upsample", "nearest"), ("upsample", "bilinear"), ("highres", "nearest")])
@@ -92,7 +97,9 @@ def test_a_zoomed_token_is_the_shared_projection_of_its_cell_in_the_configured_z
     images, highres = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 64, 64)
     candidates = {
         ("upsample", "nearest"): images.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3),
-        ("upsample", "bilinear"): torch.nn.functional.interpolate(images, scale_factor=2, mode="bilinear", align_corners=False),
+        ("upsample", "bilinear"): torch.nn.functional.interpolate(
+            images, scale_factor=2, mode="bilinear", align_corners=False
+        ),
         ("highres", "nearest"): highres,
     }
     got = _pixel_part_of_first_token(model, images, highres if source == "highres" else None)
@@ -129,7 +136,10 @@ def test_highres_zoom_reads_the_real_pixels_of_the_2x_copy_and_costs_the_same_fl
         with pytest.raises(ValueError, match="highres"):
             hi(images, scores, alpha=0.5)
     highres = torch.randn(2, 3, 64, 64)
-    assert zoomvit_flops(hi, images, scores, alpha=0.5, highres=highres).gflops == zoomvit_flops(up, images, scores, alpha=0.5).gflops
+    assert (
+        zoomvit_flops(hi, images, scores, alpha=0.5, highres=highres).gflops
+        == zoomvit_flops(up, images, scores, alpha=0.5).gflops
+    )
 
 
 def test_position_embedding_is_evaluated_at_every_token_centre_including_the_border_ring():
@@ -148,7 +158,9 @@ def test_position_embedding_is_evaluated_at_every_token_centre_including_the_bor
         scores = torch.rand(1, 4, 4)
         for alpha, coarse_alpha in ((0.0, None), (1.0, None), (1.0, 1.0)):
             zt = model.tokenize(torch.zeros(1, 3, 32, 32), scores, alpha=alpha, coarse_alpha=coarse_alpha)
-            for token, (x0, y0, x1, y1), level in zip(zt.tokens_BLD[0], zt.box_BL4[0].tolist(), zt.level_BL[0].tolist()):
+            for token, (x0, y0, x1, y1), level in zip(
+                zt.tokens_BLD[0], zt.box_BL4[0].tolist(), zt.level_BL[0].tolist()
+            ):
                 pos = token - model.patch_embed.proj.bias - model.zoom_embed[level + 1]
                 torch.testing.assert_close(pos, affine((x0 + x1) / 2, (y0 + y1) / 2), rtol=1e-4, atol=1e-4)
 
@@ -168,7 +180,16 @@ def test_tied_scores_in_budget_mode_go_to_the_lowest_cells():
     scores = torch.full((2, 4, 4), 0.5)
     scores[1, 3, 3] = 0.9
     zt = model.tokenize(torch.randn(2, 3, 32, 32), scores, token_budget=16 + 3 * 3)
-    zoomed = [sorted({(y0 // 8) * 4 + x0 // 8 for (x0, y0, _, _), lvl in zip(zt.box_BL4[b].tolist(), zt.level_BL[b]) if lvl == ZOOM}) for b in range(2)]
+    zoomed = [
+        sorted(
+            {
+                (y0 // 8) * 4 + x0 // 8
+                for (x0, y0, _, _), lvl in zip(zt.box_BL4[b].tolist(), zt.level_BL[b])
+                if lvl == ZOOM
+            }
+        )
+        for b in range(2)
+    ]
     assert zoomed == [[0, 1, 2], [0, 1, 15]]
 
 
@@ -224,7 +245,9 @@ def test_budget_mode_zooms_the_most_important_cells(model):
     scores = torch.rand(1, 4, 4)
     zt = model.tokenize(torch.randn(1, 3, 32, 32), scores, token_budget=16 + 3 * 2)
     top2 = set(scores.flatten().topk(2).indices.tolist())
-    zoomed_cells = {(y0 // 8) * 4 + x0 // 8 for (x0, y0, _, _), lvl in zip(zt.box_BL4[0].tolist(), zt.level_BL[0]) if lvl == ZOOM}
+    zoomed_cells = {
+        (y0 // 8) * 4 + x0 // 8 for (x0, y0, _, _), lvl in zip(zt.box_BL4[0].tolist(), zt.level_BL[0]) if lvl == ZOOM
+    }
     assert zoomed_cells == top2
 
 

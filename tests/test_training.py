@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from zoomvit.config import load_config
 from zoomvit.data.demo import generate_demo_dataset
+from zoomvit.train.data import sample_dataset
 from zoomvit.train.loop import weights_checksum
 from zoomvit.train.stages import baseline_task, train_teacher
-from zoomvit.train.data import sample_dataset
 from zoomvit.train.trainer import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -52,15 +52,21 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(config, tmp_path):
 
 
 def test_a_streamed_training_set_is_read_anew_every_epoch_and_sized_by_info_json(config, tmp_path):
-    teacher = config.teacher.model_copy(update={"train": config.teacher.train.model_copy(update={"epochs": 2, "num_workers": 1})})
-    streamed = config.model_copy(update={"data": config.data.model_copy(update={"decoded": "streamed"}), "teacher": teacher})
+    teacher = config.teacher.model_copy(
+        update={"train": config.teacher.train.model_copy(update={"epochs": 2, "num_workers": 1})}
+    )
+    streamed = config.model_copy(
+        update={"data": config.data.model_copy(update={"decoded": "streamed"}), "teacher": teacher}
+    )
     result = train_teacher(streamed, tmp_path)
     assert result.train_samples == 256  # from _info.json, not from a count of materialised rows
     assert [h["train_images"] for h in result.history] == [256, 256]  # 8 full batches of 32, every epoch
 
 
 def test_streamed_training_that_leaves_no_cpu_for_decoding_is_refused_instead_of_waiting_forever(config, tmp_path):
-    streamed = config.model_copy(update={"data": config.data.model_copy(update={"decoded": "streamed"})})  # 2 workers x 1 CPU on 2 CPUs
+    streamed = config.model_copy(
+        update={"data": config.data.model_copy(update={"decoded": "streamed"})}
+    )  # 2 workers x 1 CPU on 2 CPUs
     with pytest.raises(ValueError, match="leave a CPU free"):
         train_teacher(streamed, tmp_path)
 
@@ -95,7 +101,9 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes(config, tmp_path):
     assert killed, "no training worker was found to kill"
     assert [h["epoch"] for h in result.history] == list(range(12))
     starts = [h["start_epoch"] for h in result.history if "start_epoch" in h]
-    assert starts[0] == 0 and len(starts) == 2 and starts[1] > 0, f"the restarted group must resume, not start over: {starts}, killed {killed}"
+    assert starts[0] == 0 and len(starts) == 2 and starts[1] > 0, (
+        f"the restarted group must resume, not start over: {starts}, killed {killed}"
+    )
     assert result.weights.exists()
 
 
@@ -110,8 +118,12 @@ def test_each_epoch_yields_full_batches_of_distinct_samples_in_a_new_order():
     recipe = {"batch_size": 32, "shuffle_buffer": 128, "seed": 0}
 
     def epoch(dataset, index, **overrides):
-        batches = list(epoch_batches(dataset.iterator(), {**recipe, **overrides}, epoch=index, rank=0, device=torch.device("cpu")))
-        assert [len(b["label"]) for b in batches] == [32] * (500 // 32), "full batches only, as many as without shuffling"
+        batches = list(
+            epoch_batches(dataset.iterator(), {**recipe, **overrides}, epoch=index, rank=0, device=torch.device("cpu"))
+        )
+        assert [len(b["label"]) for b in batches] == [32] * (500 // 32), (
+            "full batches only, as many as without shuffling"
+        )
         return np.concatenate([b["label"].numpy() for b in batches])
 
     shuffled = ds.randomize_block_order(seed=0)

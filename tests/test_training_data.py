@@ -46,7 +46,11 @@ def test_each_row_gets_the_map_and_logits_of_its_own_key_and_rows_without_maps_a
     for r in out:
         source = by_key[r["key"]]
         grid = torch.from_numpy(source["relevance"].astype(np.float32)).view(1, 1, 4, 4)
-        want = normalize_maps(torch.nn.functional.interpolate(grid, size=(2, 2), mode="bilinear", align_corners=False, antialias=True).squeeze(1))[0]
+        want = normalize_maps(
+            torch.nn.functional.interpolate(
+                grid, size=(2, 2), mode="bilinear", align_corners=False, antialias=True
+            ).squeeze(1)
+        )[0]
         np.testing.assert_allclose(r["map"], want.numpy(), atol=1e-6)
         np.testing.assert_allclose(r["teacher_logits"], source["teacher_logits"].astype(np.float32))
         assert r["label"] == int(r["key"][3:])

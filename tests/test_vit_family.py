@@ -25,7 +25,14 @@ TRAIN = TrainConfig(random_resized_crop=None, hflip=False, lr=1e-2).model_dump(m
 
 
 def classifier(model="vit_test_patch8_32", distill=None, **train):
-    spec = {"kind": "classifier", "model": model, "num_classes": 10, "mean": [0.5] * 3, "std": [0.5] * 3, "train": {**TRAIN, **train}}
+    spec = {
+        "kind": "classifier",
+        "model": model,
+        "num_classes": 10,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "train": {**TRAIN, **train},
+    }
     if distill:
         spec["distill"] = {"alpha": 0.5, "tau": 1.0, "token": True, "source": "cache", **distill}
     return build_task(spec)
@@ -45,10 +52,26 @@ def zoomer_checkpoint() -> str:
 
 def zoomvit_task(distill=None, **train):
     spec = {
-        "kind": "zoomvit", "model": "zoomvit_test_patch8_32", "num_classes": 10, "mean": [0.5] * 3, "std": [0.5] * 3,
-        "alpha": 0.5, "train_alpha": [0.3, 0.6], "train_budget": None, "num_cells": 16, "coarse_alpha": None, "keep_rate": 1.0,
-        "token_budget": None, "zoom_source": "upsample", "zoom_resample": "nearest", "zoomer_checkpoint": zoomer_checkpoint(),
-        "zoomer_width": 8, "zoomer_depth": 1, "zoomer_head": "global", "inference": False, "train": {**TRAIN, **train},
+        "kind": "zoomvit",
+        "model": "zoomvit_test_patch8_32",
+        "num_classes": 10,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "alpha": 0.5,
+        "train_alpha": [0.3, 0.6],
+        "train_budget": None,
+        "num_cells": 16,
+        "coarse_alpha": None,
+        "keep_rate": 1.0,
+        "token_budget": None,
+        "zoom_source": "upsample",
+        "zoom_resample": "nearest",
+        "zoomer_checkpoint": zoomer_checkpoint(),
+        "zoomer_width": 8,
+        "zoomer_depth": 1,
+        "zoomer_head": "global",
+        "inference": False,
+        "train": {**TRAIN, **train},
     }
     if distill:
         spec["distill"] = {"alpha": 0.5, "tau": 1.0, "token": True, "source": "cache", **distill}
@@ -60,7 +83,11 @@ def batch(n=8, seed=0):
     labels = torch.arange(n) % 10
     teacher = torch.randn(n, 10, generator=g)
     teacher[torch.arange(n), (labels + 3) % 10] += 10.0  # the teacher disagrees with every label
-    return {"image": torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g), "label": labels, "teacher_logits": teacher}
+    return {
+        "image": torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g),
+        "label": labels,
+        "teacher_logits": teacher,
+    }
 
 
 # --- DeiT distillation ------------------------------------------------------------------------------
@@ -173,13 +200,24 @@ def _smooth(grid: int, dim: int) -> torch.Tensor:
     c = (torch.arange(grid) + 0.5) / grid
     y, x = torch.meshgrid(c, c, indexing="ij")
     k = torch.arange(dim) / dim
-    return (torch.sin(math.pi * (x[..., None] + k)) * torch.cos(math.pi * (0.5 * y[..., None] - k))).reshape(1, grid * grid, dim)
+    return (torch.sin(math.pi * (x[..., None] + k)) * torch.cos(math.pi * (0.5 * y[..., None] - k))).reshape(
+        1, grid * grid, dim
+    )
 
 
 def _pooled_vit(img_size: int) -> VisionTransformer:
     """No blocks and mean pooling: on a flat image every patch token is the same, so the output
     depends on the position embedding only through its mean over the grid."""
-    return VisionTransformer(img_size=img_size, patch_size=16, embed_dim=32, depth=0, num_heads=2, num_classes=5, global_pool="avg", class_token=True)
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=32,
+        depth=0,
+        num_heads=2,
+        num_classes=5,
+        global_pool="avg",
+        class_token=True,
+    )
 
 
 @pytest.mark.parametrize(("src", "dst"), [(224, 96), (96, 224)])
@@ -209,7 +247,9 @@ def test_zoomvit_and_a_distilled_deit_take_a_vit_checkpoint_of_another_size():
     report = load_pretrained(zoom, source.state_dict())
     assert "pos_embed" in report["loaded"] and "blocks.0.attn.qkv.weight" in report["loaded"]
     assert torch.equal(zoom.pos_embed[:, :1], source.pos_embed[:, :1])
-    assert torch.equal(zoom.pos_embed[:, 1:2], source.pos_embed[:, :1]), "a new distillation position starts as the class token's"
+    assert torch.equal(zoom.pos_embed[:, 1:2], source.pos_embed[:, :1]), (
+        "a new distillation position starts as the class token's"
+    )
     assert zoom(torch.randn(2, 3, 64, 64)).shape == (2, 10)
     pos = adapt_pos_embed(source.pos_embed, src_prefix=1, dst_prefix=1, new_grid=(8, 8))
     assert torch.allclose(zoom.pos_embed[:, 2:], pos[:, 1:])
@@ -245,7 +285,8 @@ def test_regularisation_switches_reach_the_model_and_the_data():
 def test_the_baseline_stage_trains_a_swin_and_a_hybrid_and_evaluates_them_side_by_side(ray_local, tmp_path):
     from zoomvit.data.demo import generate_demo_dataset
     from zoomvit.train.evaluate import evaluate_models
-    from zoomvit.train.stages import train_baselines, zoomvit_task as zoomvit_spec
+    from zoomvit.train.stages import train_baselines
+    from zoomvit.train.stages import zoomvit_task as zoomvit_spec
 
     generate_demo_dataset(tmp_path / "data", train=128, val=32, image_size=32, samples_per_shard=64)
     swin = {"img_size": 32, "window_size": 4, "embed_dim": 24, "depths": [1, 1], "num_heads": [1, 2]}
@@ -298,7 +339,9 @@ def test_distillation_adds_the_teacher_or_the_relevance_stage_upstream_only_when
     assert upstream("zoomvit", scratch) == ["zoomer"] and upstream("baseline") == []
     assert upstream("zoomvit", scratch, "zoomvit.distill.mode=hard") == ["zoomer", "teacher"]
     plain_views = "baseline.train.random_resized_crop=null"  # cached logits describe the unaugmented image
-    assert upstream("baseline", "baseline.distill.mode=soft", "baseline.distill.source=cache", plain_views) == ["relevance"]
+    assert upstream("baseline", "baseline.distill.mode=soft", "baseline.distill.source=cache", plain_views) == [
+        "relevance"
+    ]
 
 
 def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_its_weights(tmp_path):
@@ -323,12 +366,21 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
         assert torch.equal(student.state_dict()[name], teacher.state_dict()[name]), name
     assert zoomvit_task(config, None)["init_checkpoint"] is None, "building the architecture to load trained weights"
 
-    p4 = "baseline.others=[{name: vit_p4, model: vit_test_patch8_32, model_kwargs: {patch_size: 4}, init_from_teacher: true}]"
+    p4 = (
+        "baseline.others=[{name: vit_p4, model: vit_test_patch8_32, model_kwargs: {patch_size: 4}, "
+        "init_from_teacher: true}]"
+    )
     with_p4 = load_config(str(CONFIG), [p4])
-    assert [u for u, _ in STAGES["baseline"].upstream_for(with_p4)] == ["teacher"], "one of the others starts from the teacher"
-    p4_model = build_task({**baseline_tasks(with_p4, path)["vit_p4"], "train": with_p4.baseline.train.model_dump(), "seed": 0}).build_model()
+    assert [u for u, _ in STAGES["baseline"].upstream_for(with_p4)] == ["teacher"], (
+        "one of the others starts from the teacher"
+    )
+    p4_model = build_task(
+        {**baseline_tasks(with_p4, path)["vit_p4"], "train": with_p4.baseline.train.model_dump(), "seed": 0}
+    ).build_model()
     assert p4_model.patch_embed.grid_size == (8, 8)
-    assert torch.equal(p4_model.state_dict()["blocks.1.mlp.fc1.weight"], teacher.state_dict()["blocks.1.mlp.fc1.weight"])
+    assert torch.equal(
+        p4_model.state_dict()["blocks.1.mlp.fc1.weight"], teacher.state_dict()["blocks.1.mlp.fc1.weight"]
+    )
     with pytest.raises(ValueError, match="init_from_teacher needs"):
         train_zoomvit(config, tmp_path / "zoomer.safetensors", tmp_path)
     with pytest.raises(ValueError, match="init_from_teacher needs"):

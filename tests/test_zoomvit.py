@@ -2,7 +2,7 @@ import pytest
 import timm
 import torch
 
-from zoomvit.models import ZoomViT, Zoomer, load_backbone_state_dict
+from zoomvit.models import Zoomer, ZoomViT, load_backbone_state_dict
 
 
 @pytest.fixture
@@ -29,7 +29,9 @@ def test_avg_pooling_ignores_padding_too():
     with torch.no_grad():
         batch = model(images, scores, alpha=0.5)
         for i in range(3):
-            torch.testing.assert_close(batch[i], model(images[i : i + 1], scores[i : i + 1], alpha=0.5)[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                batch[i], model(images[i : i + 1], scores[i : i + 1], alpha=0.5)[0], rtol=1e-5, atol=1e-5
+            )
 
 
 def test_the_attached_zoomer_supplies_the_scores_when_none_are_given(model):

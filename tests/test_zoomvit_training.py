@@ -50,7 +50,10 @@ def test_budget_mode_training_draws_a_reachable_budget_per_image(tmp_path):
         (["zoomvit.train_alpha=[0.1, 0.6]", "evaluate.alphas=[0.05]"], "outside zoomvit.train_alpha"),
         (["zoomvit.train_alpha=[0.1, 0.6]", "zoomvit.alpha=1.01"], "outside zoomvit.train_alpha"),
         (["evaluate.budgets=[16]"], "train_budget"),
-        (["zoomvit.train_budget=[16, 22]", "zoomvit.token_budget=19", "evaluate.budgets=[25]"], "outside zoomvit.train_budget"),
+        (
+            ["zoomvit.train_budget=[16, 22]", "zoomvit.token_budget=19", "evaluate.budgets=[25]"],
+            "outside zoomvit.train_budget",
+        ),
         (["zoomvit.train_budget=[16, 22]", "zoomvit.token_budget=19", "evaluate.alphas=[0.5]"], "budget mode"),
     ],
 )
@@ -77,11 +80,21 @@ def test_zoomvit_refuses_to_train_with_a_random_zoomer(tmp_path):
 
 @pytest.mark.parametrize(
     "augmentation",
-    ["train.random_resized_crop=[0.5, 1.0]", "train.hflip=true", "train.rand_augment=rand-m9-mstd0.5", "train.mixup=0.8", "train.cutmix=1.0"],
+    [
+        "train.random_resized_crop=[0.5, 1.0]",
+        "train.hflip=true",
+        "train.rand_augment=rand-m9-mstd0.5",
+        "train.mixup=0.8",
+        "train.cutmix=1.0",
+    ],
 )
 @pytest.mark.parametrize("section", ["zoomvit", "baseline"])
 def test_cached_teacher_logits_refuse_every_augmentation(section, augmentation):
-    plain = [f"{section}.train.random_resized_crop=null", f"{section}.distill.mode=soft", f"{section}.distill.source=cache"]
+    plain = [
+        f"{section}.train.random_resized_crop=null",
+        f"{section}.distill.mode=soft",
+        f"{section}.distill.source=cache",
+    ]
     load_config(TINY, plain)
     with pytest.raises(ConfigError, match=augmentation.split(".")[1].split("=")[0]):
         load_config(TINY, [*plain, f"{section}.{augmentation}"])
@@ -95,14 +108,35 @@ def test_highres_zoom_refuses_augmentations_its_2x_copy_cannot_follow():
 
 def test_the_zoomer_trains_on_random_resized_crops_with_maps_cropped_alike():
     train = TrainConfig(random_resized_crop=(0.5, 1.0), hflip=True).model_dump()
-    spec = {"kind": "zoomer", "grid": [8, 8], "width": 8, "depth": 1, "head": "global", "loss": "bce", "topk_fraction": 0.25,
-            "num_classes": 10, "mean": [0.5] * 3, "std": [0.5] * 3, "train": train, "seed": 3}  # fmt: skip
+    spec = {
+        "kind": "zoomer",
+        "grid": [8, 8],
+        "width": 8,
+        "depth": 1,
+        "head": "global",
+        "loss": "bce",
+        "topk_fraction": 0.25,
+        "num_classes": 10,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "train": train,
+        "seed": 3,
+    }
     task = build_task(spec)
     model = task.build_model()
     g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8, generator=g), "map": torch.rand(6, 8, 8, generator=g)}
+    batch = {
+        "image": torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8, generator=g),
+        "map": torch.rand(6, 8, 8, generator=g),
+    }
     loss = task.train_loss(model, batch, torch.float32)
-    views = augment(task.inputs(batch, torch.float32), scale=(0.5, 1.0), hflip=True, generator=torch.Generator().manual_seed(3), maps_BHW=batch["map"])
+    views = augment(
+        task.inputs(batch, torch.float32),
+        scale=(0.5, 1.0),
+        hflip=True,
+        generator=torch.Generator().manual_seed(3),
+        maps_BHW=batch["map"],
+    )
     torch.testing.assert_close(loss, task._loss(model(views.x_BCHW, logits=True), views.maps_BHW))
     sums = task.evaluate(model.eval(), [batch], torch.float32)
     assert {"val_pearson", "val_crop_pearson", "val_crop_topk_overlap"} <= set(sums)

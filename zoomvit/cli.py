@@ -47,14 +47,22 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument(
-        "--digit-scale", type=float, nargs=2, default=(0.18, 0.45), metavar=("LOW", "HIGH"),
+        "--digit-scale",
+        type=float,
+        nargs=2,
+        default=(0.18, 0.45),
+        metavar=("LOW", "HIGH"),
         help="digit side as a fraction of the image side (default: 0.18 0.45)",
     )
     parser.add_argument("--num-clutter", type=int, default=6, help="digit fragments per image (default: 6)")
     parser.add_argument("--noise-std", type=float, default=0.08, help="gaussian noise std on a 0..1 scale")
     parser.add_argument("--photo-clutter", action="store_true", help="also paste dimmed crops of sample photos")
-    parser.add_argument("--preset", choices=("default", "hard"), default="default", help="difficulty preset (hard: difficulty 1)")
-    parser.add_argument("--difficulty", type=float, default=None, help="the difficulty knob in [0, 1]; overrides --preset")
+    parser.add_argument(
+        "--preset", choices=("default", "hard"), default="default", help="difficulty preset (hard: difficulty 1)"
+    )
+    parser.add_argument(
+        "--difficulty", type=float, default=None, help="the difficulty knob in [0, 1]; overrides --preset"
+    )
     parser.set_defaults(func=_demo_data)
 
 
@@ -96,7 +104,9 @@ def _add_cluster(subparsers: argparse._SubParsersAction) -> None:
     validate = sub.add_parser("validate", help="check cluster-launcher YAMLs the way `ray up` does, offline")
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.set_defaults(func=_cluster_validate)
-    local = sub.add_parser("local", help="the node types of a production YAML, scaled down for a fake multi-node cluster")
+    local = sub.add_parser(
+        "local", help="the node types of a production YAML, scaled down for a fake multi-node cluster"
+    )
     local.add_argument("file", metavar="FILE")
     local.add_argument("-o", "--output", help="write here instead of stdout")
     local.add_argument("--cpus-per-node", type=int, default=1)

@@ -61,7 +61,9 @@ def local_autoscaling_config(
         raise ValueError(f"the config needs available_node_types with a {HEAD_TYPE!r} entry")
     local_types: dict[str, Any] = {
         HEAD_TYPE: {
-            "resources": {"CPU": min(cpus_per_node, node_types[HEAD_TYPE].get("resources", {}).get("CPU", cpus_per_node))},
+            "resources": {
+                "CPU": min(cpus_per_node, node_types[HEAD_TYPE].get("resources", {}).get("CPU", cpus_per_node))
+            },
             "node_config": {},
             "max_workers": 0,
         }
@@ -116,7 +118,8 @@ def dump_local_config(config: dict[str, Any], source: str) -> str:
         "# for Ray's fake multi-node provider (every node is a local raylet; no cloud, no real GPU).\n"
         "#\n"
         "#   RAY_FAKE_CLUSTER=1 ray start --head --num-cpus=0 --autoscaling-config=cluster/local-autoscaling.yaml\n"
-        "#   python -c 'import ray; ray.init(); ray.get(ray.remote(num_gpus=1, accelerator_type=\"H100\")(lambda: 1).remote())'\n"
+        "#   python -c 'import ray; ray.init(); "
+        'ray.get(ray.remote(num_gpus=1, accelerator_type="H100")(lambda: 1).remote())\'\n'
         "#   ray status      # a gpu_h100x8 node appears, and goes after idle_timeout_minutes\n"
         "#   ray stop --force\n"
     )

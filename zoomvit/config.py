@@ -119,7 +119,7 @@ class RelevanceConfig(Section):
     splits: tuple[Literal["train", "val"], ...] = ("train", "val")
 
     @model_validator(mode="after")
-    def _splits_not_empty(self) -> "RelevanceConfig":
+    def _splits_not_empty(self) -> RelevanceConfig:
         if not self.splits:
             raise ValueError("relevance.splits must name at least one split")
         return self
@@ -150,16 +150,23 @@ class TrainConfig(Section):
     cutmix: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_batch_size: int = Field(128, ge=1)
-    shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's shuffle buffer, on top of a new block order every epoch; 0 keeps the read order")
+    shuffle_buffer: int = Field(
+        2048,
+        ge=0,
+        description="rows in each worker's shuffle buffer, on top of a new block order every epoch; "
+        "0 keeps the read order",
+    )
     max_train_samples: int | None = None
     rand_augment: str | None = Field(None, description="timm RandAugment spec, e.g. 'rand-m9-mstd0.5-inc1'")
     drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth rate (timm drop_path_rate)")
-    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights; it is evaluated and saved")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an EMA of the weights; it is evaluated and saved"
+    )
     finetune: Literal["full", "linear", "partial"] = "full"
     freeze_blocks: int = Field(0, ge=0, description="partial fine-tuning: the first k transformer blocks stay frozen")
 
     @model_validator(mode="after")
-    def _finetune(self) -> "TrainConfig":
+    def _finetune(self) -> TrainConfig:
         if self.finetune == "partial" and self.freeze_blocks == 0:
             raise ValueError("finetune=partial needs freeze_blocks >= 1")
         if self.finetune != "partial" and self.freeze_blocks:
@@ -258,16 +265,23 @@ class ZoomViTConfig(Section):
     zoom_source: Literal["upsample", "highres"] = "upsample"
     zoom_resample: Literal["nearest", "bilinear"] = "nearest"
     target_tokens: float | None = Field(
-        None, gt=0, description="mean tokens per image to calibrate alpha to on the calibration slice (replaces alpha and train_alpha)"
+        None,
+        gt=0,
+        description="mean tokens per image to calibrate alpha to on the calibration slice "
+        "(replaces alpha and train_alpha)",
     )
-    target_gflops: float | None = Field(None, gt=0, description="GFLOPs per image (Zoomer included) to calibrate alpha to, as target_tokens")
-    init_checkpoint: str | None = Field(None, description="ViT/DeiT weights to start from (position embedding resampled)")
+    target_gflops: float | None = Field(
+        None, gt=0, description="GFLOPs per image (Zoomer included) to calibrate alpha to, as target_tokens"
+    )
+    init_checkpoint: str | None = Field(
+        None, description="ViT/DeiT weights to start from (position embedding resampled)"
+    )
     init_from_teacher: bool = Field(False, description=INIT_FROM_TEACHER)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
-    def _alpha_range(self) -> "ZoomViTConfig":
+    def _alpha_range(self) -> ZoomViTConfig:
         _one_init(self)
         _cached_logits_need_plain_views(self)
         lo, hi = self.train_alpha
@@ -278,14 +292,23 @@ class ZoomViTConfig(Section):
         if self.target_tokens is not None and self.target_gflops is not None:
             raise ValueError("set one of target_tokens and target_gflops")
         if self.calibrated and self.trains_in_budget_mode:
-            raise ValueError("target_tokens/target_gflops calibrate alpha: they do not combine with token_budget or train_budget")
+            raise ValueError(
+                "target_tokens/target_gflops calibrate alpha: they do not combine with token_budget or train_budget"
+            )
         if self.train_budget is not None and not self.train_budget[0] <= self.train_budget[1]:
             raise ValueError(f"train_budget must be (low, high) with low <= high, got {self.train_budget}")
         if self.zoom_source == "highres":
             t = self.train
-            mixing = [n for n, on in (("mixup", t.mixup > 0), ("cutmix", t.cutmix > 0), ("rand_augment", t.rand_augment)) if on]
+            mixing = [
+                n
+                for n, on in (("mixup", t.mixup > 0), ("cutmix", t.cutmix > 0), ("rand_augment", t.rand_augment))
+                if on
+            ]
             if mixing:
-                raise ValueError(f"zoom_source=highres: {', '.join(mixing)} would change the image but not its 2x copy; turn them off")
+                raise ValueError(
+                    f"zoom_source=highres: {', '.join(mixing)} would change the image but not its 2x copy; "
+                    "turn them off"
+                )
         return self
 
     @property
@@ -318,10 +341,12 @@ class BaselineModel(Section):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     pretrained: bool = False
     init_checkpoint: str | None = None
-    init_from_teacher: bool = Field(False, description="start from the teacher's weights, resampled to this model's patch grid where it is a ViT")
+    init_from_teacher: bool = Field(
+        False, description="start from the teacher's weights, resampled to this model's patch grid where it is a ViT"
+    )
 
     @model_validator(mode="after")
-    def _init(self) -> "BaselineModel":
+    def _init(self) -> BaselineModel:
         _one_init(self)
         return self
 
@@ -345,14 +370,16 @@ class BaselineConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "BaselineConfig":
+    def _unique_names(self) -> BaselineConfig:
         _one_init(self)
         _cached_logits_need_plain_views(self)
         if any(size < 1 for size in self.input_sizes) or len(set(self.input_sizes)) != len(self.input_sizes):
             raise ValueError(f"baseline.input_sizes must be distinct positive sizes, got {list(self.input_sizes)}")
         names = [m.name for m in self.members]
         if "baseline" in names or len(set(names)) != len(names):
-            raise ValueError(f"baseline.others names must be unique and not 'baseline' or baseline_<size>px, got {names}")
+            raise ValueError(
+                f"baseline.others names must be unique and not 'baseline' or baseline_<size>px, got {names}"
+            )
         return self
 
     @property
@@ -380,7 +407,9 @@ class EvaluateConfig(Section):
     size_buckets: tuple[float, ...] = (0.25, 0.35)
     num_figures: int = Field(6, ge=0)
     alphas: tuple[float, ...] = ()
-    budgets: tuple[int, ...] = Field((), description="token budgets to evaluate ZoomViT at (top-k cells zoomed, static length)")
+    budgets: tuple[int, ...] = Field(
+        (), description="token budgets to evaluate ZoomViT at (top-k cells zoomed, static length)"
+    )
     flops_samples: int = Field(64, ge=1)
 
 
@@ -422,14 +451,20 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _evaluated_where_trained(self) -> "PipelineConfig":
+    def _evaluated_where_trained(self) -> PipelineConfig:
         """ZoomViT is evaluated only at operating points its training covered (no extrapolation)."""
         zv = self.zoomvit
         if zv.calibrated:
             if self.data.calibration_fraction == 0:
-                raise ValueError("zoomvit.target_tokens/target_gflops calibrate on a held-out slice: set data.calibration_fraction > 0")
+                raise ValueError(
+                    "zoomvit.target_tokens/target_gflops calibrate on a held-out slice: "
+                    "set data.calibration_fraction > 0"
+                )
             if self.evaluate.alphas or self.evaluate.budgets:
-                raise ValueError("with a calibrated zoomvit target, evaluate.alphas and evaluate.budgets would lie outside what training covered: leave them empty")
+                raise ValueError(
+                    "with a calibrated zoomvit target, evaluate.alphas and evaluate.budgets would lie outside "
+                    "what training covered: leave them empty"
+                )
             return self
         budgets = [b for b in (zv.token_budget, *self.evaluate.budgets) if b is not None]
         alphas = [*([zv.alpha] if zv.token_budget is None else []), *self.evaluate.alphas]
@@ -437,7 +472,9 @@ class PipelineConfig(Section):
             lo, hi = zv.train_budget_range
             outside = [b for b in budgets if not lo <= b <= hi]
             if outside:
-                raise ValueError(f"token budgets {outside} lie outside zoomvit.train_budget {[lo, hi]}: widen train_budget")
+                raise ValueError(
+                    f"token budgets {outside} lie outside zoomvit.train_budget {[lo, hi]}: widen train_budget"
+                )
             if alphas:
                 raise ValueError(
                     f"ZoomViT trains in budget mode but alphas {alphas} are evaluated: evaluate budgets "
@@ -447,7 +484,10 @@ class PipelineConfig(Section):
             lo, hi = zv.train_alpha
             outside = [a for a in alphas if not lo <= a <= hi]
             if outside:
-                raise ValueError(f"alphas {outside} lie outside zoomvit.train_alpha {[lo, hi]}: widen train_alpha or evaluate inside it")
+                raise ValueError(
+                    f"alphas {outside} lie outside zoomvit.train_alpha {[lo, hi]}: "
+                    "widen train_alpha or evaluate inside it"
+                )
             if budgets:
                 raise ValueError(
                     f"token budgets {budgets} are evaluated but ZoomViT trains with per-image alphas: "

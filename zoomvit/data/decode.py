@@ -388,9 +388,8 @@ class SkipReport:
 
     def summary(self) -> str:
         by_reason = ", ".join(f"{reason}={count}" for reason, count in sorted(self.counts.items()))
-        return (
-            f"{self.num_skipped} of {self.total} samples skipped ({self.bad_fraction:.2%})"
-            + (f": {by_reason}" if by_reason else "")
+        return f"{self.num_skipped} of {self.total} samples skipped ({self.bad_fraction:.2%})" + (
+            f": {by_reason}" if by_reason else ""
         )
 
     def check(self, max_bad_fraction: float) -> None:

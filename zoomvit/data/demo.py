@@ -192,7 +192,9 @@ def _render(spec: DemoSpec, split: str, index: int) -> RenderedSample:
     canvas[...] = rng.uniform(*_BACKGROUND_TINT, size=3)
     if d > 0 and rng.uniform() < d:
         photo = _photos()[int(rng.integers(len(_photos())))]
-        _paste_max(canvas, _photo_patch(rng, photo, size) * rng.uniform(0.3, 0.3 + 0.3 * d), np.ones(3, np.float32), 0, 0)
+        _paste_max(
+            canvas, _photo_patch(rng, photo, size) * rng.uniform(0.3, 0.3 + 0.3 * d), np.ones(3, np.float32), 0, 0
+        )
 
     if spec.photo_clutter:
         photos = _photos()
@@ -245,7 +247,10 @@ def _photo_patch(rng: np.random.Generator, photo: np.ndarray, side: int) -> np.n
     py = int(rng.integers(0, photo.shape[0] - crop_side + 1))
     px = int(rng.integers(0, photo.shape[1] - crop_side + 1))
     crop = photo[py : py + crop_side, px : px + crop_side]
-    channels = [Image.fromarray(np.ascontiguousarray(crop[..., c])).resize((side, side), Image.Resampling.BILINEAR) for c in range(3)]
+    channels = [
+        Image.fromarray(np.ascontiguousarray(crop[..., c])).resize((side, side), Image.Resampling.BILINEAR)
+        for c in range(3)
+    ]
     return np.stack([np.asarray(c) for c in channels], axis=-1).astype(np.float32)
 
 

@@ -15,7 +15,8 @@ consumer can tell when all rows of a shard have arrived and commit work shard by
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -90,7 +91,7 @@ def _datasource_class():
     class WebDatasetShards(FileBasedDatasource):
         _FILE_EXTENSIONS = ["tar"]
 
-        def _read_stream(self, stream: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
+        def _read_stream(self, stream: pa.NativeFile, path: str) -> Iterator[pa.Table]:
             rows: list[dict[str, Any]] = []
             for row in raw_rows(stream, path):
                 rows.append(row)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -81,7 +82,9 @@ def logits_array(table: pa.Table) -> np.ndarray:
     """The teacher_logits column as (N, K) float32; ValueError when the maps were written without it."""
     column = table["teacher_logits"]
     if column.null_count:
-        raise ValueError("these relevance maps carry no teacher logits (written by an older version): rerun with --force relevance")
+        raise ValueError(
+            "these relevance maps carry no teacher logits (written by an older version): rerun with --force relevance"
+        )
     if table.num_rows == 0:
         return np.zeros((0, 0), dtype=np.float32)
     flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)

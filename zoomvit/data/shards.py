@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import fsspec
 from braceexpand import braceexpand
@@ -47,7 +48,9 @@ def shard_infos(paths: Sequence[str]) -> list[ShardInfo]:
     for path in paths:
         fs, _, (resolved,) = fsspec.get_fs_token_paths(path)
         info: dict[str, Any] = fs.info(resolved)
-        stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("etag") or info.get("updated")
+        stamp = (
+            info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("etag") or info.get("updated")
+        )
         infos.append(ShardInfo(path=path, size=int(info.get("size") or 0), mtime=None if stamp is None else str(stamp)))
     return infos
 

@@ -18,10 +18,34 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 default_cfgs = generate_default_cfgs(
     {
-        "vit_demo_patch8_64": {"num_classes": 10, "input_size": (3, 64, 64), "crop_pct": 1.0, "mean": (0.5,) * 3, "std": (0.5,) * 3},
-        "vit_test_patch8_32": {"num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0, "mean": (0.5,) * 3, "std": (0.5,) * 3},
-        "deit_demo_distilled_patch8_64": {"num_classes": 10, "input_size": (3, 64, 64), "crop_pct": 1.0, "mean": (0.5,) * 3, "std": (0.5,) * 3},
-        "deit_test_distilled_patch8_32": {"num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0, "mean": (0.5,) * 3, "std": (0.5,) * 3},
+        "vit_demo_patch8_64": {
+            "num_classes": 10,
+            "input_size": (3, 64, 64),
+            "crop_pct": 1.0,
+            "mean": (0.5,) * 3,
+            "std": (0.5,) * 3,
+        },
+        "vit_test_patch8_32": {
+            "num_classes": 10,
+            "input_size": (3, 32, 32),
+            "crop_pct": 1.0,
+            "mean": (0.5,) * 3,
+            "std": (0.5,) * 3,
+        },
+        "deit_demo_distilled_patch8_64": {
+            "num_classes": 10,
+            "input_size": (3, 64, 64),
+            "crop_pct": 1.0,
+            "mean": (0.5,) * 3,
+            "std": (0.5,) * 3,
+        },
+        "deit_test_distilled_patch8_32": {
+            "num_classes": 10,
+            "input_size": (3, 32, 32),
+            "crop_pct": 1.0,
+            "mean": (0.5,) * 3,
+            "std": (0.5,) * 3,
+        },
     }
 )
 
@@ -37,7 +61,14 @@ class ResizedInputViT(VisionTransformer):
         return super().forward_features(x_BCHW, **kwargs)
 
 
-def _create(variant: str, pretrained: bool, cls: type[VisionTransformer] = VisionTransformer, *, resize_input: bool = False, **kwargs: Any) -> VisionTransformer:
+def _create(
+    variant: str,
+    pretrained: bool,
+    cls: type[VisionTransformer] = VisionTransformer,
+    *,
+    resize_input: bool = False,
+    **kwargs: Any,
+) -> VisionTransformer:
     if resize_input:
         if cls is not VisionTransformer:
             raise ValueError(f"{variant}: resize_input is only implemented for the plain ViT")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -67,7 +68,9 @@ def zoomvit_flops(
         for i, n in enumerate(tokens_B.tolist()):
             if n not in per_count:
                 hr = None if highres is None else highres[i : i + 1]
-                per_count[n] = count_flops(model, images_BCHW[i : i + 1], scores_BHW[i : i + 1], highres=hr, **zoom) / 1e9
+                per_count[n] = (
+                    count_flops(model, images_BCHW[i : i + 1], scores_BHW[i : i + 1], highres=hr, **zoom) / 1e9
+                )
         gflops_B = torch.tensor([per_count[n] for n in tokens_B.tolist()])
         return FlopReport(gflops_B=gflops_B, zoomer_gflops=zoomer_gflops, tokens_B=tokens_B)
     finally:

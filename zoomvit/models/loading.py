@@ -22,7 +22,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 
 def adapt_pos_embed(
-    pos_1LD: torch.Tensor, *, src_prefix: int, dst_prefix: int, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None
+    pos_1LD: torch.Tensor,
+    *,
+    src_prefix: int,
+    dst_prefix: int,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """A ``(1, src_prefix + gh*gw, D)`` position embedding for ``dst_prefix`` prefix tokens on ``new_grid``."""
     prefix, grid = pos_1LD[:, :src_prefix], pos_1LD[:, src_prefix:]
@@ -65,13 +70,17 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> d
             )
         weight = state_dict.get("patch_embed.proj.weight")
         if weight is not None and weight.ndim == 4 and weight.shape[-2:] != own["patch_embed.proj.weight"].shape[-2:]:
-            state_dict["patch_embed.proj.weight"] = resample_patch_embed(weight, list(own["patch_embed.proj.weight"].shape[-2:]))
+            state_dict["patch_embed.proj.weight"] = resample_patch_embed(
+                weight, list(own["patch_embed.proj.weight"].shape[-2:])
+            )
         return state_dict
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     return filter_fn(state_dict, model) if filter_fn is not None else state_dict
 
 
-def fitting_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+def fitting_state_dict(
+    state_dict: dict[str, torch.Tensor], model: nn.Module
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The adapted tensors whose names and shapes fit ``model``, and the names of those that do not."""
     adapted = adapt_state_dict(state_dict, model)
     own = model.state_dict()

@@ -241,7 +241,9 @@ def universe_patches(images_BCHW: torch.Tensor, universe: TokenUniverse, zoomed_
     return torch.cat(parts, dim=1)
 
 
-def gather_patches(images_BCHW: torch.Tensor, universe: TokenUniverse, layout: TokenLayout, zoomed_BCHW: torch.Tensor) -> torch.Tensor:
+def gather_patches(
+    images_BCHW: torch.Tensor, universe: TokenUniverse, layout: TokenLayout, zoomed_BCHW: torch.Tensor
+) -> torch.Tensor:
     """Pixels of the chosen tokens only: (B, L, C*P*P)."""
     patches_BUK = universe_patches(images_BCHW, universe, zoomed_BCHW)
     idx = layout.index_BL.unsqueeze(-1).expand(-1, -1, patches_BUK.shape[-1])

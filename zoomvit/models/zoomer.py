@@ -82,14 +82,14 @@ class Zoomer(nn.Module):
             out = self.forward_logits(images_BCHW)
         return out if logits else out.sigmoid()
 
-    def freeze(self) -> "Zoomer":
+    def freeze(self) -> Zoomer:
         """Stop training the Zoomer: no gradients, BatchNorm statistics fixed, weights kept in fp32."""
         self.frozen = True
         self.requires_grad_(False)
         self.eval()
         return self.float()
 
-    def train(self, mode: bool = True) -> "Zoomer":
+    def train(self, mode: bool = True) -> Zoomer:
         return super().train(mode and not self.frozen)
 
     def _apply(self, fn, recurse: bool = True):

@@ -22,9 +22,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from zoomvit.models.tokenizer import (
     NUM_LEVELS,
-    TokenLayout,
     ZOOM_RESAMPLES,
     ZOOM_SOURCES,
+    TokenLayout,
     ZoomConfig,
     ZoomResample,
     ZoomSource,
@@ -105,7 +105,9 @@ class ZoomViT(VisionTransformer):
         self.coarse = coarse or coarse_alpha is not None
         self.zoom_source, self.zoom_resample = zoom_source, zoom_resample
         self.zoom_embed = nn.Parameter(torch.zeros(NUM_LEVELS, self.embed_dim))
-        self.zoomer = Zoomer(grid=self.grid, width=zoomer_width, depth=zoomer_depth, head=zoomer_head) if with_zoomer else None
+        self.zoomer = (
+            Zoomer(grid=self.grid, width=zoomer_width, depth=zoomer_depth, head=zoomer_head) if with_zoomer else None
+        )
         self._universe = build_universe(self.grid, self.patch_size, coarse=self.coarse)
 
     @property
@@ -137,7 +139,7 @@ class ZoomViT(VisionTransformer):
         """The model's zoom settings with some fields replaced (alpha=..., token_budget=..., ...)."""
         return replace(self.zoom, **{k: v for k, v in overrides.items() if v is not None})
 
-    def attach_zoomer(self, zoomer: Zoomer, *, freeze: bool = True) -> "ZoomViT":
+    def attach_zoomer(self, zoomer: Zoomer, *, freeze: bool = True) -> ZoomViT:
         if tuple(zoomer.grid) != self.grid:
             raise ValueError(f"Zoomer predicts a {zoomer.grid} grid, the model's patch grid is {self.grid}")
         self.zoomer = zoomer.freeze() if freeze else zoomer
@@ -298,8 +300,12 @@ default_cfgs = generate_default_cfgs(
         "zoomvit_tiny_patch16_224.deit_in1k": _cfg(hf_hub_id="timm/deit_tiny_patch16_224.fb_in1k"),
         "zoomvit_small_patch16_224.deit_in1k": _cfg(hf_hub_id="timm/deit_small_patch16_224.fb_in1k"),
         "zoomvit_base_patch16_224.deit_in1k": _cfg(hf_hub_id="timm/deit_base_patch16_224.fb_in1k"),
-        "zoomvit_demo_patch8_64": _cfg(num_classes=10, input_size=(3, 64, 64), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3),
-        "zoomvit_test_patch8_32": _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3),
+        "zoomvit_demo_patch8_64": _cfg(
+            num_classes=10, input_size=(3, 64, 64), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3
+        ),
+        "zoomvit_test_patch8_32": _cfg(
+            num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3
+        ),
     }
 )
 
@@ -326,12 +332,16 @@ def zoomvit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> ZoomViT
 @register_model
 def zoomvit_demo_patch8_64(pretrained: bool = False, **kwargs: Any) -> ZoomViT:
     """For the demo data: 64 px images, 8x8 grid of 8 px patches (zoomed: 4 px)."""
-    args = dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=10, zoomer_width=16, zoomer_depth=1)
+    args = dict(
+        img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=10, zoomer_width=16, zoomer_depth=1
+    )
     return _create_zoomvit("zoomvit_demo_patch8_64", pretrained, **{**args, **kwargs})
 
 
 @register_model
 def zoomvit_test_patch8_32(pretrained: bool = False, **kwargs: Any) -> ZoomViT:
     """A few-thousand-parameter model for tests."""
-    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, zoomer_width=8, zoomer_depth=1)
+    args = dict(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, zoomer_width=8, zoomer_depth=1
+    )
     return _create_zoomvit("zoomvit_test_patch8_32", pretrained, **{**args, **kwargs})

@@ -13,7 +13,14 @@ from zoomvit.config import ConfigError, PipelineConfig, load_config
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML configuration (pipelines/configs/*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set zoomvit.alpha=0.3")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set zoomvit.alpha=0.3",
+    )
     return parser
 
 
@@ -31,12 +38,18 @@ def relevance_main(argv: list[str] | None = None) -> int:
 
     parser = base_parser("Compute teacher relevance maps into Parquet groups.")
     parser.add_argument("--out", required=True, help="output directory for the Parquet groups")
-    parser.add_argument("--checkpoint", help="teacher weights (.safetensors or torch state dict); overrides teacher.checkpoint")
+    parser.add_argument(
+        "--checkpoint", help="teacher weights (.safetensors or torch state dict); overrides teacher.checkpoint"
+    )
     args = parser.parse_args(argv)
     config = parse_config(args)
     init_ray()
     manifest = run_relevance_stage(
-        data=config.data, teacher=config.teacher, relevance=config.relevance, out_dir=Path(args.out), checkpoint=args.checkpoint
+        data=config.data,
+        teacher=config.teacher,
+        relevance=config.relevance,
+        out_dir=Path(args.out),
+        checkpoint=args.checkpoint,
     )
     print(json.dumps({"rows": manifest["rows"], "skips": manifest["skips"]["counts"], **manifest["stats"]}, indent=2))
     return 0
@@ -51,9 +64,19 @@ def full_main(argv: list[str] | None = None) -> int:
     from zoomvit.pipeline.runtime import init_ray
 
     parser = base_parser("Run the ZoomViT pipeline: teacher -> relevance -> zoomer -> {zoomvit, baseline} -> evaluate.")
-    parser.add_argument("--only", type=_stage_list, default=[], metavar="STAGE[,STAGE]", help="rerun just these stages on cached upstream outputs")
-    parser.add_argument("--force", type=_stage_list, default=[], metavar="STAGE[,STAGE]", help="recompute these stages even when cached")
-    parser.add_argument("--from-run", help="reuse the outputs recorded by this MLflow pipeline run where fingerprints match")
+    parser.add_argument(
+        "--only",
+        type=_stage_list,
+        default=[],
+        metavar="STAGE[,STAGE]",
+        help="rerun just these stages on cached upstream outputs",
+    )
+    parser.add_argument(
+        "--force", type=_stage_list, default=[], metavar="STAGE[,STAGE]", help="recompute these stages even when cached"
+    )
+    parser.add_argument(
+        "--from-run", help="reuse the outputs recorded by this MLflow pipeline run where fingerprints match"
+    )
     args = parser.parse_args(argv)
     config = parse_config(args)
     init_ray()
@@ -63,7 +86,17 @@ def full_main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = {name: node["cache"] for name, node in result.stages.items()}
-    print(json.dumps({"mlflow_run": result.run_id, "tracking_uri": result.tracking_uri, "stages": summary, "warnings": result.warnings}, indent=2))
+    print(
+        json.dumps(
+            {
+                "mlflow_run": result.run_id,
+                "tracking_uri": result.tracking_uri,
+                "stages": summary,
+                "warnings": result.warnings,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -13,9 +13,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import zoomvit
 from zoomvit.config import PipelineConfig
@@ -79,9 +80,14 @@ def ensure_demo_data(config: PipelineConfig) -> None:
     if demo is None or root is None:
         return
     wanted = {
-        "train": demo.train, "val": demo.val, "image_size": demo.image_size, "seed": demo.seed,
-        "samples_per_shard": demo.samples_per_shard, "photo_clutter": demo.photo_clutter, "difficulty": demo.effective_difficulty,
-    }  # fmt: skip
+        "train": demo.train,
+        "val": demo.val,
+        "image_size": demo.image_size,
+        "seed": demo.seed,
+        "samples_per_shard": demo.samples_per_shard,
+        "photo_clutter": demo.photo_clutter,
+        "difficulty": demo.effective_difficulty,
+    }
     try:
         config.data.shard_paths("train")
         config.data.shard_paths("val")
@@ -97,11 +103,12 @@ def ensure_demo_data(config: PipelineConfig) -> None:
         pass
     from zoomvit.data.demo import generate_demo_dataset
 
-    print(f"[data] generating the demo dataset in {root} ({demo.train} train / {demo.val} val, {demo.image_size}px, difficulty {demo.effective_difficulty})", flush=True)
-    generate_demo_dataset(
-        root, train=demo.train, val=demo.val, image_size=demo.image_size, seed=demo.seed, samples_per_shard=demo.samples_per_shard,
-        photo_clutter=demo.photo_clutter, difficulty=demo.effective_difficulty,
-    )  # fmt: skip
+    print(
+        f"[data] generating the demo dataset in {root} ({demo.train} train / {demo.val} val, "
+        f"{demo.image_size}px, difficulty {demo.effective_difficulty})",
+        flush=True,
+    )
+    generate_demo_dataset(root, **wanted)
 
 
 def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
@@ -144,10 +151,21 @@ def run_pipeline(
         if name in needed:
             needed.update(u for u, _ in STAGES[name].upstream_for(config))
 
-    parent = tracker.start(config.name, tags={"zoomvit.kind": "pipeline", "git_commit": git_commit(), "config_hash": config_hash(config)})
+    parent = tracker.start(
+        config.name, tags={"zoomvit.kind": "pipeline", "git_commit": git_commit(), "config_hash": config_hash(config)}
+    )
     tracker.params(parent, flatten(config.model_dump(mode="json")))
-    tracker.tags(parent, {"cluster_resources": json.dumps(_cluster_resources()), "only": ",".join(only), "from_run": from_run or ""})
-    tracker.dataset_input(parent, name="shards", source=str(Path(train_paths[0]).parent), digest=shards_digest(shards), context="train+val shards")
+    tracker.tags(
+        parent,
+        {"cluster_resources": json.dumps(_cluster_resources()), "only": ",".join(only), "from_run": from_run or ""},
+    )
+    tracker.dataset_input(
+        parent,
+        name="shards",
+        source=str(Path(train_paths[0]).parent),
+        digest=shards_digest(shards),
+        context="train+val shards",
+    )
     result = PipelineResult(run_id=parent, tracking_uri=tracker.uri)
     manifests: dict[str, dict[str, Any]] = {}
     fingerprints: dict[str, str] = {}
@@ -174,8 +192,25 @@ def run_pipeline(
             upstream_runs = {u: manifests[u]["run_id"] for u, _ in upstream}
             reason = stage.gate(config, manifests) if stage.gate else None
             if reason is not None:
-                gated = tracker.start(name, parent=parent, tags={"zoomvit.kind": "stage", "stage": name, "fingerprint": fp, "cache": "gated", "failure_reason": reason})
-                result.stages[name] = {"stage": name, "run_id": gated, "fingerprint": fp, "cache": "gated", "reason": reason, "upstream": []}
+                gated = tracker.start(
+                    name,
+                    parent=parent,
+                    tags={
+                        "zoomvit.kind": "stage",
+                        "stage": name,
+                        "fingerprint": fp,
+                        "cache": "gated",
+                        "failure_reason": reason,
+                    },
+                )
+                result.stages[name] = {
+                    "stage": name,
+                    "run_id": gated,
+                    "fingerprint": fp,
+                    "cache": "gated",
+                    "reason": reason,
+                    "upstream": [],
+                }
                 tracker.tags(parent, {"failure_reason": f"{name}: {reason}"})
                 gate_error = QualityGateFailed(f"stage {name!r} did not run: {reason}")
                 tracker.end(gated, error=gate_error)
@@ -192,7 +227,13 @@ def run_pipeline(
                 tags["source_run"] = manifest["run_id"]
             run_id = tracker.start(name, parent=parent, tags=tags)
             tracker.params(run_id, flatten(section(config, name)))  # each stage's config section is its own
-            node = {"stage": name, "run_id": run_id, "fingerprint": fp, "cache": tags["cache"], "upstream": [{"stage": u, "artifact": a, "run_id": upstream_runs[u]} for u, a in upstream]}
+            node = {
+                "stage": name,
+                "run_id": run_id,
+                "fingerprint": fp,
+                "cache": tags["cache"],
+                "upstream": [{"stage": u, "artifact": a, "run_id": upstream_runs[u]} for u, a in upstream],
+            }
             result.stages[name] = node
             if not compute:
                 node.update(out_dir=manifest["out_dir"], source_run=manifest["run_id"])
@@ -207,9 +248,23 @@ def run_pipeline(
                 if (out_dir / MANIFEST).exists():  # forced or --only: recompute, never resume a finished output
                     shutil.rmtree(out_dir)
                 out_dir.mkdir(parents=True, exist_ok=True)
-                ctx = StageContext(config=config, out_dir=out_dir, upstream=manifests, fingerprint=fp, tracking={"uri": tracker.uri, "run_id": run_id}, splits=splits)
+                ctx = StageContext(
+                    config=config,
+                    out_dir=out_dir,
+                    upstream=manifests,
+                    fingerprint=fp,
+                    tracking={"uri": tracker.uri, "run_id": run_id},
+                    splits=splits,
+                )
                 outputs = stage.run(ctx)
-                manifest = {"stage": name, "fingerprint": fp, "run_id": run_id, "out_dir": str(out_dir), "seconds": time.perf_counter() - start, **outputs}
+                manifest = {
+                    "stage": name,
+                    "fingerprint": fp,
+                    "run_id": run_id,
+                    "out_dir": str(out_dir),
+                    "seconds": time.perf_counter() - start,
+                    **outputs,
+                }
                 _log_stage(tracker, run_id, config, manifest, manifests, shards, train_paths)
                 if name == "evaluate":  # the run's headline evidence also on the parent
                     for key in ("evaluation", "frontier"):
@@ -223,7 +278,11 @@ def run_pipeline(
             tracker.end(run_id)
             manifests[name] = manifest
             node["out_dir"] = str(out_dir)
-            print(f"[{name}] done in {manifest['seconds']:.1f}s " + " ".join(f"{k}={v:.4g}" for k, v in list(manifest["metrics"].items())[:8] if isinstance(v, float)), flush=True)
+            print(
+                f"[{name}] done in {manifest['seconds']:.1f}s "
+                + " ".join(f"{k}={v:.4g}" for k, v in list(manifest["metrics"].items())[:8] if isinstance(v, float)),
+                flush=True,
+            )
     except BaseException as err:
         error = err
         raise
@@ -259,21 +318,44 @@ def near_chance(config: PipelineConfig, manifests: dict[str, dict[str, Any]]) ->
         n = n or n_val
         bar = chance + 3 * (chance * (1 - chance) / n) ** 0.5 if n else 1.5 * chance
         if top1 < bar:
-            lines.append(f"{name} is at chance: val top-1 {100 * top1:.1f}% against chance {100 * chance:.1f}% (bar {100 * bar:.1f}%)")
+            lines.append(
+                f"{name} is at chance: val top-1 {100 * top1:.1f}% "
+                f"against chance {100 * chance:.1f}% (bar {100 * bar:.1f}%)"
+            )
     return lines
 
 
-def _log_stage(tracker: Tracker, run_id: str, config: PipelineConfig, manifest: dict[str, Any], upstream: dict[str, dict[str, Any]], shards, train_paths) -> None:
+def _log_stage(
+    tracker: Tracker,
+    run_id: str,
+    config: PipelineConfig,
+    manifest: dict[str, Any],
+    upstream: dict[str, dict[str, Any]],
+    shards,
+    train_paths,
+) -> None:
     name = manifest["stage"]
     if "history" not in manifest:  # training stages: rank 0 already logged every epoch into this run
         tracker.metrics(run_id, manifest["metrics"])
     tracker.params(run_id, {"out_dir": manifest["out_dir"], "fingerprint": manifest["fingerprint"]})
     out_dir = Path(manifest["out_dir"])
     if name in ("teacher", "relevance", "zoomer", "zoomvit", "baseline"):
-        tracker.dataset_input(run_id, name="shards", source=str(Path(train_paths[0]).parent), digest=shards_digest(shards), context="training" if name != "relevance" else "attribution")
+        tracker.dataset_input(
+            run_id,
+            name="shards",
+            source=str(Path(train_paths[0]).parent),
+            digest=shards_digest(shards),
+            context="training" if name != "relevance" else "attribution",
+        )
     if name in ("zoomer", "evaluate"):
         rel = upstream["relevance"]
-        tracker.dataset_input(run_id, name="relevance_maps", source=rel["out_dir"], digest=rel["fingerprint"], context="targets" if name == "zoomer" else "figures")
+        tracker.dataset_input(
+            run_id,
+            name="relevance_maps",
+            source=rel["out_dir"],
+            digest=rel["fingerprint"],
+            context="targets" if name == "zoomer" else "figures",
+        )
     if name == "relevance":
         from zoomvit.relevance.stage import MANIFEST as RELEVANCE_MANIFEST
 
@@ -294,10 +376,14 @@ def _load_model(name: str, config: PipelineConfig, weights: Path):
     from zoomvit.train.stages import baseline_task, zoomvit_grid, zoomvit_task
 
     if name == "zoomer":
-        zoomer = Zoomer(grid=zoomvit_grid(config), width=config.zoomer.width, depth=config.zoomer.depth, head=config.zoomer.head)
+        zoomer = Zoomer(
+            grid=zoomvit_grid(config), width=config.zoomer.width, depth=config.zoomer.depth, head=config.zoomer.head
+        )
         zoomer.load_state_dict(load_state_dict_file(weights))
         return zoomer.freeze()
-    return load_trained(zoomvit_task(config, None, inference=True) if name == "zoomvit" else baseline_task(config), weights)
+    return load_trained(
+        zoomvit_task(config, None, inference=True) if name == "zoomvit" else baseline_task(config), weights
+    )
 
 
 def _write_lineage(tracker: Tracker, parent: str, config: PipelineConfig, result: PipelineResult, root: Path) -> None:

@@ -9,9 +9,10 @@ teacher's weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from zoomvit.config import PipelineConfig
 
@@ -52,7 +53,11 @@ def _teacher_upstream(section: str) -> Callable[[PipelineConfig], tuple[tuple[st
         from_teacher = student.init_from_teacher or any(m.init_from_teacher for m in getattr(student, "others", ()))
         extra = (("teacher", "initial weights"),) if from_teacher else ()
         if student.distill.mode != "none":
-            extra += (("teacher", "distillation teacher"),) if student.distill.source == "model" else (("relevance", "teacher logits"),)
+            extra += (
+                (("teacher", "distillation teacher"),)
+                if student.distill.source == "model"
+                else (("relevance", "teacher logits"),)
+            )
         return extra
 
     return upstream
@@ -62,7 +67,9 @@ def _distill_inputs(ctx: StageContext) -> dict[str, Any]:
     teacher = ctx.upstream.get("teacher")
     relevance = ctx.upstream.get("relevance")
     return {
-        "teacher_weights": _upstream_file(ctx, "teacher", "weights") if teacher and "weights" in teacher["files"] else None,
+        "teacher_weights": _upstream_file(ctx, "teacher", "weights")
+        if teacher and "weights" in teacher["files"]
+        else None,
         "relevance_dir": _upstream_file(ctx, "relevance", "maps") if relevance else None,
     }
 
@@ -80,7 +87,8 @@ def teacher_gate(config: PipelineConfig, upstream: dict[str, dict[str, Any]]) ->
     if top1 >= floor:
         return None
     return (
-        f"the teacher's val top-1 is {top1:.4f}, below the floor {floor:.4f} (chance is {1 / config.data.num_classes:.4f}): "
+        f"the teacher's val top-1 is {top1:.4f}, below the floor {floor:.4f} "
+        f"(chance is {1 / config.data.num_classes:.4f}): "
         "its relevance maps would teach the Zoomer noise. Train a better teacher, or override with "
         "--set gates.teacher_min_top1=0"
     )
@@ -93,7 +101,8 @@ def zoomer_gate(config: PipelineConfig, upstream: dict[str, dict[str, Any]]) -> 
     if pearson is None or pearson >= floor:
         return None
     return (
-        f"the Zoomer's val Pearson with the teacher maps is {pearson:.4f}, below the floor {floor:.4f}: ZoomViT would zoom "
+        f"the Zoomer's val Pearson with the teacher maps is {pearson:.4f}, below the floor {floor:.4f}: "
+        "ZoomViT would zoom "
         "into noise. Improve the teacher or the Zoomer, or override with --set gates.zoomer_min_pearson=-1"
     )
 
@@ -118,7 +127,11 @@ def run_teacher(ctx: StageContext) -> dict[str, Any]:
     result = train_teacher(ctx.config, ctx.out_dir, ctx.tracking, splits=ctx.splits)
     if result is None:
         t = ctx.config.teacher
-        return {"files": {}, "metrics": {}, "reference": {"model": t.model, "pretrained": t.pretrained, "checkpoint": t.checkpoint}}
+        return {
+            "files": {},
+            "metrics": {},
+            "reference": {"model": t.model, "pretrained": t.pretrained, "checkpoint": t.checkpoint},
+        }
     return _train_outputs(result)
 
 
@@ -152,17 +165,29 @@ def run_relevance(ctx: StageContext) -> dict[str, Any]:
 def run_zoomer(ctx: StageContext) -> dict[str, Any]:
     from zoomvit.train.stages import train_zoomer
 
-    return _train_outputs(train_zoomer(ctx.config, _upstream_file(ctx, "relevance", "maps"), ctx.out_dir, ctx.tracking, splits=ctx.splits))
+    return _train_outputs(
+        train_zoomer(ctx.config, _upstream_file(ctx, "relevance", "maps"), ctx.out_dir, ctx.tracking, splits=ctx.splits)
+    )
 
 
 def run_zoomvit(ctx: StageContext) -> dict[str, Any]:
     from zoomvit.train.stages import train_zoomvit
 
-    result, operating_point = train_zoomvit(ctx.config, _upstream_file(ctx, "zoomer", "weights"), ctx.out_dir, ctx.tracking, splits=ctx.splits, **_distill_inputs(ctx))
+    result, operating_point = train_zoomvit(
+        ctx.config,
+        _upstream_file(ctx, "zoomer", "weights"),
+        ctx.out_dir,
+        ctx.tracking,
+        splits=ctx.splits,
+        **_distill_inputs(ctx),
+    )
     outputs = _train_outputs(result)
     if operating_point is not None:
         outputs["calibration"] = operating_point
-        outputs["metrics"].update(calibrated_alpha=operating_point["alpha"], calibration_tokens_per_img=operating_point["calibration_tokens_per_img"])
+        outputs["metrics"].update(
+            calibrated_alpha=operating_point["alpha"],
+            calibration_tokens_per_img=operating_point["calibration_tokens_per_img"],
+        )
     return outputs
 
 
@@ -201,11 +226,17 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
             prefix = row["model"]
         else:
             prefix = "zoomvit" if row["headline"] else f"zoomvit_alpha_{row['alpha']}"
-        metrics.update({f"{prefix}_{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("alpha", "budget")})
+        metrics.update(
+            {f"{prefix}_{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("alpha", "budget")}
+        )
     for part, paired in result["equal_gflops"].items():
         if isinstance(paired, dict):
             key = "zoomvit_minus_baseline_family" + ("" if part == "all" else f"_{part}")
-            metrics |= {key: paired["delta_top1"], f"{key}_ci95_low": paired["delta_top1_ci95"][0], f"{key}_ci95_high": paired["delta_top1_ci95"][1]}
+            metrics |= {
+                key: paired["delta_top1"],
+                f"{key}_ci95_low": paired["delta_top1_ci95"][0],
+                f"{key}_ci95_high": paired["delta_top1_ci95"][1],
+            }
     files = {"evaluation": "evaluation.json", "frontier": "frontier.png"}
     if (ctx.out_dir / "zoom_layouts.png").exists():
         files["figure"] = "zoom_layouts.png"
@@ -237,7 +268,13 @@ STAGES: dict[str, StageDef] = {
             run=run_zoomvit,
             gate=zoomer_gate,
         ),
-        StageDef(name="baseline", sections=("data", "baseline"), upstream=(), extra_upstream=_teacher_upstream("baseline"), run=run_baseline),
+        StageDef(
+            name="baseline",
+            sections=("data", "baseline"),
+            upstream=(),
+            extra_upstream=_teacher_upstream("baseline"),
+            run=run_baseline,
+        ),
         StageDef(
             name="evaluate",
             sections=("data", "zoomvit", "baseline", "evaluate"),

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,18 @@ MANIFEST = "relevance.json"
 class RelevanceActor:
     """Holds one teacher; turns decoded batches into relevance rows (other rows pass through)."""
 
-    def __init__(self, *, teacher: dict[str, Any], method: str, target: str, mean, std, use_gpu: bool, threads: int, decode: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        teacher: dict[str, Any],
+        method: str,
+        target: str,
+        mean,
+        std,
+        use_gpu: bool,
+        threads: int,
+        decode: dict[str, Any] | None = None,
+    ) -> None:
         import torch
 
         from zoomvit.relevance.teacher import load_teacher
@@ -121,7 +133,11 @@ def run_relevance_stage(
     for split in relevance.splits:
         paths = data.shard_paths(split)
         for i in range(0, len(paths), relevance.shards_per_group):
-            groups.append(_Group(split=split, index=i // relevance.shards_per_group, shards=paths[i : i + relevance.shards_per_group]))
+            groups.append(
+                _Group(
+                    split=split, index=i // relevance.shards_per_group, shards=paths[i : i + relevance.shards_per_group]
+                )
+            )
     base_meta = {
         "teacher": teacher_spec["model"],
         "teacher_checkpoint": teacher_spec["checkpoint"],
@@ -138,17 +154,28 @@ def run_relevance_stage(
     use_gpu = relevance.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-    stats = {"groups_total": len(groups), "groups_cached": len(cached), "groups_computed": 0, "samples": 0, "correct": 0}
+    stats = {
+        "groups_total": len(groups),
+        "groups_cached": len(cached),
+        "groups_computed": 0,
+        "samples": 0,
+        "correct": 0,
+    }
     report = SkipReport()
     for g in cached:
         report.merge(SkipReport.from_dict(json.loads(_skips_path(g, out_dir).read_text())))
     start = time.perf_counter()
     if todo:
-        _compute(todo, data, relevance, teacher_spec, base_meta, bool(use_gpu), out_dir, stats, report, on_group_committed)
+        _compute(
+            todo, data, relevance, teacher_spec, base_meta, bool(use_gpu), out_dir, stats, report, on_group_committed
+        )
     elapsed = time.perf_counter() - start
     manifest = {
         **base_meta,
-        "groups": [{"split": g.split, "index": g.index, "file": group_path(out_dir, g.split, g.index).name, "shards": g.shards} for g in groups],
+        "groups": [
+            {"split": g.split, "index": g.index, "file": group_path(out_dir, g.split, g.index).name, "shards": g.shards}
+            for g in groups
+        ],
         "rows": _count_rows(groups, out_dir),
         "skips": report.to_dict(),
         "stats": {
@@ -166,7 +193,9 @@ def run_relevance_stage(
     return manifest
 
 
-def _compute(todo, data, relevance, teacher_spec, base_meta, use_gpu, out_dir, stats, report, on_group_committed) -> None:
+def _compute(
+    todo, data, relevance, teacher_spec, base_meta, use_gpu, out_dir, stats, report, on_group_committed
+) -> None:
     import ray.data
 
     from zoomvit.data.ingest import read_decoded, read_shards
@@ -259,7 +288,11 @@ def _commit(g: _Group, out_dir: Path, base_meta: dict[str, Any], stats: dict[str
         kept.append(row)
     g.skips.ok(len(kept))
     _atomic_write_json(_skips_path(g, out_dir), g.skips.to_dict())
-    write_group(kept, group_path(out_dir, g.split, g.index), {**base_meta, "split": g.split, "group": g.index, "shards": g.shards})
+    write_group(
+        kept,
+        group_path(out_dir, g.split, g.index),
+        {**base_meta, "split": g.split, "group": g.index, "shards": g.shards},
+    )
     stats["groups_computed"] += 1
     stats["samples"] += len(kept)
     stats["correct"] += sum(r["teacher_pred"] == r["label"] for r in kept)

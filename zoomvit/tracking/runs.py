@@ -10,12 +10,14 @@ import json
 import os
 import subprocess
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+import mlflow
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
@@ -43,7 +45,9 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -78,7 +82,11 @@ class Tracker:
         import time
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
         for i in range(0, len(batch), 500):
             self.client.log_batch(run_id, metrics=batch[i : i + 500])
 
@@ -87,8 +95,8 @@ class Tracker:
 
     def dataset_input(self, run_id: str, *, name: str, source: str, digest: str, context: str) -> None:
         """Record an input by reference (a content digest, nothing loaded)."""
-        from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -147,7 +155,9 @@ def lineage_picture(lineage: dict[str, Any], path: str | Path) -> None:
             ax.text((x + ux) / 2, (y + uy) / 2 + 0.12, up["artifact"], fontsize=7, ha="center", color="#333")
         ax.add_patch(plt.Rectangle((x - 1.0, y - 0.45), 2.0, 0.9, fc=colors.get(node["cache"], "white"), ec="#333"))
         ax.text(x, y + 0.15, name, ha="center", va="center", fontsize=10, weight="bold")
-        ax.text(x, y - 0.18, f"{node['cache']} · {str(node.get('run_id') or '-')[:8]}", ha="center", va="center", fontsize=7)
+        ax.text(
+            x, y - 0.18, f"{node['cache']} · {str(node.get('run_id') or '-')[:8]}", ha="center", va="center", fontsize=7
+        )
     ax.set_xlim(-1.5, 3.2 * len(columns) - 1.5)
     ys = [p[1] for p in pos.values()]
     ax.set_ylim(min(ys) - 1, max(ys) + 1)

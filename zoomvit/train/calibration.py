@@ -24,7 +24,9 @@ def calibrate_alpha(scores_NHW: torch.Tensor, target_tokens: float) -> float:
     N, gh, gw = scores_NHW.shape
     cells = gh * gw
     if not cells <= target_tokens <= 4 * cells:
-        raise ValueError(f"target of {target_tokens} tokens per image is outside [{cells}, {4 * cells}] for a {gh}x{gw} grid")
+        raise ValueError(
+            f"target of {target_tokens} tokens per image is outside [{cells}, {4 * cells}] for a {gh}x{gw} grid"
+        )
     flat = scores_NHW.detach().double().flatten().sort(descending=True).values
     k = int(round((target_tokens - cells) / 3 * N))
     if k == 0:
@@ -63,7 +65,9 @@ def tokens_for_gflops(model, target_gflops: float, image_BCHW: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def calibrate_operating_point(config: PipelineConfig, zoomer_weights: str | Path, *, splits: DecodedSplits | None = None) -> dict[str, Any]:
+def calibrate_operating_point(
+    config: PipelineConfig, zoomer_weights: str | Path, *, splits: DecodedSplits | None = None
+) -> dict[str, Any]:
     """alpha for ``zoomvit.target_tokens`` (or ``target_gflops``), the training range of alphas
     (from no zoom to twice the target's extra tokens), and what was measured, from the Zoomer's maps
     of the calibration slice."""
@@ -73,13 +77,19 @@ def calibrate_operating_point(config: PipelineConfig, zoomer_weights: str | Path
 
     zv, data = config.zoomvit, config.data
     model = timm.create_model(
-        zv.model, num_classes=data.num_classes, zoomer_width=config.zoomer.width, zoomer_depth=config.zoomer.depth,
-        zoomer_head=config.zoomer.head, **zv.model_kwargs,
-    ).eval()  # fmt: skip
+        zv.model,
+        num_classes=data.num_classes,
+        zoomer_width=config.zoomer.width,
+        zoomer_depth=config.zoomer.depth,
+        zoomer_head=config.zoomer.head,
+        **zv.model_kwargs,
+    ).eval()
     model.zoomer.load_state_dict(load_state_dict_file(zoomer_weights))
     model.zoomer.freeze()
     scores, keys = [], []
-    for batch in sample_dataset(data, "train", part="calibration", splits=splits).iter_batches(batch_size=256, batch_format="numpy"):
+    for batch in sample_dataset(data, "train", part="calibration", splits=splits).iter_batches(
+        batch_size=256, batch_format="numpy"
+    ):
         x = numpy_batch_input(batch, data)
         scores.append(model.importance(x))
         keys.extend(str(k) for k in batch["key"])

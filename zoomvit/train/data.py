@@ -17,6 +17,7 @@ from zoomvit.relevance.attribution import normalize_maps
 
 TRAIN_COLUMNS = ["key", "image", "label", "box"]
 
+
 class DecodedSplits:
     """The decoded splits one pipeline run shares: given to :func:`sample_dataset` with
     ``data.decoded: shared``, each split is decoded once, materialized, and the same dataset is handed
@@ -65,11 +66,17 @@ def sample_dataset(
         raise ValueError("data.calibration_fraction is 0: there is no calibration slice")
     ds = _decoded(data, split, file_shuffle_seed=file_shuffle_seed, highres=highres, splits=splits)
     if part != "all" and data.calibration_fraction > 0:
-        ds = ds.map_batches(_select_part, fn_kwargs={"fraction": data.calibration_fraction, "calibration": part == "calibration"}, batch_format="numpy")
+        ds = ds.map_batches(
+            _select_part,
+            fn_kwargs={"fraction": data.calibration_fraction, "calibration": part == "calibration"},
+            batch_format="numpy",
+        )
     return ds.limit(limit) if limit else ds
 
 
-def _decoded(data: DataConfig, split: str, *, file_shuffle_seed: int | None, highres: bool, splits: DecodedSplits | None):
+def _decoded(
+    data: DataConfig, split: str, *, file_shuffle_seed: int | None, highres: bool, splits: DecodedSplits | None
+):
     shared = splits is not None and data.decoded == "shared"
     key = (data.model_dump_json(), split, highres)
     if shared and key in splits._datasets:
@@ -79,8 +86,14 @@ def _decoded(data: DataConfig, split: str, *, file_shuffle_seed: int | None, hig
 
         from zoomvit.data.ingest import keep_samples, read_decoded
 
-        transform = ImageTransform(image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct, highres=highres)
-        shuffle = FileShuffleConfig(seed=file_shuffle_seed) if data.decoded == "streamed" and file_shuffle_seed is not None else None
+        transform = ImageTransform(
+            image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct, highres=highres
+        )
+        shuffle = (
+            FileShuffleConfig(seed=file_shuffle_seed)
+            if data.decoded == "streamed" and file_shuffle_seed is not None
+            else None
+        )
         ds = read_decoded(data.shard_paths(split), num_classes=data.num_classes, transform=transform, shuffle=shuffle)
         columns = [*TRAIN_COLUMNS, "image_hr"] if highres else TRAIN_COLUMNS
         ds = ds.map_batches(keep_samples, fn_kwargs={"columns": columns}, batch_format="numpy")
@@ -89,7 +102,9 @@ def _decoded(data: DataConfig, split: str, *, file_shuffle_seed: int | None, hig
     return ds
 
 
-def relevance_targets(relevance_dir: str | Path, split: str, grid: tuple[int, int] | None, *, logits: bool = False) -> dict[str, np.ndarray]:
+def relevance_targets(
+    relevance_dir: str | Path, split: str, grid: tuple[int, int] | None, *, logits: bool = False
+) -> dict[str, np.ndarray]:
     """The relevance stage's rows of a split sorted by key: ``keys``, and ``maps`` (normalised per
     image, resized to ``grid``; when ``grid`` is given) and/or the teacher's ``logits``."""
     from zoomvit.data.relevance_store import logits_array, maps_array, read_maps
@@ -99,12 +114,17 @@ def relevance_targets(relevance_dir: str | Path, split: str, grid: tuple[int, in
     keys = np.asarray(table["key"].to_pylist(), dtype=str)
     order = np.argsort(keys, kind="stable")
     if len(np.unique(keys)) != len(keys):
-        raise ValueError(f"the {split} relevance maps in {str(relevance_dir)!r} hold a sample key twice: keys must be unique across shards")
+        raise ValueError(
+            f"the {split} relevance maps in {str(relevance_dir)!r} hold a sample key twice: "
+            "keys must be unique across shards"
+        )
     out = {"keys": keys[order]}
     if grid is not None:
         maps = torch.from_numpy(maps_array(table))
         if tuple(maps.shape[1:]) != tuple(grid):
-            maps = F.interpolate(maps.unsqueeze(1), size=grid, mode="bilinear", align_corners=False, antialias=True).squeeze(1)
+            maps = F.interpolate(
+                maps.unsqueeze(1), size=grid, mode="bilinear", align_corners=False, antialias=True
+            ).squeeze(1)
         out["maps"] = normalize_maps(maps).numpy().astype(np.float32)[order]
     if logits:
         out["logits"] = logits_array(table)[order]
@@ -129,7 +149,11 @@ def rand_augment_batch(batch: dict[str, np.ndarray], *, spec: str) -> dict[str, 
     images = batch["image"]
     fill = tuple(int(v) for v in images.reshape(-1, 3).mean(0)) if len(images) else (128, 128, 128)
     transform = rand_augment_transform(spec, {"translate_const": int(images.shape[1] * 0.45), "img_mean": fill})
-    out = np.stack([np.asarray(transform(Image.fromarray(img)), dtype=np.uint8) for img in images]) if len(images) else images
+    out = (
+        np.stack([np.asarray(transform(Image.fromarray(img)), dtype=np.uint8) for img in images])
+        if len(images)
+        else images
+    )
     return {**batch, "image": out}
 
 
@@ -145,7 +169,9 @@ def to_model_input(images_BHWC: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - mean_t) / std_t
 
 
-def random_resized_crop_boxes(B: int, H: int, W: int, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+def random_resized_crop_boxes(
+    B: int, H: int, W: int, scale: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
     """Per-image crop boxes (left, top, width, height) in pixels: area fraction in ``scale``, aspect 3/4..4/3."""
     area = H * W * torch.empty(B).uniform_(*scale, generator=generator)
     ratio = torch.exp(torch.empty(B).uniform_(np.log(3 / 4), np.log(4 / 3), generator=generator))
@@ -207,7 +233,9 @@ def augment(
         flip = torch.rand(B, generator=generator) < 0.5
         x_BCHW = torch.where(flip.view(B, 1, 1, 1).to(x_BCHW.device), x_BCHW.flip(-1), x_BCHW)
         if highres_BCHW is not None:
-            highres_BCHW = torch.where(flip.view(B, 1, 1, 1).to(highres_BCHW.device), highres_BCHW.flip(-1), highres_BCHW)
+            highres_BCHW = torch.where(
+                flip.view(B, 1, 1, 1).to(highres_BCHW.device), highres_BCHW.flip(-1), highres_BCHW
+            )
         if maps_BHW is not None:
             maps_BHW = torch.where(flip.view(B, 1, 1).to(maps_BHW.device), maps_BHW.flip(-1), maps_BHW)
     return Views(x_BCHW, maps_BHW, highres_BCHW)

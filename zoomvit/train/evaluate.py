@@ -29,7 +29,12 @@ from zoomvit.train.tasks import build_task
 
 
 def load_trained(task: dict[str, Any], weights: str | Path) -> torch.nn.Module:
-    spec = {**task, "pretrained": False, "init_checkpoint": None, "train": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0}}
+    spec = {
+        **task,
+        "pretrained": False,
+        "init_checkpoint": None,
+        "train": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
+    }
     model = build_task(spec).build_model()
     model.load_state_dict(load_state_dict_file(weights))
     if isinstance(model, ZoomViT) and model.zoomer is not None:
@@ -60,7 +65,9 @@ class _Scores:
     def n(self) -> int:
         return len(self.buckets)
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, tokens: np.ndarray, buckets: list[str], seconds: float) -> None:
+    def add(
+        self, logits: torch.Tensor, labels: torch.Tensor, tokens: np.ndarray, buckets: list[str], seconds: float
+    ) -> None:
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         self.hits.append((top5[:, 0] == labels).numpy())
         self.buckets.extend(buckets)
@@ -101,15 +108,22 @@ def paired_delta_at_equal_gflops(
             rng = np.random.default_rng(seed)
             means = diff_N[rng.integers(0, len(diff_N), size=(resamples, len(diff_N)))].mean(axis=1)
             low, high = (float(v) for v in np.quantile(means, [0.025, 0.975]))
-            return {"delta_top1": float(diff_N.mean()), "delta_top1_ci95": [low, high], "significant": bool(low > 0 or high < 0),
-                    "baseline_gflops": [g_low, g_high], "weight_high": w}  # fmt: skip
+            return {
+                "delta_top1": float(diff_N.mean()),
+                "delta_top1_ci95": [low, high],
+                "significant": bool(low > 0 or high < 0),
+                "baseline_gflops": [g_low, g_high],
+                "weight_high": w,
+            }
     return None
 
 
 CONTROLS: tuple[str, ...] = ("random", "centre", "teacher")
 
 
-def control_scores(kind: str, shape_BHW: tuple[int, int, int], *, generator: torch.Generator, teacher_BHW: torch.Tensor | None = None) -> torch.Tensor:
+def control_scores(
+    kind: str, shape_BHW: tuple[int, int, int], *, generator: torch.Generator, teacher_BHW: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cell scores whose top-k cells a control zooms: random (seeded), nearest the centre first, or
     the teacher's relevance (the oracle)."""
     B, gh, gw = shape_BHW
@@ -177,10 +191,14 @@ def evaluate_models(
                 keys = [str(k) for k in batch["key"]]
                 for kind in controls:
                     maps = None if kind != "teacher" else torch.from_numpy(np.stack([teacher[k] for k in keys]))
-                    chosen = control_scores(kind, tuple(importance.shape), generator=control_generator, teacher_BHW=maps)
+                    chosen = control_scores(
+                        kind, tuple(importance.shape), generator=control_generator, teacher_BHW=maps
+                    )
                     start = time.perf_counter()
                     c_logits, c_zt = zoom(x, chosen, highres=x_hr, token_budget=budget_B, return_tokens=True)
-                    scores[("control", kind)].add(c_logits, labels, c_zt.num_tokens_B.numpy(), buckets, time.perf_counter() - start)
+                    scores[("control", kind)].add(
+                        c_logits, labels, c_zt.num_tokens_B.numpy(), buckets, time.perf_counter() - start
+                    )
             if alpha == headline and len(figure_rows) < config.evaluate.num_figures:
                 for i in range(min(len(x), config.evaluate.num_figures - len(figure_rows))):
                     figure_rows.append(
@@ -216,16 +234,33 @@ def evaluate_models(
     for (model, setting), s in scores.items():
         if model == "zoomvit":
             report = zoomvit_flops(zoom, flops_x, highres=flops_hr, alpha=setting)
-            rows.append(s.row(model="zoomvit", alpha=setting, headline=setting == headline, gflops_per_img=report.gflops))
+            rows.append(
+                s.row(model="zoomvit", alpha=setting, headline=setting == headline, gflops_per_img=report.gflops)
+            )
         elif model == "zoomvit_budget":
             report = zoomvit_flops(zoom, flops_x, highres=flops_hr, token_budget=setting)
-            rows.append(s.row(model="zoomvit", alpha=None, budget=setting, headline=False, gflops_per_img=report.gflops))
+            rows.append(
+                s.row(model="zoomvit", alpha=None, budget=setting, headline=False, gflops_per_img=report.gflops)
+            )
         elif model == "control":
-            rows.append(s.row(model=f"zoomvit_control_{setting}", alpha=headline, headline=False, gflops_per_img=control_gflops))
+            rows.append(
+                s.row(model=f"zoomvit_control_{setting}", alpha=headline, headline=False, gflops_per_img=control_gflops)
+            )
         else:
             family = model == "baseline" or model in {m.name for m in config.baseline.family}
-            rows.append(s.row(model=model, alpha=None, family=family, gflops_per_img=zoomvit_flops(baselines[model], flops_x).gflops))
-    result = {"rows": rows, "size_buckets": list(config.evaluate.size_buckets), "equal_gflops": _equal_gflops(config, rows, scores, headline)}
+            rows.append(
+                s.row(
+                    model=model,
+                    alpha=None,
+                    family=family,
+                    gflops_per_img=zoomvit_flops(baselines[model], flops_x).gflops,
+                )
+            )
+    result = {
+        "rows": rows,
+        "size_buckets": list(config.evaluate.size_buckets),
+        "equal_gflops": _equal_gflops(config, rows, scores, headline),
+    }
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     save_frontier(rows, out_dir / "frontier.png")
     if figure_rows:
@@ -238,13 +273,19 @@ def _equal_gflops(config: PipelineConfig, rows: list[dict[str, Any]], scores: di
     gflops = {r["model"]: r["gflops_per_img"] for r in rows if r.get("family")}
     zoom = next(r for r in rows if r["model"] == "zoomvit" and r.get("headline"))
     zoom_s = scores[("zoomvit", headline)]
-    hits = {"zoomvit": np.concatenate(zoom_s.hits)} | {name: np.concatenate(scores[(name, None)].hits) for name in gflops}
+    hits = {"zoomvit": np.concatenate(zoom_s.hits)} | {
+        name: np.concatenate(scores[(name, None)].hits) for name in gflops
+    }
     buckets = np.asarray(zoom_s.buckets)
     out: dict[str, Any] = {"zoomvit_gflops": zoom["gflops_per_img"], "family": sorted(gflops, key=gflops.get)}
-    out["all"] = paired_delta_at_equal_gflops(hits["zoomvit"], zoom["gflops_per_img"], [(g, hits[n]) for n, g in gflops.items()])
+    out["all"] = paired_delta_at_equal_gflops(
+        hits["zoomvit"], zoom["gflops_per_img"], [(g, hits[n]) for n, g in gflops.items()]
+    )
     for b in sorted(set(buckets)):
         keep = buckets == b
-        out[f"size_{b}"] = paired_delta_at_equal_gflops(hits["zoomvit"][keep], zoom["gflops_per_img"], [(g, hits[n][keep]) for n, g in gflops.items()])
+        out[f"size_{b}"] = paired_delta_at_equal_gflops(
+            hits["zoomvit"][keep], zoom["gflops_per_img"], [(g, hits[n][keep]) for n, g in gflops.items()]
+        )
     return out
 
 
@@ -270,7 +311,10 @@ def save_frontier(rows: list[dict[str, Any]], path: Path) -> None:
         group = sorted(group, key=lambda r: r["gflops_per_img"])
         x = [r["gflops_per_img"] for r in group]
         y = [100 * r["top1"] for r in group]
-        err = [[100 * (r["top1"] - r["top1_ci95"][0]) for r in group], [100 * (r["top1_ci95"][1] - r["top1"]) for r in group]]
+        err = [
+            [100 * (r["top1"] - r["top1_ci95"][0]) for r in group],
+            [100 * (r["top1_ci95"][1] - r["top1"]) for r in group],
+        ]
         ax.errorbar(x, y, yerr=err, fmt=fmt, capsize=3, label=label)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -279,7 +323,14 @@ def save_frontier(rows: list[dict[str, Any]], path: Path) -> None:
         errorbar(ax, zoom, "o-", "ZoomViT (operating points)")
         head = [r for r in zoom if r.get("headline")]
         if head:
-            ax.scatter([head[0]["gflops_per_img"]], [100 * head[0]["top1"]], s=160, facecolors="none", edgecolors="k", label="ZoomViT, reported point")
+            ax.scatter(
+                [head[0]["gflops_per_img"]],
+                [100 * head[0]["top1"]],
+                s=160,
+                facecolors="none",
+                edgecolors="k",
+                label="ZoomViT, reported point",
+            )
     family = [r for r in rows if r.get("family")]
     if len(family) > 1:
         errorbar(ax, family, "s--", "baseline family (input sizes)")
@@ -317,7 +368,9 @@ def save_figure(rows: list[dict[str, Any]], teacher_maps: dict[str, np.ndarray],
         ax_row[2].set_title("Zoomer", fontsize=8)
         ax_row[3].imshow(image)
         for (x0, y0, x1, y1), level in zip(row["boxes"], row["levels"]):
-            ax_row[3].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=0.6, ec=colors[int(level)]))
+            ax_row[3].add_patch(
+                Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=0.6, ec=colors[int(level)])
+            )
         ax_row[3].set_title(f"{len(row['boxes'])} tokens (red: zoomed)", fontsize=8)
         for ax in ax_row:
             ax.set_xticks([])

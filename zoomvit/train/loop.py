@@ -124,11 +124,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": optimizer.param_groups[0]["lr"],
         }
         if epoch == start_epoch:
-            metrics.update(start_epoch=start_epoch, start_weights_checksum=start_checksum, **getattr(task, "param_counts", {}))
+            metrics.update(
+                start_epoch=start_epoch, start_weights_checksum=start_checksum, **getattr(task, "param_counts", {})
+            )
         engine.eval()
         metrics.update(_evaluate(task, engine, val_shard, train, device, dtype, rank, world))
         if ema is not None:
-            metrics.update({f"ema_{k}": v for k, v in _evaluate(task, ema.module, val_shard, train, device, dtype, rank, world).items()})
+            metrics.update(
+                {
+                    f"ema_{k}": v
+                    for k, v in _evaluate(task, ema.module, val_shard, train, device, dtype, rank, world).items()
+                }
+            )
         history.append(metrics)
         client_state = {"epoch": epoch, "history": history}
         if ema is not None:
@@ -144,7 +151,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
         tracker.log(metrics, step=epoch)
         if rank == 0:
-            print(f"[{config['task']['kind']}] epoch {epoch + 1}/{train['epochs']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+            print(
+                f"[{config['task']['kind']}] epoch {epoch + 1}/{train['epochs']} "
+                + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
+                flush=True,
+            )
 
 
 def epoch_batches(shard, train: dict[str, Any], *, epoch: int, rank: int, device) -> Iterator[dict[str, torch.Tensor]]:
@@ -231,5 +242,7 @@ class _Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"]
+        batch = [
+            Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"
+        ]
         self.client.log_batch(self.run_id, metrics=batch)

@@ -21,10 +21,18 @@ def _train_split(config: PipelineConfig, train: TrainConfig, splits: DecodedSpli
     """The training split, and its sample count when ``data.decoded`` streams it (None otherwise)."""
     data = config.data
     count = sample_count(data.shard_paths("train")) if data.decoded == "streamed" else None
-    return sample_dataset(data, "train", file_shuffle_seed=train.seed, highres=highres, part="fit", splits=splits), count
+    return sample_dataset(
+        data, "train", file_shuffle_seed=train.seed, highres=highres, part="fit", splits=splits
+    ), count
 
 
-def train_teacher(config: PipelineConfig, out_dir: Path, tracking: dict[str, str] | None = None, *, splits: DecodedSplits | None = None) -> TrainResult | None:
+def train_teacher(
+    config: PipelineConfig,
+    out_dir: Path,
+    tracking: dict[str, str] | None = None,
+    *,
+    splits: DecodedSplits | None = None,
+) -> TrainResult | None:
     """Train the teacher ViT on the shards; None when the config names a pretrained teacher."""
     teacher = config.teacher
     if teacher.pretrained or teacher.checkpoint:
@@ -48,19 +56,32 @@ def train_teacher(config: PipelineConfig, out_dir: Path, tracking: dict[str, str
 def zoomvit_grid(config: PipelineConfig) -> tuple[int, int]:
     import zoomvit.models  # noqa: F401
 
-    model = timm.create_model(config.zoomvit.model, with_zoomer=False, num_classes=config.data.num_classes, **config.zoomvit.model_kwargs)
+    model = timm.create_model(
+        config.zoomvit.model, with_zoomer=False, num_classes=config.data.num_classes, **config.zoomvit.model_kwargs
+    )
     return tuple(model.grid)
 
 
 def train_zoomer(
-    config: PipelineConfig, relevance_dir: Path, out_dir: Path, tracking: dict[str, str] | None = None, *, splits: DecodedSplits | None = None
+    config: PipelineConfig,
+    relevance_dir: Path,
+    out_dir: Path,
+    tracking: dict[str, str] | None = None,
+    *,
+    splits: DecodedSplits | None = None,
 ) -> TrainResult:
     grid = zoomvit_grid(config)
     z = config.zoomer
     task = {
-        "kind": "zoomer", "grid": list(grid), "width": z.width, "depth": z.depth, "head": z.head, "loss": z.loss,
-        "topk_fraction": z.topk_fraction, **_common(config),
-    }  # fmt: skip
+        "kind": "zoomer",
+        "grid": list(grid),
+        "width": z.width,
+        "depth": z.depth,
+        "head": z.head,
+        "loss": z.loss,
+        "topk_fraction": z.topk_fraction,
+        **_common(config),
+    }
     train_ds, streamed = _train_split(config, z.train, splits)
     return run_training(
         name="zoomer",
@@ -106,7 +127,9 @@ def _init_checkpoint(section, teacher_weights: Path | str | None) -> str | None:
 
 def _require_teacher_weights(section, teacher_weights: Path | str | None) -> None:
     if section.init_from_teacher and teacher_weights is None:
-        raise ValueError("init_from_teacher needs the teacher stage's trained weights (a hub teacher has none: use pretrained)")
+        raise ValueError(
+            "init_from_teacher needs the teacher stage's trained weights (a hub teacher has none: use pretrained)"
+        )
 
 
 def zoomvit_task(
@@ -159,7 +182,9 @@ def train_zoomvit(
 ) -> tuple[TrainResult, dict[str, Any] | None]:
     distill = config.zoomvit.distill
     if zoomer_weights is None:
-        raise ValueError("the zoomvit stage needs the zoomer stage's trained weights: a random Zoomer would zoom into noise")
+        raise ValueError(
+            "the zoomvit stage needs the zoomer stage's trained weights: a random Zoomer would zoom into noise"
+        )
     _require_teacher_weights(config.zoomvit, teacher_weights)
     highres = config.zoomvit.reads_highres
     operating_point = None
@@ -167,8 +192,12 @@ def train_zoomvit(
         from zoomvit.train.calibration import calibrate_operating_point
 
         operating_point = calibrate_operating_point(config, zoomer_weights, splits=splits)
-        print(f"[zoomvit] calibrated on {operating_point['calibration_samples']} held-out samples: alpha {operating_point['alpha']:.4g} "
-              f"for {operating_point['target_tokens']:.1f} tokens/img; training alphas {operating_point['train_alpha']}", flush=True)  # fmt: skip
+        op = operating_point
+        print(
+            f"[zoomvit] calibrated on {op['calibration_samples']} held-out samples: alpha {op['alpha']:.4g} "
+            f"for {op['target_tokens']:.1f} tokens/img; training alphas {op['train_alpha']}",
+            flush=True,
+        )
     train_ds, streamed = _train_split(config, config.zoomvit.train, splits, highres=highres)
     result = run_training(
         name="zoomvit",
@@ -187,9 +216,23 @@ def baseline_tasks(config: PipelineConfig, teacher_weights: Path | str | None = 
     """The baseline and its ``others``, by name, each a classifier task with the baseline's recipe."""
     b = config.baseline
     shared = {"kind": "classifier", **distill_spec(config, b.distill, teacher_weights), **_common(config)}
-    tasks = {"baseline": {**shared, "model": b.model, "model_kwargs": dict(b.model_kwargs), "pretrained": b.pretrained, "init_checkpoint": _init_checkpoint(b, teacher_weights)}}
+    tasks = {
+        "baseline": {
+            **shared,
+            "model": b.model,
+            "model_kwargs": dict(b.model_kwargs),
+            "pretrained": b.pretrained,
+            "init_checkpoint": _init_checkpoint(b, teacher_weights),
+        }
+    }
     for m in b.members:
-        tasks[m.name] = {**shared, "model": m.model, "model_kwargs": dict(m.model_kwargs), "pretrained": m.pretrained, "init_checkpoint": _init_checkpoint(m, teacher_weights)}
+        tasks[m.name] = {
+            **shared,
+            "model": m.model,
+            "model_kwargs": dict(m.model_kwargs),
+            "pretrained": m.pretrained,
+            "init_checkpoint": _init_checkpoint(m, teacher_weights),
+        }
     return tasks
 
 

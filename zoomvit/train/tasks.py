@@ -7,7 +7,8 @@ boundaries as data, not as pickled objects.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import timm
@@ -24,7 +25,7 @@ from zoomvit.train.data import Views, augment, to_model_input
 TaskSpec = dict[str, Any]
 
 
-def build_task(spec: TaskSpec) -> "Task":
+def build_task(spec: TaskSpec) -> Task:
     kind = spec["kind"]
     if kind == "classifier":
         return ClassifierTask(spec)
@@ -50,7 +51,9 @@ class Task:
     def train_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], dtype: torch.dtype) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], dtype: torch.dtype
+    ) -> dict[str, float]:
         """Sums over the given batches, with the sample count under ``n`` (ranks add them up)."""
         raise NotImplementedError
 
@@ -77,7 +80,14 @@ def apply_finetune(model: nn.Module, strategy: str, freeze_blocks: int = 0) -> d
             raise ValueError(f"partial fine-tuning needs a ViT with .blocks; {type(model).__name__} has none")
         if freeze_blocks > len(blocks):
             raise ValueError(f"freeze_blocks={freeze_blocks} but the model has {len(blocks)} blocks")
-        frozen_prefixes = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.", *[f"blocks.{i}." for i in range(freeze_blocks)])
+        frozen_prefixes = (
+            "patch_embed.",
+            "cls_token",
+            "reg_token",
+            "pos_embed",
+            "norm_pre.",
+            *[f"blocks.{i}." for i in range(freeze_blocks)],
+        )
 
     def trains(name: str, p: nn.Parameter) -> bool:
         if name in always or strategy == "full":
@@ -128,7 +138,10 @@ class ClassifierTask(Task):
             from timm.data import Mixup
 
             self.mixup = Mixup(
-                mixup_alpha=train["mixup"], cutmix_alpha=train["cutmix"], label_smoothing=train["label_smoothing"], num_classes=spec["num_classes"]
+                mixup_alpha=train["mixup"],
+                cutmix_alpha=train["cutmix"],
+                label_smoothing=train["label_smoothing"],
+                num_classes=spec["num_classes"],
             )
 
     @property
@@ -171,7 +184,12 @@ class ClassifierTask(Task):
     def views(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> Views:
         """The augmented training views of a batch."""
         train = self.spec["train"]
-        return augment(self.inputs(batch, dtype), scale=train["random_resized_crop"], hflip=train["hflip"], generator=self.generator)
+        return augment(
+            self.inputs(batch, dtype),
+            scale=train["random_resized_crop"],
+            hflip=train["hflip"],
+            generator=self.generator,
+        )
 
     def forward(self, model: nn.Module, views: Views):
         """Training logits, or (class logits, distillation logits) for a model with a distillation token."""
@@ -207,7 +225,9 @@ class ClassifierTask(Task):
             loss = F.cross_entropy(logits.float(), target, label_smoothing=train["label_smoothing"])
         if not self.distilled:
             return loss
-        kd = distillation_loss(logits_dist, self.teacher_logits(batch, x), mode=self.distill["mode"], tau=self.distill["tau"])
+        kd = distillation_loss(
+            logits_dist, self.teacher_logits(batch, x), mode=self.distill["mode"], tau=self.distill["tau"]
+        )
         return (1 - self.distill["alpha"]) * loss + self.distill["alpha"] * kd
 
     @torch.no_grad()
@@ -225,7 +245,9 @@ class ClassifierTask(Task):
             sums["val_tokens_per_img"] += float(tokens_B.sum())
         return sums
 
-    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    def predict(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, np.ndarray]:
         """Evaluation logits and tokens per image."""
         x = self.inputs(batch, dtype)
         gh, gw = model.patch_embed.grid_size if hasattr(model, "patch_embed") else (0, 0)
@@ -239,7 +261,9 @@ class ZoomViTTask(ClassifierTask):
     def build_model(self) -> nn.Module:
         spec = self.spec
         if spec["zoomer_checkpoint"] is None and not spec["inference"]:
-            raise ValueError("training ZoomViT needs the zoomer stage's trained weights: a random Zoomer would zoom into noise")
+            raise ValueError(
+                "training ZoomViT needs the zoomer stage's trained weights: a random Zoomer would zoom into noise"
+            )
         kwargs = self.model_kwargs()
         if self.distilled and self.distill.get("token", True):
             kwargs["distilled"] = True
@@ -271,7 +295,11 @@ class ZoomViTTask(ClassifierTask):
         train = self.spec["train"]
         highres = self.inputs(batch, dtype, "image_hr") if self.highres else None
         return augment(
-            self.inputs(batch, dtype), scale=train["random_resized_crop"], hflip=train["hflip"], generator=self.generator, highres_BCHW=highres
+            self.inputs(batch, dtype),
+            scale=train["random_resized_crop"],
+            hflip=train["hflip"],
+            generator=self.generator,
+            highres_BCHW=highres,
         )
 
     def operating_points(self, B: int) -> dict[str, torch.Tensor]:
@@ -298,7 +326,9 @@ class ZoomerTask(Task):
     """The Zoomer regressing per-image-normalised teacher maps."""
 
     def build_model(self) -> nn.Module:
-        return Zoomer(grid=tuple(self.spec["grid"]), width=self.spec["width"], depth=self.spec["depth"], head=self.spec["head"])
+        return Zoomer(
+            grid=tuple(self.spec["grid"]), width=self.spec["width"], depth=self.spec["depth"], head=self.spec["head"]
+        )
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.spec["loss"] == "bce":
@@ -310,7 +340,11 @@ class ZoomerTask(Task):
         crops (maps cropped with the same boxes) and flips."""
         train = self.spec["train"]
         views = augment(
-            self.inputs(batch, dtype), scale=train["random_resized_crop"], hflip=train["hflip"], generator=self.generator, maps_BHW=batch["map"]
+            self.inputs(batch, dtype),
+            scale=train["random_resized_crop"],
+            hflip=train["hflip"],
+            generator=self.generator,
+            maps_BHW=batch["map"],
         )
         return self._loss(model(views.x_BCHW, logits=True), views.maps_BHW)
 
@@ -333,7 +367,9 @@ class ZoomerTask(Task):
             views = augment(x, scale=scale, hflip=False, generator=crops, maps_BHW=target)
             crop_logits = model(views.x_BCHW, logits=True).float()
             sums["val_crop_pearson"] += float(pearson_per_image(crop_logits.sigmoid(), views.maps_BHW).sum())
-            sums["val_crop_topk_overlap"] += float(topk_overlap(crop_logits, views.maps_BHW, self.spec["topk_fraction"]).sum())
+            sums["val_crop_topk_overlap"] += float(
+                topk_overlap(crop_logits, views.maps_BHW, self.spec["topk_fraction"]).sum()
+            )
         return sums
 
 

@@ -83,10 +83,15 @@ def run_training(
     if train.rand_augment:  # after materialize: a fresh draw every epoch
         from zoomvit.train.data import rand_augment_batch
 
-        train_ds = train_ds.map_batches(rand_augment_batch, fn_kwargs={"spec": train.rand_augment}, batch_format="numpy")
+        train_ds = train_ds.map_batches(
+            rand_augment_batch, fn_kwargs={"spec": train.rand_augment}, batch_format="numpy"
+        )
     per_step = train.batch_size * train.num_workers
     if n_train < per_step:
-        raise ValueError(f"{name}: {n_train} training samples are fewer than one step ({train.num_workers} workers x batch {train.batch_size})")
+        raise ValueError(
+            f"{name}: {n_train} training samples are fewer than one step "
+            f"({train.num_workers} workers x batch {train.batch_size})"
+        )
     loop_config = {
         "task": task,
         "train": train.model_dump(mode="json"),
@@ -97,7 +102,9 @@ def run_training(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}
+        ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -117,4 +124,10 @@ def run_training(
             raise RuntimeError(f"{name}: the final checkpoint holds no {FINAL_WEIGHTS}")
         shutil.copyfile(source, out_dir / FINAL_WEIGHTS)
         history = json.loads((Path(ckpt_dir) / HISTORY).read_text())
-    return TrainResult(metrics=dict(result.metrics), history=history, weights=out_dir / FINAL_WEIGHTS, checkpoint=result.checkpoint.path, train_samples=n_train)
+    return TrainResult(
+        metrics=dict(result.metrics),
+        history=history,
+        weights=out_dir / FINAL_WEIGHTS,
+        checkpoint=result.checkpoint.path,
+        train_samples=n_train,
+    )
