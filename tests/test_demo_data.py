@@ -233,6 +233,17 @@ def test_cli_reports_invalid_arguments_without_a_traceback(tmp_path: Path, capsy
     assert "train and val must be >= 0" in capsys.readouterr().err
 
 
+def test_cli_keeps_the_traceback_of_an_error_that_is_not_the_users(tmp_path: Path, monkeypatch) -> None:
+    import zoomvit.data.demo
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug inside the generator")
+
+    monkeypatch.setattr(zoomvit.data.demo, "generate_demo_dataset", broken)
+    with pytest.raises(ValueError, match="a bug inside the generator"):
+        main(["demo-data", str(tmp_path), "--train", "4"])
+
+
 def test_the_pipeline_regenerates_a_demo_dataset_made_with_other_settings(tmp_path: Path) -> None:
     from zoomvit.config import load_config
     from zoomvit.pipeline.runner import ensure_demo_data

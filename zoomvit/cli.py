@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from zoomvit import __version__
+from zoomvit.errors import UserError
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -132,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except ValueError as exc:
+    except UserError as exc:
         print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from zoomvit.errors import UserError
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -496,7 +498,7 @@ class PipelineConfig(Section):
         return self
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that does not validate; the message names every offending key."""
 
 

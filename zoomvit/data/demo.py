@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from zoomvit import __version__
+from zoomvit.errors import UserError
 
 DATASET_NAME = "zoomvit-demo-digits"
 CLASS_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
@@ -74,28 +75,28 @@ class DemoSpec:
         for name in ("train", "val", "image_size", "seed", "samples_per_shard", "num_clutter"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"{name} must be an int, got {value!r}")
+                raise UserError(f"{name} must be an int, got {value!r}")
         if self.train < 0 or self.val < 0:
-            raise ValueError(f"train and val must be >= 0, got train={self.train}, val={self.val}")
+            raise UserError(f"train and val must be >= 0, got train={self.train}, val={self.val}")
         if self.train + self.val == 0:
-            raise ValueError("train + val must be at least 1")
+            raise UserError("train + val must be at least 1")
         if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+            raise UserError(f"image_size must be >= 16, got {self.image_size}")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise UserError(f"seed must be >= 0, got {self.seed}")
         if self.samples_per_shard < 1:
-            raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+            raise UserError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
         if self.num_clutter < 0:
-            raise ValueError(f"num_clutter must be >= 0, got {self.num_clutter}")
+            raise UserError(f"num_clutter must be >= 0, got {self.num_clutter}")
         if len(self.digit_scale) != 2:
-            raise ValueError(f"digit_scale must be (low, high), got {self.digit_scale!r}")
+            raise UserError(f"digit_scale must be (low, high), got {self.digit_scale!r}")
         low, high = (float(v) for v in self.digit_scale)
         if not 0.0 < low <= high <= 1.0:
-            raise ValueError(f"digit_scale must satisfy 0 < low <= high <= 1, got {self.digit_scale!r}")
+            raise UserError(f"digit_scale must satisfy 0 < low <= high <= 1, got {self.digit_scale!r}")
         if not (math.isfinite(self.noise_std) and self.noise_std >= 0.0):
-            raise ValueError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
+            raise UserError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
         if not (math.isfinite(self.difficulty) and 0.0 <= self.difficulty <= 1.0):
-            raise ValueError(f"difficulty must be in [0, 1], got {self.difficulty!r}")
+            raise UserError(f"difficulty must be in [0, 1], got {self.difficulty!r}")
         object.__setattr__(self, "digit_scale", (low, high))
         object.__setattr__(self, "difficulty", float(self.difficulty))
         object.__setattr__(self, "noise_std", float(self.noise_std))
@@ -134,7 +135,7 @@ def _photos() -> tuple[np.ndarray, ...]:
 def split_indices(split: str) -> np.ndarray:
     """Indices into ``load_digits()`` used by a split: train the first half, val the second."""
     if split not in _SPLIT_IDS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise UserError(f"split must be one of {SPLITS}, got {split!r}")
     n = len(_digits()[1])
     half = (n + 1) // 2
     return np.arange(0, half) if split == "train" else np.arange(half, n)
@@ -257,9 +258,9 @@ def _photo_patch(rng: np.random.Generator, photo: np.ndarray, side: int) -> np.n
 def render_sample(spec: DemoSpec, split: str, index: int) -> RenderedSample:
     """Render one sample; the same ``(spec, split, index)`` always gives the same bytes."""
     if split not in _SPLIT_IDS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise UserError(f"split must be one of {SPLITS}, got {split!r}")
     if not 0 <= index < spec.count(split):
-        raise ValueError(f"index {index} out of range for split {split!r} with {spec.count(split)} samples")
+        raise UserError(f"index {index} out of range for split {split!r} with {spec.count(split)} samples")
     return _render(spec, split, index)
 
 
@@ -323,7 +324,7 @@ def generate_demo_dataset(
     )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {str(out)!r} exists and is not a directory")
+        raise UserError(f"out_dir {str(out)!r} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
 
     splits: dict[str, dict[str, Any]] = {}

@@ -11,6 +11,8 @@ from typing import Any
 import fsspec
 from braceexpand import braceexpand
 
+from zoomvit.errors import UserError
+
 
 @dataclass(frozen=True, kw_only=True)
 class ShardInfo:
@@ -35,10 +37,10 @@ def expand_shards(spec: str | Sequence[str], *, root: str | None = None) -> list
             else:
                 found = [pattern] if fs.exists(pattern) else []
                 if not found:
-                    raise ValueError(f"shard {pattern!r} does not exist")
+                    raise UserError(f"shard {pattern!r} does not exist")
             paths.extend(_with_protocol(p, protocol) for p in found)
     if not paths:
-        raise ValueError(f"no shards match {spec!r}" + (f" under {root!r}" if root else ""))
+        raise UserError(f"no shards match {spec!r}" + (f" under {root!r}" if root else ""))
     return sorted(dict.fromkeys(paths))
 
 
@@ -84,7 +86,7 @@ def sample_count(paths: Sequence[str]) -> int:
             lengths.update(zip(split.get("filenames", []), split.get("shard_lengths", [])))
         missing = [n for n in names if n not in lengths]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"no sample count for {missing[0]!r} in {shard_dir}/_info.json (splits.*.filenames and shard_lengths): "
                 "streamed training needs one to size its epochs; or set data.decoded to shared or per_stage"
             )

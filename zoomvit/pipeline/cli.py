@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from zoomvit.config import ConfigError, PipelineConfig, load_config
+from zoomvit.errors import UserError
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -60,7 +61,7 @@ def _stage_list(value: str) -> list[str]:
 
 
 def full_main(argv: list[str] | None = None) -> int:
-    from zoomvit.pipeline.runner import MissingUpstream, run_pipeline
+    from zoomvit.pipeline.runner import run_pipeline
     from zoomvit.pipeline.runtime import init_ray
 
     parser = base_parser("Run the ZoomViT pipeline: teacher -> relevance -> zoomer -> {zoomvit, baseline} -> evaluate.")
@@ -82,7 +83,7 @@ def full_main(argv: list[str] | None = None) -> int:
     init_ray()
     try:
         result = run_pipeline(config, only=args.only, force=args.force, from_run=args.from_run)
-    except (MissingUpstream, ValueError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = {name: node["cache"] for name, node in result.stages.items()}

@@ -21,6 +21,7 @@ from typing import Any
 import zoomvit
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo, shard_infos
+from zoomvit.errors import UserError
 from zoomvit.pipeline.stages import ORDER, STAGES, QualityGateFailed, StageContext
 from zoomvit.tracking.runs import Tracker, flatten, git_commit, lineage_picture, resolve_tracking_uri, shards_digest
 
@@ -28,7 +29,7 @@ MANIFEST = "manifest.json"
 LINEAGE = "lineage.json"
 
 
-class MissingUpstream(RuntimeError):
+class MissingUpstream(UserError):
     """``--only`` named a stage whose upstream output is not in the cache."""
 
 
@@ -133,7 +134,7 @@ def run_pipeline(
 ) -> PipelineResult:
     for name in [*only, *force]:
         if name not in STAGES:
-            raise ValueError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}")
+            raise UserError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}")
     ensure_demo_data(config)
     data = config.data
     train_paths, val_paths = data.shard_paths("train"), data.shard_paths("val")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zoomvit.config import PipelineConfig
+from zoomvit.errors import UserError
 
 if TYPE_CHECKING:
     from zoomvit.train.data import DecodedSplits
@@ -74,7 +75,7 @@ def _distill_inputs(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-class QualityGateFailed(ValueError):
+class QualityGateFailed(UserError):
     """An upstream model is below its configured quality floor (``gates``)."""
 
 

@@ -9,6 +9,7 @@ import timm
 
 from zoomvit.config import PipelineConfig, TrainConfig
 from zoomvit.data.shards import sample_count
+from zoomvit.errors import UserError
 from zoomvit.train.data import DecodedSplits, sample_dataset, with_maps
 from zoomvit.train.trainer import TrainResult, run_training
 
@@ -38,7 +39,7 @@ def train_teacher(
     if teacher.pretrained or teacher.checkpoint:
         return None
     if teacher.train is None:
-        raise ValueError("teacher: set pretrained=true, a checkpoint, or a train section")
+        raise UserError("teacher: set pretrained=true, a checkpoint, or a train section")
     task = {"kind": "classifier", "model": teacher.model, "model_kwargs": dict(teacher.model_kwargs), **_common(config)}
     train_ds, streamed = _train_split(config, teacher.train, splits)
     return run_training(
@@ -114,7 +115,7 @@ def _distill_data(ds, distill, relevance_dir: Path | str | None, split: str):
     if distill.mode == "none" or distill.source != "cache":
         return ds
     if relevance_dir is None:
-        raise ValueError("distill.source=cache needs the relevance stage's output")
+        raise UserError("distill.source=cache needs the relevance stage's output")
     return with_maps(ds, relevance_dir, split, None, logits=True)
 
 
@@ -127,7 +128,7 @@ def _init_checkpoint(section, teacher_weights: Path | str | None) -> str | None:
 
 def _require_teacher_weights(section, teacher_weights: Path | str | None) -> None:
     if section.init_from_teacher and teacher_weights is None:
-        raise ValueError(
+        raise UserError(
             "init_from_teacher needs the teacher stage's trained weights (a hub teacher has none: use pretrained)"
         )
 
@@ -182,7 +183,7 @@ def train_zoomvit(
 ) -> tuple[TrainResult, dict[str, Any] | None]:
     distill = config.zoomvit.distill
     if zoomer_weights is None:
-        raise ValueError(
+        raise UserError(
             "the zoomvit stage needs the zoomer stage's trained weights: a random Zoomer would zoom into noise"
         )
     _require_teacher_weights(config.zoomvit, teacher_weights)
