@@ -13,7 +13,10 @@ from typing import Any
 
 import torch
 
+from zoomvit.logs import configure as configure_logging
+
 RESULTS = Path(__file__).resolve().parent / "results"
+configure_logging()  # the benchmarks are scripts: the pipeline's progress lines on stdout
 
 
 def machine() -> dict[str, Any]:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from zoomvit import __version__
 from zoomvit.errors import UserError
+from zoomvit.logs import configure as configure_logging
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

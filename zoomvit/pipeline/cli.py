@@ -9,6 +9,7 @@ from pathlib import Path
 
 from zoomvit.config import ConfigError, PipelineConfig, load_config
 from zoomvit.errors import UserError
+from zoomvit.logs import configure as configure_logging
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -34,6 +35,7 @@ def parse_config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def relevance_main(argv: list[str] | None = None) -> int:
+    configure_logging()
     from zoomvit.pipeline.runtime import init_ray
     from zoomvit.relevance.stage import run_relevance_stage
 
@@ -61,6 +63,7 @@ def _stage_list(value: str) -> list[str]:
 
 
 def full_main(argv: list[str] | None = None) -> int:
+    configure_logging()
     from zoomvit.pipeline.runner import run_pipeline
     from zoomvit.pipeline.runtime import init_ray
 

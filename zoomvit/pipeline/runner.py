@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -24,6 +25,8 @@ from zoomvit.data.shards import ShardInfo, shard_infos
 from zoomvit.errors import UserError
 from zoomvit.pipeline.stages import ORDER, STAGES, QualityGateFailed, StageContext
 from zoomvit.tracking.runs import Tracker, flatten, git_commit, lineage_picture, resolve_tracking_uri, shards_digest
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LINEAGE = "lineage.json"
@@ -97,17 +100,16 @@ def ensure_demo_data(config: PipelineConfig) -> None:
         if all(generator.get(k) == v for k, v in wanted.items()):
             return
         stale = sorted(Path(root).glob("train-*.tar")) + sorted(Path(root).glob("val-*.tar"))
-        print(f"[data] the demo dataset in {root} was generated with other settings; regenerating it", flush=True)
+        log.info(f"[data] the demo dataset in {root} was generated with other settings; regenerating it")
         for path in stale:
             path.unlink()
     except ValueError:
         pass
     from zoomvit.data.demo import generate_demo_dataset
 
-    print(
+    log.info(
         f"[data] generating the demo dataset in {root} ({demo.train} train / {demo.val} val, "
         f"{demo.image_size}px, difficulty {demo.effective_difficulty})",
-        flush=True,
     )
     generate_demo_dataset(root, **wanted)
 
@@ -170,7 +172,7 @@ def run_pipeline(
     result = PipelineResult(run_id=parent, tracking_uri=tracker.uri)
     manifests: dict[str, dict[str, Any]] = {}
     fingerprints: dict[str, str] = {}
-    print(f"[pipeline] {config.name}: MLflow run {parent} at {tracker.uri}; artifacts under {root}", flush=True)
+    log.info(f"[pipeline] {config.name}: MLflow run {parent} at {tracker.uri}; artifacts under {root}")
     error: BaseException | None = None
     try:
         for name in ORDER:
@@ -215,7 +217,7 @@ def run_pipeline(
                 tracker.tags(parent, {"failure_reason": f"{name}: {reason}"})
                 gate_error = QualityGateFailed(f"stage {name!r} did not run: {reason}")
                 tracker.end(gated, error=gate_error)
-                print(f"[{name}] stopped by a quality gate: {reason}", flush=True)
+                log.info(f"[{name}] stopped by a quality gate: {reason}")
                 raise gate_error
             tags = {
                 "zoomvit.kind": "stage",
@@ -241,9 +243,9 @@ def run_pipeline(
                 manifests[name] = manifest
                 tracker.metrics(run_id, manifest.get("metrics", {}))
                 tracker.end(run_id)
-                print(f"[{name}] cache hit ({fp[:16]}) from run {manifest['run_id']}", flush=True)
+                log.info(f"[{name}] cache hit ({fp[:16]}) from run {manifest['run_id']}")
                 continue
-            print(f"[{name}] start (cache miss, {fp[:16]}) -> {out_dir}", flush=True)
+            log.info(f"[{name}] start (cache miss, {fp[:16]}) -> {out_dir}")
             start = time.perf_counter()
             try:
                 if (out_dir / MANIFEST).exists():  # forced or --only: recompute, never resume a finished output
@@ -279,10 +281,9 @@ def run_pipeline(
             tracker.end(run_id)
             manifests[name] = manifest
             node["out_dir"] = str(out_dir)
-            print(
+            log.info(
                 f"[{name}] done in {manifest['seconds']:.1f}s "
                 + " ".join(f"{k}={v:.4g}" for k, v in list(manifest["metrics"].items())[:8] if isinstance(v, float)),
-                flush=True,
             )
     except BaseException as err:
         error = err
@@ -294,7 +295,7 @@ def run_pipeline(
             if result.warnings:
                 tracker.tags(parent, {"warning.near_chance": "; ".join(result.warnings)})
             for line in result.warnings:
-                print(f"[pipeline] WARNING: {line}", flush=True)
+                log.warning(f"[pipeline] WARNING: {line}")
         tracker.end(parent, error=error)
     return result
 

@@ -8,6 +8,7 @@ the final checkpoint and alone logs to MLflow.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -15,6 +16,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from zoomvit.logs import configure as configure_logging
+
+log = logging.getLogger(__name__)
 
 FINAL_WEIGHTS = "model.safetensors"
 HISTORY = "history.json"
@@ -45,6 +50,7 @@ def build_deepspeed_config(train: dict[str, Any], *, use_gpu: bool, world_size: 
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    configure_logging()
     if not config["use_gpu"]:
         os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
@@ -94,7 +100,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if ema is not None:
             ema.module.load_state_dict(client_state["ema"])
         if rank == 0:
-            print(f"[{config['task']['kind']}] resumed from the checkpoint of epoch {start_epoch}", flush=True)
+            log.info(f"[{config['task']['kind']}] resumed from the checkpoint of epoch {start_epoch}")
     start_checksum = weights_checksum(engine.module.state_dict())
     tracker = _Tracker(config.get("tracking"), rank)
     train_shard = ray.train.get_dataset_shard("train")
@@ -151,10 +157,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
         tracker.log(metrics, step=epoch)
         if rank == 0:
-            print(
+            log.info(
                 f"[{config['task']['kind']}] epoch {epoch + 1}/{train['epochs']} "
                 + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
-                flush=True,
             )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from zoomvit.data.shards import sample_count
 from zoomvit.errors import UserError
 from zoomvit.train.data import DecodedSplits, sample_dataset, with_maps
 from zoomvit.train.trainer import TrainResult, run_training
+
+log = logging.getLogger(__name__)
 
 
 def _common(config: PipelineConfig) -> dict[str, Any]:
@@ -194,10 +197,9 @@ def train_zoomvit(
 
         operating_point = calibrate_operating_point(config, zoomer_weights, splits=splits)
         op = operating_point
-        print(
+        log.info(
             f"[zoomvit] calibrated on {op['calibration_samples']} held-out samples: alpha {op['alpha']:.4g} "
             f"for {op['target_tokens']:.1f} tokens/img; training alphas {op['train_alpha']}",
-            flush=True,
         )
     train_ds, streamed = _train_split(config, config.zoomvit.train, splits, highres=highres)
     result = run_training(
