@@ -152,10 +152,10 @@ def test_the_declared_python_floor_covers_the_standard_library_the_package_uses(
 
 @pytest.mark.parametrize("head", ["global", "local"])
 def test_the_runner_reloads_a_trained_zoomer_of_either_head(tmp_path, head):
-    from zoomvit.pipeline.runner import _load_model
+    from zoomvit.pipeline.stages import STAGES
 
     config = load_config(TINY, [f"zoomer.head={head}"])
     zoomer = Zoomer(grid=(4, 4), width=config.zoomer.width, depth=config.zoomer.depth, head=head)
     save_file(zoomer.state_dict(), str(tmp_path / "zoomer.safetensors"))
-    loaded = _load_model("zoomer", config, tmp_path / "zoomer.safetensors")
+    loaded = STAGES["zoomer"].load_model(config, tmp_path / "zoomer.safetensors")
     assert loaded.head_kind == head and loaded.frozen

@@ -269,9 +269,8 @@ def run_pipeline(
                     **outputs,
                 }
                 _log_stage(tracker, run_id, config, manifest, manifests, shards, train_paths)
-                if name == "evaluate":  # the run's headline evidence also on the parent
-                    for key in ("evaluation", "frontier"):
-                        tracker.artifact(parent, out_dir / manifest["files"][key])
+                for key in stage.parent_artifacts:
+                    tracker.artifact(parent, out_dir / manifest["files"][key])
                 (out_dir / f".{MANIFEST}.tmp").write_text(json.dumps(manifest, indent=2, default=str))
                 os.replace(out_dir / f".{MANIFEST}.tmp", out_dir / MANIFEST)
             except BaseException as err:
@@ -305,7 +304,7 @@ def near_chance(config: PipelineConfig, manifests: dict[str, dict[str, Any]]) ->
     (the val size from the evaluate stage; without it, 1.5x chance)."""
     chance = 1.0 / config.data.num_classes
     scores: dict[str, tuple[float, int | None]] = {}
-    for name in ("teacher", "zoomvit", "baseline"):
+    for name in (n for n, s in STAGES.items() if s.classifier):
         top1 = manifests.get(name, {}).get("metrics", {}).get("val_top1")
         if top1 is not None:
             scores[name] = (top1, None)
@@ -337,55 +336,35 @@ def _log_stage(
     train_paths,
 ) -> None:
     name = manifest["stage"]
+    stage = STAGES[name]
     if "history" not in manifest:  # training stages: rank 0 already logged every epoch into this run
         tracker.metrics(run_id, manifest["metrics"])
     tracker.params(run_id, {"out_dir": manifest["out_dir"], "fingerprint": manifest["fingerprint"]})
     out_dir = Path(manifest["out_dir"])
-    if name in ("teacher", "relevance", "zoomer", "zoomvit", "baseline"):
+    if stage.reads_shards:
         tracker.dataset_input(
             run_id,
             name="shards",
             source=str(Path(train_paths[0]).parent),
             digest=shards_digest(shards),
-            context="training" if name != "relevance" else "attribution",
+            context=stage.reads_shards,
         )
-    if name in ("zoomer", "evaluate"):
+    if stage.reads_maps:
         rel = upstream["relevance"]
         tracker.dataset_input(
-            run_id,
-            name="relevance_maps",
-            source=rel["out_dir"],
-            digest=rel["fingerprint"],
-            context="targets" if name == "zoomer" else "figures",
+            run_id, name="relevance_maps", source=rel["out_dir"], digest=rel["fingerprint"], context=stage.reads_maps
         )
     if name == "relevance":
         from zoomvit.relevance.stage import MANIFEST as RELEVANCE_MANIFEST
 
         tracker.artifact(run_id, out_dir / RELEVANCE_MANIFEST)
-    if name in ("zoomer", "zoomvit", "baseline"):
+    if stage.load_model:
         weights = out_dir / manifest["files"]["weights"]
-        tracker.model(run_id, _load_model(name, config, weights), name)
+        tracker.model(run_id, stage.load_model(config, weights), name)
         tracker.artifact(run_id, weights, "weights")
     for key in ("evaluation", "figure", "frontier"):
         if key in manifest["files"]:
             tracker.artifact(run_id, out_dir / manifest["files"][key])
-
-
-def _load_model(name: str, config: PipelineConfig, weights: Path):
-    from zoomvit.models import Zoomer
-    from zoomvit.models.loading import load_state_dict_file
-    from zoomvit.train.evaluate import load_trained
-    from zoomvit.train.stages import baseline_task, zoomvit_grid, zoomvit_task
-
-    if name == "zoomer":
-        zoomer = Zoomer(
-            grid=zoomvit_grid(config), width=config.zoomer.width, depth=config.zoomer.depth, head=config.zoomer.head
-        )
-        zoomer.load_state_dict(load_state_dict_file(weights))
-        return zoomer.freeze()
-    return load_trained(
-        zoomvit_task(config, None, inference=True) if name == "zoomvit" else baseline_task(config), weights
-    )
 
 
 def _write_lineage(tracker: Tracker, parent: str, config: PipelineConfig, result: PipelineResult, root: Path) -> None:

@@ -40,6 +40,11 @@ class StageDef:
     extra_upstream: Callable[[PipelineConfig], tuple[tuple[str, str], ...]] | None = None
     # a quality floor on an upstream stage's output: the reason the stage must not run, or None
     gate: Callable[[PipelineConfig, dict[str, dict[str, Any]]], str | None] | None = None
+    reads_shards: str | None = None  # the MLflow dataset-input context of the shards it reads, if it reads them
+    reads_maps: str | None = None  # the same for the relevance maps
+    load_model: Callable[[PipelineConfig, Path], Any] | None = None  # its trained model, logged to MLflow
+    classifier: bool = False  # reports a val_top1 that must be clearly above chance
+    parent_artifacts: tuple[str, ...] = ()  # keys of its output files also logged to the pipeline's parent run
 
     def upstream_for(self, config: PipelineConfig) -> tuple[tuple[str, str], ...]:
         extra = self.extra_upstream(config) if self.extra_upstream else ()
@@ -244,22 +249,58 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     return {"files": files, "metrics": metrics, "rows": result["rows"], "equal_gflops": result["equal_gflops"]}
 
 
+def load_zoomer(config: PipelineConfig, weights: Path):
+    from zoomvit.models import Zoomer
+    from zoomvit.models.loading import load_state_dict_file
+    from zoomvit.train.stages import zoomvit_grid
+
+    z = config.zoomer
+    zoomer = Zoomer(grid=zoomvit_grid(config), width=z.width, depth=z.depth, head=z.head)
+    zoomer.load_state_dict(load_state_dict_file(weights))
+    return zoomer.freeze()
+
+
+def load_zoomvit(config: PipelineConfig, weights: Path):
+    from zoomvit.train.evaluate import load_trained
+    from zoomvit.train.stages import zoomvit_task
+
+    return load_trained(zoomvit_task(config, None, inference=True), weights)
+
+
+def load_baseline(config: PipelineConfig, weights: Path):
+    from zoomvit.train.evaluate import load_trained
+    from zoomvit.train.stages import baseline_task
+
+    return load_trained(baseline_task(config), weights)
+
+
 STAGES: dict[str, StageDef] = {
     s.name: s
     for s in (
-        StageDef(name="teacher", sections=("data", "teacher"), upstream=(), run=run_teacher),
+        StageDef(
+            name="teacher",
+            sections=("data", "teacher"),
+            upstream=(),
+            run=run_teacher,
+            reads_shards="training",
+            classifier=True,
+        ),
         StageDef(
             name="relevance",
             sections=("data", "teacher", "relevance"),
             upstream=(("teacher", "teacher weights"),),
             run=run_relevance,
             gate=teacher_gate,
+            reads_shards="attribution",
         ),
         StageDef(
             name="zoomer",
             sections=("data", "zoomer", "zoomvit.model", "zoomvit.model_kwargs"),
             upstream=(("relevance", "relevance maps"),),
             run=run_zoomer,
+            reads_shards="training",
+            reads_maps="targets",
+            load_model=load_zoomer,
         ),
         StageDef(
             name="zoomvit",
@@ -268,6 +309,9 @@ STAGES: dict[str, StageDef] = {
             extra_upstream=_teacher_upstream("zoomvit"),
             run=run_zoomvit,
             gate=zoomer_gate,
+            reads_shards="training",
+            load_model=load_zoomvit,
+            classifier=True,
         ),
         StageDef(
             name="baseline",
@@ -275,12 +319,17 @@ STAGES: dict[str, StageDef] = {
             upstream=(),
             extra_upstream=_teacher_upstream("baseline"),
             run=run_baseline,
+            reads_shards="training",
+            load_model=load_baseline,
+            classifier=True,
         ),
         StageDef(
             name="evaluate",
             sections=("data", "zoomvit", "baseline", "evaluate"),
             upstream=(("zoomvit", "ZoomViT weights"), ("baseline", "baseline weights"), ("relevance", "val maps")),
             run=run_evaluate,
+            reads_maps="figures",
+            parent_artifacts=("evaluation", "frontier"),  # the run's headline evidence
         ),
     )
 }
