@@ -62,6 +62,26 @@ def _stage_list(value: str) -> list[str]:
     return [s for s in value.split(",") if s]
 
 
+def _dry_run(config: PipelineConfig, args: argparse.Namespace) -> int:
+    from zoomvit.pipeline.runner import artifact_root, lineage_from_run, plan_run, shards_of
+    from zoomvit.tracking.runs import Tracker, resolve_tracking_uri
+
+    try:
+        reused = {}
+        if args.from_run:
+            tracker = Tracker(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)
+            reused = lineage_from_run(tracker, args.from_run)["stages"]
+        plan = plan_run(
+            config, shards_of(config), artifact_root(config), only=args.only, force=args.force, reused=reused
+        )
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for step in plan:
+        print(step.line())
+    return 2 if any(step.action == "missing" for step in plan) else 0
+
+
 def full_main(argv: list[str] | None = None) -> int:
     configure_logging()
     from zoomvit.pipeline.runner import run_pipeline
@@ -81,8 +101,15 @@ def full_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--from-run", help="reuse the outputs recorded by this MLflow pipeline run where fingerprints match"
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print which stages would run or come from the cache, and why; run nothing",
+    )
     args = parser.parse_args(argv)
     config = parse_config(args)
+    if args.dry_run:
+        return _dry_run(config, args)
     init_ray()
     try:
         result = run_pipeline(config, only=args.only, force=args.force, from_run=args.from_run)

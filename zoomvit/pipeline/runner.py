@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import zoomvit
 from zoomvit.config import PipelineConfig
@@ -119,12 +119,74 @@ def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _lineage_from_run(tracker: Tracker, run_id: str) -> dict[str, Any]:
+def lineage_from_run(tracker: Tracker, run_id: str) -> dict[str, Any]:
     import mlflow
 
     mlflow.set_tracking_uri(tracker.uri)
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=LINEAGE)
     return json.loads(Path(path).read_text())
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """What a run will do with one stage: ``run`` it, use its ``cached`` output, or stop because a
+    stage that ``--only`` needs is ``missing`` from the cache."""
+
+    name: str
+    fingerprint: str
+    out_dir: Path
+    action: Literal["run", "cached", "missing"]
+    why: str
+    manifest: dict[str, Any] | None  # the cached output's manifest
+
+    def line(self) -> str:
+        return f"{self.name:<10} {self.action:<7} {self.fingerprint[:16]}  {self.why}"
+
+
+def plan_run(
+    config: PipelineConfig,
+    shards: Sequence[ShardInfo],
+    root: Path,
+    *,
+    only: Sequence[str] = (),
+    force: Sequence[str] = (),
+    reused: dict[str, dict[str, Any]] | None = None,
+) -> list[PlannedStage]:
+    """The stages a run needs, in order, each with its fingerprint and what will happen to it. Reads
+    only the config, the shards' identities and the cache's manifests (no Ray, no MLflow).
+    ``reused``: lineage nodes of an earlier run (``--from-run``) whose outputs may stand in."""
+    for name in [*only, *force]:
+        if name not in STAGES:
+            raise UserError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}")
+    reused = reused or {}
+    selected = [n for n in ORDER if not only or n in only]
+    needed = set(selected)
+    for name in reversed(ORDER):
+        if name in needed:
+            needed.update(u for u, _ in STAGES[name].upstream_for(config))
+    plan: list[PlannedStage] = []
+    fingerprints: dict[str, str] = {}
+    for name in (n for n in ORDER if n in needed):
+        upstream = STAGES[name].upstream_for(config)
+        fp = fingerprints[name] = fingerprint(name, config, {u: fingerprints[u] for u, _ in upstream}, shards)
+        out_dir = root / name / fp[:16]
+        manifest = _read_manifest(out_dir)
+        if manifest is None and name in reused and reused[name]["fingerprint"] == fp:
+            manifest = _read_manifest(Path(reused[name]["out_dir"]))
+        if name in selected and (manifest is None or name in force or only):
+            why = "forced" if name in force else "--only" if only else "not in the cache"
+            plan.append(PlannedStage(name, fp, out_dir, "run", why, None))
+        elif manifest is not None:
+            plan.append(PlannedStage(name, fp, out_dir, "cached", f"from run {manifest['run_id']}", manifest))
+        else:
+            why = f"--only {','.join(only)} needs it: run the pipeline without --only first"
+            plan.append(PlannedStage(name, fp, out_dir, "missing", why, None))
+    return plan
+
+
+def shards_of(config: PipelineConfig) -> list[ShardInfo]:
+    data = config.data
+    return shard_infos(data.shard_paths("train") + data.shard_paths("val"))
 
 
 def run_pipeline(
@@ -134,25 +196,22 @@ def run_pipeline(
     force: Sequence[str] = (),
     from_run: str | None = None,
 ) -> PipelineResult:
-    for name in [*only, *force]:
-        if name not in STAGES:
-            raise UserError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}")
     ensure_demo_data(config)
-    data = config.data
-    train_paths, val_paths = data.shard_paths("train"), data.shard_paths("val")
-    shards = shard_infos(train_paths + val_paths)
+    train_paths = config.data.shard_paths("train")
+    shards = shards_of(config)
     root = artifact_root(config)
     from zoomvit.train.data import DecodedSplits
 
     tracker = Tracker(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)
     splits = DecodedSplits()  # the stages of one run share each split's decoded images
-    reused = _lineage_from_run(tracker, from_run)["stages"] if from_run else {}
-
-    selected = [n for n in ORDER if not only or n in only]
-    needed = set(selected)
-    for name in reversed(ORDER):
-        if name in needed:
-            needed.update(u for u, _ in STAGES[name].upstream_for(config))
+    reused = lineage_from_run(tracker, from_run)["stages"] if from_run else {}
+    plan = plan_run(config, shards, root, only=only, force=force, reused=reused)
+    for step in plan:
+        if step.action == "missing":
+            raise MissingUpstream(
+                f"stage {step.name!r} has no cached output for this configuration (fingerprint "
+                f"{step.fingerprint[:16]}), and {step.why}"
+            )
 
     parent = tracker.start(
         config.name, tags={"zoomvit.kind": "pipeline", "git_commit": git_commit(), "config_hash": config_hash(config)}
@@ -171,27 +230,14 @@ def run_pipeline(
     )
     result = PipelineResult(run_id=parent, tracking_uri=tracker.uri)
     manifests: dict[str, dict[str, Any]] = {}
-    fingerprints: dict[str, str] = {}
     log.info(f"[pipeline] {config.name}: MLflow run {parent} at {tracker.uri}; artifacts under {root}")
     error: BaseException | None = None
     try:
-        for name in ORDER:
-            if name not in needed:
-                continue
+        for step in plan:
+            name, fp, out_dir, manifest = step.name, step.fingerprint, step.out_dir, step.manifest
+            compute = step.action == "run"
             stage = STAGES[name]
             upstream = stage.upstream_for(config)
-            fp = fingerprint(name, config, {u: fingerprints[u] for u, _ in upstream}, shards)
-            fingerprints[name] = fp
-            out_dir = root / name / fp[:16]
-            manifest = _read_manifest(out_dir)
-            if manifest is None and name in reused and reused[name]["fingerprint"] == fp:
-                manifest = _read_manifest(Path(reused[name]["out_dir"]))
-            compute = name in selected and (manifest is None or name in force or bool(only))
-            if not compute and manifest is None:
-                raise MissingUpstream(
-                    f"stage {name!r} has no cached output for this configuration (fingerprint {fp[:16]}), "
-                    f"and --only {','.join(only)} needs it: run the pipeline without --only first"
-                )
             upstream_runs = {u: manifests[u]["run_id"] for u, _ in upstream}
             reason = stage.gate(config, manifests) if stage.gate else None
             if reason is not None:

@@ -1,0 +1,106 @@
+"""The run planner: which stages a run needs, what it will do with each and why, from the config,
+the shards and the cache alone (no Ray, no MLflow)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zoomvit.config import load_config
+from zoomvit.data.demo import generate_demo_dataset
+from zoomvit.pipeline.runner import MANIFEST, plan_run, shards_of
+from zoomvit.pipeline.stages import ORDER
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "pipelines" / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan-data")
+    generate_demo_dataset(root, train=32, val=16, image_size=32, samples_per_shard=16)
+    return root
+
+
+@pytest.fixture
+def setup(data_root, tmp_path):
+    config = load_config(TINY, [f"data.root={data_root}", "data.demo=null", f"artifact_root={tmp_path / 'runs'}"])
+    return config, shards_of(config), tmp_path / "runs"
+
+
+def _cache(step, run_id="r0"):
+    step.out_dir.mkdir(parents=True)
+    manifest = {"stage": step.name, "fingerprint": step.fingerprint, "run_id": run_id, "out_dir": str(step.out_dir)}
+    (step.out_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_an_empty_cache_runs_every_stage_in_order(setup):
+    plan = plan_run(*setup)
+    assert [s.name for s in plan] == list(ORDER)
+    assert {s.action for s in plan} == {"run"} and all(s.why == "not in the cache" for s in plan)
+    assert len({s.fingerprint for s in plan}) == len(plan)
+
+
+def test_cached_stages_are_hits_and_the_rest_run(setup):
+    config, shards, root = setup
+    first = plan_run(config, shards, root)
+    for step in first[:3]:
+        _cache(step)
+    again = plan_run(config, shards, root)
+    assert [s.action for s in again] == ["cached"] * 3 + ["run"] * (len(ORDER) - 3)
+    assert again[0].manifest["run_id"] == "r0" and again[0].why == "from run r0"
+
+
+def test_force_recomputes_a_cached_stage(setup):
+    config, shards, root = setup
+    for step in plan_run(config, shards, root):
+        _cache(step)
+    plan = {s.name: s for s in plan_run(config, shards, root, force=["zoomer"])}
+    assert plan["zoomer"].action == "run" and plan["zoomer"].why == "forced"
+    assert plan["teacher"].action == "cached" and plan["zoomvit"].action == "cached"
+
+
+def test_only_runs_the_named_stage_on_its_cached_upstream(setup):
+    config, shards, root = setup
+    for step in plan_run(config, shards, root):
+        _cache(step)
+    plan = plan_run(config, shards, root, only=["zoomvit"])
+    assert {s.name: s.action for s in plan} == {
+        "teacher": "cached",
+        "relevance": "cached",
+        "zoomer": "cached",
+        "zoomvit": "run",
+    }
+
+
+def test_only_with_an_uncached_upstream_names_the_missing_stage(setup):
+    plan = {s.name: s for s in plan_run(*setup, only=["zoomer"])}
+    assert plan["teacher"].action == "missing" and "--only zoomer" in plan["teacher"].why
+    assert plan["zoomer"].action == "run"
+
+
+def test_a_config_change_changes_the_fingerprint_of_that_stage_and_everything_downstream(setup, data_root):
+    config, shards, root = setup
+    before = {s.name: s.fingerprint for s in plan_run(config, shards, root)}
+    changed = load_config(TINY, [f"data.root={data_root}", "data.demo=null", "zoomer.width=4"])
+    after = {s.name: s.fingerprint for s in plan_run(changed, shards, root)}
+    assert [n for n in ORDER if before[n] != after[n]] == ["zoomer", "zoomvit", "evaluate"]
+
+
+def test_an_unknown_stage_is_a_user_error(setup):
+    with pytest.raises(ValueError, match="unknown stage 'zoomr'"):
+        plan_run(*setup, only=["zoomr"])
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(data_root, tmp_path):
+    sets = ["--set", f"data.root={data_root}", "--set", "data.demo=null", "--set", f"artifact_root={tmp_path / 'runs'}"]
+    proc = subprocess.run(
+        [sys.executable, "pipelines/full.py", "--config", TINY, *sets, "--dry-run"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split()[:2] for line in lines] == [[n, "run"] for n in ORDER]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
