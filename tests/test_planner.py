@@ -104,3 +104,17 @@ def test_dry_run_prints_the_plan_and_runs_nothing(data_root, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert [line.split()[:2] for line in lines] == [[n, "run"] for n in ORDER]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_stage_added_to_the_table_is_planned_and_offered_by_the_cli_with_no_other_edit(setup, monkeypatch, capsys):
+    from zoomvit.pipeline.cli import full_main
+    from zoomvit.pipeline.stages import STAGES, StageDef
+
+    report = StageDef(name="report", sections=("evaluate",), upstream=(("evaluate", "evaluation"),), run=lambda ctx: {})
+    monkeypatch.setitem(STAGES, "report", report)
+    plan = plan_run(*setup)
+    assert [s.name for s in plan][-2:] == ["evaluate", "report"] and plan[-1].action == "run"
+    assert [s.name for s in plan_run(*setup, only=["report"])] == [*ORDER, "report"]
+    with pytest.raises(SystemExit):
+        full_main(["--help"])
+    assert "report" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from pathlib import Path
 from zoomvit.config import ConfigError, PipelineConfig, load_config
 from zoomvit.errors import UserError
 from zoomvit.logs import configure as configure_logging
+from zoomvit.pipeline.stages import STAGES
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -93,7 +94,7 @@ def full_main(argv: list[str] | None = None) -> int:
         type=_stage_list,
         default=[],
         metavar="STAGE[,STAGE]",
-        help="rerun just these stages on cached upstream outputs",
+        help=f"rerun just these stages ({', '.join(STAGES)}) on cached upstream outputs",
     )
     parser.add_argument(
         "--force", type=_stage_list, default=[], metavar="STAGE[,STAGE]", help="recompute these stages even when cached"

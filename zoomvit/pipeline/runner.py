@@ -23,7 +23,7 @@ import zoomvit
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo, shard_infos
 from zoomvit.errors import UserError
-from zoomvit.pipeline.stages import ORDER, STAGES, QualityGateFailed, StageContext
+from zoomvit.pipeline.stages import STAGES, QualityGateFailed, StageContext
 from zoomvit.tracking.runs import Tracker, flatten, git_commit, lineage_picture, resolve_tracking_uri, shards_digest
 
 log = logging.getLogger(__name__)
@@ -157,16 +157,17 @@ def plan_run(
     ``reused``: lineage nodes of an earlier run (``--from-run``) whose outputs may stand in."""
     for name in [*only, *force]:
         if name not in STAGES:
-            raise UserError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}")
+            raise UserError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
     reused = reused or {}
-    selected = [n for n in ORDER if not only or n in only]
+    order = list(STAGES)  # the table's order is the run order: every stage after its upstream
+    selected = [n for n in order if not only or n in only]
     needed = set(selected)
-    for name in reversed(ORDER):
+    for name in reversed(order):
         if name in needed:
             needed.update(u for u, _ in STAGES[name].upstream_for(config))
     plan: list[PlannedStage] = []
     fingerprints: dict[str, str] = {}
-    for name in (n for n in ORDER if n in needed):
+    for name in (n for n in order if n in needed):
         upstream = STAGES[name].upstream_for(config)
         fp = fingerprints[name] = fingerprint(name, config, {u: fingerprints[u] for u, _ in upstream}, shards)
         out_dir = root / name / fp[:16]
