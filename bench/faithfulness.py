@@ -28,10 +28,10 @@ from _common import log_to_mlflow, print_table, write_result
 
 import zoomvit.models  # noqa: F401
 from zoomvit.config import load_config
+from zoomvit.evaluation import bootstrap_ci
 from zoomvit.relevance import relevance_maps
 from zoomvit.relevance.teacher import load_teacher
 from zoomvit.train.data import to_model_input
-from zoomvit.train.evaluate import bootstrap_ci
 
 METHODS = ("grad_rollout", "rollout", "attention", "random")
 REPO = Path(__file__).resolve().parents[1]

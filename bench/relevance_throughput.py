@@ -26,7 +26,7 @@ from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
 from zoomvit.data.decode import ImageTransform, decode_sample, iter_tar_samples
 from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.relevance import relevance_maps
-from zoomvit.relevance.stage import run_relevance_stage
+from zoomvit.relevance.job import run_relevance_stage
 
 
 def plain_loop(shards: list[str], model, *, size: int, batch: int, mean, std) -> float:

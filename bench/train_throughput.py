@@ -34,7 +34,7 @@ def main() -> None:
     from zoomvit.config import load_config
     from zoomvit.data.demo import generate_demo_dataset
     from zoomvit.train.data import sample_dataset
-    from zoomvit.train.stages import baseline_task, zoomvit_task
+    from zoomvit.train.recipes import baseline_task, zoomvit_task
     from zoomvit.train.trainer import run_training
 
     work = Path(tempfile.mkdtemp(prefix="trainbench-"))

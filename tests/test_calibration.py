@@ -12,7 +12,7 @@ from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.models import Zoomer
 from zoomvit.train.calibration import calibrate_alpha, calibrate_operating_point
 from zoomvit.train.data import in_calibration_slice, sample_dataset
-from zoomvit.train.stages import _train_split
+from zoomvit.train.recipes import _train_split
 
 TINY = str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml")
 
@@ -63,7 +63,7 @@ def calibrated(ray_local, tmp_path_factory):
 
 def test_training_stages_never_see_the_calibration_slice(calibrated):
     config, _ = calibrated
-    train_ds, _ = _train_split(config, config.zoomvit.train)
+    train_ds, _ = _train_split(config, config.zoomvit.train, None)
     fit = set(train_ds.to_pandas()["key"])
     held_out = set(sample_dataset(config.data, "train", part="calibration").to_pandas()["key"])
     everything = set(sample_dataset(config.data, "train").to_pandas()["key"])

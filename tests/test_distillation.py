@@ -19,8 +19,8 @@ from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.data.relevance_store import maps_array, read_maps
 from zoomvit.data.shards import expand_shards
 from zoomvit.relevance import normalize_maps
-from zoomvit.relevance.stage import run_relevance_stage
-from zoomvit.train.stages import train_zoomer
+from zoomvit.relevance.job import run_relevance_stage
+from zoomvit.train.recipes import train_zoomer
 from zoomvit.train.tasks import pearson_per_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]

@@ -10,9 +10,9 @@ from test_zoomvit_training import TINY
 
 import zoomvit.models  # noqa: F401
 from zoomvit.config import ConfigError, load_config
+from zoomvit.evaluation import bootstrap_ci, control_scores, paired_delta_at_equal_gflops
 from zoomvit.models.flops import uniform_tokens, zoomvit_flops
-from zoomvit.train.evaluate import bootstrap_ci, control_scores, paired_delta_at_equal_gflops
-from zoomvit.train.stages import baseline_tasks
+from zoomvit.train.recipes import baseline_tasks
 from zoomvit.train.tasks import build_task
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from zoomvit.config import load_config
 from zoomvit.data.demo import generate_demo_dataset
+from zoomvit.pipeline.graph import ORDER
 from zoomvit.pipeline.runner import MANIFEST, plan_run, shards_of
-from zoomvit.pipeline.stages import ORDER
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "pipelines" / "configs" / "tiny.yaml")
@@ -108,7 +108,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(data_root, tmp_path):
 
 def test_a_stage_added_to_the_table_is_planned_and_offered_by_the_cli_with_no_other_edit(setup, monkeypatch, capsys):
     from zoomvit.pipeline.cli import full_main
-    from zoomvit.pipeline.stages import STAGES, StageDef
+    from zoomvit.pipeline.graph import STAGES, StageDef
 
     report = StageDef(name="report", sections=("evaluate",), upstream=(("evaluate", "evaluation"),), run=lambda ctx: {})
     monkeypatch.setitem(STAGES, "report", report)

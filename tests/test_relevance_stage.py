@@ -14,7 +14,7 @@ from tarutil import write_tar
 from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
 from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.data.relevance_store import logits_array, maps_array, read_maps, read_metadata
-from zoomvit.relevance.stage import run_relevance_stage
+from zoomvit.relevance.job import run_relevance_stage
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SIZE = 32

@@ -12,7 +12,7 @@ from zoomvit.config import load_config
 from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.train.data import sample_dataset
 from zoomvit.train.loop import weights_checksum
-from zoomvit.train.stages import baseline_task, train_teacher
+from zoomvit.train.recipes import baseline_task, train_teacher
 from zoomvit.train.trainer import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]

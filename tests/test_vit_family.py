@@ -284,9 +284,9 @@ def test_regularisation_switches_reach_the_model_and_the_data():
 @pytest.mark.slow
 def test_the_baseline_stage_trains_a_swin_and_a_hybrid_and_evaluates_them_side_by_side(ray_local, tmp_path):
     from zoomvit.data.demo import generate_demo_dataset
-    from zoomvit.train.evaluate import evaluate_models
-    from zoomvit.train.stages import train_baselines
-    from zoomvit.train.stages import zoomvit_task as zoomvit_spec
+    from zoomvit.evaluation import evaluate_models
+    from zoomvit.train.recipes import train_baselines
+    from zoomvit.train.recipes import zoomvit_task as zoomvit_spec
 
     generate_demo_dataset(tmp_path / "data", train=128, val=32, image_size=32, samples_per_shard=64)
     swin = {"img_size": 32, "window_size": 4, "embed_dim": 24, "depths": [1, 1], "num_heads": [1, 2]}
@@ -330,7 +330,7 @@ def test_the_baseline_stage_trains_a_swin_and_a_hybrid_and_evaluates_them_side_b
 
 
 def test_distillation_adds_the_teacher_or_the_relevance_stage_upstream_only_when_asked():
-    from zoomvit.pipeline.stages import STAGES
+    from zoomvit.pipeline.graph import STAGES
 
     def upstream(name, *overrides):
         return [u for u, _ in STAGES[name].upstream_for(load_config(str(CONFIG), list(overrides)))]
@@ -348,8 +348,8 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
     from safetensors.torch import save_file
 
     from zoomvit.models import Zoomer
-    from zoomvit.pipeline.stages import STAGES
-    from zoomvit.train.stages import baseline_tasks, train_baselines, train_zoomvit, zoomvit_task
+    from zoomvit.pipeline.graph import STAGES
+    from zoomvit.train.recipes import baseline_tasks, train_baselines, train_zoomvit, zoomvit_task
 
     config = load_config(str(CONFIG), ["zoomvit.init_from_teacher=true", "baseline.init_from_teacher=true"])
     assert [u for u, _ in STAGES["zoomvit"].upstream_for(config)] == ["zoomer", "teacher"]

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from zoomvit.config import ConfigError, TrainConfig, load_config
 from zoomvit.models import Zoomer
 from zoomvit.train.data import augment
-from zoomvit.train.stages import train_zoomvit, zoomvit_task
+from zoomvit.train.recipes import train_zoomvit, zoomvit_task
 from zoomvit.train.tasks import build_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_the_declared_python_floor_covers_the_standard_library_the_package_uses(
 
 @pytest.mark.parametrize("head", ["global", "local"])
 def test_the_runner_reloads_a_trained_zoomer_of_either_head(tmp_path, head):
-    from zoomvit.pipeline.stages import STAGES
+    from zoomvit.pipeline.graph import STAGES
 
     config = load_config(TINY, [f"zoomer.head={head}"])
     zoomer = Zoomer(grid=(4, 4), width=config.zoomer.width, depth=config.zoomer.depth, head=head)

@@ -10,7 +10,7 @@ from pathlib import Path
 from zoomvit.config import ConfigError, PipelineConfig, load_config
 from zoomvit.errors import UserError
 from zoomvit.logs import configure as configure_logging
-from zoomvit.pipeline.stages import STAGES
+from zoomvit.pipeline.graph import STAGES
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def parse_config(args: argparse.Namespace) -> PipelineConfig:
 def relevance_main(argv: list[str] | None = None) -> int:
     configure_logging()
     from zoomvit.pipeline.runtime import init_ray
-    from zoomvit.relevance.stage import run_relevance_stage
+    from zoomvit.relevance.job import run_relevance_stage
 
     parser = base_parser("Compute teacher relevance maps into Parquet groups.")
     parser.add_argument("--out", required=True, help="output directory for the Parquet groups")

@@ -23,7 +23,7 @@ import zoomvit
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo, shard_infos
 from zoomvit.errors import UserError
-from zoomvit.pipeline.stages import STAGES, QualityGateFailed, StageContext
+from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
 from zoomvit.tracking.runs import Tracker, flatten, git_commit, lineage_picture, resolve_tracking_uri, shards_digest
 
 log = logging.getLogger(__name__)
@@ -402,7 +402,7 @@ def _log_stage(
             run_id, name="relevance_maps", source=rel["out_dir"], digest=rel["fingerprint"], context=stage.reads_maps
         )
     if name == "relevance":
-        from zoomvit.relevance.stage import MANIFEST as RELEVANCE_MANIFEST
+        from zoomvit.relevance.job import MANIFEST as RELEVANCE_MANIFEST
 
         tracker.artifact(run_id, out_dir / RELEVANCE_MANIFEST)
     if stage.load_model:

@@ -24,7 +24,7 @@ from zoomvit.models import ZOOM, ZoomViT, zoomvit_flops
 from zoomvit.models.flops import uniform_tokens
 from zoomvit.models.loading import load_state_dict_file
 from zoomvit.train.data import DecodedSplits, numpy_batch_input, sample_dataset, size_bucket
-from zoomvit.train.stages import baseline_tasks, zoomvit_task
+from zoomvit.train.recipes import baseline_tasks, zoomvit_task
 from zoomvit.train.tasks import build_task
 
 

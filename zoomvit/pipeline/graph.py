@@ -128,7 +128,7 @@ def _train_outputs(result) -> dict[str, Any]:
 
 
 def run_teacher(ctx: StageContext) -> dict[str, Any]:
-    from zoomvit.train.stages import train_teacher
+    from zoomvit.train.recipes import train_teacher
 
     result = train_teacher(ctx.config, ctx.out_dir, ctx.tracking, splits=ctx.splits)
     if result is None:
@@ -142,7 +142,7 @@ def run_teacher(ctx: StageContext) -> dict[str, Any]:
 
 
 def run_relevance(ctx: StageContext) -> dict[str, Any]:
-    from zoomvit.relevance.stage import run_relevance_stage
+    from zoomvit.relevance.job import run_relevance_stage
 
     teacher = ctx.upstream["teacher"]
     checkpoint = str(_upstream_file(ctx, "teacher", "weights")) if "weights" in teacher["files"] else None
@@ -169,7 +169,7 @@ def run_relevance(ctx: StageContext) -> dict[str, Any]:
 
 
 def run_zoomer(ctx: StageContext) -> dict[str, Any]:
-    from zoomvit.train.stages import train_zoomer
+    from zoomvit.train.recipes import train_zoomer
 
     return _train_outputs(
         train_zoomer(ctx.config, _upstream_file(ctx, "relevance", "maps"), ctx.out_dir, ctx.tracking, splits=ctx.splits)
@@ -177,7 +177,7 @@ def run_zoomer(ctx: StageContext) -> dict[str, Any]:
 
 
 def run_zoomvit(ctx: StageContext) -> dict[str, Any]:
-    from zoomvit.train.stages import train_zoomvit
+    from zoomvit.train.recipes import train_zoomvit
 
     result, operating_point = train_zoomvit(
         ctx.config,
@@ -198,7 +198,7 @@ def run_zoomvit(ctx: StageContext) -> dict[str, Any]:
 
 
 def run_baseline(ctx: StageContext) -> dict[str, Any]:
-    from zoomvit.train.stages import train_baselines
+    from zoomvit.train.recipes import train_baselines
 
     results = train_baselines(ctx.config, ctx.out_dir, ctx.tracking, splits=ctx.splits, **_distill_inputs(ctx))
     outputs = _train_outputs(results.pop("baseline"))
@@ -209,7 +209,7 @@ def run_baseline(ctx: StageContext) -> dict[str, Any]:
 
 
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
-    from zoomvit.train.evaluate import evaluate_models
+    from zoomvit.evaluation import evaluate_models
 
     result = evaluate_models(
         ctx.config,
@@ -252,7 +252,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
 def load_zoomer(config: PipelineConfig, weights: Path):
     from zoomvit.models import Zoomer
     from zoomvit.models.loading import load_state_dict_file
-    from zoomvit.train.stages import zoomvit_grid
+    from zoomvit.train.recipes import zoomvit_grid
 
     z = config.zoomer
     zoomer = Zoomer(grid=zoomvit_grid(config), width=z.width, depth=z.depth, head=z.head)
@@ -261,15 +261,15 @@ def load_zoomer(config: PipelineConfig, weights: Path):
 
 
 def load_zoomvit(config: PipelineConfig, weights: Path):
-    from zoomvit.train.evaluate import load_trained
-    from zoomvit.train.stages import zoomvit_task
+    from zoomvit.evaluation import load_trained
+    from zoomvit.train.recipes import zoomvit_task
 
     return load_trained(zoomvit_task(config, None, inference=True), weights)
 
 
 def load_baseline(config: PipelineConfig, weights: Path):
-    from zoomvit.train.evaluate import load_trained
-    from zoomvit.train.stages import baseline_task
+    from zoomvit.evaluation import load_trained
+    from zoomvit.train.recipes import baseline_task
 
     return load_trained(baseline_task(config), weights)
 
