@@ -159,3 +159,29 @@ def test_the_runner_reloads_a_trained_zoomer_of_either_head(tmp_path, head):
     save_file(zoomer.state_dict(), str(tmp_path / "zoomer.safetensors"))
     loaded = STAGES["zoomer"].load_model(config, tmp_path / "zoomer.safetensors")
     assert loaded.head_kind == head and loaded.frozen
+
+
+@pytest.mark.parametrize("section", ["train", "distill"])
+def test_a_misspelled_or_renamed_training_option_fails_validation_in_the_worker(tmp_path, section):
+    config, _ = _zoomvit(tmp_path)
+    spec = {
+        **zoomvit_task(config, tmp_path / "zoomer.safetensors"),
+        "train": config.zoomvit.train.model_dump(),
+        "seed": 0,
+    }
+    spec[section] = {**(spec.get(section) or {}), "drop_pth": 0.1}  # what a rename leaves behind
+    with pytest.raises(ValueError, match="drop_pth"):
+        build_task(spec)
+
+
+def test_the_worker_reads_the_recipe_it_was_given_not_a_default():
+    from zoomvit.train.tasks import ClassifierTask
+
+    train = TrainConfig(finetune="partial", freeze_blocks=1, drop_path=0.2)
+    spec = {"kind": "classifier", "model": "vit_test_patch8_32", "num_classes": 10, "mean": [0.5] * 3, "std": [0.5] * 3}
+    task = build_task({**spec, "train": train})
+    assert isinstance(task, ClassifierTask) and task.train == train
+    model = task.build_model()
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("blocks.0.") for n in frozen) and not any(n.startswith("blocks.1.") for n in frozen)
+    assert model.blocks[1].drop_path1.drop_prob == pytest.approx(0.2)

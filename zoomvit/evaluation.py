@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from zoomvit.config import PipelineConfig
+from zoomvit.config import PipelineConfig, TrainConfig
 from zoomvit.models import ZOOM, ZoomViT, zoomvit_flops
 from zoomvit.models.flops import uniform_tokens
 from zoomvit.models.loading import load_state_dict_file
@@ -33,7 +33,7 @@ def load_trained(task: dict[str, Any], weights: str | Path) -> torch.nn.Module:
         **task,
         "pretrained": False,
         "init_checkpoint": None,
-        "train": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
+        "train": TrainConfig(),
     }
     model = build_task(spec).build_model()
     model.load_state_dict(load_state_dict_file(weights))

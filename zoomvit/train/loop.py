@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from zoomvit.config import TrainConfig
 from zoomvit.logs import configure as configure_logging
 
 log = logging.getLogger(__name__)
@@ -25,23 +26,23 @@ FINAL_WEIGHTS = "model.safetensors"
 HISTORY = "history.json"
 
 
-def build_deepspeed_config(train: dict[str, Any], *, use_gpu: bool, world_size: int) -> dict[str, Any]:
-    """DeepSpeed's JSON config from a ``TrainConfig`` dump (optimizer and schedule stay ours)."""
-    precision = train["precision"]
+def build_deepspeed_config(train: TrainConfig, *, use_gpu: bool, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's JSON config from the recipe (optimizer and schedule stay ours)."""
+    precision = train.precision
     if precision == "auto":
         precision = "bf16" if use_gpu else "fp32"
     if precision in ("bf16", "fp16") and not use_gpu:
         raise ValueError(f"precision {precision} needs GPU workers; use fp32 (or auto) on CPU")
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": train["batch_size"],
-        "gradient_accumulation_steps": train["grad_accum"],
-        "train_batch_size": train["batch_size"] * train["grad_accum"] * world_size,
-        "zero_optimization": {"stage": train["zero_stage"]},
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.batch_size * train.grad_accum * world_size,
+        "zero_optimization": {"stage": train.zero_stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if train["grad_clip"]:
-        config["gradient_clipping"] = train["grad_clip"]
+    if train.grad_clip:
+        config["gradient_clipping"] = train.grad_clip
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":
@@ -62,14 +63,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    train = config["train"]
+    train: TrainConfig = config["train"]
     use_gpu = config["use_gpu"]
-    torch.manual_seed(train["seed"] + rank)
-    torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
+    torch.manual_seed(train.seed + rank)
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-    task = build_task({**config["task"], "train": train, "seed": train["seed"] + rank})
+    task = build_task({**config["task"], "train": train, "seed": train.seed + rank})
     model = task.build_model()
-    optimizer = create_optimizer_v2(model, opt=train["optimizer"], lr=train["lr"], weight_decay=train["weight_decay"])
+    optimizer = create_optimizer_v2(model, opt=train.optimizer, lr=train.lr, weight_decay=train.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -78,17 +79,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     dtype = next(p for p in engine.module.parameters()).dtype
     ema = None
-    if train.get("ema_decay"):
+    if train.ema_decay:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(engine.module, decay=train["ema_decay"])
-    steps_per_epoch = max(1, config["steps_per_epoch"] // train["grad_accum"])
+        ema = ModelEmaV3(engine.module, decay=train.ema_decay)
+    steps_per_epoch = max(1, config["steps_per_epoch"] // train.grad_accum)
     scheduler = CosineLRScheduler(
         optimizer,
-        t_initial=steps_per_epoch * train["epochs"],
-        lr_min=train["min_lr"],
-        warmup_t=int(steps_per_epoch * train["warmup_epochs"]),
-        warmup_lr_init=train["lr"] * 0.01,
+        t_initial=steps_per_epoch * train.epochs,
+        lr_min=train.min_lr,
+        warmup_t=int(steps_per_epoch * train.warmup_epochs),
+        warmup_lr_init=train.lr * 0.01,
         t_in_epochs=False,
     )
     start_epoch, history = 0, []
@@ -106,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     global_step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, train["epochs"]):
+    for epoch in range(start_epoch, train.epochs):
         engine.train()
         start, images, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
         for batch in epoch_batches(train_shard, train, epoch=epoch, rank=rank, device=device):
@@ -151,14 +152,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 with open(os.path.join(ckpt_dir, HISTORY), "w") as f:
                     json.dump(history, f)
-            if epoch == train["epochs"] - 1:
-                _save_final(engine, os.path.join(ckpt_dir, FINAL_WEIGHTS), rank, train["zero_stage"], ema=ema)
+            if epoch == train.epochs - 1:
+                _save_final(engine, os.path.join(ckpt_dir, FINAL_WEIGHTS), rank, train.zero_stage, ema=ema)
             torch.distributed.barrier()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
         tracker.log(metrics, step=epoch)
         if rank == 0:
             log.info(
-                f"[{config['task']['kind']}] epoch {epoch + 1}/{train['epochs']} "
+                f"[{config['task']['kind']}] epoch {epoch + 1}/{train.epochs} "
                 + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
             )
 
@@ -167,12 +168,12 @@ def epoch_batches(shard, train: dict[str, Any], *, epoch: int, rank: int, device
     """One epoch of full training batches, rows shuffled within ``shuffle_buffer`` rows (seeded by
     seed, epoch and rank). The shuffle runs on the collated tensors: Ray Data's local shuffle buffer
     re-slices Arrow blocks for every batch and cost a third of the demo's training throughput."""
-    size, buffer = train["batch_size"], train["shuffle_buffer"]
+    size, buffer = train.batch_size, train.shuffle_buffer
     batches = shard.iter_torch_batches(batch_size=size, drop_last=not buffer, device=device)
     if not buffer:
         yield from batches
         return
-    generator = torch.Generator().manual_seed(train["seed"] + 10_000 * epoch + rank)
+    generator = torch.Generator().manual_seed(train.seed + 10_000 * epoch + rank)
     pending: list[dict[str, torch.Tensor]] = []
     for batch in batches:
         pending.append(batch)
@@ -198,13 +199,13 @@ def _shuffle_rows(batches: list[dict[str, torch.Tensor]], size: int, generator: 
 def _evaluate(task, engine, val_shard, train, device, dtype, rank: int, world: int) -> dict[str, float]:
     """Every rank scores every world-th val batch (all of them under ZeRO-3, whose forwards are
     collective); the sums are all-reduced so no rank idles in a barrier while another evaluates."""
-    batches = val_shard.iter_torch_batches(batch_size=train["eval_batch_size"], device=device)
-    if train["zero_stage"] != 3:
+    batches = val_shard.iter_torch_batches(batch_size=train.eval_batch_size, device=device)
+    if train.zero_stage != 3:
         batches = (b for i, b in enumerate(batches) if i % world == rank)
     sums = task.evaluate(engine, batches, dtype)
     keys = sorted(sums)
     totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-    if train["zero_stage"] != 3:
+    if train.zero_stage != 3:
         torch.distributed.all_reduce(totals)
     totals = dict(zip(keys, totals.tolist()))
     n = totals.pop("n")

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zoomvit.models  # noqa: F401  (registers the timm variants)
-from zoomvit.config import cached_logits_conflicts
+from zoomvit.config import DistillConfig, TrainConfig, cached_logits_conflicts
 from zoomvit.models import Zoomer, ZoomViT, load_pretrained
 from zoomvit.models.loading import load_state_dict_file
 from zoomvit.train.data import Views, augment, to_model_input
@@ -39,6 +39,7 @@ def build_task(spec: TaskSpec) -> Task:
 class Task:
     def __init__(self, spec: TaskSpec) -> None:
         self.spec = spec
+        self.train = TrainConfig.model_validate(spec["train"])  # typed: a renamed option fails here, not silently
         self.mean, self.std = spec["mean"], spec["std"]
         self.generator = torch.Generator().manual_seed(int(spec.get("seed", 0)))
 
@@ -123,35 +124,35 @@ class ClassifierTask(Task):
 
     def __init__(self, spec: TaskSpec) -> None:
         super().__init__(spec)
-        train = spec["train"]
-        self.distill = spec.get("distill") or {"mode": "none"}
+        train = self.train
+        self.distill = DistillConfig.model_validate(spec.get("distill") or {})
         self.teacher: nn.Module | None = None
         self.mixup = None
-        if self.distill["mode"] != "none" and self.distill.get("source") == "cache":
-            augmentations = cached_logits_conflicts(train)
+        if self.distill.mode != "none" and self.distill.source == "cache":
+            augmentations = cached_logits_conflicts(train.model_dump())
             if augmentations:
                 raise ValueError(
                     f"cached teacher logits describe the unaugmented image, not the view the student sees "
                     f"({', '.join(augmentations)}): use distill.source=model, or turn those off"
                 )
-        if train["mixup"] > 0 or train["cutmix"] > 0:
+        if train.mixup > 0 or train.cutmix > 0:
             from timm.data import Mixup
 
             self.mixup = Mixup(
-                mixup_alpha=train["mixup"],
-                cutmix_alpha=train["cutmix"],
-                label_smoothing=train["label_smoothing"],
+                mixup_alpha=train.mixup,
+                cutmix_alpha=train.cutmix,
+                label_smoothing=train.label_smoothing,
                 num_classes=spec["num_classes"],
             )
 
     @property
     def distilled(self) -> bool:
-        return self.distill["mode"] != "none"
+        return self.distill.mode != "none"
 
     def model_kwargs(self) -> dict[str, Any]:
         kwargs = {**self.spec.get("model_kwargs", {}), "num_classes": self.spec["num_classes"]}
-        if self.spec["train"].get("drop_path"):
-            kwargs["drop_path_rate"] = self.spec["train"]["drop_path"]
+        if self.train.drop_path:
+            kwargs["drop_path_rate"] = self.train.drop_path
         return kwargs
 
     def build_model(self) -> nn.Module:
@@ -170,24 +171,23 @@ class ClassifierTask(Task):
     def _prepare(self, model: nn.Module) -> nn.Module:
         if self.spec.get("init_checkpoint"):
             load_pretrained(model, load_state_dict_file(self.spec["init_checkpoint"]))
-        if self.distilled and self.distill.get("token", True):
+        if self.distilled and self.distill.token:
             if not hasattr(model, "set_distilled_training"):
                 raise ValueError(
                     f"{self.spec['model']} has no distillation token: pick a *_distilled_* model (or ZoomViT), "
                     "or set distill.token=false to distil into the class head"
                 )
             model.set_distilled_training(True)
-        train = self.spec["train"]
-        self.param_counts = apply_finetune(model, train.get("finetune", "full"), train.get("freeze_blocks", 0))
+        self.param_counts = apply_finetune(model, self.train.finetune, self.train.freeze_blocks)
         return model
 
     def views(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> Views:
         """The augmented training views of a batch."""
-        train = self.spec["train"]
+        train = self.train
         return augment(
             self.inputs(batch, dtype),
-            scale=train["random_resized_crop"],
-            hflip=train["hflip"],
+            scale=train.random_resized_crop,
+            hflip=train.hflip,
             generator=self.generator,
         )
 
@@ -196,7 +196,7 @@ class ClassifierTask(Task):
         return model(views.x_BCHW)
 
     def teacher_logits(self, batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        if self.distill.get("source") == "cache":
+        if self.distill.source == "cache":
             if "teacher_logits" not in batch:
                 raise ValueError("distill.source=cache but the batch carries no teacher_logits")
             return batch["teacher_logits"].float()
@@ -209,7 +209,7 @@ class ClassifierTask(Task):
             return self.teacher(x.to(next(self.teacher.parameters()).dtype)).float()
 
     def train_loss(self, model, batch, dtype):
-        train = self.spec["train"]
+        train = self.train
         views = self.views(batch, dtype)
         x = views.x_BCHW
         target = batch["label"].long()
@@ -222,13 +222,13 @@ class ClassifierTask(Task):
         if soft is not None:
             loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         else:
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=train["label_smoothing"])
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=train.label_smoothing)
         if not self.distilled:
             return loss
         kd = distillation_loss(
-            logits_dist, self.teacher_logits(batch, x), mode=self.distill["mode"], tau=self.distill["tau"]
+            logits_dist, self.teacher_logits(batch, x), mode=self.distill.mode, tau=self.distill.tau
         )
-        return (1 - self.distill["alpha"]) * loss + self.distill["alpha"] * kd
+        return (1 - self.distill.alpha) * loss + self.distill.alpha * kd
 
     @torch.no_grad()
     def evaluate(self, model, batches, dtype):
@@ -265,7 +265,7 @@ class ZoomViTTask(ClassifierTask):
                 "training ZoomViT needs the zoomer stage's trained weights: a random Zoomer would zoom into noise"
             )
         kwargs = self.model_kwargs()
-        if self.distilled and self.distill.get("token", True):
+        if self.distilled and self.distill.token:
             kwargs["distilled"] = True
         kwargs.update(
             alpha=spec["alpha"],
@@ -292,12 +292,12 @@ class ZoomViTTask(ClassifierTask):
         return super().inputs(batch, torch.float32, column)  # the Zoomer reads fp32; the tokenizer casts
 
     def views(self, batch, dtype):
-        train = self.spec["train"]
+        train = self.train
         highres = self.inputs(batch, dtype, "image_hr") if self.highres else None
         return augment(
             self.inputs(batch, dtype),
-            scale=train["random_resized_crop"],
-            hflip=train["hflip"],
+            scale=train.random_resized_crop,
+            hflip=train.hflip,
             generator=self.generator,
             highres_BCHW=highres,
         )
@@ -338,11 +338,11 @@ class ZoomerTask(Task):
     def train_loss(self, model, batch, dtype):
         """The Zoomer learns on the views ZoomViT training will show it: the same random resized
         crops (maps cropped with the same boxes) and flips."""
-        train = self.spec["train"]
+        train = self.train
         views = augment(
             self.inputs(batch, dtype),
-            scale=train["random_resized_crop"],
-            hflip=train["hflip"],
+            scale=train.random_resized_crop,
+            hflip=train.hflip,
             generator=self.generator,
             maps_BHW=batch["map"],
         )
@@ -352,7 +352,7 @@ class ZoomerTask(Task):
     def evaluate(self, model, batches, dtype):
         """Pearson and top-k overlap with the teacher on whole val images and (``val_crop_*``) on
         random resized crops of them (a fixed seed, the training crop range or (0.5, 1))."""
-        scale = self.spec["train"]["random_resized_crop"] or (0.5, 1.0)
+        scale = self.train.random_resized_crop or (0.5, 1.0)
         crops = torch.Generator().manual_seed(12345)
         keys = ("val_loss", "val_pearson", "val_topk_overlap", "val_crop_pearson", "val_crop_topk_overlap")
         sums = dict.fromkeys(("n", *keys), 0.0)

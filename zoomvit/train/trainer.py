@@ -94,7 +94,7 @@ def run_training(
         )
     loop_config = {
         "task": task,
-        "train": train.model_dump(mode="json"),
+        "train": train,  # the typed section itself (pydantic models pickle)
         "use_gpu": use_gpu,
         "steps_per_epoch": n_train // per_step,
         "tracking": tracking,
