@@ -118,3 +118,13 @@ def test_a_stage_added_to_the_table_is_planned_and_offered_by_the_cli_with_no_ot
     with pytest.raises(SystemExit):
         full_main(["--help"])
     assert "report" in capsys.readouterr().out
+
+
+def test_the_zoomvit_command_runs_the_pipeline_with_the_scripts_options(data_root, tmp_path, capsys):
+    from zoomvit.cli import main
+
+    sets = ["--set", f"data.root={data_root}", "--set", "data.demo=null", "--set", f"artifact_root={tmp_path}"]
+    assert main(["run", "--config", TINY, *sets, "--dry-run"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()] == list(ORDER)
+    assert main(["stage", "zoomer", "--config", TINY, *sets, "--dry-run"]) == 2, "its upstream is not cached"
+    assert "teacher    missing" in capsys.readouterr().out

@@ -117,7 +117,28 @@ def _add_cluster(subparsers: argparse._SubParsersAction) -> None:
     local.set_defaults(func=_cluster_local)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_demo_data, _add_cluster)
+def _add_pipeline(subparsers: argparse._SubParsersAction) -> None:
+    """``run``, ``stage NAME`` and ``relevance`` hand their arguments to the pipeline's own parsers
+    (the ones behind pipelines/*.py), so both spellings take the same options."""
+    from zoomvit.pipeline.graph import STAGES
+
+    def forward(name: str, main: Callable[[list[str]], int], help: str) -> argparse.ArgumentParser:
+        sub = subparsers.add_parser(name, help=help, add_help=False, prefix_chars="\0")
+        sub.add_argument("rest", nargs=argparse.REMAINDER)
+        sub.set_defaults(func=lambda args: main(args.rest))
+        return sub
+
+    from zoomvit.pipeline import cli
+
+    forward("run", cli.full_main, "run the pipeline (as pipelines/full.py; --help for its options)")
+    forward("relevance", cli.relevance_main, "compute teacher relevance maps into Parquet (as pipelines/relevance.py)")
+    stage = subparsers.add_parser("stage", help=f"rerun one stage on cached upstream outputs ({', '.join(STAGES)})")
+    stage.add_argument("name", choices=list(STAGES))
+    stage.add_argument("rest", nargs=argparse.REMAINDER, help="pipeline options (--config, --set, ...)")
+    stage.set_defaults(func=lambda args: cli.stage_main(args.name, args.rest))
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_pipeline, _add_demo_data, _add_cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -225,9 +225,7 @@ class ClassifierTask(Task):
             loss = F.cross_entropy(logits.float(), target, label_smoothing=train.label_smoothing)
         if not self.distilled:
             return loss
-        kd = distillation_loss(
-            logits_dist, self.teacher_logits(batch, x), mode=self.distill.mode, tau=self.distill.tau
-        )
+        kd = distillation_loss(logits_dist, self.teacher_logits(batch, x), mode=self.distill.mode, tau=self.distill.tau)
         return (1 - self.distill.alpha) * loss + self.distill.alpha * kd
 
     @torch.no_grad()
