@@ -112,6 +112,7 @@ def test_each_epoch_yields_full_batches_of_distinct_samples_in_a_new_order():
     import ray.data
     import torch
 
+    from zoomvit.config import TrainConfig
     from zoomvit.train.loop import epoch_batches
 
     ds = ray.data.from_items([{"label": i} for i in range(500)], override_num_blocks=16).materialize()
@@ -119,7 +120,13 @@ def test_each_epoch_yields_full_batches_of_distinct_samples_in_a_new_order():
 
     def epoch(dataset, index, **overrides):
         batches = list(
-            epoch_batches(dataset.iterator(), {**recipe, **overrides}, epoch=index, rank=0, device=torch.device("cpu"))
+            epoch_batches(
+                dataset.iterator(),
+                TrainConfig(**{**recipe, **overrides}),
+                epoch=index,
+                rank=0,
+                device=torch.device("cpu"),
+            )
         )
         assert [len(b["label"]) for b in batches] == [32] * (500 // 32), (
             "full batches only, as many as without shuffling"

@@ -51,74 +51,109 @@ def build_deepspeed_config(train: TrainConfig, *, use_gpu: bool, world_size: int
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry point: the recipe (``config["train"]``, a ``TrainConfig``), the
+    task spec, the device choice, the steps per epoch and where to log."""
     configure_logging()
-    if not config["use_gpu"]:
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
-    import ray.train
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
+    WorkerTrainer(config).fit()
 
-    from zoomvit.train.tasks import build_task
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    train: TrainConfig = config["train"]
-    use_gpu = config["use_gpu"]
-    torch.manual_seed(train.seed + rank)
-    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
-    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-    task = build_task({**config["task"], "train": train, "seed": train.seed + rank})
-    model = task.build_model()
-    optimizer = create_optimizer_v2(model, opt=train.optimizer, lr=train.lr, weight_decay=train.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        config=build_deepspeed_config(train, use_gpu=use_gpu, world_size=world),
-        dist_init_required=False,
-    )
-    dtype = next(p for p in engine.module.parameters()).dtype
-    ema = None
-    if train.ema_decay:
-        from timm.utils import ModelEmaV3
+class WorkerTrainer:
+    """One worker's training run, in torchtitan's shape: setup (model, DeepSpeed engine, schedule,
+    resume), then per epoch train / evaluate / checkpoint."""
 
-        ema = ModelEmaV3(engine.module, decay=train.ema_decay)
-    steps_per_epoch = max(1, config["steps_per_epoch"] // train.grad_accum)
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=steps_per_epoch * train.epochs,
-        lr_min=train.min_lr,
-        warmup_t=int(steps_per_epoch * train.warmup_epochs),
-        warmup_lr_init=train.lr * 0.01,
-        t_in_epochs=False,
-    )
-    start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    def __init__(self, config: dict[str, Any]) -> None:
+        if not config["use_gpu"]:
+            os.environ["DS_ACCELERATOR"] = "cpu"
+        import deepspeed
+        import ray.train
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import CosineLRScheduler
+
+        from zoomvit.train.tasks import build_task
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.kind = config["task"]["kind"]
+        train: TrainConfig = config["train"]
+        self.train = train
+        use_gpu = config["use_gpu"]
+        torch.manual_seed(train.seed + self.rank)
+        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+        self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+        self.task = build_task({**config["task"], "train": train, "seed": train.seed + self.rank})
+        model = self.task.build_model()
+        self.optimizer = create_optimizer_v2(model, opt=train.optimizer, lr=train.lr, weight_decay=train.weight_decay)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=self.optimizer,
+            config=build_deepspeed_config(train, use_gpu=use_gpu, world_size=self.world),
+            dist_init_required=False,
+        )
+        self.dtype = next(p for p in self.engine.module.parameters()).dtype
+        self.ema = None
+        if train.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.engine.module, decay=train.ema_decay)
+        self.steps_per_epoch = max(1, config["steps_per_epoch"] // train.grad_accum)
+        self.scheduler = CosineLRScheduler(
+            self.optimizer,
+            t_initial=self.steps_per_epoch * train.epochs,
+            lr_min=train.min_lr,
+            warmup_t=int(self.steps_per_epoch * train.warmup_epochs),
+            warmup_lr_init=train.lr * 0.01,
+            t_in_epochs=False,
+        )
+        self.start_epoch, self.history = self._resume()
+        self.start_checksum = weights_checksum(self.engine.module.state_dict())
+        self.tracker = _Tracker(config.get("tracking"), self.rank)
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard("val")
+        self.global_step = self.start_epoch * self.steps_per_epoch
+
+    def _resume(self) -> tuple[int, list[dict[str, Any]]]:
+        """The epoch to start from and the history so far: from Ray Train's checkpoint after a restart."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0, []
         with checkpoint.as_directory() as ckpt_dir:
-            _, client_state = engine.load_checkpoint(ckpt_dir, tag="deepspeed")
-        start_epoch, history = int(client_state["epoch"]) + 1, client_state["history"]
-        if ema is not None:
-            ema.module.load_state_dict(client_state["ema"])
-        if rank == 0:
-            log.info(f"[{config['task']['kind']}] resumed from the checkpoint of epoch {start_epoch}")
-    start_checksum = weights_checksum(engine.module.state_dict())
-    tracker = _Tracker(config.get("tracking"), rank)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    global_step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, train.epochs):
+            _, client_state = self.engine.load_checkpoint(ckpt_dir, tag="deepspeed")
+        if self.ema is not None:
+            self.ema.module.load_state_dict(client_state["ema"])
+        start_epoch = int(client_state["epoch"]) + 1
+        if self.rank == 0:
+            log.info(f"[{self.kind}] resumed from the checkpoint of epoch {start_epoch}")
+        return start_epoch, client_state["history"]
+
+    def fit(self) -> None:
+        for epoch in range(self.start_epoch, self.train.epochs):
+            metrics = self.train_epoch(epoch)
+            metrics.update(self.evaluate())
+            self.history.append(metrics)
+            self.checkpoint(epoch, metrics)
+            self.tracker.log(metrics, step=epoch)
+            if self.rank == 0:
+                log.info(
+                    f"[{self.kind}] epoch {epoch + 1}/{self.train.epochs} "
+                    + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
+                )
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        engine, task = self.engine, self.task
         engine.train()
         start, images, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-        for batch in epoch_batches(train_shard, train, epoch=epoch, rank=rank, device=device):
-            loss = task.train_loss(engine, batch, dtype)
+        batches = epoch_batches(self.train_shard, self.train, epoch=epoch, rank=self.rank, device=self.device)
+        for batch in batches:
+            loss = task.train_loss(engine, batch, self.dtype)
             engine.backward(loss)
             engine.step()
             if engine.is_gradient_accumulation_boundary():
-                global_step += 1
-                scheduler.step_update(global_step)
-                if ema is not None:
-                    ema.update(engine.module, step=global_step)
+                self.global_step += 1
+                self.scheduler.step_update(self.global_step)
+                if self.ema is not None:
+                    self.ema.update(engine.module, step=self.global_step)
             images += batch["label"].shape[0]
             loss_sum += loss.detach().item()
             steps += 1
@@ -126,45 +161,45 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": loss_sum / max(steps, 1),
-            "train_img_per_s": images * world / max(seconds, 1e-9),
-            "train_images": images * world,
-            "lr": optimizer.param_groups[0]["lr"],
+            "train_img_per_s": images * self.world / max(seconds, 1e-9),
+            "train_images": images * self.world,
+            "lr": self.optimizer.param_groups[0]["lr"],
         }
-        if epoch == start_epoch:
-            metrics.update(
-                start_epoch=start_epoch, start_weights_checksum=start_checksum, **getattr(task, "param_counts", {})
-            )
-        engine.eval()
-        metrics.update(_evaluate(task, engine, val_shard, train, device, dtype, rank, world))
-        if ema is not None:
-            metrics.update(
-                {
-                    f"ema_{k}": v
-                    for k, v in _evaluate(task, ema.module, val_shard, train, device, dtype, rank, world).items()
-                }
-            )
-        history.append(metrics)
-        client_state = {"epoch": epoch, "history": history}
-        if ema is not None:
-            client_state["ema"] = ema.module.state_dict()
+        if epoch == self.start_epoch:
+            counts = getattr(task, "param_counts", {})
+            metrics.update(start_epoch=self.start_epoch, start_weights_checksum=self.start_checksum, **counts)
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Val metrics of the model (and ``ema_``-prefixed ones of its EMA)."""
+        self.engine.eval()
+        args = (self.val_shard, self.train, self.device, self.dtype, self.rank, self.world)
+        metrics = _evaluate(self.task, self.engine, *args)
+        if self.ema is not None:
+            metrics.update({f"ema_{k}": v for k, v in _evaluate(self.task, self.ema.module, *args).items()})
+        return metrics
+
+    def checkpoint(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """DeepSpeed's checkpoint with the history (and the EMA), the final fp32 weights after the last
+        epoch, reported to Ray Train with the epoch's metrics."""
+        import ray.train
+
+        client_state: dict[str, Any] = {"epoch": epoch, "history": self.history}
+        if self.ema is not None:
+            client_state["ema"] = self.ema.module.state_dict()
         with tempfile.TemporaryDirectory() as ckpt_dir:
-            engine.save_checkpoint(ckpt_dir, tag="deepspeed", client_state=client_state)
-            if rank == 0:
+            self.engine.save_checkpoint(ckpt_dir, tag="deepspeed", client_state=client_state)
+            if self.rank == 0:
                 with open(os.path.join(ckpt_dir, HISTORY), "w") as f:
-                    json.dump(history, f)
-            if epoch == train.epochs - 1:
-                _save_final(engine, os.path.join(ckpt_dir, FINAL_WEIGHTS), rank, train.zero_stage, ema=ema)
+                    json.dump(self.history, f)
+            if epoch == self.train.epochs - 1:
+                final = os.path.join(ckpt_dir, FINAL_WEIGHTS)
+                _save_final(self.engine, final, self.rank, self.train.zero_stage, ema=self.ema)
             torch.distributed.barrier()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
-        tracker.log(metrics, step=epoch)
-        if rank == 0:
-            log.info(
-                f"[{config['task']['kind']}] epoch {epoch + 1}/{train.epochs} "
-                + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
-            )
 
 
-def epoch_batches(shard, train: dict[str, Any], *, epoch: int, rank: int, device) -> Iterator[dict[str, torch.Tensor]]:
+def epoch_batches(shard, train: TrainConfig, *, epoch: int, rank: int, device) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of full training batches, rows shuffled within ``shuffle_buffer`` rows (seeded by
     seed, epoch and rank). The shuffle runs on the collated tensors: Ray Data's local shuffle buffer
     re-slices Arrow blocks for every batch and cost a third of the demo's training throughput."""
