@@ -154,22 +154,16 @@ def run_relevance_stage(
     use_gpu = relevance.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-    stats = {
-        "groups_total": len(groups),
-        "groups_cached": len(cached),
-        "groups_computed": 0,
-        "samples": 0,
-        "correct": 0,
-    }
-    report = SkipReport()
+    writer = _GroupWriter(out_dir=out_dir, base_meta=base_meta, max_bad_fraction=data.max_bad_fraction)
+    writer.on_committed = on_group_committed
     for g in cached:
-        report.merge(SkipReport.from_dict(json.loads(_skips_path(g, out_dir).read_text())))
+        writer.report.merge(SkipReport.from_dict(json.loads(_skips_path(g, out_dir).read_text())))
     start = time.perf_counter()
     if todo:
-        _compute(
-            todo, data, relevance, teacher_spec, base_meta, bool(use_gpu), out_dir, stats, report, on_group_committed
-        )
+        ds = _attribution_dataset(todo, data, relevance, teacher_spec, bool(use_gpu))
+        _collect(ds, todo, writer)
     elapsed = time.perf_counter() - start
+    report = writer.report
     manifest = {
         **base_meta,
         "groups": [
@@ -179,13 +173,13 @@ def run_relevance_stage(
         "rows": _count_rows(groups, out_dir),
         "skips": report.to_dict(),
         "stats": {
-            "groups_total": stats["groups_total"],
-            "groups_cached": stats["groups_cached"],
-            "groups_computed": stats["groups_computed"],
-            "images_computed": stats["samples"],
+            "groups_total": len(groups),
+            "groups_cached": len(cached),
+            "groups_computed": writer.groups,
+            "images_computed": writer.samples,
             "seconds": round(elapsed, 3),
-            "images_per_s": stats["samples"] / elapsed if stats["samples"] and elapsed > 0 else 0.0,
-            "teacher_acc": stats["correct"] / stats["samples"] if stats["samples"] else None,
+            "images_per_s": writer.samples / elapsed if writer.samples and elapsed > 0 else 0.0,
+            "teacher_acc": writer.correct / writer.samples if writer.samples else None,
             "use_gpu": bool(use_gpu),
         },
     }
@@ -193,9 +187,33 @@ def run_relevance_stage(
     return manifest
 
 
-def _compute(
-    todo, data, relevance, teacher_spec, base_meta, use_gpu, out_dir, stats, report, on_group_committed
-) -> None:
+@dataclass
+class _GroupWriter:
+    """Writes each finished group (Parquet + its skip counts) and keeps the job's running totals."""
+
+    out_dir: Path
+    base_meta: dict[str, Any]
+    max_bad_fraction: float
+    report: SkipReport = field(default_factory=SkipReport)
+    on_committed: Callable[[str, int], None] | None = None
+    groups: int = 0
+    samples: int = 0
+    correct: int = 0
+
+    def commit(self, g: _Group) -> None:
+        kept = _commit(g, self.out_dir, self.base_meta)
+        self.groups += 1
+        self.samples += len(kept)
+        self.correct += sum(r["teacher_pred"] == r["label"] for r in kept)
+        self.report.merge(g.skips)
+        if self.on_committed is not None:
+            self.on_committed(g.split, g.index)
+        self.report.check(self.max_bad_fraction)
+
+
+def _attribution_dataset(todo: list[_Group], data, relevance, teacher_spec: dict[str, Any], use_gpu: bool):
+    """The Ray Dataset of the groups' shards through the attribution actors: one row per sample
+    (relevance, or a skip) and one end-of-shard row per shard."""
     import ray.data
 
     from zoomvit.data.ingest import read_decoded, read_shards
@@ -209,7 +227,6 @@ def _compute(
         )
     transform = ImageTransform(image_size=data.image_size, resize_mode=data.resize_mode, crop_pct=data.crop_pct)
     paths = [p for g in todo for p in g.shards]
-    by_shard = {shard_key(p): g for g in todo for p in g.shards}
     decode = {"num_classes": data.num_classes, "transform": transform}
     if relevance.decode_in_actor:
         ds = read_shards(paths)
@@ -238,6 +255,12 @@ def _compute(
         num_cpus=relevance.num_cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
     )
+    return ds
+
+
+def _collect(ds, todo: list[_Group], writer: _GroupWriter) -> None:
+    """Sort the dataset's rows into their groups; commit each group as soon as every shard of it is complete."""
+    by_shard = {shard_key(p): g for g in todo for p in g.shards}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         touched = set()
         for i in range(len(batch["kind"])):
@@ -268,15 +291,13 @@ def _compute(
                 }
             )
         for g in [g for g in todo if id(g) in touched and g.complete()]:
-            _commit(g, out_dir, base_meta, stats, report)
+            writer.commit(g)
             todo = [t for t in todo if t is not g]
-            if on_group_committed is not None:
-                on_group_committed(g.split, g.index)
-            report.check(data.max_bad_fraction)
     assert not todo, f"groups never completed: {[(g.split, g.index) for g in todo]}"
 
 
-def _commit(g: _Group, out_dir: Path, base_meta: dict[str, Any], stats: dict[str, int], report: SkipReport) -> None:
+def _commit(g: _Group, out_dir: Path, base_meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write the group's rows (first of each key, in shard order) and its skip counts; the rows kept."""
     order = {s: i for i, s in enumerate(g.shards)}
     seen: set[str] = set()
     kept = []
@@ -293,10 +314,7 @@ def _commit(g: _Group, out_dir: Path, base_meta: dict[str, Any], stats: dict[str
         group_path(out_dir, g.split, g.index),
         {**base_meta, "split": g.split, "group": g.index, "shards": g.shards},
     )
-    stats["groups_computed"] += 1
-    stats["samples"] += len(kept)
-    stats["correct"] += sum(r["teacher_pred"] == r["label"] for r in kept)
-    report.merge(g.skips)
+    return kept
 
 
 def _committed(g: _Group, out_dir: Path, fingerprint: str) -> bool:
