@@ -49,6 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from zoomvit.config import load_config
+    from zoomvit.pipeline.graph import QualityGateFailed
     from zoomvit.pipeline.runner import run_pipeline
     from zoomvit.pipeline.runtime import init_ray
 
@@ -65,7 +66,13 @@ def main() -> None:
             *args.set,
         ]
         start = time.perf_counter()
-        result = run_pipeline(load_config(args.config, overrides))
+        try:
+            result = run_pipeline(load_config(args.config, overrides))
+        except QualityGateFailed as err:  # upstream of the students: every seed would stop the same way
+            print(f"[tradeoff] stopped by a quality gate: {err}", flush=True)
+            payload = {"args": vars(args), "stopped_by_gate": str(err), "per_seed": per_seed}
+            print(f"wrote {write_result(f'tradeoff_{args.preset}', payload)}")
+            return
         evaluation = json.loads((Path(result.stages["evaluate"]["out_dir"]) / "evaluation.json").read_text())
         per_seed.append(
             {"seed": seed, "pipeline_run": result.run_id, "seconds": time.perf_counter() - start, **evaluation}
