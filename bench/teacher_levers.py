@@ -1,0 +1,135 @@
+"""Which lever makes the demo teacher learn: the teacher's architecture and batch size measured
+outside the pipeline, in one plain PyTorch loop on the decoded demo images (no Ray, no DeepSpeed),
+so that only the lever differs between rows.
+
+    python bench/teacher_levers.py [--data demo_data/demo] [--epochs 6] [--variants plain stem conv_stem]
+                                   [--batch-sizes 64 32]
+
+Variants (all the demo ViT: 64 px, 8 px patches, dim 96, depth 4, heads 3, AdamW lr 1e-3, wd 0.05,
+one warmup epoch then cosine, random resized crops [0.5, 1]):
+- plain: timm's linear patch embedding (what the demo teacher is);
+- stem: a non-overlapping conv stem (three 2x2 stride-2 convs with GELU): each 8 px patch is still
+  embedded on its own, so ZoomViT's per-cell tokenizer could use it;
+- conv_stem: an overlapping conv stem (three 3x3 stride-2 convs with BatchNorm and ReLU, Xiao et al.
+  2021, "Early convolutions help transformers see better"): tokens see their neighbours' pixels.
+Writes bench/results/teacher_levers.json (val top-1 after every epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from _common import print_table, write_result
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for path in sorted(root.glob(f"{split}-*.tar")):
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        for sample in members.values():
+            images.append(np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")))
+            labels.append(int(sample["cls"]))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    return (x - 0.5) / 0.5, torch.tensor(labels)
+
+
+def build(variant: str) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=10)
+    if variant == "stem":
+        model.patch_embed.proj = nn.Sequential(
+            nn.Conv2d(3, 24, 2, 2), nn.GELU(), nn.Conv2d(24, 48, 2, 2), nn.GELU(), nn.Conv2d(48, 96, 2, 2)
+        )
+    elif variant == "conv_stem":
+        model.patch_embed.proj = nn.Sequential(
+            nn.Conv2d(3, 24, 3, 2, 1), nn.BatchNorm2d(24), nn.ReLU(),
+            nn.Conv2d(24, 48, 3, 2, 1), nn.BatchNorm2d(48), nn.ReLU(),
+            nn.Conv2d(48, 96, 3, 2, 1),
+        )  # fmt: skip
+    elif variant != "plain":
+        raise ValueError(f"unknown variant {variant!r}")
+    return model
+
+
+def random_resized_crops(x_BCHW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    out = torch.empty_like(x_BCHW)
+    size = x_BCHW.shape[-1]
+    for i in range(len(x_BCHW)):
+        side = int(size * math.sqrt(torch.empty(1).uniform_(0.5, 1.0, generator=generator).item()))
+        x0, y0 = torch.randint(0, size - side + 1, (2,), generator=generator).tolist()
+        crop = x_BCHW[i : i + 1, :, y0 : y0 + side, x0 : x0 + side]
+        out[i] = F.interpolate(crop, size=size, mode="bilinear", align_corners=False)[0]
+    return out
+
+
+def train(variant: str, batch_size: int, epochs: int, data) -> dict:
+    (x_train, y_train), (x_val, y_val) = data
+    torch.manual_seed(0)
+    model = build(variant)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    steps_per_epoch = len(x_train) // batch_size
+    total = epochs * steps_per_epoch
+
+    def lr_factor(step: int) -> float:
+        return min(1.0, (step + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    generator = torch.Generator().manual_seed(0)
+    curve, start = [], time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        for i in range(0, steps_per_epoch * batch_size, batch_size):
+            idx = order[i : i + batch_size]
+            loss = F.cross_entropy(model(random_resized_crops(x_train[idx], generator)), y_train[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+        model.eval()
+        with torch.no_grad():
+            curve.append(float((model(x_val).argmax(1) == y_val).float().mean()))
+        print(f"{variant} batch {batch_size}: epoch {len(curve)} val top-1 {curve[-1]:.3f}", flush=True)
+    return {
+        "variant": variant,
+        "batch_size": batch_size,
+        "val_top1": curve[-1],
+        "curve": curve,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO / "demo_data" / "demo"))
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--variants", nargs="+", default=["plain", "stem", "conv_stem"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    data = load_split(Path(args.data), "train"), load_split(Path(args.data), "val")
+    rows = [train(v, b, args.epochs, data) for b in args.batch_sizes for v in args.variants]
+    print_table([{k: v for k, v in r.items() if k != "curve"} for r in rows])
+    print(f"wrote {write_result('teacher_levers', {'args': vars(args), 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
