@@ -53,13 +53,19 @@ def git_commit() -> str:
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str) -> None:
+    """MLflow through explicit run ids. ``experiment``: where :meth:`start` creates runs (None for a
+    tracker that only logs into runs that exist, as a training worker does)."""
+
+    def __init__(self, uri: str, experiment: str | None = None) -> None:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = None
+        if experiment is not None:
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
 
     def start(self, name: str, *, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
+        assert self.experiment_id is not None, "a tracker without an experiment only logs into existing runs"
         all_tags = dict(tags or {})
         if parent:
             all_tags[PARENT_TAG] = parent

@@ -19,6 +19,7 @@ import torch
 
 from zoomvit.config import TrainConfig
 from zoomvit.logs import configure as configure_logging
+from zoomvit.tracking.runs import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,9 @@ class WorkerTrainer:
         )
         self.start_epoch, self.history = self._resume()
         self.start_checksum = weights_checksum(self.engine.module.state_dict())
-        self.tracker = _Tracker(config.get("tracking"), self.rank)
+        tracking = config.get("tracking") if self.rank == 0 else None  # rank 0 alone logs, into the stage's run
+        self.tracking_run = tracking["run_id"] if tracking else None
+        self.tracker = Tracker(tracking["uri"]) if tracking else None
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
         self.global_step = self.start_epoch * self.steps_per_epoch
@@ -133,7 +136,8 @@ class WorkerTrainer:
             metrics.update(self.evaluate())
             self.history.append(metrics)
             self.checkpoint(epoch, metrics)
-            self.tracker.log(metrics, step=epoch)
+            if self.tracker is not None:
+                self.tracker.metrics(self.tracking_run, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if self.rank == 0:
                 log.info(
                     f"[{self.kind}] epoch {epoch + 1}/{self.train.epochs} "
@@ -264,26 +268,3 @@ def _save_final(engine, path: str, rank: int, zero_stage: int, ema=None) -> None
         state = engine.module.state_dict()
     if rank == 0:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, path)
-
-
-class _Tracker:
-    """MLflow metrics from rank 0 only, into an existing run (so restarts keep the same run)."""
-
-    def __init__(self, tracking: dict[str, str] | None, rank: int) -> None:
-        self.client = None
-        if tracking and rank == 0:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=tracking["uri"])
-            self.run_id = tracking["run_id"]
-
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [
-            Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"
-        ]
-        self.client.log_batch(self.run_id, metrics=batch)
