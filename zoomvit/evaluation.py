@@ -29,12 +29,7 @@ from zoomvit.train.tasks import build_task
 
 
 def load_trained(task: dict[str, Any], weights: str | Path) -> torch.nn.Module:
-    spec = {
-        **task,
-        "pretrained": False,
-        "init_checkpoint": None,
-        "train": TrainConfig(),
-    }
+    spec = {**task, "pretrained": False, "init_checkpoint": None, "train": TrainConfig()}
     model = build_task(spec).build_model()
     model.load_state_dict(load_state_dict_file(weights))
     if isinstance(model, ZoomViT) and model.zoomer is not None:
@@ -43,7 +38,7 @@ def load_trained(task: dict[str, Any], weights: str | Path) -> torch.nn.Module:
 
 
 def bootstrap_ci(hits: np.ndarray, *, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of a mean of per-image 0/1 outcomes."""
+    """Percentile bootstrap interval of the mean of per-image outcomes (0/1 hits, or paired differences)."""
     hits = np.asarray(hits, dtype=np.float64)
     if len(hits) == 0:
         return (float("nan"), float("nan"))
@@ -105,9 +100,7 @@ def paired_delta_at_equal_gflops(
         if g_low <= gflops <= g_high:
             w = 0.0 if g_high == g_low else (gflops - g_low) / (g_high - g_low)
             diff_N = np.asarray(hits_N, np.float64) - ((1 - w) * h_low + w * h_high)
-            rng = np.random.default_rng(seed)
-            means = diff_N[rng.integers(0, len(diff_N), size=(resamples, len(diff_N)))].mean(axis=1)
-            low, high = (float(v) for v in np.quantile(means, [0.025, 0.975]))
+            low, high = bootstrap_ci(diff_N, resamples=resamples, seed=seed)
             return {
                 "delta_top1": float(diff_N.mean()),
                 "delta_top1_ci95": [low, high],
