@@ -109,3 +109,27 @@ def test_a_family_of_a_model_that_cannot_resize_its_input_is_a_clear_error():
     task = baseline_tasks(config)["baseline_48px"]
     with pytest.raises(ValueError, match="input_sizes needs a ViT that resizes its input"):
         build_task({**task, "train": config.baseline.train.model_dump(), "seed": 0}).build_model()
+
+
+def test_gflops_are_measured_once_per_token_count_and_padding_never_costs_less():
+    from zoomvit.models.flops import TokenCostTable, count_flops
+
+    model = timm.create_model("zoomvit_test_patch8_32", with_zoomer=False).eval()
+    x = torch.randn(6, 3, 32, 32)
+    budgets = torch.tensor([16, 19, 25, 16, 28, 19])  # 0, 1, 3, 0, 4, 1 zoomed cells
+    scores = torch.rand(6, 4, 4)
+    table = TokenCostTable(model)
+    _, zt = model(x, scores, token_budget=budgets, return_tokens=True)
+    table.observe(x, scores, zt.num_tokens_B, token_budget=budgets)
+    assert sorted(table.gflops) == [16, 19, 25, 28]
+    alone = count_flops(model, x[2:3], scores[2:3], token_budget=budgets[2:3]) / 1e9
+    assert table.gflops[25] == pytest.approx(alone)
+    counts = zt.num_tokens_B.numpy()
+    assert table.gflops[16] < table.gflops[19] < table.gflops[25] < table.gflops[28]
+    unpadded = table.unpadded(counts)
+    assert unpadded == pytest.approx(np.mean([table.gflops[int(n)] for n in counts]))
+    assert table.padded(counts, batch_size=1) == pytest.approx(unpadded)
+    assert table.padded(counts, batch_size=3) >= unpadded
+    assert table.padded(counts, batch_size=6) == pytest.approx(table.gflops[28]), (
+        "one batch: every image pays the longest"
+    )

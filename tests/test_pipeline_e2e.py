@@ -167,6 +167,7 @@ def test_the_evaluate_stage_reports_intervals_and_zoom_controls_at_zoomvits_toke
         lo, hi = row["top1_ci95"]
         assert lo <= row["top1"] <= hi, name
         assert all(k + "_ci95" in row for k in row if k.startswith("top1_size_") and not k.endswith("_ci95")), name
+        assert row["gflops_padded_per_img"] >= row["gflops_per_img"] - 1e-12, name
     for name in controls:  # the same number of zoomed cells per image as the Zoomer chose
         assert rows[name]["tokens_per_img"] == pytest.approx(rows["zoomvit"]["tokens_per_img"]), name
         assert rows[name]["gflops_per_img"] < rows["zoomvit"]["gflops_per_img"], "a control pays no Zoomer"

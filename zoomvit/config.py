@@ -412,7 +412,6 @@ class EvaluateConfig(Section):
     budgets: tuple[int, ...] = Field(
         (), description="token budgets to evaluate ZoomViT at (top-k cells zoomed, static length)"
     )
-    flops_samples: int = Field(64, ge=1)
 
 
 class GatesConfig(Section):

@@ -1,7 +1,8 @@
 """The evaluate stage: ZoomViT and the baseline side by side on the val shards.
 
 Accuracy overall and by object-size bucket (from the ``.json`` boxes) with 95% bootstrap intervals,
-tokens/img, measured GFLOPs/img, inference img/s, and a figure (image | teacher map | Zoomer map |
+tokens/img, GFLOPs/img over every val image (each image alone, and as batches padded to their
+longest sequence; the Zoomer included), inference img/s, and a figure (image | teacher map | Zoomer map |
 token layout). Zoom controls with ZoomViT's own weights: every image zooms as many cells as the
 Zoomer chose for it at the reported alpha, but random cells (a fixed seed), the cells nearest the
 centre, or the teacher's most relevant cells (the oracle the Zoomer imitates). With a baseline
@@ -21,7 +22,7 @@ import torch
 
 from zoomvit.config import PipelineConfig, TrainConfig
 from zoomvit.models import ZOOM, ZoomViT, zoomvit_flops
-from zoomvit.models.flops import uniform_tokens
+from zoomvit.models.flops import TokenCostTable, count_flops, uniform_tokens
 from zoomvit.models.loading import load_state_dict_file
 from zoomvit.train.data import DecodedSplits, numpy_batch_input, sample_dataset, size_bucket
 from zoomvit.train.recipes import baseline_tasks, zoomvit_task
@@ -52,6 +53,7 @@ class _Scores:
     def __init__(self) -> None:
         self.top5 = 0
         self.tokens = 0.0
+        self.counts: list[np.ndarray] = []  # each image's token count, in val order
         self.seconds = 0.0
         self.hits: list[np.ndarray] = []
         self.buckets: list[str] = []
@@ -68,6 +70,7 @@ class _Scores:
         self.buckets.extend(buckets)
         self.top5 += int((top5 == labels[:, None]).any(dim=1).sum())
         self.tokens += float(tokens.sum())
+        self.counts.append(np.asarray(tokens))
         self.seconds += seconds
 
     def row(self, **extra: Any) -> dict[str, Any]:
@@ -162,12 +165,16 @@ def evaluate_models(
     controls = [c for c in CONTROLS if c != "teacher" or teacher is not None]
     scores |= {("control", c): _Scores() for c in controls}
     control_generator = torch.Generator().manual_seed(0)
-    flops_images: list[torch.Tensor] = []
-    flops_highres: list[torch.Tensor] = []
+    cost = TokenCostTable(zoom)  # GFLOPs by token count, over every val image
+    fixed_gflops: dict[str, float] = {}  # the Zoomer and each baseline: one cost for every image
+    batch_size = config.zoomvit.train.eval_batch_size
     figure_rows: list[dict[str, Any]] = []
     val = sample_dataset(config.data, "val", highres=highres, splits=splits)
-    for batch in val.iter_batches(batch_size=config.zoomvit.train.eval_batch_size, batch_format="numpy"):
+    for batch in val.iter_batches(batch_size=batch_size, batch_format="numpy"):
         x = numpy_batch_input(batch, config.data)
+        if not fixed_gflops:
+            fixed_gflops = {"zoomer": count_flops(zoom.zoomer, x[:1]) / 1e9}
+            fixed_gflops |= {name: zoomvit_flops(base, x[:1]).gflops for name, base in baselines.items()}
         x_hr = numpy_batch_input(batch, config.data, "image_hr") if highres else None
         labels = torch.from_numpy(batch["label"]).long()
         buckets = size_bucket(batch["box"], config.data.image_size, config.evaluate.size_buckets)
@@ -179,6 +186,7 @@ def evaluate_models(
             logits, zt = zoom(x, importance, highres=x_hr, alpha=alpha, return_tokens=True)
             seconds = zoomer_seconds + time.perf_counter() - start
             scores[("zoomvit", alpha)].add(logits, labels, zt.num_tokens_B.numpy(), buckets, seconds)
+            cost.observe(x, importance, zt.num_tokens_B, highres=x_hr, alpha=alpha)
             if alpha == headline:
                 budget_B = zoom.num_cells + 3 * ((zt.level_BL == ZOOM) & zt.valid_BL).sum(dim=1) // 4
                 keys = [str(k) for k in batch["key"]]
@@ -192,6 +200,7 @@ def evaluate_models(
                     scores[("control", kind)].add(
                         c_logits, labels, c_zt.num_tokens_B.numpy(), buckets, time.perf_counter() - start
                     )
+                    cost.observe(x, chosen, c_zt.num_tokens_B, highres=x_hr, token_budget=budget_B)
             if alpha == headline and len(figure_rows) < config.evaluate.num_figures:
                 for i in range(min(len(x), config.evaluate.num_figures - len(figure_rows))):
                     figure_rows.append(
@@ -208,47 +217,34 @@ def evaluate_models(
             logits, zt = zoom(x, importance, highres=x_hr, token_budget=budget, return_tokens=True)
             seconds = zoomer_seconds + time.perf_counter() - start
             scores[("zoomvit_budget", budget)].add(logits, labels, zt.num_tokens_B.numpy(), buckets, seconds)
+            cost.observe(x, importance, zt.num_tokens_B, highres=x_hr, token_budget=budget)
         for name, base in baselines.items():
             start = time.perf_counter()
             logits = base(x)
             seconds = time.perf_counter() - start
             scores[(name, None)].add(logits, labels, np.full(len(x), uniform_tokens(base)), buckets, seconds)
-        if sum(len(f) for f in flops_images) < config.evaluate.flops_samples:
-            flops_images.append(x)
-            if highres:
-                flops_highres.append(x_hr)
-    if not flops_images:
+    if not fixed_gflops:
         raise ValueError("the val split holds no usable samples")
-    flops_x = torch.cat(flops_images)[: config.evaluate.flops_samples]
-    flops_hr = torch.cat(flops_highres)[: config.evaluate.flops_samples] if highres else None
     rows = []
-    # a control's layouts have the reported ZoomViT's token counts; it pays no Zoomer
-    control_gflops = float(zoomvit_flops(zoom, flops_x, highres=flops_hr, alpha=headline).gflops_B.mean())
     for (model, setting), s in scores.items():
+        if model in ("zoomvit", "zoomvit_budget", "control"):
+            counts = np.concatenate(s.counts)
+            zoomer = 0.0 if model == "control" else fixed_gflops["zoomer"]  # a control's cells cost no Zoomer
+            gflops = {
+                "gflops_per_img": cost.unpadded(counts) + zoomer,
+                "gflops_padded_per_img": cost.padded(counts, batch_size) + zoomer,
+            }
+        else:
+            gflops = {"gflops_per_img": fixed_gflops[model], "gflops_padded_per_img": fixed_gflops[model]}
         if model == "zoomvit":
-            report = zoomvit_flops(zoom, flops_x, highres=flops_hr, alpha=setting)
-            rows.append(
-                s.row(model="zoomvit", alpha=setting, headline=setting == headline, gflops_per_img=report.gflops)
-            )
+            rows.append(s.row(model="zoomvit", alpha=setting, headline=setting == headline, **gflops))
         elif model == "zoomvit_budget":
-            report = zoomvit_flops(zoom, flops_x, highres=flops_hr, token_budget=setting)
-            rows.append(
-                s.row(model="zoomvit", alpha=None, budget=setting, headline=False, gflops_per_img=report.gflops)
-            )
+            rows.append(s.row(model="zoomvit", alpha=None, budget=setting, headline=False, **gflops))
         elif model == "control":
-            rows.append(
-                s.row(model=f"zoomvit_control_{setting}", alpha=headline, headline=False, gflops_per_img=control_gflops)
-            )
+            rows.append(s.row(model=f"zoomvit_control_{setting}", alpha=headline, headline=False, **gflops))
         else:
             family = model == "baseline" or model in {m.name for m in config.baseline.family}
-            rows.append(
-                s.row(
-                    model=model,
-                    alpha=None,
-                    family=family,
-                    gflops_per_img=zoomvit_flops(baselines[model], flops_x).gflops,
-                )
-            )
+            rows.append(s.row(model=model, alpha=None, family=family, **gflops))
     result = {
         "rows": rows,
         "size_buckets": list(config.evaluate.size_buckets),

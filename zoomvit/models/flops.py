@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -75,6 +76,50 @@ def zoomvit_flops(
         return FlopReport(gflops_B=gflops_B, zoomer_gflops=zoomer_gflops, tokens_B=tokens_B)
     finally:
         model.train(was_training)
+
+
+class TokenCostTable:
+    """A ZoomViT image's GFLOPs by its token count (its cost depends on nothing else), measured
+    once per count as counts are seen: a whole val set costs one forward per distinct count."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.gflops: dict[int, float] = {}
+
+    @torch.no_grad()
+    def observe(
+        self,
+        images_BCHW: torch.Tensor,
+        scores_BHW: torch.Tensor,
+        tokens_B: torch.Tensor,
+        *,
+        highres: torch.Tensor | None = None,
+        **zoom: Any,
+    ) -> None:
+        """Measure every count in ``tokens_B`` not measured yet, on the image that has it, run alone."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i, n in enumerate(tokens_B.tolist()):
+                if n not in self.gflops:
+                    one = {k: v[i : i + 1] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in zoom.items()}
+                    hr = None if highres is None else highres[i : i + 1]
+                    cost = count_flops(self.model, images_BCHW[i : i + 1], scores_BHW[i : i + 1], highres=hr, **one)
+                    self.gflops[n] = cost / 1e9
+        finally:
+            self.model.train(was_training)
+
+    def unpadded(self, counts_N: np.ndarray) -> float:
+        """Mean GFLOPs/img with every image run alone (its own token count)."""
+        return float(np.mean([self.gflops[int(n)] for n in counts_N]))
+
+    def padded(self, counts_N: np.ndarray, batch_size: int) -> float:
+        """Mean GFLOPs/img when images run in batches of ``batch_size`` (in the given order), each
+        batch padded to its longest sequence: what a batched forward spends."""
+        counts_N = np.asarray(counts_N, dtype=np.int64)
+        per_image = [self.gflops[int(counts_N[i : i + batch_size].max())] for i in range(0, len(counts_N), batch_size)]
+        sizes = [len(counts_N[i : i + batch_size]) for i in range(0, len(counts_N), batch_size)]
+        return float(np.dot(per_image, sizes) / len(counts_N))
 
 
 def uniform_tokens(model: nn.Module) -> int:
