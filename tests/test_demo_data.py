@@ -265,6 +265,41 @@ def test_the_pipeline_regenerates_a_demo_dataset_made_with_other_settings(tmp_pa
     ]
 
 
+def _users_dataset(root: Path) -> dict[str, bytes]:
+    """Shards named like the generator's, with an _info.json that is not the generator's."""
+    root.mkdir(parents=True, exist_ok=True)
+    files = {
+        "train-000000.tar": b"the user's train shard",
+        "val-000000.tar": b"the user's val shard",
+        "_info.json": json.dumps({"name": "imagenet-1k", "splits": {}}).encode(),
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize("info", [True, False], ids=["foreign-info", "no-info"])
+def test_the_demo_generator_never_overwrites_shards_it_did_not_write(tmp_path: Path, info: bool) -> None:
+    files = _users_dataset(tmp_path)
+    if not info:
+        (tmp_path / "_info.json").unlink()
+        del files["_info.json"]
+    with pytest.raises(ValueError, match="did not write"):
+        generate_demo_dataset(tmp_path, train=4, val=2)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+
+def test_a_demo_config_pointed_at_a_users_dataset_stops_instead_of_replacing_it(tmp_path: Path) -> None:
+    from zoomvit.config import load_config
+    from zoomvit.pipeline.runner import ensure_demo_data
+
+    files = _users_dataset(tmp_path)
+    tiny = str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml")
+    with pytest.raises(ValueError, match="refusing to overwrite them"):
+        ensure_demo_data(load_config(tiny, [f"data.root={tmp_path}"]))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+
 def test_the_hard_preset_has_smaller_digits_and_brighter_colourful_clutter(tmp_path: Path) -> None:
     from zoomvit.data.demo import DemoSpec, render_sample
 

@@ -291,6 +291,15 @@ def _write_tar(path: Path, members: Sequence[tuple[str, bytes]]) -> None:
     os.replace(tmp, path)
 
 
+def is_demo_dataset(root: str | os.PathLike[str]) -> bool:
+    """Whether ``root``'s ``_info.json`` says this generator wrote it."""
+    path = Path(root) / "_info.json"
+    try:
+        return json.loads(path.read_text()).get("name") == DATASET_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def generate_demo_dataset(
     out_dir: str | os.PathLike[str],
     *,
@@ -308,7 +317,9 @@ def generate_demo_dataset(
     """Write ``train-NNNNNN.tar``/``val-NNNNNN.tar`` shards, ``classes.txt`` and ``_info.json`` into out_dir.
 
     Shards from an earlier generation in out_dir that the new one does not overwrite are removed,
-    so the directory always holds exactly the split listed in ``_info.json``. Returns that info dict.
+    so the directory always holds exactly the split listed in ``_info.json``. A directory holding
+    shards this generator did not write (no ``_info.json`` of ours) is refused: those may be a
+    user's dataset. Returns that info dict.
     """
     spec = DemoSpec(
         train=train,
@@ -326,6 +337,11 @@ def generate_demo_dataset(
     if out.exists() and not out.is_dir():
         raise UserError(f"out_dir {str(out)!r} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    if any(_SHARD_RE.match(p.name) for p in out.iterdir()) and not is_demo_dataset(out):
+        raise UserError(
+            f"{str(out)!r} holds train-/val- shards that the demo generator did not write (its _info.json does not "
+            "name the demo dataset): refusing to overwrite them. Write the demo data elsewhere."
+        )
 
     splits: dict[str, dict[str, Any]] = {}
     written: set[str] = set()

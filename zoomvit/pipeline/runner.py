@@ -95,16 +95,21 @@ def ensure_demo_data(config: PipelineConfig) -> None:
     try:
         config.data.shard_paths("train")
         config.data.shard_paths("val")
-        info_path = Path(root) / "_info.json"
-        generator = json.loads(info_path.read_text()).get("generator", {}) if info_path.exists() else {}
+    except ValueError:
+        pass  # no shards yet: generate them
+    else:
+        from zoomvit.data.demo import is_demo_dataset
+
+        if not is_demo_dataset(root):
+            raise UserError(
+                f"data.root {root!r} holds shards that the demo generator did not write, and data.demo asks for "
+                "demo data there: refusing to overwrite them. Remove data.demo to train on these shards, or point "
+                "data.root at another directory for the demo data."
+            )
+        generator = json.loads((Path(root) / "_info.json").read_text()).get("generator", {})
         if all(generator.get(k) == v for k, v in wanted.items()):
             return
-        stale = sorted(Path(root).glob("train-*.tar")) + sorted(Path(root).glob("val-*.tar"))
         log.info(f"[data] the demo dataset in {root} was generated with other settings; regenerating it")
-        for path in stale:
-            path.unlink()
-    except ValueError:
-        pass
     from zoomvit.data.demo import generate_demo_dataset
 
     log.info(
