@@ -32,7 +32,15 @@ def setup(data_root, tmp_path):
 
 def _cache(step, run_id="r0"):
     step.out_dir.mkdir(parents=True)
-    manifest = {"stage": step.name, "fingerprint": step.fingerprint, "run_id": run_id, "out_dir": str(step.out_dir)}
+    (step.out_dir / "model.safetensors").write_bytes(b"weights")
+    manifest = {
+        "stage": step.name,
+        "fingerprint": step.fingerprint,
+        "run_id": run_id,
+        "out_dir": str(step.out_dir),
+        "files": {"weights": "model.safetensors"},
+        "file_sizes": {"weights": 7},
+    }
     (step.out_dir / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -128,3 +136,33 @@ def test_the_zoomvit_command_runs_the_pipeline_with_the_scripts_options(data_roo
     assert [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()] == list(ORDER)
     assert main(["stage", "zoomer", "--config", TINY, *sets, "--dry-run"]) == 2, "its upstream is not cached"
     assert "teacher    missing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "harm, reason",
+    [
+        (lambda d: (d / "model.safetensors").unlink(), "is missing"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"w"), "has 1 bytes, 7 when committed"),
+        (lambda d: (d / MANIFEST).write_text("{not json"), "unreadable"),
+    ],
+    ids=["file-missing", "file-truncated", "manifest-corrupt"],
+)
+def test_a_damaged_cache_entry_is_recomputed_not_trusted(setup, harm, reason):
+    config, shards, root = setup
+    for step in plan_run(config, shards, root):
+        _cache(step)
+    harm(plan_run(config, shards, root)[2].out_dir)  # the zoomer's output
+    plan = {s.name: s for s in plan_run(config, shards, root)}
+    assert plan["zoomer"].action == "run" and "damaged" in plan["zoomer"].why and reason in plan["zoomer"].why
+    assert plan["relevance"].action == "cached" and plan["zoomvit"].action == "cached"
+    only = {s.name: s for s in plan_run(config, shards, root, only=["zoomvit"])}
+    assert only["zoomer"].action == "missing" and "damaged" in only["zoomer"].why
+
+
+def test_manifests_are_written_whole_or_not_at_all(tmp_path):
+    from zoomvit.pipeline.runner import write_json_durably
+
+    path = tmp_path / MANIFEST
+    write_json_durably(path, {"a": 1})
+    write_json_durably(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == [MANIFEST]

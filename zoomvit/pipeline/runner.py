@@ -124,6 +124,42 @@ def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def damage(out_dir: Path) -> str | None:
+    """Why a committed output cannot be trusted (an unreadable manifest, a listed file missing or of
+    another size than when it was committed), or None when it is intact or absent."""
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST} is unreadable ({err})"
+    sizes = manifest.get("file_sizes", {})
+    for key, rel in manifest.get("files", {}).items():
+        file = Path(manifest.get("out_dir", out_dir)) / rel
+        if not file.exists():
+            return f"its {key} file {file} is missing"
+        if key in sizes and file.is_file() and file.stat().st_size != sizes[key]:
+            return f"its {key} file {file} has {file.stat().st_size} bytes, {sizes[key]} when committed"
+    return None
+
+
+def write_json_durably(path: Path, payload: Any) -> None:
+    """Write, fsync, rename over ``path``, fsync the directory: after a crash or power loss the file
+    is either the old one or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(payload, indent=2, default=str))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def lineage_from_run(tracker: Tracker, run_id: str) -> dict[str, Any]:
     import mlflow
 
@@ -176,16 +212,22 @@ def plan_run(
         upstream = STAGES[name].upstream_for(config)
         fp = fingerprints[name] = fingerprint(name, config, {u: fingerprints[u] for u, _ in upstream}, shards)
         out_dir = root / name / fp[:16]
-        manifest = _read_manifest(out_dir)
+        damaged = damage(out_dir)
+        manifest = None if damaged else _read_manifest(out_dir)
         if manifest is None and name in reused and reused[name]["fingerprint"] == fp:
-            manifest = _read_manifest(Path(reused[name]["out_dir"]))
+            reused_dir = Path(reused[name]["out_dir"])
+            manifest = None if damage(reused_dir) else _read_manifest(reused_dir)
         if name in selected and (manifest is None or name in force or only):
             why = "forced" if name in force else "--only" if only else "not in the cache"
+            if damaged and manifest is None:
+                why = f"the cached output is damaged ({damaged}): recomputing"
             plan.append(PlannedStage(name, fp, out_dir, "run", why, None))
         elif manifest is not None:
             plan.append(PlannedStage(name, fp, out_dir, "cached", f"from run {manifest['run_id']}", manifest))
         else:
             why = f"--only {','.join(only)} needs it: run the pipeline without --only first"
+            if damaged:
+                why = f"its cached output is damaged ({damaged}); {why}"
             plan.append(PlannedStage(name, fp, out_dir, "missing", why, None))
     return plan
 
@@ -320,11 +362,15 @@ def run_pipeline(
                     "seconds": time.perf_counter() - start,
                     **outputs,
                 }
+                manifest["file_sizes"] = {
+                    key: (out_dir / rel).stat().st_size
+                    for key, rel in manifest["files"].items()
+                    if (out_dir / rel).is_file()
+                }
                 _log_stage(tracker, run_id, config, manifest, manifests, shards, train_paths)
                 for key in stage.parent_artifacts:
                     tracker.artifact(parent, out_dir / manifest["files"][key])
-                (out_dir / f".{MANIFEST}.tmp").write_text(json.dumps(manifest, indent=2, default=str))
-                os.replace(out_dir / f".{MANIFEST}.tmp", out_dir / MANIFEST)
+                write_json_durably(out_dir / MANIFEST, manifest)
             except BaseException as err:
                 node["cache"] = "failed"
                 tracker.end(run_id, error=err)
