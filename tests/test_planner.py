@@ -166,3 +166,25 @@ def test_manifests_are_written_whole_or_not_at_all(tmp_path):
     write_json_durably(path, {"a": 1})
     write_json_durably(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == [MANIFEST]
+
+
+def test_resource_only_settings_never_change_a_fingerprint_and_result_settings_do(setup, data_root):
+    config, shards, root = setup
+    base = [f"data.root={data_root}", "data.demo=null"]
+
+    def fingerprints(*overrides):
+        return {s.name: s.fingerprint for s in plan_run(load_config(TINY, [*base, *overrides]), shards, root)}
+
+    before = fingerprints()
+    resources = [
+        "relevance.concurrency=4",
+        "relevance.actor_threads=1",
+        "relevance.batch_size=7",
+        "relevance.decode_in_actor=true",
+        "zoomvit.train.max_failures=5",
+        "teacher.train.cpus_per_worker=2",
+    ]
+    assert fingerprints(*resources) == before
+    changed = fingerprints("relevance.method=rollout")
+    assert [n for n in ORDER if changed[n] != before[n]] == ["relevance", "zoomer", "zoomvit", "evaluate"]
+    assert fingerprints("teacher.train.lr=0.01")["teacher"] != before["teacher"]

@@ -62,10 +62,36 @@ def section(config: PipelineConfig, dotted: str) -> Any:
     return value
 
 
+# Settings that decide how fast or where a stage runs, not what it computes: scaling relevance from 8
+# to 16 GPUs, or raising max_failures, must not recompute anything.
+RESOURCE_ONLY: dict[str, frozenset[str]] = {
+    "relevance": frozenset(
+        {
+            "batch_size",
+            "concurrency",
+            "num_cpus_per_actor",
+            "actor_threads",
+            "decode_num_cpus",
+            "decode_in_actor",
+            "decode_batch_size",
+        }
+    ),  # fmt: skip
+    "train": frozenset({"cpus_per_worker", "max_failures"}),
+}
+
+
+def _result_settings(dotted: str, value: Any) -> Any:
+    """A config section without its resource-only settings (also inside its ``train`` recipe)."""
+    if not isinstance(value, dict):
+        return value
+    drop = RESOURCE_ONLY.get(dotted.rsplit(".", 1)[-1], frozenset())
+    return {k: _result_settings(k, v) for k, v in value.items() if k not in drop}
+
+
 def fingerprint(name: str, config: PipelineConfig, upstream: dict[str, str], shards: Sequence[ShardInfo]) -> str:
     payload = {
         "stage": name,
-        "config": {s: section(config, s) for s in STAGES[name].sections},
+        "config": {s: _result_settings(s, section(config, s)) for s in STAGES[name].sections},
         "upstream": dict(sorted(upstream.items())),
         "shards": shards_digest(shards),
         "version": zoomvit.__version__,
