@@ -4,6 +4,7 @@ per-batch GPU/CPU-side transforms the workers apply."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -28,6 +29,13 @@ class DecodedSplits:
 
     def __len__(self) -> int:
         return len(self._datasets)
+
+    def get(self, data: DataConfig, split: str, highres: bool, read: Callable[[], Any]) -> Any:
+        """The run's decoded ``split``, materializing ``read()`` the first time it is asked for."""
+        key = (data.model_dump_json(), split, highres)
+        if key not in self._datasets:
+            self._datasets[key] = read().materialize()
+        return self._datasets[key]
 
 
 def in_calibration_slice(keys: np.ndarray, fraction: float) -> np.ndarray:
@@ -77,11 +85,7 @@ def sample_dataset(
 def _decoded(
     data: DataConfig, split: str, *, file_shuffle_seed: int | None, highres: bool, splits: DecodedSplits | None
 ):
-    shared = splits is not None and data.decoded == "shared"
-    key = (data.model_dump_json(), split, highres)
-    if shared and key in splits._datasets:
-        ds = splits._datasets[key]
-    else:
+    def read():
         from ray.data import FileShuffleConfig
 
         from zoomvit.data.ingest import keep_samples, read_decoded
@@ -96,10 +100,11 @@ def _decoded(
         )
         ds = read_decoded(data.shard_paths(split), num_classes=data.num_classes, transform=transform, shuffle=shuffle)
         columns = [*TRAIN_COLUMNS, "image_hr"] if highres else TRAIN_COLUMNS
-        ds = ds.map_batches(keep_samples, fn_kwargs={"columns": columns}, batch_format="numpy")
-        if shared:
-            ds = splits._datasets[key] = ds.materialize()
-    return ds
+        return ds.map_batches(keep_samples, fn_kwargs={"columns": columns}, batch_format="numpy")
+
+    if splits is not None and data.decoded == "shared":
+        return splits.get(data, split, highres, read)
+    return read()
 
 
 def relevance_targets(
