@@ -128,6 +128,18 @@ def truncated_jpeg() -> bytes:
     return data[: len(data) // 2]
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header (with a valid CRC) claims ``width`` x ``height``; its data is a 4x4 image's."""
+    import struct
+    import zlib
+
+    data = bytearray(encode(gradient(size=(4, 4)), "PNG"))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
 BAD = {
     "corrupt_jpeg_bytes": (sample(image=b"\xff\xd8\xff\xe0 this is not a jpeg"), SkipReason.corrupt_image),
     "truncated_jpeg": (sample(image=truncated_jpeg()), SkipReason.corrupt_image),
@@ -144,6 +156,8 @@ BAD = {
     "tiny_4x4_image": (sample(image=encode(gradient(size=(4, 4)), "PNG"), ext="png"), SkipReason.tiny_image),
     "thin_100x5_image": (sample(image=encode(gradient(size=(100, 5)), "PNG"), ext="png"), SkipReason.tiny_image),
     "reader_error_marker": ({"__key__": "x", "__error__": "truncated_shard"}, SkipReason.truncated_shard),
+    "label_of_5000_digits": (sample(image=encode(gradient(), "JPEG"), cls=b"7" * 5000), SkipReason.bad_label),
+    "png_header_of_64M_pixels": (sample(image=png_claiming(8000, 8000), ext="png"), SkipReason.oversized_image),
 }
 
 
@@ -168,6 +182,19 @@ def test_unparseable_json_is_not_a_skip_just_no_meta() -> None:
     assert reason is None and decoded.meta is None and decoded.box is None
     decoded, reason = decode(sample(image=encode(gradient(), "JPEG"), json=b"[1, 2]"))
     assert reason is None and decoded.meta is None
+
+
+@pytest.mark.parametrize("payload", [b"[" * 200_000 + b"]" * 200_000, b'{"a": "' + b"x" * (2 << 20) + b'"}'])
+def test_hostile_json_deeply_nested_or_huge_gives_no_meta_without_raising(payload: bytes) -> None:
+    decoded, reason = decode(sample(image=encode(gradient(), "JPEG"), json=payload))
+    assert reason is None and decoded.meta is None
+
+
+def test_an_image_over_max_pixels_is_skipped_from_its_header_before_decoding() -> None:
+    assert Image.open(io.BytesIO(png_claiming(8000, 8000))).size == (8000, 8000)
+    small = ImageTransform(image_size=S, max_pixels=48 * 40 - 1)
+    assert decode(sample(image=encode(gradient(), "JPEG")), transform=small) == (None, SkipReason.oversized_image)
+    assert decode(sample(image=encode(gradient(), "JPEG")))[1] is None
 
 
 def test_json_meta_is_parsed_and_a_malformed_box_is_ignored() -> None:
@@ -309,6 +336,19 @@ def test_a_truncated_shard_yields_what_it_could_read_then_a_truncated_shard_skip
     assert [decode(s)[1] for s in garbage] == [SkipReason.read_error]
 
 
+def test_a_member_over_the_size_limit_is_skipped_unread_and_the_shard_reads_on(tmp_path: Path) -> None:
+    jpg = encode(gradient(), "JPEG")
+    shard = tmp_path / "big.tar"
+    members = [("a.jpg", jpg), ("a.cls", b"1"), ("b.jpg", b"\0" * 5000), ("b.cls", b"2"), ("c.jpg", jpg), ("c.cls", b"3")]
+    write_tar(shard, members)
+    with shard.open("rb") as f:
+        samples = list(iter_tar_samples(f, url="big.tar", max_member_bytes=4096))
+    assert [s["__key__"] for s in samples] == ["a", "b", "c"]
+    assert "jpg" not in samples[1]
+    assert [decode(s)[1] for s in samples] == [None, SkipReason.oversized_member, None]
+    assert [decode(s)[0].label for s in (samples[0], samples[2])] == [1, 3]
+
+
 def test_samples_read_by_webdataset_itself_decode(tmp_path: Path) -> None:
     import webdataset as wds
 
@@ -383,4 +423,6 @@ def test_skip_reasons_are_strings() -> None:
         "duplicate_key",
         "truncated_shard",
         "read_error",
+        "oversized_member",
+        "oversized_image",
     }

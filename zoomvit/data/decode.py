@@ -26,6 +26,10 @@ LABEL_EXTENSION = "cls"
 META_EXTENSION = "json"
 ERROR_FIELD = "__error__"
 
+MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is skipped unread (ImageNet's largest JPEG: ~15 MB)
+MAX_IMAGE_PIXELS = 40_000_000  # decoded RGB ~120 MB; ImageNet's largest image has ~12M pixels
+_MAX_LABEL_DIGITS = 18
+_MAX_META_BYTES = 1 << 20
 _TRUNCATION_MESSAGES = frozenset({"unexpected end of data", "truncated header", "empty file"})
 _ALPHA_BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255)}
 
@@ -40,6 +44,8 @@ class SkipReason(StrEnum):
     duplicate_key = "duplicate_key"
     truncated_shard = "truncated_shard"
     read_error = "read_error"
+    oversized_member = "oversized_member"
+    oversized_image = "oversized_image"
 
 
 class TooManyBadSamples(RuntimeError):
@@ -52,7 +58,8 @@ class ImageTransform:
 
     ``center_crop`` resizes the shorter side to ``int(image_size / crop_pct)`` and crops the centre
     (``crop_pct=1.0`` crops nothing from the shorter side); ``resize`` stretches to the square.
-    Images whose shorter side is below ``min_size`` are skipped as tiny. Transparent pixels are
+    Images whose shorter side is below ``min_size`` are skipped as tiny, images with more than
+    ``max_pixels`` pixels as oversized (checked from the header, before decoding). Transparent pixels are
     composited on ``alpha_background`` (black by default). ``highres``: also decode the same crop at
     twice the size (for ZoomViT's ``zoom_source: highres``).
     """
@@ -61,6 +68,7 @@ class ImageTransform:
     resize_mode: Literal["center_crop", "resize"] = "center_crop"
     crop_pct: float = 1.0
     min_size: int = 8
+    max_pixels: int = MAX_IMAGE_PIXELS
     alpha_background: Literal["black", "white"] = "black"
     highres: bool = False
 
@@ -73,6 +81,8 @@ class ImageTransform:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
         if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 1:
             raise ValueError(f"min_size must be a positive int, got {self.min_size!r}")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive int, got {self.max_pixels!r}")
         if self.alpha_background not in _ALPHA_BACKGROUNDS:
             raise ValueError(f"alpha_background must be 'black' or 'white', got {self.alpha_background!r}")
 
@@ -200,7 +210,8 @@ def parse_label(value: Any) -> int | None:
             return None
     if isinstance(value, str):
         text = value.strip()
-        if text and (text.isdigit() or (text[0] in "+-" and text[1:].isdigit())) and text.isascii():
+        digits = text[1:] if text[:1] in ("+", "-") else text
+        if digits.isascii() and digits.isdigit() and len(digits) <= _MAX_LABEL_DIGITS:
             return int(text)
     return None
 
@@ -211,9 +222,11 @@ def parse_meta(value: Any) -> dict[str, Any] | None:
     if isinstance(value, dict):
         return value
     raw = _as_bytes(value)
+    if len(raw if raw is not None else str(value)) > _MAX_META_BYTES:
+        return None
     try:
         parsed = json.loads(raw if raw is not None else value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return None
     return parsed if isinstance(parsed, dict) else None
 
@@ -250,8 +263,9 @@ def decode_sample(
     """Decode one sample to ``(DecodedSample, None)`` or ``(None, reason)``; never raises on bad data.
 
     Checks run cheapest first: reader errors, image present, label present / integer / in
-    ``[0, num_classes)``, image decodes, image not tiny. A ``.json`` that does not parse gives
-    ``meta=None`` but is not a skip. ``box`` is the json ``box`` mapped into the output image.
+    ``[0, num_classes)``, image size (not tiny, not oversized) from its header, image decodes. A
+    ``.json`` that does not parse (or is over 1 MiB, or nested too deeply) gives ``meta=None`` but is
+    not a skip: the metadata is optional. ``box`` is the json ``box`` mapped into the output image.
     """
     error = sample.get(ERROR_FIELD)
     if error is not None:
@@ -281,6 +295,8 @@ def decode_sample(
         width, height = img.size
         if min(width, height) < transform.min_size:
             return None, SkipReason.tiny_image
+        if width * height > transform.max_pixels:
+            return None, SkipReason.oversized_image
         image = transform.apply(img)
         image_hr = transform.apply(_open_image(image_value), scale=2) if transform.highres else None
     except Exception:
@@ -400,7 +416,9 @@ class SkipReport:
             raise TooManyBadSamples(f"{self.summary()}; allowed at most {max_bad_fraction:.2%}")
 
 
-def iter_tar_samples(fileobj: IO[bytes], *, url: str | None = None) -> Iterator[dict[str, Any]]:
+def iter_tar_samples(
+    fileobj: IO[bytes], *, url: str | None = None, max_member_bytes: int = MAX_MEMBER_BYTES
+) -> Iterator[dict[str, Any]]:
     """Group a WebDataset tar stream's members into sample dicts (``__key__``, ``__url__``, ext -> bytes).
 
     Members are grouped like webdataset does: key = path up to the first dot of the file name,
@@ -409,7 +427,8 @@ def iter_tar_samples(fileobj: IO[bytes], *, url: str | None = None) -> Iterator[
     shard as Ray's ``read_webdataset`` does. A stream that ends early or cannot be read yields the samples read so
     far, then one marker sample whose ``__error__`` is ``truncated_shard`` or ``read_error``, which
     :func:`decode_sample` turns into that skip reason. A tar cut exactly at a member boundary
-    is indistinguishable from a complete one and reads as such.
+    is indistinguishable from a complete one and reads as such. A member over ``max_member_bytes``
+    is not read: its sample carries ``__error__ = oversized_member``.
     """
     current: dict[str, Any] | None = None
     error: SkipReason | None = None
@@ -423,16 +442,22 @@ def iter_tar_samples(fileobj: IO[bytes], *, url: str | None = None) -> Iterator[
                 if not dot or not stem:
                     continue
                 key = f"{directory}/{stem}" if directory else stem
-                data = tar.extractfile(member)
-                payload = data.read() if data is not None else b""
-                if len(payload) != member.size:
-                    error = SkipReason.truncated_shard
-                    break
+                oversized = member.size > max_member_bytes
+                payload = b""
+                if not oversized:
+                    data = tar.extractfile(member)
+                    payload = data.read() if data is not None else b""
+                    if len(payload) != member.size:
+                        error = SkipReason.truncated_shard
+                        break
                 if current is None or current["__key__"] != key or extension in current:
                     if current is not None:
                         yield current
                     current = {"__key__": key, "__url__": url}
-                current[extension] = payload
+                if oversized:
+                    current[ERROR_FIELD] = SkipReason.oversized_member.value
+                else:
+                    current[extension] = payload
     except EOFError:
         error = SkipReason.truncated_shard
     except tarfile.ReadError as exc:
