@@ -3,7 +3,10 @@ outside the pipeline, in one plain PyTorch loop on the decoded demo images (no R
 so that only the lever differs between rows.
 
     python bench/teacher_levers.py [--data demo_data/demo] [--epochs 6] [--variants plain stem conv_stem]
-                                   [--batch-sizes 64 32]
+                                   [--batch-sizes 64 32] [--train-limit N] [--student-epochs 3] [--name NAME]
+
+Choose levers on a development set, not on the split you report: e.g. ``--data
+demo_data/dev-default-s1`` (the generator with ``seed: 1``), then report the choice on the demo's val.
 
 Variants (all the demo ViT: 64 px, 8 px patches, dim 96, depth 4, heads 3, AdamW lr 1e-3, wd 0.05,
 one warmup epoch then cosine, random resized crops [0.5, 1]):
@@ -12,7 +15,10 @@ one warmup epoch then cosine, random resized crops [0.5, 1]):
   embedded on its own, so ZoomViT's per-cell tokenizer could use it;
 - conv_stem: an overlapping conv stem (three 3x3 stride-2 convs with BatchNorm and ReLU, Xiao et al.
   2021, "Early convolutions help transformers see better"): tokens see their neighbours' pixels.
-Writes bench/results/teacher_levers.json (val top-1 after every epoch).
+``--student-epochs N`` then fine-tunes a plain ViT (the students' architecture) from each teacher for N
+epochs at lr 5e-4, loading every weight whose name and shape match (a stem teacher's patch embedding
+does not: the student's starts random), as the pipeline's ``init_from_teacher`` does.
+Writes bench/results/<name>.json (val top-1 after every epoch).
 """
 
 from __future__ import annotations
@@ -79,16 +85,14 @@ def random_resized_crops(x_BCHW: torch.Tensor, generator: torch.Generator) -> to
     return out
 
 
-def train(variant: str, batch_size: int, epochs: int, data) -> dict:
+def fit(model: nn.Module, name: str, batch_size: int, epochs: int, data, *, lr: float, warmup_epochs: float) -> dict:
     (x_train, y_train), (x_val, y_val) = data
-    torch.manual_seed(0)
-    model = build(variant)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps_per_epoch = len(x_train) // batch_size
-    total = epochs * steps_per_epoch
+    total, warmup = epochs * steps_per_epoch, max(1, int(warmup_epochs * steps_per_epoch))
 
     def lr_factor(step: int) -> float:
-        return min(1.0, (step + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     generator = torch.Generator().manual_seed(0)
@@ -107,14 +111,16 @@ def train(variant: str, batch_size: int, epochs: int, data) -> dict:
         model.eval()
         with torch.no_grad():
             curve.append(float((model(x_val).argmax(1) == y_val).float().mean()))
-        print(f"{variant} batch {batch_size}: epoch {len(curve)} val top-1 {curve[-1]:.3f}", flush=True)
-    return {
-        "variant": variant,
-        "batch_size": batch_size,
-        "val_top1": curve[-1],
-        "curve": curve,
-        "seconds": time.perf_counter() - start,
-    }
+        print(f"{name} batch {batch_size}: epoch {len(curve)} val top-1 {curve[-1]:.3f}", flush=True)
+    return {"batch_size": batch_size, "val_top1": curve[-1], "curve": curve, "seconds": time.perf_counter() - start}
+
+
+def student_from(teacher: nn.Module) -> nn.Module:
+    student = build("plain")
+    own = student.state_dict()
+    matching = {k: v for k, v in teacher.state_dict().items() if k in own and v.shape == own[k].shape}
+    student.load_state_dict(matching, strict=False)
+    return student
 
 
 def main() -> None:
@@ -123,12 +129,27 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--variants", nargs="+", default=["plain", "stem", "conv_stem"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64])
+    parser.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
+    parser.add_argument("--student-epochs", type=int, default=0)
+    parser.add_argument("--name", default="teacher_levers", help="result file name")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    data = load_split(Path(args.data), "train"), load_split(Path(args.data), "val")
-    rows = [train(v, b, args.epochs, data) for b in args.batch_sizes for v in args.variants]
-    print_table([{k: v for k, v in r.items() if k != "curve"} for r in rows])
-    print(f"wrote {write_result('teacher_levers', {'args': vars(args), 'rows': rows})}")
+    x_train, y_train = load_split(Path(args.data), "train")
+    data = (x_train[: args.train_limit], y_train[: args.train_limit]), load_split(Path(args.data), "val")
+    rows = []
+    for b in args.batch_sizes:
+        for variant in args.variants:
+            torch.manual_seed(0)
+            teacher = build(variant)
+            row = {"variant": variant, **fit(teacher, variant, b, args.epochs, data, lr=1e-3, warmup_epochs=1)}
+            if args.student_epochs:
+                torch.manual_seed(0)
+                student = fit(student_from(teacher), f"{variant} -> plain student", 64, args.student_epochs, data,
+                              lr=5e-4, warmup_epochs=0.5)  # fmt: skip
+                row |= {"student_top1": student["val_top1"], "student_curve": student["curve"]}
+            rows.append(row)
+    print_table([{k: v for k, v in r.items() if "curve" not in k} for r in rows])
+    print(f"wrote {write_result(args.name, {'args': vars(args), 'train_images': len(data[0][0]), 'rows': rows})}")
 
 
 if __name__ == "__main__":

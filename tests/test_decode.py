@@ -339,8 +339,11 @@ def test_a_truncated_shard_yields_what_it_could_read_then_a_truncated_shard_skip
 def test_a_member_over_the_size_limit_is_skipped_unread_and_the_shard_reads_on(tmp_path: Path) -> None:
     jpg = encode(gradient(), "JPEG")
     shard = tmp_path / "big.tar"
-    members = [("a.jpg", jpg), ("a.cls", b"1"), ("b.jpg", b"\0" * 5000), ("b.cls", b"2"), ("c.jpg", jpg), ("c.cls", b"3")]
-    write_tar(shard, members)
+    images = {"a": jpg, "b": b"\0" * 5000, "c": jpg}
+    write_tar(
+        shard,
+        [m for i, (k, img) in enumerate(images.items()) for m in ((f"{k}.jpg", img), (f"{k}.cls", b"%d" % (i + 1)))],
+    )
     with shard.open("rb") as f:
         samples = list(iter_tar_samples(f, url="big.tar", max_member_bytes=4096))
     assert [s["__key__"] for s in samples] == ["a", "b", "c"]
