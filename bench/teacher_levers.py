@@ -15,6 +15,8 @@ one warmup epoch then cosine, random resized crops [0.5, 1]):
   embedded on its own, so ZoomViT's per-cell tokenizer could use it;
 - conv_stem: an overlapping conv stem (three 3x3 stride-2 convs with BatchNorm and ReLU, Xiao et al.
   2021, "Early convolutions help transformers see better"): tokens see their neighbours' pixels.
+- cell_stem: the same convolutions on each 8 px patch alone (zero padding at the patch border): the
+  non-linearity and kernels of conv_stem without the overlap.
 ``--student-epochs N`` then fine-tunes a plain ViT (the students' architecture) from each teacher for N
 epochs at lr 5e-4, loading every weight whose name and shape match (a stem teacher's patch embedding
 does not: the student's starts random), as the pipeline's ``init_from_teacher`` does.
@@ -55,6 +57,21 @@ def load_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (x - 0.5) / 0.5, torch.tensor(labels)
 
 
+class CellStem(nn.Module):
+    """``conv_stem``'s convolutions applied to each 8 px patch on its own (zero padding at the patch
+    border): one token per patch, seeing only its own pixels, as ZoomViT's per-cell tokenizer needs."""
+
+    def __init__(self, stem: nn.Module, patch: int = 8) -> None:
+        super().__init__()
+        self.stem, self.patch = stem, patch
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x_BCHW.shape
+        p, gh, gw = self.patch, h // self.patch, w // self.patch
+        cells = x_BCHW.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(b * gh * gw, c, p, p)
+        return self.stem(cells).reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
+
+
 def build(variant: str) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -68,6 +85,14 @@ def build(variant: str) -> nn.Module:
             nn.Conv2d(3, 24, 3, 2, 1), nn.BatchNorm2d(24), nn.ReLU(),
             nn.Conv2d(24, 48, 3, 2, 1), nn.BatchNorm2d(48), nn.ReLU(),
             nn.Conv2d(48, 96, 3, 2, 1),
+        )  # fmt: skip
+    elif variant == "cell_stem":
+        model.patch_embed.proj = CellStem(
+            nn.Sequential(
+                nn.Conv2d(3, 24, 3, 2, 1), nn.BatchNorm2d(24), nn.ReLU(),
+                nn.Conv2d(24, 48, 3, 2, 1), nn.BatchNorm2d(48), nn.ReLU(),
+                nn.Conv2d(48, 96, 3, 2, 1),
+            )
         )  # fmt: skip
     elif variant != "plain":
         raise ValueError(f"unknown variant {variant!r}")

@@ -159,15 +159,6 @@ def test_a_damaged_cache_entry_is_recomputed_not_trusted(setup, harm, reason):
     assert only["zoomer"].action == "missing" and "damaged" in only["zoomer"].why
 
 
-def test_manifests_are_written_whole_or_not_at_all(tmp_path):
-    from zoomvit.pipeline.runner import write_json_durably
-
-    path = tmp_path / MANIFEST
-    write_json_durably(path, {"a": 1})
-    write_json_durably(path, {"a": 2})
-    assert json.loads(path.read_text()) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == [MANIFEST]
-
-
 def test_resource_only_settings_never_change_a_fingerprint_and_result_settings_do(setup, data_root):
     config, shards, root = setup
     base = [f"data.root={data_root}", "data.demo=null"]
@@ -188,3 +179,31 @@ def test_resource_only_settings_never_change_a_fingerprint_and_result_settings_d
     changed = fingerprints("relevance.method=rollout")
     assert [n for n in ORDER if changed[n] != before[n]] == ["relevance", "zoomer", "zoomvit", "evaluate"]
     assert fingerprints("teacher.train.lr=0.01")["teacher"] != before["teacher"]
+
+
+def test_a_code_change_changes_every_fingerprint(setup, monkeypatch):
+    import zoomvit.pipeline.runner as runner
+
+    config, shards, root = setup
+    before = {s.name: s.fingerprint for s in plan_run(config, shards, root)}
+    assert len(runner.code_digest()) == 64
+    monkeypatch.setattr(runner, "code_digest", lambda: "0" * 64)
+    after = {s.name: s.fingerprint for s in plan_run(config, shards, root)}
+    assert all(after[n] != before[n] for n in before)
+
+
+def test_a_checkpoint_is_fingerprinted_by_its_content_not_its_name(setup, data_root, tmp_path):
+    config, shards, root = setup
+    weights = tmp_path / "teacher.safetensors"
+    weights.write_bytes(b"weights v1")
+    copy = tmp_path / "renamed.safetensors"
+    copy.write_bytes(b"weights v1")
+
+    def teacher_fingerprint(path):
+        overrides = [f"data.root={data_root}", "data.demo=null", f"teacher.checkpoint={path}"]
+        return plan_run(load_config(TINY, overrides), shards, root)[0].fingerprint
+
+    first = teacher_fingerprint(weights)
+    assert teacher_fingerprint(copy) == first
+    weights.write_bytes(b"weights v2")
+    assert teacher_fingerprint(weights) != first

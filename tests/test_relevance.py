@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import timm
 import torch
@@ -139,3 +140,40 @@ def test_a_teacher_without_a_decision_token_is_refused(pool):
     teacher = timm.create_model("vit_test_patch8_32", num_classes=5, global_pool=pool).eval()
     with pytest.raises(ValueError, match="global_pool"):
         relevance_maps(teacher, torch.randn(1, 3, 32, 32))
+
+
+def test_a_conv_stem_hybrid_teacher_is_explained_on_the_same_patch_grid_as_its_students():
+    import zoomvit.models  # noqa: F401
+
+    torch.manual_seed(0)
+    hybrid = timm.create_model("vit_test_convstem_patch8_32").eval()
+    student = timm.create_model("vit_test_patch8_32")
+    assert tuple(hybrid.patch_embed.grid_size) == tuple(student.patch_embed.grid_size) == (4, 4)
+    x = torch.randn(3, 3, 32, 32)
+    x_shifted = x.clone()
+    x_shifted[:, :, :8, :8] += 1.0  # the top-left patch only
+    features = hybrid.patch_embed.eval()
+    changed = (features(x_shifted) - features(x)).abs().sum(-1)[0].reshape(4, 4) > 1e-6
+    assert changed[0, 0] and changed[0, 1] and changed[1, 0] and not changed[3, 3]  # tokens see neighbours
+    for method in METHODS:
+        maps = relevance_maps(hybrid, x, method=method).maps_BHW
+        assert maps.shape == (3, 4, 4) and torch.isfinite(maps).all()
+    np.testing.assert_allclose(
+        relevance_maps(hybrid, x[:1], method="grad_rollout", labels_B=torch.tensor([2])).maps_BHW[0],
+        slow_grad_rollout(hybrid, x[0], 2),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+def test_a_student_takes_the_hybrid_teachers_transformer_but_not_its_stem():
+    import zoomvit.models  # noqa: F401
+    from zoomvit.models.loading import load_pretrained
+
+    hybrid = timm.create_model("vit_test_convstem_patch8_32")
+    student = timm.create_model("vit_test_patch8_32")
+    result = load_pretrained(student, hybrid.state_dict())
+    assert set(result["missing"]) == {"patch_embed.proj.weight", "patch_embed.proj.bias"}
+    assert all(k.startswith("patch_embed.proj.") for k in result["skipped"])
+    torch.testing.assert_close(student.blocks[0].attn.qkv.weight, hybrid.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(student.pos_embed, hybrid.pos_embed)

@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,3 +87,53 @@ def test_jpeg_and_png_members_decode_with_key_shard_and_label(imagenet_like):
         assert out["image"].shape == (4, 32, 32, 3) and out["image"].dtype == np.uint8
         assert list(out["label"][:3]) == [0, 1, 2]
         assert all(s == shard for s in out["shard"])
+
+
+class FlakyStream(io.BytesIO):
+    """A shard that raises ``OSError`` once its reader passes ``fail_at`` bytes."""
+
+    def __init__(self, data: bytes, fail_at: int | None) -> None:
+        super().__init__(data)
+        self.fail_at = fail_at
+
+    def read(self, size: int = -1) -> bytes:
+        if self.fail_at is not None and self.tell() + (size if size >= 0 else len(self.getvalue())) > self.fail_at:
+            raise OSError("connection reset by peer")
+        return super().read(size)
+
+
+def test_an_io_error_mid_shard_is_retried_from_the_start_without_losing_or_repeating_rows(tmp_path):
+    shard = str(tmp_path / "train-0000.tar")
+    noise = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(noise).save(png, format="PNG")
+    write_tar(Path(shard), [m for i in range(40) for m in ((f"s{i:02d}.png", png.getvalue()), (f"s{i:02d}.cls", b"1"))])
+    data = open(shard, "rb").read()
+    clean = [r["key"] for r in raw_rows(io.BytesIO(data), shard)]
+    seen_before_failure = []
+    opened = []
+
+    def reopen():
+        seen_before_failure.append(len(rows))
+        opened.append(1)
+        return FlakyStream(data, None if len(opened) > 1 else len(data) * 2 // 3)
+
+    rows = []
+    for row in raw_rows(FlakyStream(data, len(data) // 3), shard, reopen=reopen, retries=3, backoff_s=0):
+        rows.append(row)
+    assert [r["key"] for r in rows] == clean and len(clean) == 41
+    assert len(opened) == 2 and 0 < seen_before_failure[0] < seen_before_failure[1] < 40
+    assert rows[-1]["kind"] == "eos" and rows[-1]["count"] == 40
+
+
+def test_a_shard_that_keeps_failing_raises_naming_it_and_never_ends_with_an_eos_row(imagenet_like):
+    from zoomvit.data.ingest import ShardReadError
+
+    shard = str(imagenet_like / "imagenet1k-train-0000.tar")
+    data = open(shard, "rb").read()
+    rows = []
+    with pytest.raises(ShardReadError, match=r"imagenet1k-train-0000\.tar: read failed after 3 attempt"):
+        for row in raw_rows(FlakyStream(data, len(data) // 2), shard, reopen=lambda: FlakyStream(data, 10), retries=2,
+                            backoff_s=0):  # fmt: skip
+            rows.append(row)
+    assert all(r["kind"] != "eos" for r in rows)

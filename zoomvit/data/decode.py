@@ -424,11 +424,12 @@ def iter_tar_samples(
     Members are grouped like webdataset does: key = path up to the first dot of the file name,
     extension = the rest. A member whose extension the current sample already has starts a new
     sample with the same key (for :class:`DuplicateKeyFilter` to flag) instead of failing the
-    shard as Ray's ``read_webdataset`` does. A stream that ends early or cannot be read yields the samples read so
+    shard as Ray's ``read_webdataset`` does. A stream that ends early or is not a tar yields the samples read so
     far, then one marker sample whose ``__error__`` is ``truncated_shard`` or ``read_error``, which
     :func:`decode_sample` turns into that skip reason. A tar cut exactly at a member boundary
     is indistinguishable from a complete one and reads as such. A member over ``max_member_bytes``
-    is not read: its sample carries ``__error__ = oversized_member``.
+    is not read: its sample carries ``__error__ = oversized_member``. An ``OSError`` from the stream
+    (an I/O failure, possibly transient) propagates: the caller retries or fails the shard.
     """
     current: dict[str, Any] | None = None
     error: SkipReason | None = None
@@ -462,7 +463,7 @@ def iter_tar_samples(
         error = SkipReason.truncated_shard
     except tarfile.ReadError as exc:
         error = SkipReason.truncated_shard if str(exc) in _TRUNCATION_MESSAGES else SkipReason.read_error
-    except (tarfile.TarError, OSError):
+    except tarfile.TarError:
         error = SkipReason.read_error
     if current is not None:
         yield current

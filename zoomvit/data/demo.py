@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from zoomvit import __version__
+from zoomvit.durable import write_durably
 from zoomvit.errors import UserError
 
 DATASET_NAME = "zoomvit-demo-digits"
@@ -278,17 +279,18 @@ def _members(sample: RenderedSample) -> Iterator[tuple[str, bytes]]:
 
 
 def _write_tar(path: Path, members: Sequence[tuple[str, bytes]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = TAR_MTIME
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = TAR_MTIME
+                info.mode = 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+
+    write_durably(path, write)
 
 
 def is_demo_dataset(root: str | os.PathLike[str]) -> bool:

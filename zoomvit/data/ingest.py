@@ -11,12 +11,19 @@ one row and every problem becomes a counted skip row rather than an exception:
 
 Decoding runs in ``map_batches`` (:func:`decode_batch`), keeping the same three kinds, so a
 consumer can tell when all rows of a shard have arrived and commit work shard by shard.
+
+An I/O error mid-shard (a flaky object-store read) is not a skip: the shard is reopened and read
+again from the start with backoff, the rows already emitted are not emitted twice, and after the
+last attempt the read fails with :class:`ShardReadError` naming the shard, so no consumer ever sees
+that shard's end-of-shard row (nothing built from it is committed).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +53,13 @@ RAW_SCHEMA = pa.schema(
     ]
 )
 _CHUNK_ROWS = 64
+READ_RETRIES = 4
+READ_BACKOFF_S = 0.5
+log = logging.getLogger(__name__)
+
+
+class ShardReadError(RuntimeError):
+    """A shard could not be read to its end, even after retries."""
 
 
 def _raw_row(kind: str, key: str, shard: str, index: int, **fields: Any) -> dict[str, Any]:
@@ -54,8 +68,38 @@ def _raw_row(kind: str, key: str, shard: str, index: int, **fields: Any) -> dict
     return row
 
 
-def raw_rows(stream, shard: str) -> Iterator[dict[str, Any]]:
-    """One raw row per sample of a tar stream, then the end-of-shard row."""
+def raw_rows(
+    stream: IO[bytes],
+    shard: str,
+    *,
+    reopen: Callable[[], IO[bytes]] | None = None,
+    retries: int = READ_RETRIES,
+    backoff_s: float = READ_BACKOFF_S,
+) -> Iterator[dict[str, Any]]:
+    """One raw row per sample of a tar stream, then the end-of-shard row. An ``OSError`` while reading
+    reopens the shard (``reopen``) up to ``retries`` times, waiting ``backoff_s`` x 2^attempt, and
+    resumes after the rows already yielded; then :class:`ShardReadError`."""
+    emitted = 0
+    for attempt in range(retries + 1):
+        try:
+            for i, row in enumerate(_raw_rows_once(stream, shard)):
+                if i >= emitted:
+                    emitted += 1
+                    yield row
+            return
+        except OSError as exc:
+            if reopen is None or attempt == retries:
+                raise ShardReadError(
+                    f"{shard}: read failed after {attempt + 1} attempt(s) ({type(exc).__name__}: {exc}); "
+                    f"{emitted} rows were read, the shard's work is not committed"
+                ) from exc
+            wait = backoff_s * 2**attempt
+            log.warning("%s: %s after %d rows; reading it again in %.1f s", shard, exc, emitted, wait)
+            time.sleep(wait)
+            stream = reopen()
+
+
+def _raw_rows_once(stream: IO[bytes], shard: str) -> Iterator[dict[str, Any]]:
     duplicates = DuplicateKeyFilter()
     index = 0
     for sample in iter_tar_samples(stream, url=shard):
@@ -91,9 +135,14 @@ def _datasource_class():
     class WebDatasetShards(FileBasedDatasource):
         _FILE_EXTENSIONS = ["tar"]
 
+        def __init__(self, paths, *, retries: int, backoff_s: float, **kwargs) -> None:
+            super().__init__(paths, **kwargs)
+            self.retries, self.backoff_s = retries, backoff_s
+
         def _read_stream(self, stream: pa.NativeFile, path: str) -> Iterator[pa.Table]:
             rows: list[dict[str, Any]] = []
-            for row in raw_rows(stream, path):
+            reopen = lambda: self._open_input_source(self._filesystem, path)  # noqa: E731
+            for row in raw_rows(stream, path, reopen=reopen, retries=self.retries, backoff_s=self.backoff_s):
                 rows.append(row)
                 if len(rows) >= _CHUNK_ROWS:
                     yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
@@ -104,12 +153,23 @@ def _datasource_class():
     return WebDatasetShards
 
 
-def read_shards(paths: Sequence[str], *, filesystem=None, override_num_blocks: int | None = None, shuffle=None):
+def read_shards(
+    paths: Sequence[str],
+    *,
+    filesystem=None,
+    override_num_blocks: int | None = None,
+    shuffle=None,
+    retries: int = READ_RETRIES,
+    backoff_s: float = READ_BACKOFF_S,
+):
     """A Ray Dataset of raw rows, one read task per shard where parallelism allows; ``shuffle``: Ray
-    Data's file shuffle (None, "files" or a ``FileShuffleConfig``)."""
+    Data's file shuffle (None, "files" or a ``FileShuffleConfig``); ``retries``/``backoff_s``: see
+    :func:`raw_rows`."""
     import ray.data
 
-    datasource = _datasource_class()(list(paths), filesystem=filesystem, shuffle=shuffle)
+    datasource = _datasource_class()(
+        list(paths), filesystem=filesystem, shuffle=shuffle, retries=retries, backoff_s=backoff_s
+    )
     return ray.data.read_datasource(datasource, override_num_blocks=override_num_blocks or len(paths))
 
 

@@ -9,7 +9,6 @@ version, fingerprint and the shard group.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from zoomvit.durable import write_durably
 
 SCHEMA = pa.schema(
     [
@@ -41,7 +42,7 @@ def group_path(out_dir: str | Path, split: str, group: int) -> Path:
 
 
 def write_group(rows: Iterable[dict[str, Any]], path: str | Path, metadata: dict[str, Any]) -> int:
-    """Write rows (sorted by shard then key) to ``path`` via a temporary file; returns the row count."""
+    """Write rows (sorted by shard then key) to ``path`` durably (:mod:`zoomvit.durable`); returns the row count."""
     rows = sorted(rows, key=lambda r: (r["shard"], r["key"]))
     columns = {name: [r[name] for r in rows] for name in SCHEMA.names if name not in _LISTS}
     for name in _LISTS:
@@ -51,9 +52,7 @@ def write_group(rows: Iterable[dict[str, Any]], path: str | Path, metadata: dict
     table = table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_durably(path, lambda tmp: pq.write_table(table, tmp))
     return len(rows)
 
 

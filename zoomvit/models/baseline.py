@@ -4,14 +4,23 @@ Any timm model name works as a baseline too; these variants only add the small s
 ``resize_input=True`` resizes every image to the model's ``img_size`` before the patch embedding: the
 same backbone on a finer or coarser uniform grid (more or fewer tokens for every cell), the
 compute-matched baseline family that ZoomViT's frontier is compared with.
+
+``vit_demo_convstem_patch8_64`` is a hybrid teacher: the demo ViT with an overlapping convolutional
+stem (Xiao et al. 2021, "Early convolutions help transformers see better") in place of the linear
+patch projection. Its tokens keep the 8 px patch grid and a class token, so attention rollout gives
+maps on the grid ZoomViT zooms; students cannot inherit the stem (ZoomViT embeds each cell from its
+own pixels), only the transformer (``init_from_teacher`` loads what fits).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -21,6 +30,20 @@ default_cfgs = generate_default_cfgs(
         "vit_demo_patch8_64": {
             "num_classes": 10,
             "input_size": (3, 64, 64),
+            "crop_pct": 1.0,
+            "mean": (0.5,) * 3,
+            "std": (0.5,) * 3,
+        },
+        "vit_demo_convstem_patch8_64": {
+            "num_classes": 10,
+            "input_size": (3, 64, 64),
+            "crop_pct": 1.0,
+            "mean": (0.5,) * 3,
+            "std": (0.5,) * 3,
+        },
+        "vit_test_convstem_patch8_32": {
+            "num_classes": 10,
+            "input_size": (3, 32, 32),
             "crop_pct": 1.0,
             "mean": (0.5,) * 3,
             "std": (0.5,) * 3,
@@ -48,6 +71,27 @@ default_cfgs = generate_default_cfgs(
         },
     }
 )
+
+
+class ConvStemPatchEmbed(PatchEmbed):
+    """timm's ``PatchEmbed`` whose projection is log2(patch) overlapping 3x3 stride-2 convolutions (BatchNorm
+    and ReLU between them) instead of one linear P x P projection: the same token grid, tokens that see
+    their neighbours' pixels."""
+
+    def __init__(self, *, in_chans: int = 3, embed_dim: int = 768, **kwargs: Any) -> None:
+        super().__init__(in_chans=in_chans, embed_dim=embed_dim, **kwargs)
+        ph, pw = self.patch_size
+        depth = round(math.log2(ph))
+        if ph != pw or 2**depth != ph or embed_dim % 2 ** (depth - 1):
+            raise ValueError(f"a conv stem needs a square power-of-two patch and embed_dim divisible by "
+                             f"2^(depth-1), got patch {self.patch_size} and embed_dim {embed_dim}")  # fmt: skip
+        dims = [in_chans] + [embed_dim // 2 ** (depth - 1 - i) for i in range(depth)]
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers.append(nn.Conv2d(dims[i], dims[i + 1], 3, 2, 1, bias=i == depth - 1))
+            if i < depth - 1:
+                layers += [nn.BatchNorm2d(dims[i + 1]), nn.ReLU(inplace=True)]
+        self.proj = nn.Sequential(*layers)
 
 
 class ResizedInputViT(VisionTransformer):
@@ -84,6 +128,19 @@ def vit_demo_patch8_64(pretrained: bool = False, **kwargs: Any) -> VisionTransfo
     """The demo ZoomViT's backbone with uniform 8 px patches."""
     args = dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=10)
     return _create("vit_demo_patch8_64", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def vit_demo_convstem_patch8_64(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """``vit_demo_patch8_64`` with an overlapping convolutional stem: a hybrid teacher."""
+    args = dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=10)
+    return _create("vit_demo_convstem_patch8_64", pretrained, embed_layer=ConvStemPatchEmbed, **{**args, **kwargs})
+
+
+@register_model
+def vit_test_convstem_patch8_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    return _create("vit_test_convstem_patch8_32", pretrained, embed_layer=ConvStemPatchEmbed, **{**args, **kwargs})
 
 
 @register_model

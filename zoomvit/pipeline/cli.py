@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from zoomvit.config import ConfigError, PipelineConfig, load_config
 from zoomvit.errors import UserError
 from zoomvit.logs import configure as configure_logging
 from zoomvit.pipeline.graph import STAGES
+from zoomvit.tracking.runs import Terminated
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -114,6 +116,9 @@ def full_main(argv: list[str] | None = None) -> int:
     init_ray()
     try:
         result = run_pipeline(config, only=args.only, force=args.force, from_run=args.from_run)
+    except Terminated as err:
+        print(f"stopped: {err}; the runs that were open are marked KILLED in MLflow", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ a cache hit. Every stage gets a nested MLflow run under the pipeline's parent ru
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,9 +23,19 @@ from typing import Any, Literal
 import zoomvit
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo, shard_infos
+from zoomvit.durable import write_json_durably
 from zoomvit.errors import UserError
 from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
-from zoomvit.tracking.runs import Tracker, flatten, git_commit, lineage_picture, resolve_tracking_uri, shards_digest
+from zoomvit.tracking.runs import (
+    Terminated,
+    Tracker,
+    flatten,
+    git_commit,
+    lineage_picture,
+    resolve_tracking_uri,
+    shards_digest,
+    sigterm_unwinds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +91,61 @@ RESOURCE_ONLY: dict[str, frozenset[str]] = {
 }
 
 
+CHECKPOINT_KEYS = frozenset({"checkpoint", "init_checkpoint"})
+
+
 def _result_settings(dotted: str, value: Any) -> Any:
-    """A config section without its resource-only settings (also inside its ``train`` recipe)."""
+    """A config section without its resource-only settings (also inside its ``train`` recipe), with
+    checkpoint paths replaced by their content digest."""
     if not isinstance(value, dict):
         return value
     drop = RESOURCE_ONLY.get(dotted.rsplit(".", 1)[-1], frozenset())
-    return {k: _result_settings(k, v) for k, v in value.items() if k not in drop}
+    return {
+        k: file_digest(v) if k in CHECKPOINT_KEYS and isinstance(v, str) else _result_settings(k, v)
+        for k, v in value.items()
+        if k not in drop
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digest(path: str) -> str:
+    """A local file's content digest (once per path, size and mtime); a remote file's metadata
+    (ETag, size, mtime as its store reports them); the path itself when it cannot be read."""
+    if "://" not in path or path.startswith("file://"):
+        local = path.split("://", 1)[-1]
+        try:
+            st = os.stat(local)
+        except OSError:
+            return path
+        return "sha256:" + _digest_of(local, st.st_size, st.st_mtime_ns)
+    import fsspec
+
+    try:
+        fs, resolved = fsspec.core.url_to_fs(path)
+        info = fs.info(resolved)
+    except (OSError, ValueError, ImportError):
+        return path
+    keys = ("ETag", "etag", "size", "LastModified", "mtime", "md5Hash", "crc32c")
+    return path + "|" + json.dumps({k: str(info[k]) for k in keys if k in info}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """The package's identity: a digest of every source file under ``zoomvit/`` (path and content), so
+    a code change recomputes what the old code computed."""
+    root = Path(zoomvit.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def fingerprint(name: str, config: PipelineConfig, upstream: dict[str, str], shards: Sequence[ShardInfo]) -> str:
@@ -95,6 +155,7 @@ def fingerprint(name: str, config: PipelineConfig, upstream: dict[str, str], sha
         "upstream": dict(sorted(upstream.items())),
         "shards": shards_digest(shards),
         "version": zoomvit.__version__,
+        "code": code_digest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -168,22 +229,6 @@ def damage(out_dir: Path) -> str | None:
         if key in sizes and file.is_file() and file.stat().st_size != sizes[key]:
             return f"its {key} file {file} has {file.stat().st_size} bytes, {sizes[key]} when committed"
     return None
-
-
-def write_json_durably(path: Path, payload: Any) -> None:
-    """Write, fsync, rename over ``path``, fsync the directory: after a crash or power loss the file
-    is either the old one or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(payload, indent=2, default=str))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def lineage_from_run(tracker: Tracker, run_id: str) -> dict[str, Any]:
@@ -269,6 +314,14 @@ def run_pipeline(
     only: Sequence[str] = (),
     force: Sequence[str] = (),
     from_run: str | None = None,
+) -> PipelineResult:
+    """Plan, then run each stage (or take it from the cache); SIGTERM unwinds, ending open runs as KILLED."""
+    with sigterm_unwinds():
+        return _run_pipeline(config, only=only, force=force, from_run=from_run)
+
+
+def _run_pipeline(
+    config: PipelineConfig, *, only: Sequence[str], force: Sequence[str], from_run: str | None
 ) -> PipelineResult:
     ensure_demo_data(config)
     train_paths = config.data.shard_paths("train")
@@ -380,6 +433,8 @@ def run_pipeline(
                     splits=splits,
                 )
                 outputs = stage.run(ctx)
+                if outputs.get("history"):  # epochs the worker could not deliver (tracking server outage, restart)
+                    tracker.backfill_history(run_id, outputs["history"])
                 manifest = {
                     "stage": name,
                     "fingerprint": fp,
@@ -412,7 +467,8 @@ def run_pipeline(
         error = err
         raise
     finally:
-        _write_lineage(tracker, parent, config, result, root)
+        if not isinstance(error, Terminated):  # a stopped job has seconds before SIGKILL: end the runs first
+            _write_lineage(tracker, parent, config, result, root)
         if error is None:
             result.warnings = near_chance(config, manifests)
             if result.warnings:

@@ -9,7 +9,7 @@ computes only the missing ones.
 from __future__ import annotations
 
 import json
-import os
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +23,10 @@ from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
 from zoomvit.data.decode import ImageTransform, SkipReason, SkipReport
 from zoomvit.data.relevance_store import group_path, read_metadata, write_group
 from zoomvit.data.shards import shard_key
+from zoomvit.durable import write_json_durably
 
 MANIFEST = "relevance.json"
+log = logging.getLogger(__name__)
 
 
 class RelevanceActor:
@@ -183,7 +185,7 @@ def run_relevance_stage(
             "use_gpu": bool(use_gpu),
         },
     }
-    _atomic_write_json(out_dir / MANIFEST, manifest)
+    write_json_durably(out_dir / MANIFEST, manifest, sort_keys=True)
     return manifest
 
 
@@ -308,7 +310,7 @@ def _commit(g: _Group, out_dir: Path, base_meta: dict[str, Any]) -> list[dict[st
         seen.add(row["key"])
         kept.append(row)
     g.skips.ok(len(kept))
-    _atomic_write_json(_skips_path(g, out_dir), g.skips.to_dict())
+    write_json_durably(_skips_path(g, out_dir), g.skips.to_dict(), sort_keys=True)
     write_group(
         kept,
         group_path(out_dir, g.split, g.index),
@@ -318,10 +320,19 @@ def _commit(g: _Group, out_dir: Path, base_meta: dict[str, Any]) -> list[dict[st
 
 
 def _committed(g: _Group, out_dir: Path, fingerprint: str) -> bool:
+    """Whether the group's Parquet file and skip counts are there, readable and of this fingerprint; a
+    damaged group (cut short, not Parquet, unreadable skip counts) is logged and recomputed alone."""
     path = group_path(out_dir, g.split, g.index)
     if not path.exists() or not _skips_path(g, out_dir).exists():
         return False
-    meta = read_metadata(path)
+    try:
+        meta = read_metadata(path)
+        SkipReport.from_dict(json.loads(_skips_path(g, out_dir).read_text()))
+    except Exception as exc:  # noqa: BLE001 - any damage means recompute, never a crash
+        log.warning(
+            "relevance %s group %d is damaged (%s: %s): recomputing it", g.split, g.index, type(exc).__name__, exc
+        )
+        return False
     return meta.get("shards") == g.shards and meta.get("fingerprint") == fingerprint
 
 
@@ -333,9 +344,3 @@ def _count_rows(groups: list[_Group], out_dir: Path) -> int:
     import pyarrow.parquet as pq
 
     return sum(pq.read_metadata(group_path(out_dir, g.split, g.index)).num_rows for g in groups)
-
-
-def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)

@@ -7,10 +7,15 @@ restarts log into the runs they were given, never into an ambient "active run".
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
+import threading
+import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,35 @@ import mlflow
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
+log = logging.getLogger(__name__)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (``ray job stop``, a scheduler's preemption): unwind, ending every open run as KILLED."""
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread while the block runs, so ``finally`` and
+    ``except`` clauses (which end MLflow runs) run before the process exits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_status(error: BaseException | None) -> str:
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, (Terminated, KeyboardInterrupt)) else "FAILED"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -72,9 +106,10 @@ class Tracker:
         return self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
 
     def end(self, run_id: str, *, error: BaseException | None = None) -> None:
+        """FINISHED, or FAILED with an ``error`` tag, or KILLED when the process was stopped."""
         if error is not None:
             self.client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
-        self.client.set_terminated(run_id, status="FAILED" if error is not None else "FINISHED")
+        self.client.set_terminated(run_id, status=run_status(error))
 
     def params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
@@ -85,16 +120,24 @@ class Tracker:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
-        import time
-
-        now = int(time.time() * 1000)
-        batch = [
-            Metric(k, float(v), now, step)
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        ]
+        batch = metric_batch(metrics, step)
         for i in range(0, len(batch), 500):
             self.client.log_batch(run_id, metrics=batch[i : i + 500])
+
+    def backfill_history(self, run_id: str, history: list[dict[str, Any]], *, step_key: str = "epoch") -> int:
+        """Log every value of a per-epoch ``history`` that the run does not hold yet (the worker could not
+        deliver it); tags the run when it did. Returns how many values were added."""
+        missing: list[Metric] = []
+        keys = {k for row in history for k, v in row.items() if k != step_key and _is_number(v)}
+        have = {k: {m.step for m in self.client.get_metric_history(run_id, k)} for k in sorted(keys)}
+        for row in history:
+            step = int(row.get(step_key, 0))
+            missing += [m for m in metric_batch(row, step) if m.key != step_key and m.step not in have[m.key]]
+        for i in range(0, len(missing), 500):
+            self.client.log_batch(run_id, metrics=missing[i : i + 500])
+        if missing:
+            self.tags(run_id, {"metrics_backfilled": f"{len(missing)} values logged after the stage ended"})
+        return len(missing)
 
     def artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
@@ -127,6 +170,89 @@ class Tracker:
     def _active(self, run_id: str):
         mlflow.set_tracking_uri(self.uri)
         return mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def metric_batch(metrics: dict[str, Any], step: int) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+
+
+class MetricBuffer:
+    """Per-step metrics delivered by a background thread: the training loop never waits for the
+    tracking server and never fails because of it. Undelivered batches are retried every
+    ``retry_s``; one warning when a batch has waited ``warn_after_s``; when delivery resumes, the run
+    gets a ``metrics_delayed`` tag. :meth:`close` waits at most ``timeout_s`` and returns how many
+    batches were left undelivered (the driver backfills those from the checkpointed history)."""
+
+    def __init__(self, tracker: Tracker, run_id: str, *, retry_s: float = 5.0, warn_after_s: float = 30.0) -> None:
+        self.tracker, self.run_id = tracker, run_id
+        self.retry_s, self.warn_after_s = retry_s, warn_after_s
+        self._pending: list[tuple[float, list[Metric]]] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._warned = False
+        self._max_delay = 0.0
+        self._thread = threading.Thread(target=self._deliver, name="mlflow-metrics", daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        batch = metric_batch(metrics, step)
+        with self._cond:
+            self._pending.append((time.monotonic(), batch))
+            oldest = self._pending[0][0]
+            self._cond.notify()
+        if not self._warned and time.monotonic() - oldest > self.warn_after_s:
+            self._warned = True
+            log.warning(
+                "the tracking server %s has not taken metrics for %.0f s (%d batches waiting): training goes on, "
+                "they are retried in the background",
+                self.tracker.uri,
+                time.monotonic() - oldest,
+                len(self._pending),
+            )
+
+    def close(self, timeout_s: float = 10.0) -> int:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout_s)
+        with self._cond:
+            return len(self._pending)
+
+    def _deliver(self) -> None:
+        failed_since: float | None = None
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                queued, batch = self._pending[0]
+            try:
+                for i in range(0, len(batch), 500):
+                    self.tracker.client.log_batch(self.run_id, metrics=batch[i : i + 500])
+            except Exception as exc:  # noqa: BLE001 - any tracking failure is retried, never raised into training
+                if failed_since is None:
+                    failed_since = time.monotonic()
+                    log.warning("could not log metrics to %s (%s); retrying in the background", self.tracker.uri, exc)
+                with self._cond:
+                    self._cond.wait(self.retry_s)
+                continue
+            with self._cond:
+                self._pending.pop(0)
+            delay = time.monotonic() - queued
+            self._max_delay = max(self._max_delay, delay)
+            if failed_since is not None or delay > self.warn_after_s:
+                failed_since = None
+                try:
+                    self.tracker.tags(self.run_id, {"metrics_delayed": f"up to {self._max_delay:.0f} s (tracking "
+                                                                      "server unreachable)"})  # fmt: skip
+                except Exception:  # noqa: BLE001
+                    pass
 
 
 def lineage_picture(lineage: dict[str, Any], path: str | Path) -> None:

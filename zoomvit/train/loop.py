@@ -19,7 +19,7 @@ import torch
 
 from zoomvit.config import TrainConfig
 from zoomvit.logs import configure as configure_logging
-from zoomvit.tracking.runs import Tracker
+from zoomvit.tracking.runs import MetricBuffer, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,7 @@ class WorkerTrainer:
         self.start_epoch, self.history = self._resume()
         self.start_checksum = weights_checksum(self.engine.module.state_dict())
         tracking = config.get("tracking") if self.rank == 0 else None  # rank 0 alone logs, into the stage's run
-        self.tracking_run = tracking["run_id"] if tracking else None
-        self.tracker = Tracker(tracking["uri"]) if tracking else None
+        self.metric_log = MetricBuffer(Tracker(tracking["uri"]), tracking["run_id"]) if tracking else None
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
         self.global_step = self.start_epoch * self.steps_per_epoch
@@ -136,13 +135,15 @@ class WorkerTrainer:
             metrics.update(self.evaluate())
             self.history.append(metrics)
             self.checkpoint(epoch, metrics)
-            if self.tracker is not None:
-                self.tracker.metrics(self.tracking_run, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            if self.metric_log is not None:
+                self.metric_log.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if self.rank == 0:
                 log.info(
                     f"[{self.kind}] epoch {epoch + 1}/{self.train.epochs} "
                     + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
                 )
+        if self.metric_log is not None and (left := self.metric_log.close()):
+            log.warning(f"[{self.kind}] {left} epochs' metrics did not reach MLflow; the driver logs them later")
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         engine, task = self.engine, self.task

@@ -1,0 +1,168 @@
+"""Fault injection on the data path, with real Ray: flaky storage, damaged cache entries, hostile samples.
+
+Each test names the fault in its title and asserts what the pipeline promises: nothing lost,
+nothing committed from a shard that could not be read, every bad input counted under its reason.
+docs/reliability.md lists every fault and the test that shows it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import fsspec.implementations.local
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from tarutil import write_tar
+
+from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
+from zoomvit.data.demo import generate_demo_dataset
+from zoomvit.data.ingest import ShardReadError, read_shards
+from zoomvit.relevance.job import run_relevance_stage
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+SIZE = 32
+
+
+class FlakyLocalFileSystem(fsspec.implementations.local.LocalFileSystem):
+    """Local files whose reads raise ``OSError`` past byte ``fail_at``: on every open when ``always``,
+    else on the first open of each file only (a marker file per shard records it, across processes)."""
+
+    def __init__(self, markers: str, fail_at: int, always: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.markers, self.fail_at, self.always = markers, fail_at, always
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        marker = Path(self.markers) / Path(path).name
+        if "r" not in mode or (marker.exists() and not self.always):
+            return f
+        marker.touch()
+        fail_at, read = self.fail_at, f.read
+
+        def flaky_read(size=-1):
+            if f.tell() + (size if size is not None and size >= 0 else 1 << 62) > fail_at:
+                raise OSError(f"injected: connection reset while reading {Path(path).name}")
+            return read(size)
+
+        f.read = flaky_read
+        return f
+
+
+def flaky(tmp_path: Path, *, fail_at: int, always: bool = False):
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    markers = tmp_path / "markers"
+    markers.mkdir(exist_ok=True)
+    return PyFileSystem(FSSpecHandler(FlakyLocalFileSystem(str(markers), fail_at, always, skip_instance_cache=True)))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo_dataset(root, train=64, val=16, image_size=SIZE, samples_per_shard=32)
+    return root
+
+
+def keys_of(ds) -> list[tuple[str, str]]:
+    rows = ds.take_all()
+    return sorted((r["kind"], f"{Path(r['shard']).name}/{r['key']}") for r in rows)
+
+
+def test_an_io_error_mid_shard_is_retried_and_no_sample_is_lost_or_repeated(demo, tmp_path):
+    shards = sorted(str(p) for p in demo.glob("train-*.tar"))
+    clean = keys_of(read_shards(shards))
+    size = Path(shards[0]).stat().st_size
+    ds = read_shards(shards, filesystem=flaky(tmp_path, fail_at=size // 2), retries=2, backoff_s=0)
+    assert keys_of(ds) == clean
+    assert [k for k, _ in clean].count("sample") == 64 and [k for k, _ in clean].count("eos") == 2
+    assert sorted(p.name for p in (tmp_path / "markers").iterdir()) == ["train-000000.tar", "train-000001.tar"]
+
+
+def test_a_shard_that_always_fails_fails_the_read_naming_the_shard(demo, tmp_path):
+    shards = sorted(str(p) for p in demo.glob("train-*.tar"))
+    ds = read_shards(shards[:1], filesystem=flaky(tmp_path, fail_at=4096, always=True), retries=1, backoff_s=0)
+    with pytest.raises(Exception, match=r"train-000000\.tar: read failed after 2 attempt") as info:
+        ds.take_all()
+    assert "ShardReadError" in repr(info.value) or isinstance(info.value, ShardReadError)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_file(timm.create_model("vit_test_patch8_32").state_dict(), str(path))
+    return str(path)
+
+
+def relevance(root: Path, out: Path, ckpt: str, splits=("train", "val"), **data_kw):
+    return run_relevance_stage(
+        data=DataConfig(root=str(root), image_size=SIZE, **data_kw),
+        teacher=TeacherConfig(model="vit_test_patch8_32", checkpoint=ckpt),
+        relevance=RelevanceConfig(batch_size=16, shards_per_group=1, splits=splits),
+        out_dir=out,
+    )
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_parquet", "skips_unreadable"])
+def test_a_damaged_parquet_group_is_recomputed_alone(demo, teacher_ckpt, tmp_path, damage, caplog):
+    first = relevance(demo, tmp_path, teacher_ckpt)
+    assert first["stats"]["groups_computed"] == 3
+    group = tmp_path / "train-group-00001.parquet"
+    before = pq.read_table(group)
+    if damage == "truncated":
+        group.write_bytes(group.read_bytes()[: group.stat().st_size // 2])
+    elif damage == "not_parquet":
+        group.write_bytes(b"\0" * 4096)
+    else:
+        group.with_suffix(".skips.json").write_text("{not json")
+    again = relevance(demo, tmp_path, teacher_ckpt)
+    assert again["stats"]["groups_cached"] == 2 and again["stats"]["groups_computed"] == 1
+    assert again["rows"] == first["rows"] == 80
+    assert (
+        pq.read_table(group).drop(["relevance", "teacher_logits"]).equals(before.drop(["relevance", "teacher_logits"]))
+    )
+    assert "train group 1 is damaged" in caplog.text
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+def test_hostile_samples_are_each_counted_under_their_reason_and_the_rest_get_maps(teacher_ckpt, tmp_path):
+    root = tmp_path / "hostile"
+    root.mkdir()
+    good = io.BytesIO()
+    Image.fromarray(np.full((SIZE, SIZE, 3), 90, np.uint8)).save(good, format="JPEG")
+    jpg = good.getvalue()
+    members = [(f"ok{i}.jpg", jpg) for i in range(6)] + [(f"ok{i}.cls", b"1") for i in range(6)]
+    members += [
+        ("huge_label.jpg", jpg),
+        ("huge_label.cls", b"9" * 5000),
+        ("deep_json.jpg", jpg),
+        ("deep_json.cls", b"2"),
+        ("deep_json.json", b"[" * 100_000),
+        ("bomb.png", png_claiming(9000, 9000)),
+        ("bomb.cls", b"3"),
+    ]
+    members.sort(key=lambda m: m[0].split(".")[0])
+    write_tar(root / "train-000000.tar", members)
+    manifest = relevance(root, tmp_path / "out", teacher_ckpt, splits=("train",), max_bad_fraction=0.5)
+    assert manifest["skips"]["counts"] == {"bad_label": 1, "oversized_image": 1}
+    assert manifest["rows"] == 7  # six good samples and the one whose json was hostile (no meta, still a sample)
+    assert json.loads((tmp_path / "out" / "train-group-00000.skips.json").read_text())["num_ok"] == 7
