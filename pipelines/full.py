@@ -4,8 +4,6 @@ ray job submit --working-dir . -- python pipelines/full.py --config pipelines/co
 python pipelines/full.py --config pipelines/configs/tiny.yaml --only zoomvit --set zoomvit.alpha=0.3
 """
 
-import _bootstrap  # noqa: F401  (must come first)
-
 from zoomvit.pipeline.cli import full_main
 
 if __name__ == "__main__":

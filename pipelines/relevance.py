@@ -3,8 +3,6 @@
 python pipelines/relevance.py --config pipelines/configs/demo.yaml [--out DIR] [--checkpoint T.safetensors]
 """
 
-import _bootstrap  # noqa: F401  (must come first)
-
 from zoomvit.pipeline.cli import relevance_main
 
 if __name__ == "__main__":

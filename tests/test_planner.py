@@ -207,3 +207,18 @@ def test_a_checkpoint_is_fingerprinted_by_its_content_not_its_name(setup, data_r
     assert teacher_fingerprint(copy) == first
     weights.write_bytes(b"weights v2")
     assert teacher_fingerprint(weights) != first
+
+
+def test_one_stage_script_serves_every_stage_and_no_script_shadows_the_package(data_root, tmp_path):
+    scripts = sorted(p.stem for p in (REPO / "pipelines").glob("*.py"))
+    assert "zoomvit" not in scripts and scripts == ["full", "relevance", "stage"]
+    usage = subprocess.run([sys.executable, "pipelines/stage.py"], cwd=REPO, capture_output=True, text=True)
+    assert usage.returncode == 2 and all(name in usage.stderr for name in ORDER)
+    sets = ["--set", f"data.root={data_root}", "--set", "data.demo=null", "--set", f"artifact_root={tmp_path / 'runs'}"]
+    proc = subprocess.run(
+        [sys.executable, "pipelines/stage.py", "zoomvit", "--config", TINY, *sets, "--dry-run"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]  # nothing upstream is cached: the plan says what is missing
+    plan = [line.split()[:2] for line in proc.stdout.strip().splitlines()]
+    assert plan == [["teacher", "missing"], ["relevance", "missing"], ["zoomer", "missing"], ["zoomvit", "run"]]

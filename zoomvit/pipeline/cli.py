@@ -138,5 +138,5 @@ def full_main(argv: list[str] | None = None) -> int:
 
 
 def stage_main(stage: str, argv: list[str] | None = None) -> int:
-    """``pipelines/<stage>.py``: the pipeline restricted to one stage (upstream from the cache)."""
+    """``pipelines/stage.py NAME``: the pipeline restricted to one stage (upstream from the cache)."""
     return full_main(["--only", stage, *(argv if argv is not None else sys.argv[1:])])
