@@ -222,3 +222,26 @@ def test_one_stage_script_serves_every_stage_and_no_script_shadows_the_package(d
     assert proc.returncode == 2, proc.stderr[-2000:]  # nothing upstream is cached: the plan says what is missing
     plan = [line.split()[:2] for line in proc.stdout.strip().splitlines()]
     assert plan == [["teacher", "missing"], ["relevance", "missing"], ["zoomer", "missing"], ["zoomvit", "run"]]
+
+
+def test_defaults_outside_a_ray_job_copy_are_the_working_directory_and_inside_it_zoomvit_home(tmp_path, monkeypatch):
+    from zoomvit.pipeline.runner import artifact_root, lasting_paths
+    from zoomvit.tracking.runs import resolve_tracking_uri
+
+    for var in ("MLFLOW_TRACKING_URI", "ZOOMVIT_ARTIFACT_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ZOOMVIT_HOME", str(tmp_path / "home"))
+    config = load_config(TINY)
+    plain = tmp_path / "checkout"
+    plain.mkdir()
+    monkeypatch.chdir(plain)
+    assert artifact_root(config) == plain / "runs" and resolve_tracking_uri(None) == f"sqlite:///{plain}/mlflow.db"
+    assert lasting_paths(config) is config
+
+    job_copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    job_copy.mkdir(parents=True)
+    monkeypatch.chdir(job_copy)
+    home = tmp_path / "home"
+    assert artifact_root(config) == home / "runs" and resolve_tracking_uri(None) == f"sqlite:///{home}/mlflow.db"
+    assert lasting_paths(config).data.root == str(home / "demo_data" / "tiny")
+    assert artifact_root(load_config(TINY, [f"artifact_root={tmp_path / 'mine'}"])) == tmp_path / "mine"

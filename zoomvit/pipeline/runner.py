@@ -29,8 +29,10 @@ from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
 from zoomvit.tracking.runs import (
     Terminated,
     Tracker,
+    default_dir,
     flatten,
     git_commit,
+    in_job_working_dir,
     lineage_picture,
     resolve_tracking_uri,
     shards_digest,
@@ -60,8 +62,10 @@ class PipelineResult:
 
 
 def artifact_root(config: PipelineConfig) -> Path:
-    """The config's artifact root, else $ZOOMVIT_ARTIFACT_ROOT, else ./runs."""
-    return Path(config.artifact_root or os.environ.get("ZOOMVIT_ARTIFACT_ROOT") or "runs").resolve()
+    """The config's artifact root, else $ZOOMVIT_ARTIFACT_ROOT, else ``runs`` under :func:`default_dir`
+    (the working directory; ``~/.zoomvit`` inside a ``ray job submit`` working-dir copy)."""
+    chosen = config.artifact_root or os.environ.get("ZOOMVIT_ARTIFACT_ROOT")
+    return Path(chosen).resolve() if chosen else default_dir() / "runs"
 
 
 def section(config: PipelineConfig, dotted: str) -> Any:
@@ -320,9 +324,23 @@ def run_pipeline(
         return _run_pipeline(config, only=only, force=force, from_run=from_run)
 
 
+def lasting_paths(config: PipelineConfig) -> PipelineConfig:
+    """Inside a ``ray job submit`` working-dir copy (deleted after the job), generated demo data with a
+    relative ``data.root`` goes under :func:`default_dir` instead, so a second submission finds it."""
+    data = config.data
+    if data.demo is None or data.root is None or not in_job_working_dir():
+        return config
+    if "://" in data.root or Path(data.root).is_absolute():
+        return config
+    moved = default_dir() / data.root
+    log.info(f"[pipeline] inside a Ray job's working-dir copy: demo data under {moved}")
+    return config.model_copy(update={"data": data.model_copy(update={"root": str(moved)})})
+
+
 def _run_pipeline(
     config: PipelineConfig, *, only: Sequence[str], force: Sequence[str], from_run: str | None
 ) -> PipelineResult:
+    config = lasting_paths(config)
     ensure_demo_data(config)
     train_paths = config.data.shard_paths("train")
     shards = shards_of(config)

@@ -57,13 +57,28 @@ def run_status(error: BaseException | None) -> str:
     return "KILLED" if isinstance(error, (Terminated, KeyboardInterrupt)) else "FAILED"
 
 
+def in_job_working_dir() -> bool:
+    """Whether this process runs in Ray's per-job copy of ``ray job submit --working-dir``, which Ray
+    deletes after the job: nothing meant to last may default to a path inside it."""
+    return "runtime_resources" in Path.cwd().resolve().parts
+
+
+def default_dir() -> Path:
+    """Where defaults go: the working directory, or ``$ZOOMVIT_HOME`` (``~/.zoomvit``) inside a Ray job."""
+    if in_job_working_dir():
+        return Path(os.environ.get("ZOOMVIT_HOME") or "~/.zoomvit").expanduser().resolve()
+    return Path.cwd().resolve()
+
+
 def resolve_tracking_uri(uri: str | None) -> str:
-    """The config's URI, else $MLFLOW_TRACKING_URI, else a sqlite store in the working directory."""
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a sqlite store in :func:`default_dir`."""
     if uri:
         return uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path('mlflow.db').resolve()}"
+    home = default_dir()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
