@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("RAY_ACCEPT_CALLABLE_OR_CLASS_AS_CONSTRUCTOR", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,7 +23,16 @@ def ray_local():
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        tests_dir = str(Path(__file__).resolve().parent)  # helpers the workers unpickle (tests/faultfs.py)
+        path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import shutil
 from pathlib import Path
 
-import fsspec.implementations.local
+import faultfs
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -30,37 +32,13 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 SIZE = 32
 
 
-class FlakyLocalFileSystem(fsspec.implementations.local.LocalFileSystem):
-    """Local files whose reads raise ``OSError`` past byte ``fail_at``: on every open when ``always``,
-    else on the first open of each file only (a marker file per shard records it, across processes)."""
-
-    def __init__(self, markers: str, fail_at: int, always: bool = False, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.markers, self.fail_at, self.always = markers, fail_at, always
-
-    def _open(self, path, mode="rb", **kwargs):
-        f = super()._open(path, mode, **kwargs)
-        marker = Path(self.markers) / Path(path).name
-        if "r" not in mode or (marker.exists() and not self.always):
-            return f
-        marker.touch()
-        fail_at, read = self.fail_at, f.read
-
-        def flaky_read(size=-1):
-            if f.tell() + (size if size is not None and size >= 0 else 1 << 62) > fail_at:
-                raise OSError(f"injected: connection reset while reading {Path(path).name}")
-            return read(size)
-
-        f.read = flaky_read
-        return f
-
-
 def flaky(tmp_path: Path, *, fail_at: int, always: bool = False):
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     markers = tmp_path / "markers"
     markers.mkdir(exist_ok=True)
-    return PyFileSystem(FSSpecHandler(FlakyLocalFileSystem(str(markers), fail_at, always, skip_instance_cache=True)))
+    fs = faultfs.FlakyLocalFileSystem(str(markers), fail_at, always, skip_instance_cache=True)
+    return PyFileSystem(FSSpecHandler(fs))
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +88,20 @@ def relevance(root: Path, out: Path, ckpt: str, splits=("train", "val"), **data_
     )
 
 
+@pytest.fixture(scope="module")
+def committed(demo, teacher_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("committed")
+    manifest = relevance(demo, out, teacher_ckpt)
+    assert manifest["stats"]["groups_computed"] == 3
+    return out, manifest
+
+
 @pytest.mark.parametrize("damage", ["truncated", "not_parquet", "skips_unreadable"])
-def test_a_damaged_parquet_group_is_recomputed_alone(demo, teacher_ckpt, tmp_path, damage, caplog):
-    first = relevance(demo, tmp_path, teacher_ckpt)
-    assert first["stats"]["groups_computed"] == 3
-    group = tmp_path / "train-group-00001.parquet"
+def test_a_damaged_parquet_group_is_recomputed_alone(demo, teacher_ckpt, committed, tmp_path, damage, caplog):
+    source, first = committed
+    out = tmp_path / "out"
+    shutil.copytree(source, out)
+    group = out / "train-group-00001.parquet"
     before = pq.read_table(group)
     if damage == "truncated":
         group.write_bytes(group.read_bytes()[: group.stat().st_size // 2])
@@ -122,12 +109,16 @@ def test_a_damaged_parquet_group_is_recomputed_alone(demo, teacher_ckpt, tmp_pat
         group.write_bytes(b"\0" * 4096)
     else:
         group.with_suffix(".skips.json").write_text("{not json")
-    again = relevance(demo, tmp_path, teacher_ckpt)
+    job_log = logging.getLogger("zoomvit.relevance.job")  # the zoomvit logger may not propagate (logs.configure)
+    job_log.addHandler(caplog.handler)
+    try:
+        again = relevance(demo, out, teacher_ckpt)
+    finally:
+        job_log.removeHandler(caplog.handler)
     assert again["stats"]["groups_cached"] == 2 and again["stats"]["groups_computed"] == 1
     assert again["rows"] == first["rows"] == 80
-    assert (
-        pq.read_table(group).drop(["relevance", "teacher_logits"]).equals(before.drop(["relevance", "teacher_logits"]))
-    )
+    maps = ["relevance", "teacher_logits"]
+    assert pq.read_table(group).drop(maps).equals(before.drop(maps))
     assert "train group 1 is damaged" in caplog.text
 
 

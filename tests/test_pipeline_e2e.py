@@ -331,3 +331,28 @@ def test_force_recomputes_a_finished_stage_from_scratch_instead_of_resuming_it(f
         "every epoch trained again"
     )
     assert client.get_metric_history(runs["zoomer"].info.run_id, "start_epoch")[0].value == 0
+
+
+def test_a_plain_ray_job_submit_keeps_its_cache_and_runs_for_the_next_submission(head, tmp_path):
+    """The README's line, with no artifact root or tracking URI: both default outside the job's
+    working-dir copy (``$ZOOMVIT_HOME``), so a second submission is all cache hits."""
+    home = tmp_path / "zoomvit_home"
+    runtime_env = json.dumps({"env_vars": {"ZOOMVIT_HOME": str(home), "MLFLOW_TRACKING_URI": ""}})
+
+    def submit():
+        command = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".",
+                   "--runtime-env-json", runtime_env, "--", "python", "pipelines/full.py",
+                   "--config", "pipelines/configs/tiny.yaml"]  # fmt: skip
+        proc = subprocess.run(command, cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        return proc
+
+    submit()
+    second = submit()
+    assert "start (cache miss" not in second.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    first_run, second_run = pipeline_runs(client)
+    assert {n: r.data.tags["cache"] for n, r in stage_runs(client, second_run.info.run_id).items()} == dict.fromkeys(
+        STAGES, "hit"
+    )
+    assert (home / "demo_data" / "tiny" / "_info.json").exists() and any((home / "runs").iterdir())

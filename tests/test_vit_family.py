@@ -387,3 +387,21 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
         train_baselines(config, tmp_path)
     with pytest.raises(ConfigError, match="one way to initialise"):
         load_config(str(CONFIG), ["baseline.init_from_teacher=true", "baseline.init_checkpoint=x.safetensors"])
+
+
+def test_a_student_whose_init_checkpoint_has_no_fitting_patch_embedding_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from zoomvit.errors import UserError
+    from zoomvit.models import Zoomer
+    from zoomvit.train.recipes import zoomvit_task
+
+    config = load_config(str(CONFIG), ["zoomvit.init_from_teacher=true"])
+    hybrid = timm.create_model("vit_test_convstem_patch8_32", num_classes=config.data.num_classes)
+    path = tmp_path / "hybrid_teacher.safetensors"
+    save_file(hybrid.state_dict(), str(path))
+    zoomer = tmp_path / "zoomer.safetensors"
+    save_file(Zoomer(grid=(4, 4), width=config.zoomer.width, depth=config.zoomer.depth).state_dict(), str(zoomer))
+    spec = {**zoomvit_task(config, zoomer, teacher_weights=path), "train": config.zoomvit.train.model_dump(), "seed": 0}
+    with pytest.raises(UserError, match=r"no patch embedding that fits \(patch_embed.proj.bias, patch_embed.proj.weight\)"):
+        build_task(spec).build_model()

@@ -176,7 +176,7 @@ def evaluate_models(
             fixed_gflops = {"zoomer": count_flops(zoom.zoomer, x[:1]) / 1e9}
             fixed_gflops |= {name: zoomvit_flops(base, x[:1]).gflops for name, base in baselines.items()}
         x_hr = numpy_batch_input(batch, config.data, "image_hr") if highres else None
-        labels = torch.from_numpy(batch["label"]).long()
+        labels = torch.tensor(batch["label"], dtype=torch.long)
         buckets = size_bucket(batch["box"], config.data.image_size, config.evaluate.size_buckets)
         start = time.perf_counter()
         importance = zoom.importance(x)

@@ -8,9 +8,18 @@ the stage prefix is part of the message.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 
 FORMAT = "%(message)s"
+VERBOSE_ENV = "ZOOMVIT_VERBOSE"
+CHATTY_LOGGERS = ("ray.data", "ray.train", "ray.tune", "DeepSpeed", "deepspeed", "torch.distributed", "mlflow")
+HARMLESS_WARNINGS = (
+    # mlflow.pytorch's note on pickled models (the pipeline logs them knowingly; issue 19 tracks the switch)
+    (r".*Pickle or CloudPickle format.*", UserWarning),
+    (r".*torch.distributed.reduce_op.*", FutureWarning),
+)
 
 
 def configure(level: int | str = logging.INFO) -> None:
@@ -21,3 +30,24 @@ def configure(level: int | str = logging.INFO) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_libraries(*, verbose_: bool | None = None) -> None:
+    """Unless verbose: Ray Data's progress bars off (the flag travels with every dataset this process
+    builds), Ray/DeepSpeed/MLflow loggers at WARNING, known-harmless warnings silenced. Their full
+    output stays in Ray's log files (``/tmp/ray/session_latest/logs``)."""
+    if verbose() if verbose_ is None else verbose_:
+        return
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message, category in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
 
 from zoomvit.config import ConfigError, PipelineConfig, load_config
 from zoomvit.errors import UserError
+from zoomvit.logs import VERBOSE_ENV, quiet_libraries
 from zoomvit.logs import configure as configure_logging
 from zoomvit.pipeline.graph import STAGES
 from zoomvit.tracking.runs import Terminated
@@ -50,6 +52,7 @@ def relevance_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = parse_config(args)
     init_ray()
+    quiet_libraries()
     manifest = run_relevance_stage(
         data=config.data,
         teacher=config.teacher,
@@ -105,15 +108,23 @@ def full_main(argv: list[str] | None = None) -> int:
         "--from-run", help="reuse the outputs recorded by this MLflow pipeline run where fingerprints match"
     )
     parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray Data progress bars, Ray Train and DeepSpeed logs (otherwise only in Ray's log files)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print which stages would run or come from the cache, and why; run nothing",
     )
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     config = parse_config(args)
     if args.dry_run:
         return _dry_run(config, args)
     init_ray()
+    quiet_libraries()
     try:
         result = run_pipeline(config, only=args.only, force=args.force, from_run=args.from_run)
     except Terminated as err:

@@ -19,9 +19,12 @@ import torch
 
 from zoomvit.config import TrainConfig
 from zoomvit.logs import configure as configure_logging
+from zoomvit.logs import quiet_libraries
 from zoomvit.tracking.runs import MetricBuffer, Tracker
 
 log = logging.getLogger(__name__)
+STEP_METRICS_EVERY = 10
+PROGRESS_EVERY_S = 30.0
 
 FINAL_WEIGHTS = "model.safetensors"
 HISTORY = "history.json"
@@ -55,6 +58,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point: the recipe (``config["train"]``, a ``TrainConfig``), the
     task spec, the device choice, the steps per epoch and where to log."""
     configure_logging()
+    quiet_libraries(verbose_=config.get("verbose", False))
     WorkerTrainer(config).fit()
 
 
@@ -112,6 +116,7 @@ class WorkerTrainer:
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
         self.global_step = self.start_epoch * self.steps_per_epoch
+        self._last_progress = time.perf_counter()
 
     def _resume(self) -> tuple[int, list[dict[str, Any]]]:
         """The epoch to start from and the history so far: from Ray Train's checkpoint after a restart."""
@@ -162,6 +167,8 @@ class WorkerTrainer:
             images += batch["label"].shape[0]
             loss_sum += loss.detach().item()
             steps += 1
+            if self.rank == 0:
+                self._progress(epoch, steps, images, loss_sum, start)
         seconds = time.perf_counter() - start
         metrics: dict[str, Any] = {
             "epoch": epoch,
@@ -174,6 +181,23 @@ class WorkerTrainer:
             counts = getattr(task, "param_counts", {})
             metrics.update(start_epoch=self.start_epoch, start_weights_checksum=self.start_checksum, **counts)
         return metrics
+
+    def _progress(self, epoch: int, steps: int, images: int, loss_sum: float, start: float) -> None:
+        """Every ``STEP_METRICS_EVERY`` steps a step-level point of the training curve for MLflow; at most
+        every ``PROGRESS_EVERY_S`` seconds a console line with the epoch's progress and ETA."""
+        if self.metric_log is not None and steps % STEP_METRICS_EVERY == 0:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.metric_log.log({"step_train_loss": loss_sum / steps, "step_lr": lr}, step=self.global_step)
+        now = time.perf_counter()
+        if now - self._last_progress < PROGRESS_EVERY_S or steps >= self.steps_per_epoch:
+            return
+        self._last_progress = now
+        rate = images * self.world / max(now - start, 1e-9)
+        left = (self.steps_per_epoch - steps) / max(steps / (now - start), 1e-9)
+        log.info(
+            f"[{self.kind}] epoch {epoch + 1}/{self.train.epochs} step {steps}/{self.steps_per_epoch} "
+            f"loss {loss_sum / steps:.3f} · {rate:.0f} img/s · epoch ETA {left:.0f} s"
+        )
 
     def evaluate(self) -> dict[str, float]:
         """Val metrics of the model (and ``ema_``-prefixed ones of its EMA)."""

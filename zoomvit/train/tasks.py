@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import zoomvit.models  # noqa: F401  (registers the timm variants)
 from zoomvit.config import DistillConfig, TrainConfig, cached_logits_conflicts
+from zoomvit.errors import UserError
 from zoomvit.models import Zoomer, ZoomViT, load_pretrained
 from zoomvit.models.loading import load_state_dict_file
 from zoomvit.train.data import Views, augment, to_model_input
@@ -170,7 +171,15 @@ class ClassifierTask(Task):
 
     def _prepare(self, model: nn.Module) -> nn.Module:
         if self.spec.get("init_checkpoint"):
-            load_pretrained(model, load_state_dict_file(self.spec["init_checkpoint"]))
+            loaded = load_pretrained(model, load_state_dict_file(self.spec["init_checkpoint"]))
+            unfit = [k for k in loaded["missing"] if k.startswith("patch_embed.")]
+            if unfit:
+                raise UserError(
+                    f"{self.spec['model']}: its init checkpoint has no patch embedding that fits ({', '.join(unfit)}), "
+                    "so training would start from a random one (measured: a student of a conv-stem teacher stays "
+                    "near chance). Initialise from a ViT with the same patch embedding (init_checkpoint), or set "
+                    "init_from_teacher=false"
+                )
         if self.distilled and self.distill.token:
             if not hasattr(model, "set_distilled_training"):
                 raise ValueError(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zoomvit import logs
 from zoomvit.config import TrainConfig
 from zoomvit.train.loop import FINAL_WEIGHTS, HISTORY, train_loop_per_worker
 
@@ -98,6 +99,7 @@ def run_training(
         "use_gpu": use_gpu,
         "steps_per_epoch": n_train // per_step,
         "tracking": tracking,
+        "verbose": logs.verbose(),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
