@@ -30,3 +30,29 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
 def test_temporary_names_are_hidden_siblings_unique_per_call(tmp_path):
     names = {temporary_name(tmp_path / "x.json") for _ in range(100)}
     assert len(names) == 100 and all(n.parent == tmp_path and n.name.startswith(".x.json.") for n in names)
+
+
+def test_an_exclusive_lock_makes_a_second_process_wait_and_is_freed_when_its_holder_dies(tmp_path, caplog):
+    import logging
+    import subprocess
+    import sys
+    import time
+
+    from zoomvit.durable import exclusive
+
+    entry = tmp_path / "teacher" / "abc"
+    script = f"from zoomvit.durable import exclusive\nimport time\nwith exclusive({str(entry)!r}, 'x'):\n"
+    script += "    print('held', flush=True)\n    time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    logging.getLogger("zoomvit.durable").addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="zoomvit.durable")
+    start = time.monotonic()
+    killer = __import__("threading").Timer(1.5, holder.kill)  # the holder dies without unlocking
+    killer.start()
+    with exclusive(entry, "[teacher] entry"):
+        waited = time.monotonic() - start
+    killer.join()
+    logging.getLogger("zoomvit.durable").removeHandler(caplog.handler)
+    assert waited >= 1.4
+    assert f"[teacher] entry: waiting for pid {holder.pid}" in caplog.text

@@ -112,7 +112,16 @@ def first_run(head, workspace):
     assert "Job 'raysubmit_" in proc.stdout + proc.stderr and "succeeded" in proc.stdout + proc.stderr
     client = MlflowClient(tracking_uri=workspace["uri"])
     (parent,) = pipeline_runs(client)
+    (workspace["root"] / "first_run_console.txt").write_text(proc.stdout + proc.stderr)
     return client, parent
+
+
+def test_the_console_of_a_whole_run_is_short_and_says_what_each_stage_did(first_run, workspace):
+    console = (workspace["root"] / "first_run_console.txt").read_text().splitlines()
+    assert len(console) <= 100, "\n".join(console)
+    assert not any("Running Dataset" in line or "\x1b[A" in line for line in console), "progress bars leaked"
+    for name in STAGES:
+        assert any(line.startswith(f"[{name}] done in") for line in console), name
 
 
 def test_ray_job_submit_runs_every_stage_with_one_nested_mlflow_run_each(first_run, tmp_path):
@@ -356,3 +365,23 @@ def test_a_plain_ray_job_submit_keeps_its_cache_and_runs_for_the_next_submission
         STAGES, "hit"
     )
     assert (home / "demo_data" / "tiny" / "_info.json").exists() and any((home / "runs").iterdir())
+
+
+def test_two_runs_started_together_on_one_artifact_root_both_succeed_and_compute_each_stage_once(
+    head, workspace, tmp_path
+):
+    sets = ["--set", f"data.root={workspace['root'] / 'data'}", "--set", f"artifact_root={tmp_path / 'runs'}",
+            "--set", f"tracking.uri={workspace['uri']}", "--set", "tracking.experiment=concurrent",
+            "--set", "baseline.input_sizes=[]"]  # fmt: skip
+    env = {**head["env"], "RAY_ADDRESS": head["gcs"]}
+    command = [sys.executable, "pipelines/full.py", "--config", TINY, *sets]
+    runs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]  # fmt: skip
+    outputs = [r.communicate(timeout=900)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], "\n=====\n".join(o[-3000:] for o in outputs)
+    client = MlflowClient(tracking_uri=workspace["uri"])
+    exp = client.get_experiment_by_name("concurrent")
+    stage_rows = client.search_runs([exp.experiment_id], filter_string="tags.`zoomvit.kind` = 'stage'")
+    computed = sorted(r.data.tags["stage"] for r in stage_rows if r.data.tags["cache"] == "miss")
+    assert computed == sorted(STAGES), computed  # each stage computed by exactly one of the two runs
+    assert sum("while this run waited" in o for o in outputs) >= 1

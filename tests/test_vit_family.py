@@ -403,5 +403,6 @@ def test_a_student_whose_init_checkpoint_has_no_fitting_patch_embedding_is_refus
     zoomer = tmp_path / "zoomer.safetensors"
     save_file(Zoomer(grid=(4, 4), width=config.zoomer.width, depth=config.zoomer.depth).state_dict(), str(zoomer))
     spec = {**zoomvit_task(config, zoomer, teacher_weights=path), "train": config.zoomvit.train.model_dump(), "seed": 0}
-    with pytest.raises(UserError, match=r"no patch embedding that fits \(patch_embed.proj.bias, patch_embed.proj.weight\)"):
+    unfit = r"no patch embedding that fits \(patch_embed.proj.bias, patch_embed.proj.weight\)"
+    with pytest.raises(UserError, match=unfit):
         build_task(spec).build_model()

@@ -6,12 +6,18 @@ the target and the directory fsynced: a reader sees the old file or the whole ne
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
+import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def temporary_name(path: Path) -> Path:
@@ -40,3 +46,26 @@ def write_durably(path: str | os.PathLike[str], write: Callable[[Path], None]) -
 def write_json_durably(path: str | os.PathLike[str], payload: Any, **dumps: Any) -> None:
     text = json.dumps(payload, **{"indent": 2, "default": str, **dumps})
     write_durably(path, lambda tmp: tmp.write_text(text))
+
+
+@contextmanager
+def exclusive(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (``flock``: released by the kernel when the holder dies,
+    works across processes on one host and on NFSv4). Waits, saying for whom, when another holds it."""
+    lock_path = Path(f"{path}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            log.info(f"{what}: waiting for {f.read().strip() or 'another run'}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

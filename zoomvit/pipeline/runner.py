@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,7 @@ from typing import Any, Literal
 import zoomvit
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo, shard_infos
-from zoomvit.durable import write_json_durably
+from zoomvit.durable import exclusive, write_json_durably
 from zoomvit.errors import UserError
 from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
 from zoomvit.tracking.runs import (
@@ -170,10 +171,16 @@ def config_hash(config: PipelineConfig) -> str:
 
 def ensure_demo_data(config: PipelineConfig) -> None:
     """Generate the demo dataset into ``data.root`` when the config asks for it and it is missing,
-    or when the one there was generated with other settings (its ``_info.json`` says so)."""
+    or when the one there was generated with other settings (its ``_info.json`` says so). Runs
+    started together wait for each other: one generates, the others find it done."""
     demo, root = config.data.demo, config.data.root
     if demo is None or root is None:
         return
+    with exclusive(Path(root).resolve(), f"[data] {root}"):
+        _ensure_demo_data(config, demo, root)
+
+
+def _ensure_demo_data(config: PipelineConfig, demo, root: str) -> None:
     wanted = {
         "train": demo.train,
         "val": demo.val,
@@ -377,10 +384,20 @@ def _run_pipeline(
     manifests: dict[str, dict[str, Any]] = {}
     log.info(f"[pipeline] {config.name}: MLflow run {parent} at {tracker.uri}; artifacts under {root}")
     error: BaseException | None = None
+    locks = ExitStack()  # one lock per stage output being computed, released when it is committed
     try:
         for step in plan:
             name, fp, out_dir, manifest = step.name, step.fingerprint, step.out_dir, step.manifest
             compute = step.action == "run"
+            if compute:
+                lock = locks.enter_context(ExitStack())
+                lock.enter_context(exclusive(out_dir, f"[{name}] {out_dir}"))
+                asked = step.why in ("forced", "--only")  # recompute even what is there
+                done = None if asked or damage(out_dir) else _read_manifest(out_dir)
+                if done is not None and done["fingerprint"] == fp:  # another run computed it while we waited
+                    log.info(f"[{name}] computed by run {done['run_id']} while this run waited")
+                    compute, manifest = False, done
+                    lock.close()
             stage = STAGES[name]
             upstream = stage.upstream_for(config)
             upstream_runs = {u: manifests[u]["run_id"] for u, _ in upstream}
@@ -470,6 +487,7 @@ def _run_pipeline(
                 for key in stage.parent_artifacts:
                     tracker.artifact(parent, out_dir / manifest["files"][key])
                 write_json_durably(out_dir / MANIFEST, manifest)
+                lock.close()
             except BaseException as err:
                 node["cache"] = "failed"
                 tracker.end(run_id, error=err)
@@ -485,6 +503,7 @@ def _run_pipeline(
         error = err
         raise
     finally:
+        locks.close()
         if not isinstance(error, Terminated):  # a stopped job has seconds before SIGKILL: end the runs first
             _write_lineage(tracker, parent, config, result, root)
         if error is None:
