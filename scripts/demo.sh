@@ -22,7 +22,7 @@ start=$(date +%s)
 # One machine cannot be preempted: Ray Train's preemption watcher (an extra process per training
 # stage) stays off here; clusters with spot nodes keep it.
 ray job submit --address http://127.0.0.1:8265 --working-dir . \
-  --runtime-env-json "{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"http://127.0.0.1:$MLFLOW_PORT\", \"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER\": \"0\"}}" \
+  --runtime-env-json "{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"http://127.0.0.1:$MLFLOW_PORT\", \"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER\": \"0\", \"RAY_DATA_LOG_LEVEL\": \"WARNING\"}}" \
   -- python pipelines/full.py --config "$config" \
      --set "data.root=$repo/demo_data/$(basename "$config" .yaml)" --set "artifact_root=$repo/runs" "$@"
 echo

@@ -36,3 +36,15 @@ def ray_local():
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> str:
+    """An untrained ``vit_test_patch8_32`` (seeded) saved as safetensors: a teacher for relevance tests."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_file(timm.create_model("vit_test_patch8_32").state_dict(), str(path))
+    return str(path)

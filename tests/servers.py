@@ -15,10 +15,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def mlflow_server(state_dir: Path, **env: str):
-    """`bash mlflow/serve.sh --daemon` on 127.0.0.1 with its stores in ``state_dir``; yields the URL."""
-    port = free_port()
+def serve(state_dir: Path, port: int, action: str = "--daemon", **env: str) -> subprocess.CompletedProcess:
+    """`bash mlflow/serve.sh <action>` on 127.0.0.1:``port`` with its stores in ``state_dir``."""
     settings = {
         "MLFLOW_HOST": "127.0.0.1",
         "MLFLOW_PORT": str(port),
@@ -27,13 +25,22 @@ def mlflow_server(state_dir: Path, **env: str):
         "MLFLOW_ARTIFACTS_DESTINATION": str(state_dir / "artifacts"),
         **env,
     }
-    env = {**os.environ, **settings}
     proc = subprocess.run(
-        ["bash", "mlflow/serve.sh", "--daemon"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
-    )
+        ["bash", "mlflow/serve.sh", action], cwd=REPO, env={**os.environ, **settings}, capture_output=True,
+        text=True, timeout=180,
+    )  # fmt: skip
     log = state_dir / "server.log"
-    assert proc.returncode == 0, proc.stdout + proc.stderr + (log.read_text()[-3000:] if log.exists() else "")
+    if action == "--daemon":
+        assert proc.returncode == 0, proc.stdout + proc.stderr + (log.read_text()[-3000:] if log.exists() else "")
+    return proc
+
+
+@contextlib.contextmanager
+def mlflow_server(state_dir: Path, **env: str):
+    """`bash mlflow/serve.sh --daemon` on 127.0.0.1 with its stores in ``state_dir``; yields the URL."""
+    port = free_port()
+    serve(state_dir, port, **env)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        subprocess.run(["bash", "mlflow/serve.sh", "--stop"], cwd=REPO, env=env, capture_output=True, timeout=60)
+        serve(state_dir, port, "--stop", **env)

@@ -17,10 +17,7 @@ import faultfs
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import timm
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 from tarutil import write_tar
 
 from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
@@ -69,14 +66,6 @@ def test_a_shard_that_always_fails_fails_the_read_naming_the_shard(demo, tmp_pat
     with pytest.raises(Exception, match=r"train-000000\.tar: read failed after 2 attempt") as info:
         ds.take_all()
     assert "ShardReadError" in repr(info.value) or isinstance(info.value, ShardReadError)
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_file(timm.create_model("vit_test_patch8_32").state_dict(), str(path))
-    return str(path)
 
 
 def relevance(root: Path, out: Path, ckpt: str, splits=("train", "val"), **data_kw):

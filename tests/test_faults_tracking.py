@@ -8,25 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from servers import REPO, free_port
+from servers import REPO, free_port, serve
 
 from zoomvit.tracking.runs import MetricBuffer, Tracker
-
-
-def serve(state: Path, port: int, action: str = "--daemon") -> None:
-    env = {
-        **os.environ,
-        "MLFLOW_HOST": "127.0.0.1",
-        "MLFLOW_PORT": str(port),
-        "MLFLOW_STATE_DIR": str(state),
-        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{state / 'mlflow.db'}",
-        "MLFLOW_ARTIFACTS_DESTINATION": str(state / "artifacts"),
-    }
-    proc = subprocess.run(["bash", "mlflow/serve.sh", action], cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_the_driver_backfills_exactly_the_epochs_the_worker_could_not_log(tmp_path):
@@ -44,7 +30,7 @@ def test_the_driver_backfills_exactly_the_epochs_the_worker_could_not_log(tmp_pa
 
 @pytest.mark.slow
 def test_a_tracking_server_outage_mid_training_delays_metrics_without_stopping_or_losing_them(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0.2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     state, port = tmp_path / "server", free_port()
     serve(state, port)
@@ -70,12 +56,7 @@ def test_a_tracking_server_outage_mid_training_delays_metrics_without_stopping_o
         assert steps == [0, 1, 2, 3, 4, 5]
         assert "metrics_delayed" in tracker.client.get_run(run).data.tags
     finally:
-        subprocess.run(
-            ["bash", "mlflow/serve.sh", "--stop"],
-            cwd=REPO,
-            env={**os.environ, "MLFLOW_STATE_DIR": str(state)},
-            capture_output=True,
-        )
+        serve(state, port, "--stop")
 
 
 @pytest.mark.slow

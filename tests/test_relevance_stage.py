@@ -5,10 +5,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import timm
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 from tarutil import write_tar
 
 from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
@@ -25,14 +22,6 @@ def demo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     generate_demo_dataset(root, train=48, val=16, image_size=SIZE, samples_per_shard=16)
     return root
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_file(timm.create_model("vit_test_patch8_32").state_dict(), str(path))
-    return str(path)
 
 
 def run(root, out, ckpt, **kw):

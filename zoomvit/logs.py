@@ -18,7 +18,8 @@ CHATTY_LOGGERS = ("ray.data", "ray.train", "ray.tune", "DeepSpeed", "deepspeed",
 HARMLESS_WARNINGS = (
     # mlflow.pytorch's note on pickled models (the pipeline logs them knowingly; issue 19 tracks the switch)
     (r".*Pickle or CloudPickle format.*", UserWarning),
-    (r".*torch.distributed.reduce_op.*", FutureWarning),
+    # DeepSpeed's ZeRO still calls the deprecated collective; nothing for its users to act on
+    (r".*all_gather_into_tensor.*is deprecated.*", FutureWarning),
 )
 
 
@@ -44,10 +45,27 @@ def quiet_libraries(*, verbose_: bool | None = None) -> None:
         return
     from ray.data import DataContext
 
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ... at" per run
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     for message, category in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def quiet_stdout(verbose_: bool):
+    """Swallow what a library prints on stdout while the block runs, unless verbose (DeepSpeed prints
+    that it built its CPU communication op, once per worker and stage)."""
+    import contextlib
+    import io
+
+    return contextlib.nullcontext() if verbose_ else contextlib.redirect_stdout(io.StringIO())
+
+
+def train_log_level() -> str:
+    """Ray Train's console level (``RunConfig(logging_config=...)``); its system log files keep everything."""
+    return "INFO" if verbose() else "WARNING"

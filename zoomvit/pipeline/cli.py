@@ -14,7 +14,7 @@ from zoomvit.errors import UserError
 from zoomvit.logs import VERBOSE_ENV, quiet_libraries
 from zoomvit.logs import configure as configure_logging
 from zoomvit.pipeline.graph import STAGES
-from zoomvit.tracking.runs import Terminated
+from zoomvit.tracking.runs import terminated
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -127,9 +127,10 @@ def full_main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         result = run_pipeline(config, only=args.only, force=args.force, from_run=args.from_run)
-    except Terminated as err:
-        print(f"stopped: {err}; the runs that were open are marked KILLED in MLflow", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        how = "SIGTERM" if terminated() else "an interrupt"
+        print(f"stopped by {how}; the runs that were open are marked KILLED in MLflow", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated() else signal.SIGINT)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

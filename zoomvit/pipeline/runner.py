@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 import zoomvit
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo, shard_infos
@@ -28,7 +30,6 @@ from zoomvit.durable import exclusive, write_json_durably
 from zoomvit.errors import UserError
 from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
 from zoomvit.tracking.runs import (
-    Terminated,
     Tracker,
     default_dir,
     flatten,
@@ -369,6 +370,7 @@ def _run_pipeline(
         config.name, tags={"zoomvit.kind": "pipeline", "git_commit": git_commit(), "config_hash": config_hash(config)}
     )
     tracker.params(parent, flatten(config.model_dump(mode="json")))
+    tracker.client.log_text(parent, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
     tracker.tags(
         parent,
         {"cluster_resources": json.dumps(_cluster_resources()), "only": ",".join(only), "from_run": from_run or ""},
@@ -504,7 +506,7 @@ def _run_pipeline(
         raise
     finally:
         locks.close()
-        if not isinstance(error, Terminated):  # a stopped job has seconds before SIGKILL: end the runs first
+        if not isinstance(error, KeyboardInterrupt):  # a stopped job has seconds before SIGKILL: end runs first
             _write_lineage(tracker, parent, config, result, root)
         if error is None:
             result.warnings = near_chance(config, manifests)

@@ -25,12 +25,24 @@ from mlflow.tracking import MlflowClient
 import mlflow
 
 PARENT_TAG = "mlflow.parentRunId"
+# What MLflow 3's UI reads to open an experiment in its model-training view instead of the GenAI one.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 MAX_PARAM_LEN = 6000
 log = logging.getLogger(__name__)
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (``ray job stop``, a scheduler's preemption): unwind, ending every open run as KILLED."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (``ray job stop``, a scheduler's preemption): unwind, ending every open run as KILLED.
+    A ``KeyboardInterrupt`` because a blocking Ray call gives way only to that (it then raises a plain
+    ``KeyboardInterrupt``: :func:`terminated` tells the two apart)."""
+
+
+_terminated = threading.Event()
+
+
+def terminated() -> bool:
+    """Whether SIGTERM arrived while :func:`sigterm_unwinds` was active."""
+    return _terminated.is_set()
 
 
 @contextmanager
@@ -42,6 +54,7 @@ def sigterm_unwinds() -> Iterator[None]:
         return
 
     def handler(signum, frame):
+        _terminated.set()
         raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -54,7 +67,7 @@ def sigterm_unwinds() -> Iterator[None]:
 def run_status(error: BaseException | None) -> str:
     if error is None:
         return "FINISHED"
-    return "KILLED" if isinstance(error, (Terminated, KeyboardInterrupt)) else "FAILED"
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
 
 
 def in_job_working_dir() -> bool:
@@ -112,6 +125,8 @@ class Tracker:
         if experiment is not None:
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            if not found or found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
     def start(self, name: str, *, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
         assert self.experiment_id is not None, "a tracker without an experiment only logs into existing runs"

@@ -63,7 +63,7 @@ def run_training(
     beforehand) is given: then every epoch reads it anew and nothing is kept. Rerunning with the
     same ``out_dir`` resumes from the latest checkpoint of an interrupted run.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     out_dir = Path(out_dir).resolve()
@@ -111,6 +111,7 @@ def run_training(
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
+            logging_config=LoggingConfig(log_level=logs.train_log_level()),
             name=name,
             storage_path=str(out_dir / "ray"),
             failure_config=FailureConfig(max_failures=train.max_failures),
