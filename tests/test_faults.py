@@ -85,6 +85,7 @@ def committed(demo, teacher_ckpt, tmp_path_factory):
     return out, manifest
 
 
+@pytest.mark.slow  # three relevance reruns: the fast tier keeps the read-retry and hostile-input checks
 @pytest.mark.parametrize("damage", ["truncated", "not_parquet", "skips_unreadable"])
 def test_a_damaged_parquet_group_is_recomputed_alone(demo, teacher_ckpt, committed, tmp_path, damage, caplog):
     source, first = committed
