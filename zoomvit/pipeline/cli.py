@@ -14,7 +14,7 @@ from zoomvit.errors import UserError
 from zoomvit.logs import VERBOSE_ENV, quiet_libraries
 from zoomvit.logs import configure as configure_logging
 from zoomvit.pipeline.graph import STAGES
-from zoomvit.tracking.runs import terminated
+from zoomvit.pipeline.runtime import terminated
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ from zoomvit.data.shards import ShardInfo, shard_infos
 from zoomvit.durable import exclusive, write_json_durably
 from zoomvit.errors import UserError
 from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
+from zoomvit.pipeline.runtime import sigterm_unwinds
 from zoomvit.tracking.runs import (
     Tracker,
     default_dir,
@@ -38,7 +39,6 @@ from zoomvit.tracking.runs import (
     lineage_picture,
     resolve_tracking_uri,
     shards_digest,
-    sigterm_unwinds,
 )
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,13 @@
-"""Starting or joining Ray the same way from a script, ``ray job submit`` and tests."""
+"""The pipeline process: starting or joining Ray the same way from a script, ``ray job submit`` and
+tests; SIGTERM turned into an exception that unwinds the run."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from zoomvit.logs import verbose
 
@@ -22,3 +27,36 @@ def init_ray(*, num_cpus: int | None = None) -> None:
         ray.init(address="auto")
     except (ConnectionError, RuntimeError, ValueError):
         ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1")  # Ray Train's cleaner needs the state API
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (``ray job stop``, a scheduler's preemption): unwind, ending every open run as KILLED.
+    A ``KeyboardInterrupt`` because a blocking Ray call gives way only to that (it then raises a plain
+    ``KeyboardInterrupt``: :func:`terminated` tells the two apart)."""
+
+
+_terminated = threading.Event()
+
+
+def terminated() -> bool:
+    """Whether SIGTERM arrived while :func:`sigterm_unwinds` was active."""
+    return _terminated.is_set()
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread while the block runs, so ``finally`` and
+    ``except`` clauses (which end MLflow runs) run before the process exits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        _terminated.set()
+        raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

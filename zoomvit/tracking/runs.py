@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,39 +27,6 @@ PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 MAX_PARAM_LEN = 6000
 log = logging.getLogger(__name__)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (``ray job stop``, a scheduler's preemption): unwind, ending every open run as KILLED.
-    A ``KeyboardInterrupt`` because a blocking Ray call gives way only to that (it then raises a plain
-    ``KeyboardInterrupt``: :func:`terminated` tells the two apart)."""
-
-
-_terminated = threading.Event()
-
-
-def terminated() -> bool:
-    """Whether SIGTERM arrived while :func:`sigterm_unwinds` was active."""
-    return _terminated.is_set()
-
-
-@contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` in the main thread while the block runs, so ``finally`` and
-    ``except`` clauses (which end MLflow runs) run before the process exits."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        _terminated.set()
-        raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_status(error: BaseException | None) -> str:
