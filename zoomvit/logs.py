@@ -57,15 +57,6 @@ def quiet_libraries(*, verbose_: bool | None = None) -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
-def quiet_stdout(verbose_: bool):
-    """Swallow what a library prints on stdout while the block runs, unless verbose (DeepSpeed prints
-    that it built its CPU communication op, once per worker and stage)."""
-    import contextlib
-    import io
-
-    return contextlib.nullcontext() if verbose_ else contextlib.redirect_stdout(io.StringIO())
-
-
 def train_log_level() -> str:
     """Ray Train's console level (``RunConfig(logging_config=...)``); its system log files keep everything."""
     return "INFO" if verbose() else "WARNING"

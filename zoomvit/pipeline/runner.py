@@ -394,7 +394,7 @@ def _run_pipeline(
             if compute:
                 lock = locks.enter_context(ExitStack())
                 lock.enter_context(exclusive(out_dir, f"[{name}] {out_dir}"))
-                asked = step.why in ("forced", "--only")  # recompute even what is there
+                asked = name in force or bool(only)  # recompute even what is there
                 done = None if asked or damage(out_dir) else _read_manifest(out_dir)
                 if done is not None and done["fingerprint"] == fp:  # another run computed it while we waited
                     log.info(f"[{name}] computed by run {done['run_id']} while this run waited")

@@ -19,7 +19,7 @@ import torch
 
 from zoomvit.config import TrainConfig
 from zoomvit.logs import configure as configure_logging
-from zoomvit.logs import quiet_libraries, quiet_stdout
+from zoomvit.logs import quiet_libraries
 from zoomvit.tracking.runs import MetricBuffer, Tracker
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,12 @@ class WorkerTrainer:
         self.task = build_task({**config["task"], "train": train, "seed": train.seed + self.rank})
         model = self.task.build_model()
         self.optimizer = create_optimizer_v2(model, opt=train.optimizer, lr=train.lr, weight_decay=train.weight_decay)
-        with quiet_stdout(config.get("verbose", False)):
-            self.engine, _, _, _ = deepspeed.initialize(
-                model=model,
-                optimizer=self.optimizer,
-                config=build_deepspeed_config(train, use_gpu=use_gpu, world_size=self.world),
-                dist_init_required=False,
-            )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=self.optimizer,
+            config=build_deepspeed_config(train, use_gpu=use_gpu, world_size=self.world),
+            dist_init_required=False,
+        )
         self.dtype = next(p for p in self.engine.module.parameters()).dtype
         self.ema = None
         if train.ema_decay:
