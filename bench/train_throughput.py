@@ -58,8 +58,8 @@ def main() -> None:
         Zoomer(grid=(8, 8), width=config.zoomer.width, depth=config.zoomer.depth, head=config.zoomer.head).state_dict(),
         str(zoomer),
     )
-    uniform = zoomvit_task(config, zoomer) | {"alpha": 1.01, "train_alpha": [1.01, 1.01]}
-    budget = zoomvit_task(config, zoomer) | {"token_budget": 64 + 3 * 8, "train_budget": [64 + 3 * 8] * 2}
+    uniform = zoomvit_task(config, zoomer).model_copy(update={"alpha": 1.01, "train_alpha": (1.01, 1.01)})
+    budget = zoomvit_task(config, zoomer).model_copy(update={"token_budget": 64 + 3 * 8, "train_budget": (88, 88)})
     cases = [
         ("baseline", baseline_task(config), 0, 1),
         ("baseline", baseline_task(config), 2, 1),

@@ -51,7 +51,7 @@ def test_the_baseline_family_is_the_baseline_at_each_input_size_with_that_many_t
     x = torch.randn(2, 3, 32, 32)
     tokens, gflops = {}, {}
     for name, task in tasks.items():
-        model = build_task({**task, "train": config.baseline.train.model_dump(), "seed": 0}).build_model().eval()
+        model = build_task(task, config.baseline.train).build_model().eval()
         assert model(x).shape == (2, 10), name
         tokens[name] = uniform_tokens(model)
         gflops[name] = zoomvit_flops(model, x).gflops
@@ -66,7 +66,7 @@ def test_a_family_member_starts_from_the_same_weights_with_its_position_grid_res
     save_file(teacher.state_dict(), str(tmp_path / "teacher.safetensors"))
     config = load_config(TINY, ["baseline.input_sizes=[48]", "baseline.init_from_teacher=true"])
     task = baseline_tasks(config, tmp_path / "teacher.safetensors")["baseline_48px"]
-    member = build_task({**task, "train": config.baseline.train.model_dump(), "seed": 0}).build_model()
+    member = build_task(task, config.baseline.train).build_model()
     assert member.pos_embed.shape[1] == 1 + 36
     assert torch.equal(member.blocks[0].attn.qkv.weight, teacher.blocks[0].attn.qkv.weight)
     assert torch.equal(member.patch_embed.proj.weight, teacher.patch_embed.proj.weight)
@@ -108,7 +108,7 @@ def test_a_family_of_a_model_that_cannot_resize_its_input_is_a_clear_error():
     config = load_config(TINY, ["baseline.input_sizes=[48]", "baseline.model=resnet18"])
     task = baseline_tasks(config)["baseline_48px"]
     with pytest.raises(ValueError, match="input_sizes needs a ViT that resizes its input"):
-        build_task({**task, "train": config.baseline.train.model_dump(), "seed": 0}).build_model()
+        build_task(task, config.baseline.train).build_model()
 
 
 def test_gflops_are_measured_once_per_token_count_and_padding_never_costs_less():

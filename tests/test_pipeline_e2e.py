@@ -101,7 +101,7 @@ def stage_runs(client: MlflowClient, parent_id: str) -> dict[str, object]:
 def pipeline_runs(client: MlflowClient) -> list:
     exp = client.get_experiment_by_name("zoomvit")
     return client.search_runs(
-        [exp.experiment_id], filter_string="tags.`zoomvit.kind` = 'pipeline'", order_by=["attributes.start_time ASC"]
+        [exp.experiment_id], filter_string="tags.`zoomvit.run_type` = 'pipeline'", order_by=["attributes.start_time ASC"]
     )
 
 
@@ -382,7 +382,7 @@ def test_two_runs_started_together_on_one_artifact_root_both_succeed_and_compute
     assert [r.returncode for r in runs] == [0, 0], "\n=====\n".join(o[-3000:] for o in outputs)
     client = MlflowClient(tracking_uri=workspace["uri"])
     exp = client.get_experiment_by_name("concurrent")
-    stage_rows = client.search_runs([exp.experiment_id], filter_string="tags.`zoomvit.kind` = 'stage'")
+    stage_rows = client.search_runs([exp.experiment_id], filter_string="tags.`zoomvit.run_type` = 'stage'")
     computed = sorted(r.data.tags["stage"] for r in stage_rows if r.data.tags["cache"] == "miss")
     assert computed == sorted(STAGES), computed  # each stage computed by exactly one of the two runs
     assert sum("while this run waited" in o for o in outputs) >= 1

@@ -79,7 +79,7 @@ def test_a_teacher_trained_on_shuffled_labels_stops_the_pipeline_before_relevanc
         run_pipeline(_config(*sets))
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("zoomvit").experiment_id
-    parent = client.search_runs([experiment], filter_string="tags.`zoomvit.kind` = 'pipeline'")[0]
+    parent = client.search_runs([experiment], filter_string="tags.`zoomvit.run_type` = 'pipeline'")[0]
     assert parent.info.status == "FAILED" and "gates.teacher_min_top1" in parent.data.tags["failure_reason"]
     stages = {
         r.data.tags["stage"]: r

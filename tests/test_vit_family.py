@@ -15,27 +15,24 @@ from pydantic import ValidationError
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 
-from zoomvit.config import ConfigError, TrainConfig, load_config
+from zoomvit.config import ConfigError, DistillConfig, TrainConfig, load_config
 from zoomvit.models import adapt_pos_embed, load_pretrained
 from zoomvit.train.data import rand_augment_batch
+from zoomvit.train.specs import ClassifierSpec, ZoomViTSpec
 from zoomvit.train.tasks import build_task
 
 CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml"
-TRAIN = TrainConfig(random_resized_crop=None, hflip=False, lr=1e-2).model_dump(mode="json")
+TRAIN = TrainConfig(random_resized_crop=None, hflip=False, lr=1e-2)
+LABELS = {"num_classes": 10, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+
+
+def _distill(distill):
+    return DistillConfig(**{"alpha": 0.5, "tau": 1.0, "token": True, "source": "cache", **distill}) if distill else {}
 
 
 def classifier(model="vit_test_patch8_32", distill=None, **train):
-    spec = {
-        "kind": "classifier",
-        "model": model,
-        "num_classes": 10,
-        "mean": [0.5] * 3,
-        "std": [0.5] * 3,
-        "train": {**TRAIN, **train},
-    }
-    if distill:
-        spec["distill"] = {"alpha": 0.5, "tau": 1.0, "token": True, "source": "cache", **distill}
-    return build_task(spec)
+    spec = ClassifierSpec(model=model, **LABELS, **({"distill": _distill(distill)} if distill else {}))
+    return build_task(spec, TrainConfig.model_validate({**TRAIN.model_dump(), **train}))
 
 
 @functools.cache
@@ -51,31 +48,25 @@ def zoomer_checkpoint() -> str:
 
 
 def zoomvit_task(distill=None, **train):
-    spec = {
-        "kind": "zoomvit",
-        "model": "zoomvit_test_patch8_32",
-        "num_classes": 10,
-        "mean": [0.5] * 3,
-        "std": [0.5] * 3,
-        "alpha": 0.5,
-        "train_alpha": [0.3, 0.6],
-        "train_budget": None,
-        "num_cells": 16,
-        "coarse_alpha": None,
-        "keep_rate": 1.0,
-        "token_budget": None,
-        "zoom_source": "upsample",
-        "zoom_resample": "nearest",
-        "zoomer_checkpoint": zoomer_checkpoint(),
-        "zoomer_width": 8,
-        "zoomer_depth": 1,
-        "zoomer_head": "global",
-        "inference": False,
-        "train": {**TRAIN, **train},
-    }
-    if distill:
-        spec["distill"] = {"alpha": 0.5, "tau": 1.0, "token": True, "source": "cache", **distill}
-    return build_task(spec)
+    spec = ZoomViTSpec(
+        model="zoomvit_test_patch8_32",
+        **LABELS,
+        alpha=0.5,
+        train_alpha=(0.3, 0.6),
+        train_budget=None,
+        num_cells=16,
+        coarse_alpha=None,
+        keep_rate=1.0,
+        token_budget=None,
+        zoom_source="upsample",
+        zoom_resample="nearest",
+        zoomer_checkpoint=zoomer_checkpoint(),
+        zoomer_width=8,
+        zoomer_depth=1,
+        zoomer_head="global",
+        **({"distill": _distill(distill)} if distill else {}),
+    )
+    return build_task(spec, TrainConfig.model_validate({**TRAIN.model_dump(), **train}))
 
 
 def batch(n=8, seed=0):
@@ -360,11 +351,10 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
     save_file(teacher.state_dict(), str(path))
     zoomer = tmp_path / "zoomer.safetensors"
     save_file(Zoomer(grid=(4, 4), width=config.zoomer.width, depth=config.zoomer.depth).state_dict(), str(zoomer))
-    spec = {**zoomvit_task(config, zoomer, teacher_weights=path), "train": config.zoomvit.train.model_dump(), "seed": 0}
-    student = build_task(spec).build_model()
+    student = build_task(zoomvit_task(config, zoomer, teacher_weights=path), config.zoomvit.train).build_model()
     for name in ("blocks.1.mlp.fc1.weight", "pos_embed", "cls_token", "head.weight", "patch_embed.proj.weight"):
         assert torch.equal(student.state_dict()[name], teacher.state_dict()[name]), name
-    assert zoomvit_task(config, None)["init_checkpoint"] is None, "building the architecture to load trained weights"
+    assert zoomvit_task(config, None).init_checkpoint is None, "building the architecture to load trained weights"
 
     p4 = (
         "baseline.others=[{name: vit_p4, model: vit_test_patch8_32, model_kwargs: {patch_size: 4}, "
@@ -374,9 +364,7 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
     assert [u for u, _ in STAGES["baseline"].upstream_for(with_p4)] == ["teacher"], (
         "one of the others starts from the teacher"
     )
-    p4_model = build_task(
-        {**baseline_tasks(with_p4, path)["vit_p4"], "train": with_p4.baseline.train.model_dump(), "seed": 0}
-    ).build_model()
+    p4_model = build_task(baseline_tasks(with_p4, path)["vit_p4"], with_p4.baseline.train).build_model()
     assert p4_model.patch_embed.grid_size == (8, 8)
     assert torch.equal(
         p4_model.state_dict()["blocks.1.mlp.fc1.weight"], teacher.state_dict()["blocks.1.mlp.fc1.weight"]
@@ -402,7 +390,7 @@ def test_a_student_whose_init_checkpoint_has_no_fitting_patch_embedding_is_refus
     save_file(hybrid.state_dict(), str(path))
     zoomer = tmp_path / "zoomer.safetensors"
     save_file(Zoomer(grid=(4, 4), width=config.zoomer.width, depth=config.zoomer.depth).state_dict(), str(zoomer))
-    spec = {**zoomvit_task(config, zoomer, teacher_weights=path), "train": config.zoomvit.train.model_dump(), "seed": 0}
+    spec = zoomvit_task(config, zoomer, teacher_weights=path)
     unfit = r"no patch embedding that fits \(patch_embed.proj.bias, patch_embed.proj.weight\)"
     with pytest.raises(UserError, match=unfit):
-        build_task(spec).build_model()
+        build_task(spec, config.zoomvit.train).build_model()

@@ -1,18 +1,21 @@
 """How ZoomViT and its Zoomer train: per-image operating points, evaluation only inside what training
 covered, the Zoomer on the crops ZoomViT will show it, and loud refusals instead of silent fallbacks."""
 
+import pickle
 import re
 import tomllib
 from pathlib import Path
 
 import pytest
 import torch
+from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import save_file
 
 from zoomvit.config import ConfigError, TrainConfig, load_config
 from zoomvit.models import Zoomer
 from zoomvit.train.data import augment
 from zoomvit.train.recipes import train_zoomvit, zoomvit_task
+from zoomvit.train.specs import ClassifierSpec, TaskSpec, ZoomerSpec, ZoomViTSpec
 from zoomvit.train.tasks import build_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,8 +26,7 @@ def _zoomvit(tmp_path, *overrides):
     config = load_config(TINY, ["zoomvit.init_from_teacher=false", *overrides])
     zoomer = tmp_path / "zoomer.safetensors"
     save_file(Zoomer(grid=(4, 4), width=config.zoomer.width, depth=config.zoomer.depth).state_dict(), str(zoomer))
-    spec = {**zoomvit_task(config, zoomer), "train": config.zoomvit.train.model_dump(), "seed": 0}
-    return config, build_task(spec)
+    return config, build_task(zoomvit_task(config, zoomer), config.zoomvit.train)
 
 
 def test_training_draws_an_alpha_per_image_inside_train_alpha(tmp_path):
@@ -71,11 +73,10 @@ def test_zoomvit_refuses_to_train_with_a_random_zoomer(tmp_path):
     config = load_config(TINY, ["zoomvit.init_from_teacher=false"])
     with pytest.raises(ValueError, match="zoomer stage's trained weights"):
         train_zoomvit(config, None, tmp_path)
-    spec = {**zoomvit_task(config, None), "train": config.zoomvit.train.model_dump(), "seed": 0}
     with pytest.raises(ValueError, match="zoomer stage's trained weights"):
-        build_task(spec).build_model()
-    inference = {**zoomvit_task(config, None, inference=True), "train": config.zoomvit.train.model_dump(), "seed": 0}
-    assert build_task(inference).build_model() is not None  # the architecture, to load trained weights into
+        build_task(zoomvit_task(config, None), config.zoomvit.train).build_model()
+    inference = zoomvit_task(config, None, inference=True)
+    assert build_task(inference, config.zoomvit.train).build_model() is not None  # the architecture alone
 
 
 @pytest.mark.parametrize(
@@ -107,22 +108,12 @@ def test_highres_zoom_refuses_augmentations_its_2x_copy_cannot_follow():
 
 
 def test_the_zoomer_trains_on_random_resized_crops_with_maps_cropped_alike():
-    train = TrainConfig(random_resized_crop=(0.5, 1.0), hflip=True).model_dump()
-    spec = {
-        "kind": "zoomer",
-        "grid": [8, 8],
-        "width": 8,
-        "depth": 1,
-        "head": "global",
-        "loss": "bce",
-        "topk_fraction": 0.25,
-        "num_classes": 10,
-        "mean": [0.5] * 3,
-        "std": [0.5] * 3,
-        "train": train,
-        "seed": 3,
-    }
-    task = build_task(spec)
+    train = TrainConfig(random_resized_crop=(0.5, 1.0), hflip=True)
+    spec = ZoomerSpec(
+        grid=(8, 8), width=8, depth=1, head="global", loss="bce", topk_fraction=0.25, num_classes=10,
+        mean=(0.5,) * 3, std=(0.5,) * 3,
+    )  # fmt: skip
+    task = build_task(spec, train, seed=3)
     model = task.build_model()
     g = torch.Generator().manual_seed(0)
     batch = {
@@ -161,25 +152,43 @@ def test_the_runner_reloads_a_trained_zoomer_of_either_head(tmp_path, head):
     assert loaded.head_kind == head and loaded.frozen
 
 
-@pytest.mark.parametrize("section", ["train", "distill"])
-def test_a_misspelled_or_renamed_training_option_fails_validation_in_the_worker(tmp_path, section):
+@pytest.mark.parametrize("where", ["spec", "train", "distill"])
+def test_a_misspelled_or_renamed_training_option_fails_validation(tmp_path, where):
     config, _ = _zoomvit(tmp_path)
-    spec = {
-        **zoomvit_task(config, tmp_path / "zoomer.safetensors"),
-        "train": config.zoomvit.train.model_dump(),
-        "seed": 0,
-    }
-    spec[section] = {**(spec.get(section) or {}), "drop_pth": 0.1}  # what a rename leaves behind
-    with pytest.raises(ValueError, match="drop_pth"):
-        build_task(spec)
+    spec = zoomvit_task(config, tmp_path / "zoomer.safetensors").model_dump()
+    renamed = {"drop_pth": 0.1}  # what a rename leaves behind
+    with pytest.raises(ValidationError, match="drop_pth"):
+        if where == "spec":
+            TypeAdapter(TaskSpec).validate_python({**spec, **renamed})
+        elif where == "train":
+            TrainConfig.model_validate({**config.zoomvit.train.model_dump(), **renamed})
+        else:
+            TypeAdapter(TaskSpec).validate_python({**spec, "distill": {**spec["distill"], **renamed}})
+
+
+def test_a_spec_missing_a_field_fails_instead_of_taking_a_worker_side_default(tmp_path):
+    config, _ = _zoomvit(tmp_path)
+    spec = zoomvit_task(config, tmp_path / "zoomer.safetensors").model_dump()
+    del spec["keep_rate"]
+    with pytest.raises(ValidationError, match="keep_rate"):
+        ZoomViTSpec.model_validate(spec)
+
+
+def test_specs_are_frozen_and_cross_process_boundaries_intact(tmp_path):
+    config, _ = _zoomvit(tmp_path)
+    spec = zoomvit_task(config, tmp_path / "zoomer.safetensors")
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    assert TypeAdapter(TaskSpec).validate_python(spec.model_dump()) == spec, "the discriminator picks ZoomViTSpec"
+    with pytest.raises(ValidationError, match="frozen"):
+        spec.alpha = 0.9
 
 
 def test_the_worker_reads_the_recipe_it_was_given_not_a_default():
     from zoomvit.train.tasks import ClassifierTask
 
     train = TrainConfig(finetune="partial", freeze_blocks=1, drop_path=0.2)
-    spec = {"kind": "classifier", "model": "vit_test_patch8_32", "num_classes": 10, "mean": [0.5] * 3, "std": [0.5] * 3}
-    task = build_task({**spec, "train": train})
+    spec = ClassifierSpec(model="vit_test_patch8_32", num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3)
+    task = build_task(spec, train)
     assert isinstance(task, ClassifierTask) and task.train == train
     model = task.build_model()
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]

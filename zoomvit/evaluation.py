@@ -26,12 +26,12 @@ from zoomvit.models.flops import TokenCostTable, count_flops, uniform_tokens
 from zoomvit.models.loading import load_state_dict_file
 from zoomvit.train.data import DecodedSplits, numpy_batch_input, sample_dataset, size_bucket
 from zoomvit.train.recipes import baseline_tasks, zoomvit_task
+from zoomvit.train.specs import TaskSpec
 from zoomvit.train.tasks import build_task
 
 
-def load_trained(task: dict[str, Any], weights: str | Path) -> torch.nn.Module:
-    spec = {**task, "pretrained": False, "init_checkpoint": None, "train": TrainConfig()}
-    model = build_task(spec).build_model()
+def load_trained(spec: TaskSpec, weights: str | Path) -> torch.nn.Module:
+    model = build_task(spec.for_inference(), TrainConfig()).build_model()
     model.load_state_dict(load_state_dict_file(weights))
     if isinstance(model, ZoomViT) and model.zoomer is not None:
         model.zoomer.freeze()

@@ -367,7 +367,7 @@ def _run_pipeline(
             )
 
     parent = tracker.start(
-        config.name, tags={"zoomvit.kind": "pipeline", "git_commit": git_commit(), "config_hash": config_hash(config)}
+        config.name, tags={"zoomvit.run_type": "pipeline", "git_commit": git_commit(), "config_hash": config_hash(config)}
     )
     tracker.params(parent, flatten(config.model_dump(mode="json")))
     tracker.client.log_text(parent, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
@@ -409,7 +409,7 @@ def _run_pipeline(
                     name,
                     parent=parent,
                     tags={
-                        "zoomvit.kind": "stage",
+                        "zoomvit.run_type": "stage",
                         "stage": name,
                         "fingerprint": fp,
                         "cache": "gated",
@@ -430,7 +430,7 @@ def _run_pipeline(
                 log.info(f"[{name}] stopped by a quality gate: {reason}")
                 raise gate_error
             tags = {
-                "zoomvit.kind": "stage",
+                "zoomvit.run_type": "stage",
                 "stage": name,
                 "fingerprint": fp,
                 "cache": "miss" if compute else "hit",

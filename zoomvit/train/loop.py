@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from zoomvit.config import TrainConfig
 from zoomvit.logs import configure as configure_logging
 from zoomvit.logs import quiet_libraries
 from zoomvit.tracking.runs import MetricBuffer, Tracker
+from zoomvit.train.specs import TaskSpec
 
 log = logging.getLogger(__name__)
 STEP_METRICS_EVERY = 10
@@ -54,11 +56,25 @@ def build_deepspeed_config(train: TrainConfig, *, use_gpu: bool, world_size: int
     return config
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker entry point: the recipe (``config["train"]``, a ``TrainConfig``), the
-    task spec, the device choice, the steps per epoch and where to log."""
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    """Everything a training worker is handed: the stage's name, its task spec and recipe, the device
+    choice, the steps per epoch, the MLflow run rank 0 logs into (uri and run_id) and the verbosity."""
+
+    name: str
+    task: TaskSpec
+    train: TrainConfig
+    use_gpu: bool
+    steps_per_epoch: int
+    tracking: dict[str, str] | None
+    verbose: bool
+
+
+def train_loop_per_worker(loop_config: dict[str, WorkerConfig]) -> None:
+    """Ray Train's per-worker entry point (Ray hands over a dict: the config is its one entry)."""
+    config = loop_config["worker"]
     configure_logging()
-    quiet_libraries(verbose_=config.get("verbose", False))
+    quiet_libraries(verbose_=config.verbose)
     WorkerTrainer(config).fit()
 
 
@@ -66,8 +82,8 @@ class WorkerTrainer:
     """One worker's training run, in torchtitan's shape: setup (model, DeepSpeed engine, schedule,
     resume), then per epoch train / evaluate / checkpoint."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        if not config["use_gpu"]:
+    def __init__(self, config: WorkerConfig) -> None:
+        if not config.use_gpu:
             os.environ["DS_ACCELERATOR"] = "cpu"
         import deepspeed
         import ray.train
@@ -78,14 +94,13 @@ class WorkerTrainer:
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.kind = config["task"]["kind"]
-        train: TrainConfig = config["train"]
-        self.train = train
-        use_gpu = config["use_gpu"]
+        self.name = config.name
+        train = self.train = config.train
+        use_gpu = config.use_gpu
         torch.manual_seed(train.seed + self.rank)
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
         self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-        self.task = build_task({**config["task"], "train": train, "seed": train.seed + self.rank})
+        self.task = build_task(config.task, train, seed=train.seed + self.rank)
         model = self.task.build_model()
         self.optimizer = create_optimizer_v2(model, opt=train.optimizer, lr=train.lr, weight_decay=train.weight_decay)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -100,7 +115,7 @@ class WorkerTrainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.engine.module, decay=train.ema_decay)
-        self.steps_per_epoch = max(1, config["steps_per_epoch"] // train.grad_accum)
+        self.steps_per_epoch = max(1, config.steps_per_epoch // train.grad_accum)
         self.scheduler = CosineLRScheduler(
             self.optimizer,
             t_initial=self.steps_per_epoch * train.epochs,
@@ -111,7 +126,7 @@ class WorkerTrainer:
         )
         self.start_epoch, self.history = self._resume()
         self.start_checksum = weights_checksum(self.engine.module.state_dict())
-        tracking = config.get("tracking") if self.rank == 0 else None  # rank 0 alone logs, into the stage's run
+        tracking = config.tracking if self.rank == 0 else None  # rank 0 alone logs, into the stage's run
         self.metric_log = MetricBuffer(Tracker(tracking["uri"]), tracking["run_id"]) if tracking else None
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
@@ -131,7 +146,7 @@ class WorkerTrainer:
             self.ema.module.load_state_dict(client_state["ema"])
         start_epoch = int(client_state["epoch"]) + 1
         if self.rank == 0:
-            log.info(f"[{self.kind}] resumed from the checkpoint of epoch {start_epoch}")
+            log.info(f"[{self.name}] resumed from the checkpoint of epoch {start_epoch}")
         return start_epoch, client_state["history"]
 
     def fit(self) -> None:
@@ -144,11 +159,11 @@ class WorkerTrainer:
                 self.metric_log.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if self.rank == 0:
                 log.info(
-                    f"[{self.kind}] epoch {epoch + 1}/{self.train.epochs} "
+                    f"[{self.name}] epoch {epoch + 1}/{self.train.epochs} "
                     + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
                 )
         if self.metric_log is not None and (left := self.metric_log.close()):
-            log.warning(f"[{self.kind}] {left} epochs' metrics did not reach MLflow; the driver logs them later")
+            log.warning(f"[{self.name}] {left} epochs' metrics did not reach MLflow; the driver logs them later")
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         engine, task = self.engine, self.task
@@ -195,7 +210,7 @@ class WorkerTrainer:
         rate = images * self.world / max(now - start, 1e-9)
         left = (self.steps_per_epoch - steps) / max(steps / (now - start), 1e-9)
         log.info(
-            f"[{self.kind}] epoch {epoch + 1}/{self.train.epochs} step {steps}/{self.steps_per_epoch} "
+            f"[{self.name}] epoch {epoch + 1}/{self.train.epochs} step {steps}/{self.steps_per_epoch} "
             f"loss {loss_sum / steps:.3f} · {rate:.0f} img/s · epoch ETA {left:.0f} s"
         )
 

@@ -12,13 +12,14 @@ from zoomvit.config import PipelineConfig, TrainConfig
 from zoomvit.data.shards import sample_count
 from zoomvit.errors import UserError
 from zoomvit.train.data import DecodedSplits, sample_dataset, with_maps
+from zoomvit.train.specs import ClassifierSpec, TeacherRef, ZoomerSpec, ZoomViTSpec
 from zoomvit.train.trainer import TrainResult, run_training
 
 log = logging.getLogger(__name__)
 
 
 def _common(config: PipelineConfig) -> dict[str, Any]:
-    return {"num_classes": config.data.num_classes, "mean": list(config.data.mean), "std": list(config.data.std)}
+    return {"num_classes": config.data.num_classes, "mean": tuple(config.data.mean), "std": tuple(config.data.std)}
 
 
 def _train_split(config: PipelineConfig, train: TrainConfig, splits: DecodedSplits | None, *, highres: bool = False):
@@ -43,7 +44,7 @@ def train_teacher(
         return None
     if teacher.train is None:
         raise UserError("teacher: set pretrained=true, a checkpoint, or a train section")
-    task = {"kind": "classifier", "model": teacher.model, "model_kwargs": dict(teacher.model_kwargs), **_common(config)}
+    task = ClassifierSpec(model=teacher.model, model_kwargs=dict(teacher.model_kwargs), **_common(config))
     train_ds, streamed = _train_split(config, teacher.train, splits)
     return run_training(
         name="teacher",
@@ -76,16 +77,15 @@ def train_zoomer(
 ) -> TrainResult:
     grid = zoomvit_grid(config)
     z = config.zoomer
-    task = {
-        "kind": "zoomer",
-        "grid": list(grid),
-        "width": z.width,
-        "depth": z.depth,
-        "head": z.head,
-        "loss": z.loss,
-        "topk_fraction": z.topk_fraction,
+    task = ZoomerSpec(
+        grid=grid,
+        width=z.width,
+        depth=z.depth,
+        head=z.head,
+        loss=z.loss,
+        topk_fraction=z.topk_fraction,
         **_common(config),
-    }
+    )
     train_ds, streamed = _train_split(config, z.train, splits)
     return run_training(
         name="zoomer",
@@ -101,16 +101,16 @@ def train_zoomer(
 
 def distill_spec(config: PipelineConfig, distill, teacher_weights: Path | str | None) -> dict[str, Any]:
     """The task's distillation settings; with source=model, how workers rebuild the teacher."""
-    spec: dict[str, Any] = {"distill": distill.model_dump(mode="json")}
+    spec: dict[str, Any] = {"distill": distill, "distill_teacher": None}
     if distill.mode != "none" and distill.source == "model":
         t = config.teacher
-        spec["distill_teacher"] = {
-            "model": t.model,
-            "pretrained": t.pretrained,
-            "checkpoint": None if teacher_weights is None else str(teacher_weights),
-            "num_classes": config.data.num_classes,
-            "model_kwargs": dict(t.model_kwargs),
-        }
+        spec["distill_teacher"] = TeacherRef(
+            model=t.model,
+            pretrained=t.pretrained,
+            checkpoint=None if teacher_weights is None else str(teacher_weights),
+            num_classes=config.data.num_classes,
+            model_kwargs=dict(t.model_kwargs),
+        )
     return spec
 
 
@@ -143,35 +143,34 @@ def zoomvit_task(
     *,
     inference: bool = False,
     operating_point: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> ZoomViTSpec:
     """ZoomViT's task spec; ``inference``: only the architecture, to load trained weights into;
     ``operating_point``: a calibrated alpha and train_alpha replacing the config's."""
     zv = config.zoomvit
     gh, gw = zoomvit_grid(config)
     op = operating_point or {"alpha": zv.alpha, "train_alpha": list(zv.train_alpha)}
-    return {
-        "kind": "zoomvit",
-        "model": zv.model,
-        "model_kwargs": dict(zv.model_kwargs),
-        "pretrained": zv.pretrained,
-        "init_checkpoint": _init_checkpoint(zv, teacher_weights),
+    return ZoomViTSpec(
+        model=zv.model,
+        model_kwargs=dict(zv.model_kwargs),
+        pretrained=zv.pretrained,
+        init_checkpoint=_init_checkpoint(zv, teacher_weights),
         **distill_spec(config, zv.distill, teacher_weights),
-        "alpha": op["alpha"],
-        "train_alpha": list(op["train_alpha"]),
-        "train_budget": None if zv.train_budget_range is None else list(zv.train_budget_range),
-        "num_cells": gh * gw,
-        "coarse_alpha": zv.coarse_alpha,
-        "keep_rate": zv.keep_rate,
-        "token_budget": zv.token_budget,
-        "zoom_source": zv.zoom_source,
-        "zoom_resample": zv.zoom_resample,
-        "zoomer_checkpoint": None if zoomer_weights is None else str(zoomer_weights),
-        "zoomer_width": config.zoomer.width,
-        "zoomer_depth": config.zoomer.depth,
-        "zoomer_head": config.zoomer.head,
-        "inference": inference,
+        alpha=op["alpha"],
+        train_alpha=tuple(op["train_alpha"]),
+        train_budget=zv.train_budget_range,
+        num_cells=gh * gw,
+        coarse_alpha=zv.coarse_alpha,
+        keep_rate=zv.keep_rate,
+        token_budget=zv.token_budget,
+        zoom_source=zv.zoom_source,
+        zoom_resample=zv.zoom_resample,
+        zoomer_checkpoint=None if zoomer_weights is None else str(zoomer_weights),
+        zoomer_width=config.zoomer.width,
+        zoomer_depth=config.zoomer.depth,
+        zoomer_head=config.zoomer.head,
+        inference=inference,
         **_common(config),
-    }
+    )
 
 
 def train_zoomvit(
@@ -215,31 +214,23 @@ def train_zoomvit(
     return result, operating_point
 
 
-def baseline_tasks(config: PipelineConfig, teacher_weights: Path | str | None = None) -> dict[str, dict[str, Any]]:
+def baseline_tasks(config: PipelineConfig, teacher_weights: Path | str | None = None) -> dict[str, ClassifierSpec]:
     """The baseline and its ``others``, by name, each a classifier task with the baseline's recipe."""
     b = config.baseline
-    shared = {"kind": "classifier", **distill_spec(config, b.distill, teacher_weights), **_common(config)}
-    tasks = {
-        "baseline": {
+    shared = {**distill_spec(config, b.distill, teacher_weights), **_common(config)}
+    return {
+        name: ClassifierSpec(
+            model=m.model,
+            model_kwargs=dict(m.model_kwargs),
+            pretrained=m.pretrained,
+            init_checkpoint=_init_checkpoint(m, teacher_weights),
             **shared,
-            "model": b.model,
-            "model_kwargs": dict(b.model_kwargs),
-            "pretrained": b.pretrained,
-            "init_checkpoint": _init_checkpoint(b, teacher_weights),
-        }
+        )
+        for name, m in (("baseline", b), *((m.name, m) for m in b.members))
     }
-    for m in b.members:
-        tasks[m.name] = {
-            **shared,
-            "model": m.model,
-            "model_kwargs": dict(m.model_kwargs),
-            "pretrained": m.pretrained,
-            "init_checkpoint": _init_checkpoint(m, teacher_weights),
-        }
-    return tasks
 
 
-def baseline_task(config: PipelineConfig) -> dict[str, Any]:
+def baseline_task(config: PipelineConfig) -> ClassifierSpec:
     return baseline_tasks(config)["baseline"]
 
 

@@ -1,7 +1,6 @@
 """What each training stage optimises and reports, independent of Ray and DeepSpeed.
 
-A task is rebuilt on every worker from a plain dict (``TaskSpec``) so it crosses process
-boundaries as data, not as pickled objects.
+A task is built on every worker from its typed spec (``train/specs.py``), the recipe and a seed.
 """
 
 from __future__ import annotations
@@ -17,32 +16,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zoomvit.models  # noqa: F401  (registers the timm variants)
-from zoomvit.config import DistillConfig, TrainConfig, cached_logits_conflicts
+from zoomvit.config import TrainConfig, cached_logits_conflicts
 from zoomvit.errors import UserError
 from zoomvit.models import Zoomer, ZoomViT, load_pretrained
 from zoomvit.models.loading import load_state_dict_file
 from zoomvit.train.data import Views, augment, to_model_input
+from zoomvit.train.specs import ClassifierSpec, TaskSpec, ZoomerSpec, ZoomViTSpec
 
-TaskSpec = dict[str, Any]
 
-
-def build_task(spec: TaskSpec) -> Task:
-    kind = spec["kind"]
-    if kind == "classifier":
-        return ClassifierTask(spec)
-    if kind == "zoomvit":
-        return ZoomViTTask(spec)
-    if kind == "zoomer":
-        return ZoomerTask(spec)
-    raise ValueError(f"unknown task kind {kind!r}")
+def build_task(spec: TaskSpec, train: TrainConfig, *, seed: int = 0) -> Task:
+    """The task a spec describes, trained with ``train``; ``seed`` drives its augmentation draws."""
+    if isinstance(spec, ZoomViTSpec):
+        return ZoomViTTask(spec, train, seed=seed)
+    if isinstance(spec, ClassifierSpec):
+        return ClassifierTask(spec, train, seed=seed)
+    if isinstance(spec, ZoomerSpec):
+        return ZoomerTask(spec, train, seed=seed)
+    raise TypeError(f"not a task spec: {type(spec).__name__}")
 
 
 class Task:
-    def __init__(self, spec: TaskSpec) -> None:
+    def __init__(self, spec: TaskSpec, train: TrainConfig, *, seed: int = 0) -> None:
+        assert isinstance(train, TrainConfig)
         self.spec = spec
-        self.train = TrainConfig.model_validate(spec["train"])  # typed: a renamed option fails here, not silently
-        self.mean, self.std = spec["mean"], spec["std"]
-        self.generator = torch.Generator().manual_seed(int(spec.get("seed", 0)))
+        self.train = train
+        self.mean, self.std = list(spec.mean), list(spec.std)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def inputs(self, batch: dict[str, torch.Tensor], dtype: torch.dtype, column: str = "image") -> torch.Tensor:
         return to_model_input(batch[column], self.mean, self.std).to(dtype)
@@ -123,10 +122,11 @@ class ClassifierTask(Task):
     """A timm classifier (teacher or baseline): cross-entropy with optional mixup/cutmix and
     smoothing, DeiT distillation, a fine-tuning strategy and stochastic depth."""
 
-    def __init__(self, spec: TaskSpec) -> None:
-        super().__init__(spec)
-        train = self.train
-        self.distill = DistillConfig.model_validate(spec.get("distill") or {})
+    spec: ClassifierSpec
+
+    def __init__(self, spec: ClassifierSpec, train: TrainConfig, *, seed: int = 0) -> None:
+        super().__init__(spec, train, seed=seed)
+        self.distill = spec.distill
         self.teacher: nn.Module | None = None
         self.mixup = None
         if self.distill.mode != "none" and self.distill.source == "cache":
@@ -143,7 +143,7 @@ class ClassifierTask(Task):
                 mixup_alpha=train.mixup,
                 cutmix_alpha=train.cutmix,
                 label_smoothing=train.label_smoothing,
-                num_classes=spec["num_classes"],
+                num_classes=spec.num_classes,
             )
 
     @property
@@ -151,7 +151,7 @@ class ClassifierTask(Task):
         return self.distill.mode != "none"
 
     def model_kwargs(self) -> dict[str, Any]:
-        kwargs = {**self.spec.get("model_kwargs", {}), "num_classes": self.spec["num_classes"]}
+        kwargs = {**self.spec.model_kwargs, "num_classes": self.spec.num_classes}
         if self.train.drop_path:
             kwargs["drop_path_rate"] = self.train.drop_path
         return kwargs
@@ -159,23 +159,23 @@ class ClassifierTask(Task):
     def build_model(self) -> nn.Module:
         kwargs = self.model_kwargs()
         try:
-            model = timm.create_model(self.spec["model"], pretrained=self.spec.get("pretrained", False), **kwargs)
+            model = timm.create_model(self.spec.model, pretrained=self.spec.pretrained, **kwargs)
         except TypeError as err:
             if "resize_input" not in kwargs:
                 raise
             raise ValueError(
-                f"baseline.input_sizes needs a ViT that resizes its input ({self.spec['model']} does not): "
+                f"baseline.input_sizes needs a ViT that resizes its input ({self.spec.model} does not): "
                 "use one registered in zoomvit.models.baseline, or leave input_sizes empty"
             ) from err
         return self._prepare(model)
 
     def _prepare(self, model: nn.Module) -> nn.Module:
-        if self.spec.get("init_checkpoint"):
-            loaded = load_pretrained(model, load_state_dict_file(self.spec["init_checkpoint"]))
+        if self.spec.init_checkpoint:
+            loaded = load_pretrained(model, load_state_dict_file(self.spec.init_checkpoint))
             unfit = [k for k in loaded["missing"] if k.startswith("patch_embed.")]
             if unfit:
                 raise UserError(
-                    f"{self.spec['model']}: its init checkpoint has no patch embedding that fits ({', '.join(unfit)}), "
+                    f"{self.spec.model}: its init checkpoint has no patch embedding that fits ({', '.join(unfit)}), "
                     "so training would start from a random one (measured: a student of a conv-stem teacher stays "
                     "near chance). Initialise from a ViT with the same patch embedding (init_checkpoint), or set "
                     "init_from_teacher=false"
@@ -183,7 +183,7 @@ class ClassifierTask(Task):
         if self.distilled and self.distill.token:
             if not hasattr(model, "set_distilled_training"):
                 raise ValueError(
-                    f"{self.spec['model']} has no distillation token: pick a *_distilled_* model (or ZoomViT), "
+                    f"{self.spec.model} has no distillation token: pick a *_distilled_* model (or ZoomViT), "
                     "or set distill.token=false to distil into the class head"
                 )
             model.set_distilled_training(True)
@@ -212,7 +212,8 @@ class ClassifierTask(Task):
         if self.teacher is None:
             from zoomvit.relevance.teacher import load_teacher
 
-            self.teacher = load_teacher(**self.spec["distill_teacher"]).to(x.device)
+            assert self.spec.distill_teacher is not None, "distill.source=model needs the spec's teacher"
+            self.teacher = load_teacher(**self.spec.distill_teacher.model_dump()).to(x.device)
             self.teacher.requires_grad_(False)
         with torch.no_grad():
             return self.teacher(x.to(next(self.teacher.parameters()).dtype)).float()
@@ -265,9 +266,11 @@ class ZoomViTTask(ClassifierTask):
     """ZoomViT with a frozen fp32 Zoomer. In training every image draws its own operating point
     (alpha from ``train_alpha``, or a token budget from ``train_budget``); evaluation uses the model's."""
 
+    spec: ZoomViTSpec
+
     def build_model(self) -> nn.Module:
         spec = self.spec
-        if spec["zoomer_checkpoint"] is None and not spec["inference"]:
+        if spec.zoomer_checkpoint is None and not spec.inference:
             raise ValueError(
                 "training ZoomViT needs the zoomer stage's trained weights: a random Zoomer would zoom into noise"
             )
@@ -275,25 +278,25 @@ class ZoomViTTask(ClassifierTask):
         if self.distilled and self.distill.token:
             kwargs["distilled"] = True
         kwargs.update(
-            alpha=spec["alpha"],
-            coarse_alpha=spec["coarse_alpha"],
-            keep_rate=spec["keep_rate"],
-            token_budget=spec["token_budget"],
-            zoom_source=spec["zoom_source"],
-            zoom_resample=spec["zoom_resample"],
-            zoomer_width=spec["zoomer_width"],
-            zoomer_depth=spec["zoomer_depth"],
-            zoomer_head=spec["zoomer_head"],
+            alpha=spec.alpha,
+            coarse_alpha=spec.coarse_alpha,
+            keep_rate=spec.keep_rate,
+            token_budget=spec.token_budget,
+            zoom_source=spec.zoom_source,
+            zoom_resample=spec.zoom_resample,
+            zoomer_width=spec.zoomer_width,
+            zoomer_depth=spec.zoomer_depth,
+            zoomer_head=spec.zoomer_head,
         )
-        model: ZoomViT = timm.create_model(spec["model"], pretrained=spec.get("pretrained", False), **kwargs)
-        if spec["zoomer_checkpoint"] is not None:
-            model.zoomer.load_state_dict(load_state_dict_file(spec["zoomer_checkpoint"]))
+        model: ZoomViT = timm.create_model(spec.model, pretrained=spec.pretrained, **kwargs)
+        if spec.zoomer_checkpoint is not None:
+            model.zoomer.load_state_dict(load_state_dict_file(spec.zoomer_checkpoint))
         model.zoomer.freeze()
         return self._prepare(model)
 
     @property
     def highres(self) -> bool:
-        return self.spec["zoom_source"] == "highres"
+        return self.spec.zoom_source == "highres"
 
     def inputs(self, batch, dtype, column="image"):
         return super().inputs(batch, torch.float32, column)  # the Zoomer reads fp32; the tokenizer casts
@@ -311,12 +314,12 @@ class ZoomViTTask(ClassifierTask):
 
     def operating_points(self, B: int) -> dict[str, torch.Tensor]:
         """Per-image alpha (uniform in ``train_alpha``) or token budget (zoomed cells uniform in ``train_budget``)."""
-        if self.spec["train_budget"] is not None:
-            cells = self.spec["num_cells"]
-            lo, hi = ((b - cells) // 3 for b in self.spec["train_budget"])
+        if self.spec.train_budget is not None:
+            cells = self.spec.num_cells
+            lo, hi = ((b - cells) // 3 for b in self.spec.train_budget)
             k_B = torch.randint(lo, hi + 1, (B,), generator=self.generator)
             return {"token_budget": cells + 3 * k_B}
-        lo, hi = self.spec["train_alpha"]
+        lo, hi = self.spec.train_alpha
         return {"alpha": torch.empty(B).uniform_(lo, hi, generator=self.generator)}
 
     def forward(self, model, views):
@@ -332,13 +335,13 @@ class ZoomViTTask(ClassifierTask):
 class ZoomerTask(Task):
     """The Zoomer regressing per-image-normalised teacher maps."""
 
+    spec: ZoomerSpec
+
     def build_model(self) -> nn.Module:
-        return Zoomer(
-            grid=tuple(self.spec["grid"]), width=self.spec["width"], depth=self.spec["depth"], head=self.spec["head"]
-        )
+        return Zoomer(grid=self.spec.grid, width=self.spec.width, depth=self.spec.depth, head=self.spec.head)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.spec["loss"] == "bce":
+        if self.spec.loss == "bce":
             return F.binary_cross_entropy_with_logits(logits.float(), target.float())
         return F.mse_loss(logits.float().sigmoid(), target.float())
 
@@ -370,12 +373,12 @@ class ZoomerTask(Task):
             sums["n"] += len(x)
             sums["val_loss"] += float(self._loss(logits, target)) * len(x)
             sums["val_pearson"] += float(pearson_per_image(logits.sigmoid(), target).sum())
-            sums["val_topk_overlap"] += float(topk_overlap(logits, target, self.spec["topk_fraction"]).sum())
+            sums["val_topk_overlap"] += float(topk_overlap(logits, target, self.spec.topk_fraction).sum())
             views = augment(x, scale=scale, hflip=False, generator=crops, maps_BHW=target)
             crop_logits = model(views.x_BCHW, logits=True).float()
             sums["val_crop_pearson"] += float(pearson_per_image(crop_logits.sigmoid(), views.maps_BHW).sum())
             sums["val_crop_topk_overlap"] += float(
-                topk_overlap(crop_logits, views.maps_BHW, self.spec["topk_fraction"]).sum()
+                topk_overlap(crop_logits, views.maps_BHW, self.spec.topk_fraction).sum()
             )
         return sums
 

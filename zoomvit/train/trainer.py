@@ -10,7 +10,8 @@ from typing import Any
 
 from zoomvit import logs
 from zoomvit.config import TrainConfig
-from zoomvit.train.loop import FINAL_WEIGHTS, HISTORY, train_loop_per_worker
+from zoomvit.train.loop import FINAL_WEIGHTS, HISTORY, WorkerConfig, train_loop_per_worker
+from zoomvit.train.specs import TaskSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +50,7 @@ def _require_decode_cpus(name: str, train: TrainConfig) -> None:
 def run_training(
     *,
     name: str,
-    task: dict[str, Any],
+    task: TaskSpec,
     train: TrainConfig,
     train_ds,
     val_ds,
@@ -93,17 +94,18 @@ def run_training(
             f"{name}: {n_train} training samples are fewer than one step "
             f"({train.num_workers} workers x batch {train.batch_size})"
         )
-    loop_config = {
-        "task": task,
-        "train": train,  # the typed section itself (pydantic models pickle)
-        "use_gpu": use_gpu,
-        "steps_per_epoch": n_train // per_step,
-        "tracking": tracking,
-        "verbose": logs.verbose(),
-    }
+    worker = WorkerConfig(
+        name=name,
+        task=task,
+        train=train,
+        use_gpu=use_gpu,
+        steps_per_epoch=n_train // per_step,
+        tracking=tracking,
+        verbose=logs.verbose(),
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"worker": worker},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}
         ),
