@@ -101,7 +101,9 @@ def stage_runs(client: MlflowClient, parent_id: str) -> dict[str, object]:
 def pipeline_runs(client: MlflowClient) -> list:
     exp = client.get_experiment_by_name("zoomvit")
     return client.search_runs(
-        [exp.experiment_id], filter_string="tags.`zoomvit.run_type` = 'pipeline'", order_by=["attributes.start_time ASC"]
+        [exp.experiment_id],
+        filter_string="tags.`zoomvit.run_type` = 'pipeline'",
+        order_by=["attributes.start_time ASC"],
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 from zoomvit.config import load_config
 from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.pipeline.graph import ORDER
-from zoomvit.pipeline.runner import MANIFEST, plan_run, shards_of
+from zoomvit.pipeline.plan import MANIFEST, plan_run, shards_of
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "pipelines" / "configs" / "tiny.yaml")
@@ -182,12 +182,12 @@ def test_resource_only_settings_never_change_a_fingerprint_and_result_settings_d
 
 
 def test_a_code_change_changes_every_fingerprint(setup, monkeypatch):
-    import zoomvit.pipeline.runner as runner
+    import zoomvit.pipeline.plan as plan
 
     config, shards, root = setup
     before = {s.name: s.fingerprint for s in plan_run(config, shards, root)}
-    assert len(runner.code_digest()) == 64
-    monkeypatch.setattr(runner, "code_digest", lambda: "0" * 64)
+    assert len(plan.code_digest()) == 64
+    monkeypatch.setattr(plan, "code_digest", lambda: "0" * 64)
     after = {s.name: s.fingerprint for s in plan_run(config, shards, root)}
     assert all(after[n] != before[n] for n in before)
 

@@ -69,7 +69,8 @@ def _stage_list(value: str) -> list[str]:
 
 
 def _dry_run(config: PipelineConfig, args: argparse.Namespace) -> int:
-    from zoomvit.pipeline.runner import artifact_root, lineage_from_run, plan_run, shards_of
+    from zoomvit.pipeline.plan import plan_run, shards_of
+    from zoomvit.pipeline.runner import artifact_root, lineage_from_run
     from zoomvit.tracking.runs import Tracker, resolve_tracking_uri
 
     try:

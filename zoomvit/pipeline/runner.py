@@ -1,15 +1,11 @@
-"""Running the stage graph with a fingerprint cache and MLflow lineage.
+"""Executing a run's plan (``pipeline/plan.py``): the cache, the per-output locks and MLflow lineage.
 
-A stage's fingerprint hashes its name, the config sections it reads, its upstream fingerprints,
-the input shards' identity (paths, sizes, mtimes/etags) and the package version. Its outputs live in
-``<artifact_root>/<stage>/<fingerprint>/`` with a ``manifest.json`` written last: a manifest means
-a cache hit. Every stage gets a nested MLflow run under the pipeline's parent run, hit or miss.
+Every stage gets a nested MLflow run under the pipeline's parent run, hit or miss; a computed stage
+commits its output by writing its manifest last, durably, while it holds the output's lock.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
 import os
@@ -19,16 +15,26 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-import zoomvit
 from zoomvit.config import PipelineConfig
-from zoomvit.data.shards import ShardInfo, shard_infos
+from zoomvit.data.shards import ShardInfo
 from zoomvit.durable import exclusive, write_json_durably
 from zoomvit.errors import UserError
 from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
+from zoomvit.pipeline.plan import (
+    MANIFEST,
+    MissingUpstream,
+    PlannedStage,
+    config_hash,
+    damage,
+    plan_run,
+    read_manifest,
+    section,
+    shards_of,
+)
 from zoomvit.pipeline.runtime import sigterm_unwinds
 from zoomvit.tracking.runs import (
     Tracker,
@@ -43,12 +49,7 @@ from zoomvit.tracking.runs import (
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 LINEAGE = "lineage.json"
-
-
-class MissingUpstream(UserError):
-    """``--only`` named a stage whose upstream output is not in the cache."""
 
 
 @dataclass
@@ -68,106 +69,6 @@ def artifact_root(config: PipelineConfig) -> Path:
     (the working directory; ``~/.zoomvit`` inside a ``ray job submit`` working-dir copy)."""
     chosen = config.artifact_root or os.environ.get("ZOOMVIT_ARTIFACT_ROOT")
     return Path(chosen).resolve() if chosen else default_dir() / "runs"
-
-
-def section(config: PipelineConfig, dotted: str) -> Any:
-    value: Any = config.model_dump(mode="json")
-    for part in dotted.split("."):
-        value = value[part]
-    if dotted == "data":  # where the shards live is covered by their identity, not by the path
-        value = {k: v for k, v in value.items() if k not in ("root", "demo", "decoded")}
-    return value
-
-
-# Settings that decide how fast or where a stage runs, not what it computes: scaling relevance from 8
-# to 16 GPUs, or raising max_failures, must not recompute anything.
-RESOURCE_ONLY: dict[str, frozenset[str]] = {
-    "relevance": frozenset(
-        {
-            "batch_size",
-            "concurrency",
-            "num_cpus_per_actor",
-            "actor_threads",
-            "decode_num_cpus",
-            "decode_in_actor",
-            "decode_batch_size",
-        }
-    ),  # fmt: skip
-    "train": frozenset({"cpus_per_worker", "max_failures"}),
-}
-
-
-CHECKPOINT_KEYS = frozenset({"checkpoint", "init_checkpoint"})
-
-
-def _result_settings(dotted: str, value: Any) -> Any:
-    """A config section without its resource-only settings (also inside its ``train`` recipe), with
-    checkpoint paths replaced by their content digest."""
-    if not isinstance(value, dict):
-        return value
-    drop = RESOURCE_ONLY.get(dotted.rsplit(".", 1)[-1], frozenset())
-    return {
-        k: file_digest(v) if k in CHECKPOINT_KEYS and isinstance(v, str) else _result_settings(k, v)
-        for k, v in value.items()
-        if k not in drop
-    }
-
-
-@functools.lru_cache(maxsize=64)
-def _digest_of(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_digest(path: str) -> str:
-    """A local file's content digest (once per path, size and mtime); a remote file's metadata
-    (ETag, size, mtime as its store reports them); the path itself when it cannot be read."""
-    if "://" not in path or path.startswith("file://"):
-        local = path.split("://", 1)[-1]
-        try:
-            st = os.stat(local)
-        except OSError:
-            return path
-        return "sha256:" + _digest_of(local, st.st_size, st.st_mtime_ns)
-    import fsspec
-
-    try:
-        fs, resolved = fsspec.core.url_to_fs(path)
-        info = fs.info(resolved)
-    except (OSError, ValueError, ImportError):
-        return path
-    keys = ("ETag", "etag", "size", "LastModified", "mtime", "md5Hash", "crc32c")
-    return path + "|" + json.dumps({k: str(info[k]) for k in keys if k in info}, sort_keys=True)
-
-
-@functools.lru_cache(maxsize=1)
-def code_digest() -> str:
-    """The package's identity: a digest of every source file under ``zoomvit/`` (path and content), so
-    a code change recomputes what the old code computed."""
-    root = Path(zoomvit.__file__).resolve().parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-def fingerprint(name: str, config: PipelineConfig, upstream: dict[str, str], shards: Sequence[ShardInfo]) -> str:
-    payload = {
-        "stage": name,
-        "config": {s: _result_settings(s, section(config, s)) for s in STAGES[name].sections},
-        "upstream": dict(sorted(upstream.items())),
-        "shards": shards_digest(shards),
-        "version": zoomvit.__version__,
-        "code": code_digest(),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def config_hash(config: PipelineConfig) -> str:
-    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def ensure_demo_data(config: PipelineConfig) -> None:
@@ -218,29 +119,9 @@ def _ensure_demo_data(config: PipelineConfig, demo, root: str) -> None:
     generate_demo_dataset(root, **wanted)
 
 
-def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def damage(out_dir: Path) -> str | None:
-    """Why a committed output cannot be trusted (an unreadable manifest, a listed file missing or of
-    another size than when it was committed), or None when it is intact or absent."""
-    path = out_dir / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        return f"{MANIFEST} is unreadable ({err})"
-    sizes = manifest.get("file_sizes", {})
-    for key, rel in manifest.get("files", {}).items():
-        file = Path(manifest.get("out_dir", out_dir)) / rel
-        if not file.exists():
-            return f"its {key} file {file} is missing"
-        if key in sizes and file.is_file() and file.stat().st_size != sizes[key]:
-            return f"its {key} file {file} has {file.stat().st_size} bytes, {sizes[key]} when committed"
-    return None
+def shards_source(config: PipelineConfig) -> str:
+    """Where the shards live: their directory, or the URL prefix of remote ones (``s3://bucket/imagenet``)."""
+    return config.data.shard_paths("train")[0].rsplit("/", 1)[0]
 
 
 def lineage_from_run(tracker: Tracker, run_id: str) -> dict[str, Any]:
@@ -249,75 +130,6 @@ def lineage_from_run(tracker: Tracker, run_id: str) -> dict[str, Any]:
     mlflow.set_tracking_uri(tracker.uri)
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=LINEAGE)
     return json.loads(Path(path).read_text())
-
-
-@dataclass(frozen=True)
-class PlannedStage:
-    """What a run will do with one stage: ``run`` it, use its ``cached`` output, or stop because a
-    stage that ``--only`` needs is ``missing`` from the cache."""
-
-    name: str
-    fingerprint: str
-    out_dir: Path
-    action: Literal["run", "cached", "missing"]
-    why: str
-    manifest: dict[str, Any] | None  # the cached output's manifest
-
-    def line(self) -> str:
-        return f"{self.name:<10} {self.action:<7} {self.fingerprint[:16]}  {self.why}"
-
-
-def plan_run(
-    config: PipelineConfig,
-    shards: Sequence[ShardInfo],
-    root: Path,
-    *,
-    only: Sequence[str] = (),
-    force: Sequence[str] = (),
-    reused: dict[str, dict[str, Any]] | None = None,
-) -> list[PlannedStage]:
-    """The stages a run needs, in order, each with its fingerprint and what will happen to it. Reads
-    only the config, the shards' identities and the cache's manifests (no Ray, no MLflow).
-    ``reused``: lineage nodes of an earlier run (``--from-run``) whose outputs may stand in."""
-    for name in [*only, *force]:
-        if name not in STAGES:
-            raise UserError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
-    reused = reused or {}
-    order = list(STAGES)  # the table's order is the run order: every stage after its upstream
-    selected = [n for n in order if not only or n in only]
-    needed = set(selected)
-    for name in reversed(order):
-        if name in needed:
-            needed.update(u for u, _ in STAGES[name].upstream_for(config))
-    plan: list[PlannedStage] = []
-    fingerprints: dict[str, str] = {}
-    for name in (n for n in order if n in needed):
-        upstream = STAGES[name].upstream_for(config)
-        fp = fingerprints[name] = fingerprint(name, config, {u: fingerprints[u] for u, _ in upstream}, shards)
-        out_dir = root / name / fp[:16]
-        damaged = damage(out_dir)
-        manifest = None if damaged else _read_manifest(out_dir)
-        if manifest is None and name in reused and reused[name]["fingerprint"] == fp:
-            reused_dir = Path(reused[name]["out_dir"])
-            manifest = None if damage(reused_dir) else _read_manifest(reused_dir)
-        if name in selected and (manifest is None or name in force or only):
-            why = "forced" if name in force else "--only" if only else "not in the cache"
-            if damaged and manifest is None:
-                why = f"the cached output is damaged ({damaged}): recomputing"
-            plan.append(PlannedStage(name, fp, out_dir, "run", why, None))
-        elif manifest is not None:
-            plan.append(PlannedStage(name, fp, out_dir, "cached", f"from run {manifest['run_id']}", manifest))
-        else:
-            why = f"--only {','.join(only)} needs it: run the pipeline without --only first"
-            if damaged:
-                why = f"its cached output is damaged ({damaged}); {why}"
-            plan.append(PlannedStage(name, fp, out_dir, "missing", why, None))
-    return plan
-
-
-def shards_of(config: PipelineConfig) -> list[ShardInfo]:
-    data = config.data
-    return shard_infos(data.shard_paths("train") + data.shard_paths("val"))
 
 
 def run_pipeline(
@@ -350,13 +162,8 @@ def _run_pipeline(
 ) -> PipelineResult:
     config = lasting_paths(config)
     ensure_demo_data(config)
-    train_paths = config.data.shard_paths("train")
-    shards = shards_of(config)
-    root = artifact_root(config)
-    from zoomvit.train.data import DecodedSplits
-
     tracker = Tracker(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)
-    splits = DecodedSplits()  # the stages of one run share each split's decoded images
+    shards, root = shards_of(config), artifact_root(config)
     reused = lineage_from_run(tracker, from_run)["stages"] if from_run else {}
     plan = plan_run(config, shards, root, only=only, force=force, reused=reused)
     for step in plan:
@@ -365,157 +172,180 @@ def _run_pipeline(
                 f"stage {step.name!r} has no cached output for this configuration (fingerprint "
                 f"{step.fingerprint[:16]}), and {step.why}"
             )
+    return PipelineRun(config, tracker, shards, root, recompute=(*force, *only)).execute(plan, only, from_run)
 
-    parent = tracker.start(
-        config.name, tags={"zoomvit.run_type": "pipeline", "git_commit": git_commit(), "config_hash": config_hash(config)}
-    )
-    tracker.params(parent, flatten(config.model_dump(mode="json")))
-    tracker.client.log_text(parent, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
-    tracker.tags(
-        parent,
-        {"cluster_resources": json.dumps(_cluster_resources()), "only": ",".join(only), "from_run": from_run or ""},
-    )
-    tracker.dataset_input(
-        parent,
-        name="shards",
-        source=str(Path(train_paths[0]).parent),
-        digest=shards_digest(shards),
-        context="train+val shards",
-    )
-    result = PipelineResult(run_id=parent, tracking_uri=tracker.uri)
-    manifests: dict[str, dict[str, Any]] = {}
-    log.info(f"[pipeline] {config.name}: MLflow run {parent} at {tracker.uri}; artifacts under {root}")
-    error: BaseException | None = None
-    locks = ExitStack()  # one lock per stage output being computed, released when it is committed
-    try:
-        for step in plan:
-            name, fp, out_dir, manifest = step.name, step.fingerprint, step.out_dir, step.manifest
-            compute = step.action == "run"
-            if compute:
-                lock = locks.enter_context(ExitStack())
-                lock.enter_context(exclusive(out_dir, f"[{name}] {out_dir}"))
-                asked = name in force or bool(only)  # recompute even what is there
-                done = None if asked or damage(out_dir) else _read_manifest(out_dir)
-                if done is not None and done["fingerprint"] == fp:  # another run computed it while we waited
-                    log.info(f"[{name}] computed by run {done['run_id']} while this run waited")
-                    compute, manifest = False, done
-                    lock.close()
-            stage = STAGES[name]
-            upstream = stage.upstream_for(config)
-            upstream_runs = {u: manifests[u]["run_id"] for u, _ in upstream}
-            reason = stage.gate(config, manifests) if stage.gate else None
-            if reason is not None:
-                gated = tracker.start(
-                    name,
-                    parent=parent,
-                    tags={
-                        "zoomvit.run_type": "stage",
-                        "stage": name,
-                        "fingerprint": fp,
-                        "cache": "gated",
-                        "failure_reason": reason,
-                    },
-                )
-                result.stages[name] = {
-                    "stage": name,
-                    "run_id": gated,
-                    "fingerprint": fp,
-                    "cache": "gated",
-                    "reason": reason,
-                    "upstream": [],
-                }
-                tracker.tags(parent, {"failure_reason": f"{name}: {reason}"})
-                gate_error = QualityGateFailed(f"stage {name!r} did not run: {reason}")
-                tracker.end(gated, error=gate_error)
-                log.info(f"[{name}] stopped by a quality gate: {reason}")
-                raise gate_error
-            tags = {
-                "zoomvit.run_type": "stage",
-                "stage": name,
-                "fingerprint": fp,
-                "cache": "miss" if compute else "hit",
-                **{f"upstream.{u}": rid for u, rid in upstream_runs.items()},
-            }
-            if not compute:
-                tags["source_run"] = manifest["run_id"]
-            run_id = tracker.start(name, parent=parent, tags=tags)
-            tracker.params(run_id, flatten(section(config, name)))  # each stage's config section is its own
-            node = {
-                "stage": name,
-                "run_id": run_id,
-                "fingerprint": fp,
-                "cache": tags["cache"],
-                "upstream": [{"stage": u, "artifact": a, "run_id": upstream_runs[u]} for u, a in upstream],
-            }
-            result.stages[name] = node
-            if not compute:
-                node.update(out_dir=manifest["out_dir"], source_run=manifest["run_id"])
-                manifests[name] = manifest
-                tracker.metrics(run_id, manifest.get("metrics", {}))
-                tracker.end(run_id)
-                log.info(f"[{name}] cache hit ({fp[:16]}) from run {manifest['run_id']}")
-                continue
-            log.info(f"[{name}] start (cache miss, {fp[:16]}) -> {out_dir}")
-            start = time.perf_counter()
-            try:
-                if (out_dir / MANIFEST).exists():  # forced or --only: recompute, never resume a finished output
-                    shutil.rmtree(out_dir)
-                out_dir.mkdir(parents=True, exist_ok=True)
-                ctx = StageContext(
-                    config=config,
-                    out_dir=out_dir,
-                    upstream=manifests,
-                    fingerprint=fp,
-                    tracking={"uri": tracker.uri, "run_id": run_id},
-                    splits=splits,
-                )
-                outputs = stage.run(ctx)
-                if outputs.get("history"):  # epochs the worker could not deliver (tracking server outage, restart)
-                    tracker.backfill_history(run_id, outputs["history"])
-                manifest = {
-                    "stage": name,
-                    "fingerprint": fp,
-                    "run_id": run_id,
-                    "out_dir": str(out_dir),
-                    "seconds": time.perf_counter() - start,
-                    **outputs,
-                }
-                manifest["file_sizes"] = {
-                    key: (out_dir / rel).stat().st_size
-                    for key, rel in manifest["files"].items()
-                    if (out_dir / rel).is_file()
-                }
-                _log_stage(tracker, run_id, config, manifest, manifests, shards, train_paths)
-                for key in stage.parent_artifacts:
-                    tracker.artifact(parent, out_dir / manifest["files"][key])
-                write_json_durably(out_dir / MANIFEST, manifest)
+
+class PipelineRun:
+    """Executes a plan: the parent MLflow run, then per stage its quality gate, a cache hit or the
+    computation under the output's lock, each with a nested run; lineage and warnings at the end."""
+
+    def __init__(
+        self, config: PipelineConfig, tracker: Tracker, shards: Sequence[ShardInfo], root: Path, recompute
+    ) -> None:
+        from zoomvit.train.data import DecodedSplits
+
+        self.config, self.tracker, self.shards, self.root = config, tracker, shards, root
+        self.recompute = frozenset(recompute)  # --force / --only: recompute even what another run committed
+        self.splits = DecodedSplits()  # the stages of one run share each split's decoded images
+        self.manifests: dict[str, dict[str, Any]] = {}
+        self.parent = ""
+        self.result = PipelineResult(run_id="", tracking_uri=tracker.uri)
+
+    def execute(self, plan: list[PlannedStage], only: Sequence[str], from_run: str | None) -> PipelineResult:
+        self._start_parent(only, from_run)
+        error: BaseException | None = None
+        try:
+            with ExitStack() as locks:  # one lock per stage output being computed, released when it is committed
+                for step in plan:
+                    self._stage(step, locks)
+        except BaseException as err:
+            error = err
+            raise
+        finally:
+            self._finish(error)
+        return self.result
+
+    def _start_parent(self, only: Sequence[str], from_run: str | None) -> None:
+        config, tracker = self.config, self.tracker
+        tags = {"zoomvit.run_type": "pipeline", "git_commit": git_commit(), "config_hash": config_hash(config)}
+        self.parent = self.result.run_id = tracker.start(config.name, tags=tags)
+        dumped = config.model_dump(mode="json")
+        tracker.params(self.parent, flatten(dumped))
+        tracker.client.log_text(self.parent, yaml.safe_dump(dumped, sort_keys=False), "config.yaml")
+        tracker.tags(
+            self.parent,
+            {"cluster_resources": json.dumps(_cluster_resources()), "only": ",".join(only), "from_run": from_run or ""},
+        )
+        tracker.dataset_input(
+            self.parent,
+            name="shards",
+            source=shards_source(config),
+            digest=shards_digest(self.shards),
+            context="train+val shards",
+        )
+        log.info(f"[pipeline] {config.name}: MLflow run {self.parent} at {tracker.uri}; artifacts under {self.root}")
+
+    def _stage(self, step: PlannedStage, locks: ExitStack) -> None:
+        manifest, lock = step.manifest, None
+        if step.action == "run":
+            lock = locks.enter_context(ExitStack())
+            lock.enter_context(exclusive(step.out_dir, f"[{step.name}] {step.out_dir}"))
+            done = None if step.name in self.recompute or damage(step.out_dir) else read_manifest(step.out_dir)
+            if done is not None and done["fingerprint"] == step.fingerprint:
+                log.info(f"[{step.name}] computed by run {done['run_id']} while this run waited")
+                manifest = done
                 lock.close()
-            except BaseException as err:
-                node["cache"] = "failed"
-                tracker.end(run_id, error=err)
-                raise
-            tracker.end(run_id)
-            manifests[name] = manifest
-            node["out_dir"] = str(out_dir)
-            log.info(
-                f"[{name}] done in {manifest['seconds']:.1f}s "
-                + " ".join(f"{k}={v:.4g}" for k, v in list(manifest["metrics"].items())[:8] if isinstance(v, float)),
+                lock = None
+        stage = STAGES[step.name]
+        reason = stage.gate(self.config, self.manifests) if stage.gate else None
+        if reason is not None:
+            self._gated(step, reason)
+        if lock is None:
+            self._cached(step, manifest)
+        else:
+            self._compute(step, lock)
+
+    def _stage_run(self, step: PlannedStage, cache: str, **tags: str) -> tuple[str, dict[str, Any]]:
+        """The stage's nested run and its lineage node."""
+        upstream = STAGES[step.name].upstream_for(self.config)
+        upstream_runs = {u: self.manifests[u]["run_id"] for u, _ in upstream}
+        run_tags = {
+            "zoomvit.run_type": "stage",
+            "stage": step.name,
+            "fingerprint": step.fingerprint,
+            "cache": cache,
+            **{f"upstream.{u}": rid for u, rid in upstream_runs.items()},
+            **tags,
+        }
+        run_id = self.tracker.start(step.name, parent=self.parent, tags=run_tags)
+        node = {
+            "stage": step.name,
+            "run_id": run_id,
+            "fingerprint": step.fingerprint,
+            "cache": cache,
+            "upstream": [{"stage": u, "artifact": a, "run_id": upstream_runs[u]} for u, a in upstream],
+        }
+        self.result.stages[step.name] = node
+        return run_id, node
+
+    def _gated(self, step: PlannedStage, reason: str) -> None:
+        run_id, node = self._stage_run(step, "gated", failure_reason=reason)
+        node.update(reason=reason, upstream=[])
+        self.tracker.tags(self.parent, {"failure_reason": f"{step.name}: {reason}"})
+        error = QualityGateFailed(f"stage {step.name!r} did not run: {reason}")
+        self.tracker.end(run_id, error=error)
+        log.info(f"[{step.name}] stopped by a quality gate: {reason}")
+        raise error
+
+    def _cached(self, step: PlannedStage, manifest: dict[str, Any]) -> None:
+        run_id, node = self._stage_run(step, "hit", source_run=manifest["run_id"])
+        self.tracker.params(run_id, flatten(section(self.config, step.name)))
+        node.update(out_dir=manifest["out_dir"], source_run=manifest["run_id"])
+        self.manifests[step.name] = manifest
+        self.tracker.metrics(run_id, manifest.get("metrics", {}))
+        self.tracker.end(run_id)
+        log.info(f"[{step.name}] cache hit ({step.fingerprint[:16]}) from run {manifest['run_id']}")
+
+    def _compute(self, step: PlannedStage, lock: ExitStack) -> None:
+        name, out_dir, tracker = step.name, step.out_dir, self.tracker
+        run_id, node = self._stage_run(step, "miss")
+        tracker.params(run_id, flatten(section(self.config, name)))  # each stage's config section is its own
+        log.info(f"[{name}] start (cache miss, {step.fingerprint[:16]}) -> {out_dir}")
+        start = time.perf_counter()
+        try:
+            if (out_dir / MANIFEST).exists():  # forced or --only: recompute, never resume a finished output
+                shutil.rmtree(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            ctx = StageContext(
+                config=self.config,
+                out_dir=out_dir,
+                upstream=self.manifests,
+                fingerprint=step.fingerprint,
+                tracking={"uri": tracker.uri, "run_id": run_id},
+                splits=self.splits,
             )
-    except BaseException as err:
-        error = err
-        raise
-    finally:
-        locks.close()
+            outputs = STAGES[name].run(ctx)
+            if outputs.get("history"):  # epochs the worker could not deliver (tracking server outage, restart)
+                tracker.backfill_history(run_id, outputs["history"])
+            manifest = {
+                "stage": name,
+                "fingerprint": step.fingerprint,
+                "run_id": run_id,
+                "out_dir": str(out_dir),
+                "seconds": time.perf_counter() - start,
+                **outputs,
+            }
+            files = {key: out_dir / rel for key, rel in manifest["files"].items()}
+            manifest["file_sizes"] = {key: path.stat().st_size for key, path in files.items() if path.is_file()}
+            _log_stage(tracker, run_id, self.config, manifest, self.manifests, self.shards)
+            for key in STAGES[name].parent_artifacts:
+                tracker.artifact(self.parent, out_dir / manifest["files"][key])
+            write_json_durably(out_dir / MANIFEST, manifest)
+            lock.close()
+        except BaseException as err:
+            node["cache"] = "failed"
+            tracker.end(run_id, error=err)
+            raise
+        tracker.end(run_id)
+        self.manifests[name] = manifest
+        node["out_dir"] = str(out_dir)
+        log.info(
+            f"[{name}] done in {manifest['seconds']:.1f}s "
+            + " ".join(f"{k}={v:.4g}" for k, v in list(manifest["metrics"].items())[:8] if isinstance(v, float)),
+        )
+
+    def _finish(self, error: BaseException | None) -> None:
+        if not self.parent:
+            return
         if not isinstance(error, KeyboardInterrupt):  # a stopped job has seconds before SIGKILL: end runs first
-            _write_lineage(tracker, parent, config, result, root)
+            _write_lineage(self.tracker, self.parent, self.config, self.result, self.root)
         if error is None:
-            result.warnings = near_chance(config, manifests)
-            if result.warnings:
-                tracker.tags(parent, {"warning.near_chance": "; ".join(result.warnings)})
-            for line in result.warnings:
+            self.result.warnings = near_chance(self.config, self.manifests)
+            if self.result.warnings:
+                self.tracker.tags(self.parent, {"warning.near_chance": "; ".join(self.result.warnings)})
+            for line in self.result.warnings:
                 log.warning(f"[pipeline] WARNING: {line}")
-        tracker.end(parent, error=error)
-    return result
+        self.tracker.end(self.parent, error=error)
 
 
 def near_chance(config: PipelineConfig, manifests: dict[str, dict[str, Any]]) -> list[str]:
@@ -551,8 +381,7 @@ def _log_stage(
     config: PipelineConfig,
     manifest: dict[str, Any],
     upstream: dict[str, dict[str, Any]],
-    shards,
-    train_paths,
+    shards: Sequence[ShardInfo],
 ) -> None:
     name = manifest["stage"]
     stage = STAGES[name]
@@ -564,7 +393,7 @@ def _log_stage(
         tracker.dataset_input(
             run_id,
             name="shards",
-            source=str(Path(train_paths[0]).parent),
+            source=shards_source(config),
             digest=shards_digest(shards),
             context=stage.reads_shards,
         )
