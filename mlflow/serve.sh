@@ -26,6 +26,9 @@ args=(server --host "$MLFLOW_HOST" --port "$MLFLOW_PORT"
       --backend-store-uri "$MLFLOW_BACKEND_STORE_URI"
       --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" --serve-artifacts
       --workers "${MLFLOW_WORKERS:-1}")
+# MLflow 3 answers only Host headers of localhost and private IPs unless told more: a server reached
+# by a service name (http://zoomvit-mlflow:5000 in Kubernetes) lists it here.
+if [ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]; then args+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS"); fi
 health=(curl -sf "http://$MLFLOW_HOST:$MLFLOW_PORT/health")
 if [ "${MLFLOW_AUTH:-none}" = "basic" ]; then
   # MLflow's basic-auth app: users and permissions in their own database; the admin account is

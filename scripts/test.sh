@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 if ! python3 - <<'PY' 2>/dev/null
 import importlib.metadata as md, pathlib, sys
-import zoomvit, pytest, pytest_timeout, playwright  # noqa: F401
+import zoomvit, pytest, pytest_timeout, playwright, moto.server, s3fs  # noqa: F401
 md.version("ruff")
 # an editable install of *this* checkout, not another one
 sys.exit(0 if pathlib.Path(zoomvit.__file__).resolve().parents[1] == pathlib.Path.cwd().resolve() else 1)

@@ -11,8 +11,8 @@ from servers import mlflow_server
 pytestmark = pytest.mark.slow
 
 
-def _status(url: str, auth: tuple[str, str] | None = None) -> int:
-    request = urllib.request.Request(url)
+def _status(url: str, auth: tuple[str, str] | None = None, host: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
     if auth:
         import base64
 
@@ -46,3 +46,17 @@ def test_basic_auth_rejects_anonymous_and_wrong_passwords_and_admits_the_admin(t
     assert (tmp_path / "artifacts").is_dir(), "artifacts went through the server into its artifact store"
     assert "basic_auth.ini" in {p.name for p in tmp_path.iterdir()}
     assert (tmp_path / "basic_auth.ini").stat().st_mode & 0o077 == 0, "the credentials file is private"
+
+
+def test_the_kuberay_servers_own_settings_answer_calls_to_its_service_name(tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    manifest = Path(__file__).resolve().parents[1] / "cluster" / "kuberay" / "mlflow.yaml"
+    (deployment,) = [m for m in yaml.safe_load_all(manifest.read_text()) if m["kind"] == "Deployment"]
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    with mlflow_server(tmp_path, MLFLOW_ALLOWED_HOSTS=env["MLFLOW_ALLOWED_HOSTS"]) as url:
+        search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _status(search, host="zoomvit-mlflow:5000") == 200, "what Ray pods send inside the cluster"
+        assert _status(search, host="rebinding.example.com") == 403, "other names stay refused"

@@ -116,6 +116,11 @@ class RelevanceConfig(Section):
         "one single-threaded actor per core runs decode + attribution data-parallel, as N plain loops would",
     )
     use_gpu: bool | Literal["auto"] = "auto"
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="extra Ray resources each attribution actor asks for, e.g. a node type's custom resource "
+        "({cpu_ingest: 1}) or accelerator marker ({'accelerator_type:H100': 0.01}): pins it to those nodes",
+    )
     shards_per_group: int = Field(4, ge=1)
     decode_batch_size: int = Field(64, ge=1)
     splits: tuple[Literal["train", "val"], ...] = ("train", "val")
@@ -144,6 +149,11 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool | Literal["auto"] = "auto"
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="extra Ray resources each training worker asks for, e.g. a node type's custom resource "
+        "({cpu_ingest: 1}) or accelerator marker ({'accelerator_type:H100': 0.01}): pins it to those nodes",
+    )
     max_failures: int = Field(1, ge=-1)
     seed: int = 0
     random_resized_crop: tuple[float, float] | None = (0.6, 1.0)

@@ -21,6 +21,16 @@ class ShardInfo:
     mtime: str | None
 
 
+def filesystem(url: str) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem of a path or URL; a missing implementation (s3fs, gcsfs) names the extra."""
+    try:
+        return fsspec.core.url_to_fs(url)[0]
+    except ImportError as err:
+        raise UserError(
+            f"reading {url!r} needs the filesystem for {_protocol(url)}:// ({err}): pip install 'zoomvit[cloud]'"
+        ) from err
+
+
 def expand_shards(spec: str | Sequence[str], *, root: str | None = None) -> list[str]:
     """All shard paths a spec names, in sorted order; an error when it names none."""
     specs = [spec] if isinstance(spec, str) else list(spec)
@@ -28,7 +38,7 @@ def expand_shards(spec: str | Sequence[str], *, root: str | None = None) -> list
     for item in specs:
         for pattern in braceexpand(item):
             pattern = _join(root, pattern)
-            fs, _, _ = fsspec.get_fs_token_paths(pattern)
+            fs = filesystem(pattern)
             protocol = _protocol(pattern)
             if any(ch in pattern for ch in "*?["):
                 found = fs.glob(pattern)
@@ -48,8 +58,8 @@ def shard_infos(paths: Sequence[str]) -> list[ShardInfo]:
     """Size and modification time (or etag) of each shard: the input's identity for fingerprints."""
     infos = []
     for path in paths:
-        fs, _, (resolved,) = fsspec.get_fs_token_paths(path)
-        info: dict[str, Any] = fs.info(resolved)
+        fs = filesystem(path)
+        info: dict[str, Any] = fs.info(fs._strip_protocol(path))
         stamp = (
             info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("etag") or info.get("updated")
         )

@@ -53,9 +53,10 @@ RESOURCE_ONLY: dict[str, frozenset[str]] = {
             "decode_num_cpus",
             "decode_in_actor",
             "decode_batch_size",
+            "resources",
         }
     ),  # fmt: skip
-    "train": frozenset({"cpus_per_worker", "max_failures"}),
+    "train": frozenset({"cpus_per_worker", "resources", "max_failures"}),
 }
 
 

@@ -68,7 +68,13 @@ def artifact_root(config: PipelineConfig) -> Path:
     """The config's artifact root, else $ZOOMVIT_ARTIFACT_ROOT, else ``runs`` under :func:`default_dir`
     (the working directory; ``~/.zoomvit`` inside a ``ray job submit`` working-dir copy)."""
     chosen = config.artifact_root or os.environ.get("ZOOMVIT_ARTIFACT_ROOT")
-    return Path(chosen).resolve() if chosen else default_dir() / "runs"
+    if chosen and "://" in chosen and not chosen.startswith("file://"):
+        raise UserError(
+            f"artifact_root {chosen!r}: the stage cache needs a filesystem every node mounts (a shared volume: "
+            "EFS, Filestore, a Kubernetes RWX claim); object storage holds the shards and MLflow's artifacts. "
+            "See cluster/README.md"
+        )
+    return Path(chosen.removeprefix("file://")).resolve() if chosen else default_dir() / "runs"
 
 
 def ensure_demo_data(config: PipelineConfig) -> None:

@@ -256,18 +256,20 @@ def _attribution_dataset(todo: list[_Group], data, relevance, teacher_spec: dict
         compute=ray.data.ActorPoolStrategy(size=relevance.concurrency),
         num_cpus=relevance.num_cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
+        resources=dict(relevance.resources) or None,
     )
     return ds
 
 
 def _collect(ds, todo: list[_Group], writer: _GroupWriter) -> None:
-    """Sort the dataset's rows into their groups; commit each group as soon as every shard of it is complete."""
-    by_shard = {shard_key(p): g for g in todo for p in g.shards}
+    """Sort the dataset's rows into their groups; commit each group as soon as every shard of it is complete.
+    Rows name their shard as Ray's readers report it (``bucket/key`` for ``s3://bucket/key``): each is
+    mapped back to the group's own path."""
+    by_shard = {shard_key(p): (g, p) for g in todo for p in g.shards}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         touched = set()
         for i in range(len(batch["kind"])):
-            shard = str(batch["shard"][i])
-            g = by_shard[shard_key(shard)]
+            g, shard = by_shard[shard_key(str(batch["shard"][i]))]
             touched.add(id(g))
             kind = batch["kind"][i]
             if kind == "eos":

@@ -107,7 +107,9 @@ def run_training(
         train_loop_per_worker,
         train_loop_config={"worker": worker},
         scaling_config=ScalingConfig(
-            num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}
+            num_workers=train.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker, **train.resources},
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": train_ds, "val": val_ds},

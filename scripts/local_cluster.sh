@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Try the cluster path on one machine: a multi-node Ray cluster (a head with 0 CPUs, as in
+# cluster/aws.yaml, plus two worker nodes started with `ray start --address` in their own processes),
+# a local S3-compatible server (moto) holding the shards and MLflow's artifact store, and the
+# pipeline submitted with `ray job submit --working-dir`.
+#
+#   bash scripts/local_cluster.sh up        # S3 + shards, MLflow, Ray head and worker nodes
+#   bash scripts/local_cluster.sh submit    # the tiny pipeline as a Ray job (extra args go to full.py)
+#   bash scripts/local_cluster.sh down      # stop everything
+#
+# Node types (scaled down from cluster/aws.yaml): `cpu_ingest` (2 CPUs, resource cpu_ingest) runs
+# the relevance actors; `gpu_h100x8` (3 CPUs, the logical resource accelerator_type:H100, no real GPU)
+# runs the training workers. The config pins them there with relevance.resources / train.resources.
+# The artifact root is a directory every node sees (here the local disk; on a cluster, the shared
+# volume of cluster/kuberay). S3 credentials live in the nodes' environment, not in the job's
+# runtime env (which Ray's dashboard and Jobs API show).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo="$PWD"
+state="${ZOOMVIT_CLUSTER_DIR:-$repo/.local-cluster}"
+config="${CONFIG:-pipelines/configs/tiny.yaml}"
+mkdir -p "$state"
+ports="$state/ports.env"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_for() {  # url, what, extra curl arguments
+  for _ in $(seq 1 90); do curl -sf -o /dev/null "${@:3}" "$1" && return 0; sleep 1; done
+  echo "$2 did not come up ($1)" >&2; return 1
+}
+
+export AWS_ACCESS_KEY_ID=zoomvit-local AWS_SECRET_ACCESS_KEY=zoomvit-local AWS_DEFAULT_REGION=us-east-1
+auth=()
+if [ -f "$HOME/.ray/auth_token" ]; then
+  export RAY_AUTH_MODE=token
+  auth=(-H "Authorization: Bearer $(cat "$HOME/.ray/auth_token")")
+fi
+
+case "${1:-}" in
+up)
+  if [ -f "$ports" ]; then echo "already up ($ports); run 'down' first" >&2; exit 1; fi
+  S3_PORT=$(free_port); MLFLOW_PORT=$(free_port); RAY_PORT=$(free_port); DASHBOARD_PORT=$(free_port)
+  printf 'S3_PORT=%s\nMLFLOW_PORT=%s\nRAY_PORT=%s\nDASHBOARD_PORT=%s\n' \
+    "$S3_PORT" "$MLFLOW_PORT" "$RAY_PORT" "$DASHBOARD_PORT" >"$ports"
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:$S3_PORT"
+
+  setsid nohup python3 -m moto.server -H 127.0.0.1 -p "$S3_PORT" >"$state/s3.log" 2>&1 &
+  echo $! >"$state/s3.pid"
+  wait_for "$AWS_ENDPOINT_URL/moto-api/" "the S3 server"
+  python3 - "$config" "$state" <<'PY'
+import sys, tempfile
+from pathlib import Path
+import boto3, s3fs
+from zoomvit.config import load_config
+from zoomvit.data.demo import generate_demo_dataset
+
+config, state = load_config(sys.argv[1]), Path(sys.argv[2])
+boto3.client("s3").create_bucket(Bucket="zoomvit")
+demo = config.data.demo
+local = Path(tempfile.mkdtemp(dir=state, prefix="shards-"))
+generate_demo_dataset(local, train=demo.train, val=demo.val, image_size=demo.image_size,
+                      samples_per_shard=demo.samples_per_shard, seed=demo.seed)
+s3fs.S3FileSystem().put(f"{local}/", "zoomvit/shards/", recursive=True)
+print(f"shards: s3://zoomvit/shards ({len(list(local.iterdir()))} files)")
+PY
+
+  MLFLOW_HOST=127.0.0.1 MLFLOW_PORT=$MLFLOW_PORT MLFLOW_STATE_DIR="$state/mlflow" \
+    MLFLOW_BACKEND_STORE_URI="sqlite:///$state/mlflow/mlflow.db" \
+    MLFLOW_ARTIFACTS_DESTINATION=s3://zoomvit/mlflow bash mlflow/serve.sh --daemon
+
+  ray start --head --port="$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus=0 \
+    --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats >"$state/head.log" 2>&1
+  ray start --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus=2 \
+    --resources='{"cpu_ingest": 2}' --object-store-memory=300000000 >"$state/node-cpu_ingest.log" 2>&1
+  ray start --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus=3 \
+    --resources='{"accelerator_type:H100": 1}' --object-store-memory=300000000 >"$state/node-gpu_h100x8.log" 2>&1
+  wait_for "http://127.0.0.1:$DASHBOARD_PORT/api/version" "Ray's dashboard" "${auth[@]}"
+  echo "up: Ray http://127.0.0.1:$DASHBOARD_PORT, MLflow http://127.0.0.1:$MLFLOW_PORT, S3 http://127.0.0.1:$S3_PORT"
+  ;;
+submit)
+  shift
+  # shellcheck disable=SC1090
+  source "$ports"
+  ray job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --working-dir . \
+    --runtime-env-json '{"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}}' \
+    -- python pipelines/full.py --config "$config" \
+       --set data.root=s3://zoomvit/shards --set data.demo=null \
+       --set "tracking.uri=http://127.0.0.1:$MLFLOW_PORT" --set "artifact_root=$state/artifacts" \
+       --set 'relevance.resources={cpu_ingest: 1}' \
+       --set 'teacher.train.resources={"accelerator_type:H100": 0.01}' \
+       --set 'zoomer.train.resources={"accelerator_type:H100": 0.01}' \
+       --set 'zoomvit.train.resources={"accelerator_type:H100": 0.01}' \
+       --set 'baseline.train.resources={"accelerator_type:H100": 0.01}' "$@"
+  ;;
+down)
+  ray stop --force >/dev/null 2>&1 || true
+  if [ -f "$ports" ]; then
+    # shellcheck disable=SC1090
+    source "$ports"
+    MLFLOW_PORT=$MLFLOW_PORT MLFLOW_STATE_DIR="$state/mlflow" bash mlflow/serve.sh --stop || true
+  fi
+  if [ -f "$state/s3.pid" ]; then kill -TERM -- "-$(cat "$state/s3.pid")" 2>/dev/null || true; rm -f "$state/s3.pid"; fi
+  rm -f "$ports"
+  echo "down"
+  ;;
+*)
+  sed -n '2,17p' "$0" >&2; exit 2 ;;
+esac
