@@ -69,10 +69,14 @@ PY
 
   ray start --head --port="$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus=0 \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats >"$state/head.log" 2>&1
+  # Each node keeps its own temp dir, as separate machines would: nodes sharing one would unpack the
+  # job's working dir over each other's, deleting the driver's current directory under it.
   ray start --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus=2 \
-    --resources='{"cpu_ingest": 2}' --object-store-memory=300000000 >"$state/node-cpu_ingest.log" 2>&1
+    --resources='{"cpu_ingest": 2}' --object-store-memory=300000000 \
+    --temp-dir="/tmp/ray-$RAY_PORT-cpu_ingest" >"$state/node-cpu_ingest.log" 2>&1
   ray start --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus=3 \
-    --resources='{"accelerator_type:H100": 1}' --object-store-memory=300000000 >"$state/node-gpu_h100x8.log" 2>&1
+    --resources='{"accelerator_type:H100": 1}' --object-store-memory=300000000 \
+    --temp-dir="/tmp/ray-$RAY_PORT-gpu_h100x8" >"$state/node-gpu_h100x8.log" 2>&1
   wait_for "http://127.0.0.1:$DASHBOARD_PORT/api/version" "Ray's dashboard" "${auth[@]}"
   echo "up: Ray http://127.0.0.1:$DASHBOARD_PORT, MLflow http://127.0.0.1:$MLFLOW_PORT, S3 http://127.0.0.1:$S3_PORT"
   ;;
@@ -97,6 +101,7 @@ down)
     # shellcheck disable=SC1090
     source "$ports"
     MLFLOW_PORT=$MLFLOW_PORT MLFLOW_STATE_DIR="$state/mlflow" bash mlflow/serve.sh --stop || true
+    rm -rf "/tmp/ray-$RAY_PORT-cpu_ingest" "/tmp/ray-$RAY_PORT-gpu_h100x8"
   fi
   if [ -f "$state/s3.pid" ]; then kill -TERM -- "-$(cat "$state/s3.pid")" 2>/dev/null || true; rm -f "$state/s3.pid"; fi
   rm -f "$ports"

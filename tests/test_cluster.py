@@ -63,6 +63,17 @@ def test_production_yamls_keep_the_head_free_of_work_and_scale_from_zero():
         )
 
 
+@pytest.mark.parametrize(("name", "client"), [("aws.yaml", "boto3"), ("gcp.yaml", "google-api-python-client")])
+def test_production_yamls_authenticate_every_node_and_keep_what_the_autoscaler_needs(name, client):
+    config = load_cluster_yaml(CLUSTER / name)
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token", "every node gets the token"
+    assert any("RAY_AUTH_MODE=token" in c for c in config["setup_commands"])
+    assert any("zoomvit[cloud]" in c for c in config["setup_commands"]), "s3fs / gcsfs for s3:// and gs:// shards"
+    assert any(client in c for c in config["head_setup_commands"]), "Ray's default head setup is replaced"
+    (start,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in start, "the dashboard is reached through `ray dashboard`'s SSH tunnel"
+
+
 def test_the_shipped_local_config_is_the_aws_node_types_scaled_down():
     shipped = load_cluster_yaml(CLUSTER / "local-autoscaling.yaml")
     assert shipped == local_autoscaling_config(load_cluster_yaml(CLUSTER / "aws.yaml")), (
@@ -192,3 +203,19 @@ def test_local_autoscaling_cluster_scales_the_requested_node_type_up_then_down(t
     assert seen["after_cpu_task"] == ["cpu"], "a CPU-only task scales up cpu_ingest, not a GPU type"
     assert seen["after_h100_task"] in (["accelerator_type:H100"], ["accelerator_type:H100", "cpu"])
     assert seen["after_idle"] == [], "idle workers are removed after idle_timeout_minutes"
+
+
+@pytest.mark.slow
+def test_use_gpu_auto_counts_gpu_node_types_the_launcher_can_add_at_zero_nodes(ray_local, tmp_path, monkeypatch):
+    from zoomvit.cluster import resolve_use_gpu
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_use_gpu("auto") is False, "a CPU-only cluster with no launcher config"
+    bootstrap = load_cluster_yaml(CLUSTER / "aws.yaml")  # on the head `ray up` leaves the config here
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(bootstrap))
+    assert resolve_use_gpu("auto") is True, "GPU node types at 0 nodes, which the autoscaler adds on demand"
+    for spec in bootstrap["available_node_types"].values():
+        spec.get("resources", {}).pop("GPU", None)
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(bootstrap))
+    assert resolve_use_gpu("auto") is False
+    assert resolve_use_gpu(True) is True and resolve_use_gpu(False) is False

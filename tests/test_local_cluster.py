@@ -57,7 +57,7 @@ def test_the_pipeline_runs_on_a_multi_node_cluster_with_shards_and_mlflow_artifa
         _sh("up", state=state, timeout=300)
         ports = _ports(state)
         first = _sh("submit", *SHORTER, state=state, timeout=900)
-        dashboard = f"127.0.0.1:{ports['DASHBOARD_PORT']}"
+        dashboard = f"http://127.0.0.1:{ports['DASHBOARD_PORT']}"
         auth = {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else {}
         probe = subprocess.run(
             ["python3", "-c", PLACEMENT_PROBE, dashboard],

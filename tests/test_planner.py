@@ -174,6 +174,8 @@ def test_resource_only_settings_never_change_a_fingerprint_and_result_settings_d
         "relevance.decode_in_actor=true",
         "zoomvit.train.max_failures=5",
         "teacher.train.cpus_per_worker=2",
+        "relevance.resources={cpu_ingest: 1}",
+        "zoomvit.train.resources={'accelerator_type:H100': 0.01}",
     ]
     assert fingerprints(*resources) == before
     changed = fingerprints("relevance.method=rollout")
@@ -245,3 +247,12 @@ def test_defaults_outside_a_ray_job_copy_are_the_working_directory_and_inside_it
     assert artifact_root(config) == home / "runs" and resolve_tracking_uri(None) == f"sqlite:///{home}/mlflow.db"
     assert lasting_paths(config).data.root == str(home / "demo_data" / "tiny")
     assert artifact_root(load_config(TINY, [f"artifact_root={tmp_path / 'mine'}"])) == tmp_path / "mine"
+
+
+def test_an_object_storage_artifact_root_is_refused_with_the_reason_not_made_a_local_directory(tmp_path):
+    from zoomvit.errors import UserError
+    from zoomvit.pipeline.runner import artifact_root
+
+    with pytest.raises(UserError, match="shared volume"):
+        artifact_root(load_config(TINY, ["artifact_root=s3://bucket/zoomvit"]))
+    assert artifact_root(load_config(TINY, [f"artifact_root=file://{tmp_path}"])) == tmp_path

@@ -137,3 +137,50 @@ def test_a_shard_that_keeps_failing_raises_naming_it_and_never_ends_with_an_eos_
                             backoff_s=0):  # fmt: skip
             rows.append(row)
     assert all(r["kind"] != "eos" for r in rows)
+
+
+def test_rows_named_as_ray_reports_remote_shards_complete_their_group(tmp_path):
+    """Ray's readers name ``s3://bucket/key`` as ``bucket/key``: the group of the full URL must still complete."""
+    import pyarrow.parquet as pq
+
+    from zoomvit.relevance.job import _collect, _Group, _GroupWriter
+
+    url = "s3://bucket/shards/train-000000.tar"
+    rows = {
+        "kind": np.array(["sample", "sample", "eos"], dtype=object),
+        "shard": np.array(["bucket/shards/train-000000.tar"] * 3, dtype=object),
+        "key": np.array(["a", "b", ""], dtype=object),
+        "index": np.array([0, 1, -1]),
+        "label": np.array([3, 4, -1]),
+        "target": np.array([3, 4, -1]),
+        "teacher_pred": np.array([3, 1, -1]),
+        "teacher_prob": np.array([0.9, 0.4, 0.0]),
+        "grid_h": np.array([2, 2, 0]),
+        "grid_w": np.array([2, 2, 0]),
+        "relevance": np.array([np.ones(4, np.float32), np.ones(4, np.float32), None], dtype=object),
+        "teacher_logits": np.array([np.zeros(10, np.float32), np.zeros(10, np.float32), None], dtype=object),
+        "reason": np.array([None, None, None], dtype=object),
+        "count": np.array([0, 0, 2]),
+    }
+
+    class Rows:  # what _collect reads of a Ray Dataset
+        def iter_batches(self, **_):
+            yield rows
+
+    group = _Group(split="train", index=0, shards=[url])
+    writer = _GroupWriter(out_dir=tmp_path, base_meta={"fingerprint": "f"}, max_bad_fraction=0.0)
+    _collect(Rows(), [group], writer)
+    assert writer.groups == 1 and writer.samples == 2
+    (written,) = tmp_path.glob("train-group-*.parquet")
+    assert set(pq.read_table(written).column("shard").to_pylist()) == {url}
+
+
+def test_a_url_whose_filesystem_is_not_installed_names_the_extra_that_brings_it():
+    import importlib.util
+
+    from zoomvit.errors import UserError
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed")
+    with pytest.raises(UserError, match=r"gs://.*zoomvit\[cloud\]"):
+        expand_shards("gs://bucket/imagenet/train-{000000..000003}.tar")

@@ -124,8 +124,6 @@ def full_main(argv: list[str] | None = None) -> int:
     config = parse_config(args)
     if args.dry_run:
         return _dry_run(config, args)
-    import torch  # noqa: F401  (before Ray's threads: loaded after them, its MKL failed in 2 of 4 job drivers)
-
     init_ray()
     quiet_libraries()
     try:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 import zoomvit
+from zoomvit.cluster import resolve_use_gpu
 from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
 from zoomvit.data.decode import ImageTransform, SkipReason, SkipReport
 from zoomvit.data.relevance_store import group_path, read_metadata, write_group
@@ -118,8 +119,6 @@ def run_relevance_stage(
 
     ``checkpoint`` overrides ``teacher.checkpoint`` (the teacher stage's output).
     """
-    import ray
-
     if not teacher.pretrained and not (checkpoint or teacher.checkpoint):
         raise ValueError("the relevance stage needs a trained teacher: teacher.pretrained=true or a checkpoint")
     out_dir = Path(out_dir)
@@ -153,9 +152,7 @@ def run_relevance_stage(
     todo = [g for g in groups if not _committed(g, out_dir, fingerprint)]
     cached = [g for g in groups if g not in todo]
 
-    use_gpu = relevance.use_gpu
-    if use_gpu == "auto":
-        use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = resolve_use_gpu(relevance.use_gpu)
     writer = _GroupWriter(out_dir=out_dir, base_meta=base_meta, max_bad_fraction=data.max_bad_fraction)
     writer.on_committed = on_group_committed
     for g in cached:

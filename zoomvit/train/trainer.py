@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from zoomvit import logs
+from zoomvit.cluster import resolve_use_gpu
 from zoomvit.config import TrainConfig
 from zoomvit.train.loop import FINAL_WEIGHTS, HISTORY, WorkerConfig, train_loop_per_worker
 from zoomvit.train.specs import TaskSpec
@@ -21,14 +22,6 @@ class TrainResult:
     weights: Path
     checkpoint: str
     train_samples: int
-
-
-def resolve_use_gpu(use_gpu: bool | str) -> bool:
-    import ray
-
-    if use_gpu == "auto":
-        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-    return bool(use_gpu)
 
 
 def _require_decode_cpus(name: str, train: TrainConfig) -> None:
