@@ -70,6 +70,18 @@ def test_the_pipeline_runs_on_a_multi_node_cluster_with_shards_and_mlflow_artifa
         placed = {tuple(p) for p in json.loads(probe.stdout.strip().splitlines()[-1])}
         second = _sh("submit", *SHORTER, state=state, timeout=600)
         copies = list(Path("/tmp/ray/session_latest/runtime_resources/working_dir_files").glob("*"))
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{ports['S3_PORT']}",
+            aws_access_key_id="zoomvit-local",
+            aws_secret_access_key="zoomvit-local",
+            region_name="us-east-1",
+        )
+        keys = [
+            o["Key"]
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket="zoomvit")
+            for o in page["Contents"]
+        ]
         written = {p.name for c in copies if c.is_dir() for p in c.iterdir()} & {"runs", "mlflow.db", "demo_data"}
     finally:
         _sh("down", state=state, timeout=120)
@@ -88,16 +100,6 @@ def test_the_pipeline_runs_on_a_multi_node_cluster_with_shards_and_mlflow_artifa
     for stage in STAGES:
         assert re.search(rf"\[{stage}\] cache hit", again), f"{stage} was not a cache hit:\n{again[-3000:]}"
 
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{ports['S3_PORT']}",
-        aws_access_key_id="zoomvit-local",
-        aws_secret_access_key="zoomvit-local",
-        region_name="us-east-1",
-    )
-    keys = [
-        o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="zoomvit") for o in page["Contents"]
-    ]
     shards = [k for k in keys if k.startswith("shards/") and k.endswith(".tar")]
     logged = [k for k in keys if k.startswith("mlflow/")]
     assert shards, keys[:20]
