@@ -306,7 +306,7 @@ def test_the_baseline_stage_trains_a_swin_and_a_hybrid_and_evaluates_them_side_b
     from safetensors.torch import save_file
 
     save_file(zoomvit.state_dict(), str(tmp_path / "zoomvit.safetensors"))
-    assert zoomvit_spec(config, None)["model"] == "zoomvit_test_patch8_32"
+    assert zoomvit_spec(config, None).model == "zoomvit_test_patch8_32"
     table = evaluate_models(
         config,
         zoomvit_weights=tmp_path / "zoomvit.safetensors",

@@ -444,6 +444,8 @@ class TrackingConfig(Section):
 
     uri: str | None = None
     experiment: str = "zoomvit"
+    # every trained model becomes a version of "<experiment>-<stage>"; evaluate moves its "candidate" alias
+    register_models: bool = True
 
 
 class PipelineConfig(Section):

@@ -20,22 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from zoomvit.config import PipelineConfig, TrainConfig
-from zoomvit.models import ZOOM, ZoomViT, zoomvit_flops
+from zoomvit.config import PipelineConfig
+from zoomvit.models import ZOOM, zoomvit_flops
 from zoomvit.models.flops import TokenCostTable, count_flops, uniform_tokens
-from zoomvit.models.loading import load_state_dict_file
 from zoomvit.train.data import DecodedSplits, numpy_batch_input, sample_dataset, size_bucket
 from zoomvit.train.recipes import baseline_tasks, zoomvit_task
-from zoomvit.train.specs import TaskSpec
-from zoomvit.train.tasks import build_task
-
-
-def load_trained(spec: TaskSpec, weights: str | Path) -> torch.nn.Module:
-    model = build_task(spec.for_inference(), TrainConfig()).build_model()
-    model.load_state_dict(load_state_dict_file(weights))
-    if isinstance(model, ZoomViT) and model.zoomer is not None:
-        model.zoomer.freeze()
-    return model.eval()
+from zoomvit.train.tasks import load_trained
 
 
 def bootstrap_ci(hits: np.ndarray, *, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:

@@ -19,6 +19,7 @@ from zoomvit.errors import UserError
 
 if TYPE_CHECKING:
     from zoomvit.train.data import DecodedSplits
+    from zoomvit.train.specs import TaskSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,9 +43,18 @@ class StageDef:
     gate: Callable[[PipelineConfig, dict[str, dict[str, Any]]], str | None] | None = None
     reads_shards: str | None = None  # the MLflow dataset-input context of the shards it reads, if it reads them
     reads_maps: str | None = None  # the same for the relevance maps
-    load_model: Callable[[PipelineConfig, Path], Any] | None = None  # its trained model, logged to MLflow
+    # the architecture of its trained model (weights: its output file "weights"), logged to MLflow and registered
+    model_spec: Callable[[PipelineConfig], TaskSpec] | None = None
     classifier: bool = False  # reports a val_top1 that must be clearly above chance
+    promotes: bool = False  # moves the registry's candidate alias to the upstream models it scored
     parent_artifacts: tuple[str, ...] = ()  # keys of its output files also logged to the pipeline's parent run
+
+    def load_model(self, config: PipelineConfig, weights: Path):
+        """The stage's trained model, for inference."""
+        from zoomvit.train.tasks import load_trained
+
+        assert self.model_spec is not None, f"stage {self.name!r} trains no model"
+        return load_trained(self.model_spec(config), weights)
 
     def upstream_for(self, config: PipelineConfig) -> tuple[tuple[str, str], ...]:
         extra = self.extra_upstream(config) if self.extra_upstream else ()
@@ -249,29 +259,22 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     return {"files": files, "metrics": metrics, "rows": result["rows"], "equal_gflops": result["equal_gflops"]}
 
 
-def load_zoomer(config: PipelineConfig, weights: Path):
-    from zoomvit.models import Zoomer
-    from zoomvit.models.loading import load_state_dict_file
-    from zoomvit.train.recipes import zoomvit_grid
+def zoomer_spec(config: PipelineConfig) -> TaskSpec:
+    from zoomvit.train.recipes import zoomer_task
 
-    z = config.zoomer
-    zoomer = Zoomer(grid=zoomvit_grid(config), width=z.width, depth=z.depth, head=z.head)
-    zoomer.load_state_dict(load_state_dict_file(weights))
-    return zoomer.freeze()
+    return zoomer_task(config)
 
 
-def load_zoomvit(config: PipelineConfig, weights: Path):
-    from zoomvit.evaluation import load_trained
+def zoomvit_spec(config: PipelineConfig) -> TaskSpec:
     from zoomvit.train.recipes import zoomvit_task
 
-    return load_trained(zoomvit_task(config, None, inference=True), weights)
+    return zoomvit_task(config, None, inference=True)
 
 
-def load_baseline(config: PipelineConfig, weights: Path):
-    from zoomvit.evaluation import load_trained
+def baseline_spec(config: PipelineConfig) -> TaskSpec:
     from zoomvit.train.recipes import baseline_task
 
-    return load_trained(baseline_task(config), weights)
+    return baseline_task(config)
 
 
 STAGES: dict[str, StageDef] = {
@@ -300,7 +303,7 @@ STAGES: dict[str, StageDef] = {
             run=run_zoomer,
             reads_shards="training",
             reads_maps="targets",
-            load_model=load_zoomer,
+            model_spec=zoomer_spec,
         ),
         StageDef(
             name="zoomvit",
@@ -310,7 +313,7 @@ STAGES: dict[str, StageDef] = {
             run=run_zoomvit,
             gate=zoomer_gate,
             reads_shards="training",
-            load_model=load_zoomvit,
+            model_spec=zoomvit_spec,
             classifier=True,
         ),
         StageDef(
@@ -320,7 +323,7 @@ STAGES: dict[str, StageDef] = {
             extra_upstream=_teacher_upstream("baseline"),
             run=run_baseline,
             reads_shards="training",
-            load_model=load_baseline,
+            model_spec=baseline_spec,
             classifier=True,
         ),
         StageDef(
@@ -329,6 +332,7 @@ STAGES: dict[str, StageDef] = {
             upstream=(("zoomvit", "ZoomViT weights"), ("baseline", "baseline weights"), ("relevance", "val maps")),
             run=run_evaluate,
             reads_maps="figures",
+            promotes=True,
             parent_artifacts=("evaluation", "frontier"),  # the run's headline evidence
         ),
     )

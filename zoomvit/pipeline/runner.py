@@ -36,6 +36,7 @@ from zoomvit.pipeline.plan import (
     shards_of,
 )
 from zoomvit.pipeline.runtime import sigterm_unwinds
+from zoomvit.tracking.models import CANDIDATE, log_stage_model, move_alias, registered_name
 from zoomvit.tracking.runs import (
     Tracker,
     default_dir,
@@ -250,6 +251,25 @@ class PipelineRun:
             self._cached(step, manifest)
         else:
             self._compute(step, lock)
+        if stage.promotes and self.config.tracking.register_models:
+            self._promote(step)
+
+    def _promote(self, step: PlannedStage) -> None:
+        """Point the registry's candidate alias at the model versions this stage scored."""
+        moved = {}
+        for upstream, _ in STAGES[step.name].upstream_for(self.config):
+            if STAGES[upstream].model_spec is None:
+                continue
+            name = registered_name(self.config.tracking.experiment, upstream)
+            version = move_alias(self.tracker, name, self.manifests[upstream]["run_id"])
+            if version is not None:
+                moved[f"{CANDIDATE}.{name}"] = version
+        if moved:
+            self.tracker.tags(self.parent, moved)
+            log.info(
+                f"[{step.name}] registry alias {CANDIDATE!r}: "
+                + ", ".join(f"{k[len(CANDIDATE) + 1 :]} v{v}" for k, v in moved.items())
+            )
 
     def _stage_run(self, step: PlannedStage, cache: str, **tags: str) -> tuple[str, dict[str, Any]]:
         """The stage's nested run and its lineage node."""
@@ -412,9 +432,20 @@ def _log_stage(
         from zoomvit.relevance.job import MANIFEST as RELEVANCE_MANIFEST
 
         tracker.artifact(run_id, out_dir / RELEVANCE_MANIFEST)
-    if stage.load_model:
+    if stage.model_spec:
         weights = out_dir / manifest["files"]["weights"]
-        tracker.model(run_id, stage.load_model(config, weights), name)
+        register_as = registered_name(config.tracking.experiment, name) if config.tracking.register_models else None
+        version = log_stage_model(
+            tracker,
+            run_id,
+            name=name,
+            spec=stage.model_spec(config),
+            weights=weights,
+            image_size=config.data.image_size,
+            register_as=register_as,
+        )
+        if version is not None:
+            manifest["registered_model"] = {"name": version.name, "version": version.version}
         tracker.artifact(run_id, weights, "weights")
     for key in ("evaluation", "figure", "frontier"):
         if key in manifest["files"]:

@@ -59,6 +59,14 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return f"sqlite:///{home / 'mlflow.db'}"
 
 
+def local_artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store beside its database (``mlartifacts/``), not in MLflow's default
+    ``./mlruns`` of whatever the working directory is (a Ray job's copy is deleted after the job)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in config.items():
@@ -89,7 +97,11 @@ class Tracker:
         self.experiment_id = None
         if experiment is not None:
             found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            if found:
+                self.experiment_id = found.experiment_id
+            else:
+                location = local_artifact_location(uri)
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             if not found or found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
                 self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
@@ -145,24 +157,11 @@ class Tracker:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dataset = MetaDataset(source=resolve_dataset_source(source), name=name, digest=digest[:36])
-        with self._active(run_id):
+        with self.active(run_id):
             mlflow.log_input(dataset, context=context)
 
-    def model(self, run_id: str, model, name: str) -> None:
-        """Log a trained torch model as an MLflow logged model of the stage's run."""
-        import timm
-        import torch
-
-        with self._active(run_id), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mlflow.pytorch.log_model(
-                model,
-                name=name,
-                serialization_format="pickle",
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}", "zoomvit"],
-            )
-
-    def _active(self, run_id: str):
+    def active(self, run_id: str):
+        """The run as MLflow's active run, for the fluent APIs that know no other (log_input, log_model)."""
         mlflow.set_tracking_uri(self.uri)
         return mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
 

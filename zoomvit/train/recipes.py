@@ -67,6 +67,19 @@ def zoomvit_grid(config: PipelineConfig) -> tuple[int, int]:
     return tuple(model.grid)
 
 
+def zoomer_task(config: PipelineConfig) -> ZoomerSpec:
+    z = config.zoomer
+    return ZoomerSpec(
+        grid=zoomvit_grid(config),
+        width=z.width,
+        depth=z.depth,
+        head=z.head,
+        loss=z.loss,
+        topk_fraction=z.topk_fraction,
+        **_common(config),
+    )
+
+
 def train_zoomer(
     config: PipelineConfig,
     relevance_dir: Path,
@@ -75,17 +88,9 @@ def train_zoomer(
     *,
     splits: DecodedSplits | None = None,
 ) -> TrainResult:
-    grid = zoomvit_grid(config)
     z = config.zoomer
-    task = ZoomerSpec(
-        grid=grid,
-        width=z.width,
-        depth=z.depth,
-        head=z.head,
-        loss=z.loss,
-        topk_fraction=z.topk_fraction,
-        **_common(config),
-    )
+    task = zoomer_task(config)
+    grid = task.grid
     train_ds, streamed = _train_split(config, z.train, splits)
     return run_training(
         name="zoomer",

@@ -19,6 +19,10 @@ class _Labels(Section):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    def for_inference(self):
+        """The architecture alone, to load trained weights into."""
+        return self
+
 
 class TeacherRef(Section):
     """How a worker rebuilds the teacher for ``distill.source=model``."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,17 @@ class Task:
     ) -> dict[str, float]:
         """Sums over the given batches, with the sample count under ``n`` (ranks add them up)."""
         raise NotImplementedError
+
+
+def load_trained(spec: TaskSpec, weights: str | Path) -> nn.Module:
+    """A trained stage model for inference: the spec's architecture with the stage's weights, in eval mode."""
+    model = build_task(spec.for_inference(), TrainConfig()).build_model()
+    model.load_state_dict(load_state_dict_file(weights))
+    if isinstance(model, Zoomer):
+        model.freeze()
+    elif isinstance(model, ZoomViT) and model.zoomer is not None:
+        model.zoomer.freeze()
+    return model.eval()
 
 
 def apply_finetune(model: nn.Module, strategy: str, freeze_blocks: int = 0) -> dict[str, int]:

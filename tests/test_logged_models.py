@@ -1,0 +1,152 @@
+"""Trained models in MLflow: no pickle anywhere, loadable and servable in a fresh process with the
+trained weights' logits, registered, and promoted by the candidate alias."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from servers import free_port
+
+from zoomvit.config import TrainConfig, load_config
+from zoomvit.pipeline.graph import STAGES
+from zoomvit.tracking.models import CANDIDATE, log_stage_model, move_alias
+from zoomvit.tracking.runs import Tracker
+from zoomvit.train.data import to_model_input
+from zoomvit.train.tasks import build_task
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = load_config(str(REPO / "pipelines/configs/tiny.yaml"))
+SIZE = CONFIG.data.image_size
+
+
+def _trained(stage: str, tmp_path: Path):
+    spec = STAGES[stage].model_spec(CONFIG)
+    torch.manual_seed(1)
+    model = build_task(spec.for_inference(), TrainConfig()).build_model()
+    for p in model.parameters():  # weights no init would give, so a load that drops any of them shows
+        p.data.add_(0.01 * torch.randn_like(p))
+    weights = tmp_path / f"{stage}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return spec, weights
+
+
+@pytest.fixture()
+def tracker(tmp_path):
+    return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "models-test")
+
+
+def _logged(tracker, stage, tmp_path, register=True):
+    spec, weights = _trained(stage, tmp_path)
+    run_id = tracker.start(stage)
+    version = log_stage_model(
+        tracker,
+        run_id,
+        name=stage,
+        spec=spec,
+        weights=weights,
+        image_size=SIZE,
+        register_as=f"models-test-{stage}" if register else None,
+    )
+    tracker.end(run_id)
+    return spec, weights, run_id, version
+
+
+def _model_dir(tracker, run_id, stage) -> Path:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracker.uri)
+    (model,) = tracker.client.search_logged_models(
+        experiment_ids=[tracker.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    return Path(mlflow.artifacts.download_artifacts(model.artifact_location))
+
+
+@pytest.mark.parametrize("stage", ["zoomvit", "baseline", "zoomer"])
+def test_a_logged_model_holds_no_pickle_and_loads_in_a_fresh_process_with_the_trained_logits(stage, tracker, tmp_path):
+    from zoomvit.train.tasks import load_trained
+
+    spec, weights, run_id, version = _logged(tracker, stage, tmp_path)
+    model_dir = _model_dir(tracker, run_id, stage)
+    flavors = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]
+    assert set(flavors) == {"python_function"}
+    assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model", "models from code"
+    assert "python_model" not in flavors["python_function"], "no pickled PythonModel"
+    assert not [p for p in model_dir.rglob("*") if p.suffix in {".pkl", ".pickle", ".pt", ".pth"}]
+    assert (model_dir / "code" / "zoomvit" / "models" / "zoomvit.py").exists(), "the package travels with it"
+    assert "zoomvit" not in (model_dir / "requirements.txt").read_text().split("\n")
+    assert json.loads((model_dir / "serving_input_example.json").read_text())
+
+    images_BHWC = np.random.default_rng(3).integers(0, 256, size=(3, SIZE, SIZE, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images_BHWC)
+    script = (
+        "import sys, numpy as np, mlflow; mlflow.set_tracking_uri(sys.argv[1]); "
+        "m = mlflow.pyfunc.load_model(sys.argv[2]); np.save(sys.argv[4], m.predict(np.load(sys.argv[3])))"
+    )
+    uri = f"models:/{version.name}/{version.version}"
+    out = tmp_path / "out.npy"
+    subprocess.run(
+        [sys.executable, "-c", script, tracker.uri, uri, str(tmp_path / "images.npy"), str(out)],
+        check=True,
+        cwd=tmp_path,
+        timeout=240,
+    )
+    reference = load_trained(spec, weights)
+    with torch.no_grad():
+        expected = reference(to_model_input(torch.from_numpy(images_BHWC), spec.mean, spec.std)).numpy()
+    np.testing.assert_allclose(np.load(out), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_each_logged_model_is_a_new_registry_version_and_the_alias_moves_to_the_one_evaluated(tracker, tmp_path):
+    _, _, first_run, first = _logged(tracker, "baseline", tmp_path)
+    _, _, second_run, second = _logged(tracker, "baseline", tmp_path)
+    name = "models-test-baseline"
+    assert (int(first.version), int(second.version)) == (1, 2)
+    assert {v.run_id for v in tracker.client.search_model_versions(f"name = '{name}'")} == {first_run, second_run}
+    assert int(move_alias(tracker, name, first_run)) == 1
+    assert int(tracker.client.get_model_version_by_alias(name, CANDIDATE).version) == 1
+    assert int(move_alias(tracker, name, second_run)) == 2
+    assert tracker.client.get_model_version_by_alias(name, CANDIDATE).run_id == second_run
+    assert move_alias(tracker, name, "no-such-run") is None, "an unknown run moves nothing"
+    assert int(tracker.client.get_model_version_by_alias(name, CANDIDATE).version) == 2
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_the_logged_models_logits(tracker, tmp_path):
+    import mlflow
+
+    _, _, run_id, version = _logged(tracker, "baseline", tmp_path)
+    model_dir = _model_dir(tracker, run_id, "baseline")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.uri}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local"]
+    server = subprocess.Popen([*cmd, "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env)
+    try:
+        body = (model_dir / "serving_input_example.json").read_bytes()
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+                )
+                answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow models serve exited"
+                assert time.monotonic() < deadline, "mlflow models serve did not answer within 180 s"
+                time.sleep(2)
+    finally:
+        server.terminate()
+        server.wait(30)
+    mlflow.set_tracking_uri(tracker.uri)
+    local = mlflow.pyfunc.load_model(str(model_dir))
+    example = np.asarray(json.loads(body)["inputs"], dtype=np.uint8)
+    np.testing.assert_allclose(np.asarray(answer["predictions"]), local.predict(example), rtol=1e-4, atol=1e-5)
