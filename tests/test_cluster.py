@@ -1,17 +1,23 @@
 """cluster/: launcher YAMLs validate like `ray up`, the local autoscaling config is derived from
-the production node types and really autoscales, the KubeRay manifests carry autoscaling."""
+the production node types and really autoscales, the KubeRay manifests carry autoscaling; one image
+(cluster/Dockerfile, on a pinned Ray base) is named by every config; no config carries a credential
+in plain text. The KubeRay manifests' schema checks: tests/test_kuberay_manifests.py."""
 
 import copy
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from zoomvit.cluster import HEAD_TYPE, load_cluster_yaml, local_autoscaling_config, validate_cluster_config
 
@@ -113,7 +119,7 @@ def test_kuberay_manifests_carry_autoscaling_worker_groups_and_resource_requests
         (container,) = group["template"]["spec"]["containers"]
         limits, requests = container["resources"]["limits"], container["resources"]["requests"]
         assert limits == requests, f"{name}: Guaranteed QoS, so Ray's view of the pod matches the node"
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}  # secrets: by reference
         assert env["MLFLOW_TRACKING_URI"].startswith("http://") and env["ZOOMVIT_ARTIFACT_ROOT"].startswith("/shared")
         if name.startswith("gpu"):
             assert limits["nvidia.com/gpu"] == 8
@@ -122,9 +128,141 @@ def test_kuberay_manifests_carry_autoscaling_worker_groups_and_resource_requests
         else:
             assert "nvidia.com/gpu" not in limits
 
-    objects = {m["kind"]: m for m in _kuberay("mlflow.yaml")}
-    assert objects["Service"]["spec"]["type"] == "ClusterIP"
-    assert objects["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    objects = {(m["kind"], m["metadata"]["name"]): m for m in _kuberay("mlflow.yaml")}
+    assert objects["Service", "zoomvit-mlflow"]["spec"]["type"] == "ClusterIP"
+    assert objects["PersistentVolumeClaim", "zoomvit-shared"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+# --- one image for every cluster: cluster/Dockerfile ---
+
+DOCKERFILE = CLUSTER / "Dockerfile"
+DOCKERFILE_INSTRUCTIONS = {
+    "FROM", "RUN", "COPY", "ADD", "WORKDIR", "ENV", "ARG", "USER", "LABEL", "EXPOSE", "ENTRYPOINT", "CMD", "SHELL",
+    "VOLUME", "STOPSIGNAL", "HEALTHCHECK", "ONBUILD",
+}  # fmt: skip
+BASE_IMAGE = re.compile(r"rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<py>3\d+)-(?P<platform>cu\d+|gpu)")
+# What Ray publishes for `rayproject/ray` (ray-project/ray, ray-images.yaml: its `python` and
+# `platforms` lists; `-gpu` aliases cu121): see cluster/README.md, "The image", for how this was checked.
+RAY_IMAGE_PYTHONS = {"310", "311", "312", "313"}
+RAY_IMAGE_CUDA = {"cu117", "cu118", "cu121", "cu123", "cu124", "cu125", "cu126", "cu128", "cu129"}
+# The CUDA of torch's default PyPI wheels (their nvidia-cuda-runtime-cu12==12.8.90 requirement; 2.11+ need CUDA 13).
+TORCH_WHEEL_CUDA = {"2.9.1": "cu128", "2.10.0": "cu128"}
+
+
+def parse_dockerfile(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per instruction: comments and blank lines dropped, backslash continuations joined."""
+    instructions, pending = [], []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue  # Docker drops comment lines, inside a continuation too
+        pending.append(stripped.removesuffix("\\").strip())
+        if stripped.endswith("\\"):
+            continue
+        keyword, _, arguments = " ".join(pending).partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+        pending = []
+    assert not pending, "the last instruction ends in a line continuation"
+    return instructions
+
+
+def _project() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def _image_tag() -> str:
+    """The Dockerfile's naming convention: zoomvit:<project version>-ray<base image tag>."""
+    (base,) = [args for keyword, args in parse_dockerfile(DOCKERFILE.read_text()) if keyword == "FROM"]
+    return f"{_project()['version']}-ray{base.removeprefix('rayproject/ray:')}"
+
+
+def _images_named_in(obj) -> list[str]:
+    if isinstance(obj, dict):
+        own = [obj["image"]] if isinstance(obj.get("image"), str) else []
+        return own + [i for v in obj.values() for i in _images_named_in(v)]
+    if isinstance(obj, list):
+        return [i for v in obj for i in _images_named_in(v)]
+    return []
+
+
+def test_the_dockerfile_parses_and_builds_on_the_pinned_ray_base_image():
+    instructions = parse_dockerfile(DOCKERFILE.read_text())
+    assert {keyword for keyword, _ in instructions} <= DOCKERFILE_INSTRUCTIONS
+    assert instructions[0][0] == "FROM" and [k for k, _ in instructions].count("FROM") == 1
+    base = BASE_IMAGE.fullmatch(instructions[0][1])
+    assert base, f"{instructions[0][1]}: not a rayproject/ray:<version>-py3XX-<cuda> tag"
+    ray_version, python = base["ray"], f"3.{base['py'][1:]}"
+
+    ray_requirement = next(Requirement(r) for r in _project()["dependencies"] if Requirement(r).name == "ray")
+    assert ray_requirement.specifier.contains(ray_version), f"Ray {ray_version} is outside {ray_requirement}"
+    assert SpecifierSet(_project()["requires-python"]).contains(python), f"Python {python}"
+    assert base["py"] in RAY_IMAGE_PYTHONS and base["platform"] in RAY_IMAGE_CUDA, "a combination Ray publishes"
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        (manifest,) = _kuberay(name)
+        spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+        assert spec["rayVersion"] == ray_version, f"{name}: KubeRay starts the image's Ray"
+
+    runs = " ".join(args for keyword, args in instructions if keyword == "RUN")
+    ray_pin = re.search(r'"ray\[[\w,]+\]==([\d.]+)"', runs)
+    assert ray_pin and ray_pin[1] == ray_version, "installing the project keeps the base image's Ray"
+    torch = re.search(r'"torch==([\d.]+)"', runs)
+    assert torch, "torch is pinned: its wheel's CUDA must be the base image's"
+    assert TORCH_WHEEL_CUDA.get(torch[1]) == base["platform"], f"torch {torch[1]}'s CUDA is not {base['platform']}"
+    assert re.search(r'pip install .*-e "\.\[cloud\]"', runs), "the project with its object-storage filesystems"
+    assert ("WORKDIR", "/home/ray/zoomvit") in instructions, "where the manifests and runtime envs expect it"
+    for keyword, args in instructions:
+        if keyword == "COPY":
+            *sources, _ = [a for a in args.split() if not a.startswith("--")]
+            assert all((REPO / src).exists() for src in sources), args
+
+
+def test_every_cluster_config_names_the_dockerfiles_one_image():
+    images = {}
+    for name in ("aws.yaml", "gcp.yaml"):
+        docker = load_cluster_yaml(CLUSTER / name)["docker"]
+        images.update(
+            {f"{name} docker.{key}": docker[key] for key in ("image", "head_image", "worker_image") if key in docker}
+        )
+    for name in ("raycluster.yaml", "rayjob.yaml", "mlflow.yaml"):
+        for i, image in enumerate(i for m in _kuberay(name) for i in _images_named_in(m)):
+            images[f"{name} container {i}"] = image
+    assert len(images) >= 2 + 4 + 4 + 1, images
+    assert len(set(images.values())) == 1, f"one image everywhere: {images}"
+    (image,) = set(images.values())
+    tag = _image_tag()
+    assert re.fullmatch(rf"(?:[\w.\-]+(?::\d+)?/)*zoomvit:{re.escape(tag)}", image), f"{image}: not zoomvit:{tag}"
+    assert f"zoomvit:{tag}" in DOCKERFILE.read_text(), "the Dockerfile's header names its own tag"
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_launchers_mount_storage_on_the_host_and_keep_mlflows_state_off_the_shared_volume(name):
+    config = load_cluster_yaml(CLUSTER / name)
+    docker = config["docker"]
+    init = " ".join(config["initialization_commands"])
+    assert "mount" in init and "/shared" in init, "mounted on the host: a container cannot mount NFS"
+    assert "-v /shared:/shared" in docker["run_options"]
+    assert not any("mount " in c for c in config["setup_commands"]), "setup commands run inside the container"
+    (state_mount,) = [o for o in docker["head_run_options"] if o.endswith(":/home/ray/mlflow_server")]
+    host_dir = state_mount.split()[1].split(":")[0]
+    assert f"install -d -m 0700 -o 1000 -g 100 {host_dir}" in init, "a private folder, owned by the image's user"
+    (serve,) = [c for c in config["head_setup_commands"] if "serve.sh" in c]
+    assert "umask 077" in serve and "MLFLOW_STATE_DIR=$HOME/mlflow_server" in serve
+    assert "/shared/mlflow" not in (CLUSTER / name).read_text(), (
+        "auth files and the store off the world-readable volume"
+    )
+
+
+def test_no_cluster_config_or_instruction_puts_a_credential_in_plain_text_or_the_runtime_env():
+    plain = re.compile(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY)[A-Z_]*=[\"']?[^\s$;\"']")  # a value, not $(...) or $VAR
+    for name in ("aws.yaml", "gcp.yaml"):
+        config = load_cluster_yaml(CLUSTER / name)
+        for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands"):
+            for command in config.get(key, []):
+                assert not plain.search(command), f"{name} {key}: {command}"
+                assert "runtime-env" not in command, f"{name} {key}: runtime envs are shown by the dashboard"
+    readme = (CLUSTER / "README.md").read_text()
+    for block in readme.split("```")[1::2]:
+        assert "runtime-env-json" not in block and not plain.search(block), block
 
 
 def _free_port() -> int:
