@@ -86,7 +86,7 @@ def committed(demo, teacher_ckpt, tmp_path_factory):
 
 
 @pytest.mark.slow  # three relevance reruns: the fast tier keeps the read-retry and hostile-input checks
-@pytest.mark.parametrize("damage", ["truncated", "not_parquet", "skips_unreadable"])
+@pytest.mark.parametrize("damage", ["truncated", "not_parquet", "skips_unreadable", "byte_flipped"])
 def test_a_damaged_parquet_group_is_recomputed_alone(demo, teacher_ckpt, committed, tmp_path, damage, caplog):
     source, first = committed
     out = tmp_path / "out"
@@ -97,6 +97,10 @@ def test_a_damaged_parquet_group_is_recomputed_alone(demo, teacher_ckpt, committ
         group.write_bytes(group.read_bytes()[: group.stat().st_size // 2])
     elif damage == "not_parquet":
         group.write_bytes(b"\0" * 4096)
+    elif damage == "byte_flipped":  # same size, still a readable Parquet file: only its content hash tells
+        data = bytearray(group.read_bytes())
+        data[(len(data) - 8 - int.from_bytes(data[-8:-4], "little")) // 2] ^= 0x01  # in the data, not the footer
+        group.write_bytes(bytes(data))
     else:
         group.with_suffix(".skips.json").write_text("{not json")
     job_log = logging.getLogger("zoomvit.relevance.job")  # the zoomvit logger may not propagate (logs.configure)
@@ -110,6 +114,26 @@ def test_a_damaged_parquet_group_is_recomputed_alone(demo, teacher_ckpt, committ
     maps = ["relevance", "teacher_logits"]
     assert pq.read_table(group).drop(maps).equals(before.drop(maps))
     assert "train group 1 is damaged" in caplog.text
+
+
+@pytest.mark.slow  # a relevance run on Ray
+def test_a_shard_cut_at_a_member_boundary_fails_the_stage_naming_it_and_its_group_is_not_committed(
+    demo, teacher_ckpt, tmp_path
+):
+    import tarfile
+
+    root = tmp_path / "data"
+    shutil.copytree(demo, root)
+    cut = root / "train-000001.tar"
+    with tarfile.open(cut) as tar:
+        keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m in tar.getmembers()))
+        boundary = next(m.offset for m in tar.getmembers() if m.name.split(".", 1)[0] == keys[20])
+    cut.write_bytes(cut.read_bytes()[:boundary])  # a valid tar of the first 20 samples
+    with pytest.raises(Exception, match=r"train-000001\.tar: 20 samples read .* but _info.json says 32") as info:
+        relevance(root, tmp_path / "out", teacher_ckpt, splits=("train",))
+    assert "IncompleteShard" in repr(info.value) or "not committed" in str(info.value)
+    assert not (tmp_path / "out" / "train-group-00001.parquet").exists()
+    assert not (tmp_path / "out" / "train-group-00001.skips.json").exists()
 
 
 def png_claiming(width: int, height: int) -> bytes:

@@ -2,6 +2,7 @@
 the shards and the cache alone (no Ray, no MLflow)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +257,119 @@ def test_an_object_storage_artifact_root_is_refused_with_the_reason_not_made_a_l
     with pytest.raises(UserError, match="shared volume"):
         artifact_root(load_config(TINY, ["artifact_root=s3://bucket/zoomvit"]))
     assert artifact_root(load_config(TINY, [f"artifact_root=file://{tmp_path}"])) == tmp_path
+
+
+def _cache_as_committed(step, files: dict[str, bytes], listed: dict[str, str], run_id="r0"):
+    """A cache entry as a stage's commit writes it today: its files, and a manifest recording each
+    listed output's size and content hash (``output_records``, what the runner calls at commit)."""
+    from zoomvit.pipeline.plan import output_records
+
+    step.out_dir.mkdir(parents=True)
+    for rel, data in files.items():
+        (step.out_dir / rel).write_bytes(data)
+    sizes, hashes = output_records({key: step.out_dir / rel for key, rel in listed.items()})
+    manifest = {
+        "stage": step.name,
+        "fingerprint": step.fingerprint,
+        "run_id": run_id,
+        "out_dir": str(step.out_dir),
+        "files": listed,
+        "file_sizes": sizes,
+        "file_hashes": hashes,
+    }
+    (step.out_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _commit_every_stage(config, shards, root):
+    for step in plan_run(config, shards, root):
+        if step.name == "relevance":  # a directory output: the maps folder, hashed per file inside
+            groups = {f"train-group-0000{i}.parquet": bytes(range(200)) * (i + 1) for i in range(2)}
+            _cache_as_committed(step, {**groups, "relevance.json": b"{}"}, {"maps": "."})
+        elif step.name == "evaluate":
+            _cache_as_committed(step, {"evaluation.json": b'{"top1": 0.41}'}, {"evaluation": "evaluation.json"})
+        else:
+            _cache_as_committed(step, {"model.safetensors": b"weights" * 100}, {"weights": "model.safetensors"})
+
+
+def _flip_a_byte_keeping_size_and_mtime(path: Path, at: int = 5) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_entries_committed_with_content_hashes_are_hits_while_intact(setup):
+    config, shards, root = setup
+    _commit_every_stage(config, shards, root)
+    assert {s.action for s in plan_run(config, shards, root)} == {"cached"}
+
+
+@pytest.mark.parametrize(
+    "stage, rel",
+    [("zoomer", "model.safetensors"), ("evaluate", "evaluation.json"), ("relevance", "train-group-00001.parquet")],
+    ids=["weights", "evaluation-json", "relevance-group-in-a-listed-directory"],
+)
+def test_a_byte_flipped_inside_a_cached_file_makes_the_stage_recompute_naming_the_file(setup, stage, rel):
+    config, shards, root = setup
+    _commit_every_stage(config, shards, root)
+    damaged = next(s for s in plan_run(config, shards, root) if s.name == stage).out_dir / rel
+    _flip_a_byte_keeping_size_and_mtime(damaged)
+    plan = {s.name: s for s in plan_run(config, shards, root)}
+    assert plan[stage].action == "run"
+    assert plan[stage].why.startswith("the cached output is damaged (") and plan[stage].why.endswith(": recomputing")
+    assert f"{damaged} does not match the content hash recorded when it was committed" in plan[stage].why
+    untouched = [n for n in ORDER if n != stage]
+    assert all(plan[n].action == "cached" for n in untouched), "only the damaged stage is recomputed"
+
+
+def test_dry_run_shows_which_cached_file_changed_and_that_the_stage_will_recompute(setup, data_root, capsys):
+    from zoomvit.cli import main
+
+    config, shards, root = setup
+    _commit_every_stage(config, shards, root)
+    weights = next(s for s in plan_run(config, shards, root) if s.name == "zoomer").out_dir / "model.safetensors"
+    _flip_a_byte_keeping_size_and_mtime(weights)
+    sets = ["--set", f"data.root={data_root}", "--set", "data.demo=null", "--set", f"artifact_root={root}"]
+    assert main(["run", "--config", TINY, *sets, "--dry-run"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.strip().splitlines()}
+    assert lines["zoomer"].split()[1] == "run" and f"its weights file {weights} does not match" in lines["zoomer"]
+    assert lines["teacher"].split()[1] == "cached"
+
+
+def test_a_manifest_from_before_content_hashes_is_still_a_hit_checked_by_size(setup):
+    config, shards, root = setup
+    for step in plan_run(config, shards, root):
+        _cache(step)  # file_sizes only, no file_hashes
+    plan = plan_run(config, shards, root)
+    assert {s.action for s in plan} == {"cached"}
+    (plan[2].out_dir / "model.safetensors").write_bytes(b"weights!")  # its size is still checked
+    assert plan_run(config, shards, root)[2].why.endswith("has 8 bytes, 7 when committed): recomputing")
+
+
+@pytest.mark.parametrize("stage, rel", [("zoomer", "model.safetensors"), ("relevance", "train-group-00000.parquet")])
+def test_a_renamed_or_missing_file_of_a_hashed_entry_is_still_detected(setup, stage, rel):
+    config, shards, root = setup
+    _commit_every_stage(config, shards, root)
+    out_dir = next(s for s in plan_run(config, shards, root) if s.name == stage).out_dir
+    (out_dir / rel).rename(out_dir / f"{rel}.old")
+    step = next(s for s in plan_run(config, shards, root) if s.name == stage)
+    assert step.action == "run" and f"file {out_dir / rel} is missing" in step.why
+
+
+def test_a_truncated_file_is_caught_by_its_size_before_any_content_is_hashed(setup, monkeypatch):
+    import zoomvit.integrity
+
+    config, shards, root = setup
+    _commit_every_stage(config, shards, root)
+    relevance = next(s for s in plan_run(config, shards, root) if s.name == "relevance").out_dir
+    group = relevance / "train-group-00001.parquet"
+    group.write_bytes(group.read_bytes()[:100])
+    zoomvit.integrity._sha256.cache_clear()
+    hashed = []
+    real = zoomvit.integrity.content_hash
+    monkeypatch.setattr(zoomvit.integrity, "content_hash", lambda p: hashed.append(p) or real(p))
+    step = next(s for s in plan_run(config, shards, root) if s.name == "relevance")
+    assert f"{group} has 100 bytes, 400 when committed" in step.why
+    assert all(Path(p).parent != relevance for p in hashed), "the relevance entry was judged by sizes alone"

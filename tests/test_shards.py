@@ -2,6 +2,8 @@
 
 import io
 import json
+import logging
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +186,116 @@ def test_a_url_whose_filesystem_is_not_installed_names_the_extra_that_brings_it(
         pytest.skip("gcsfs is installed")
     with pytest.raises(UserError, match=r"gs://.*zoomvit\[cloud\]"):
         expand_shards("gs://bucket/imagenet/train-{000000..000003}.tar")
+
+
+def three_sample_shard(directory: Path, claimed: int, *, cut_before: str | None = None) -> str:
+    """``train-000000.tar`` of three samples (optionally cut where member ``cut_before`` starts: a valid,
+    shorter tar) beside an ``_info.json`` that, as the demo generator's and timm's do, counts ``claimed``."""
+    shard = directory / "train-000000.tar"
+    write_tar(
+        shard,
+        [(f"s{i}.{ext}", image_bytes("PNG") if ext == "png" else b"1") for i in range(3) for ext in ("png", "cls")],
+    )
+    if cut_before is not None:
+        with tarfile.open(shard) as tar:
+            offset = tar.getmember(cut_before).offset
+        shard.write_bytes(shard.read_bytes()[:offset])
+    info = {
+        "splits": {
+            "train": {"name": "train", "num_samples": claimed, "filenames": [shard.name], "shard_lengths": [claimed]}
+        }
+    }
+    (directory / "_info.json").write_text(json.dumps(info))
+    return str(shard)
+
+
+def read_as_the_datasource_does(shard: str) -> list[dict]:
+    """Raw rows of one shard with the sample count the reader looks up for it (its ``_info.json``'s)."""
+    from zoomvit.data.shards import expected_samples
+
+    rows = []
+    with open(shard, "rb") as f:
+        for row in raw_rows(f, shard, expected=expected_samples([shard]).get(shard_key(shard))):
+            rows.append(row)
+    return rows
+
+
+def test_a_shard_cut_at_a_member_boundary_is_incomplete_naming_the_shard_and_both_counts(tmp_path):
+    from zoomvit.data.ingest import IncompleteShard
+
+    shard = three_sample_shard(tmp_path, claimed=3, cut_before="s2.png")
+    with open(shard, "rb") as f:  # without a count to check against it reads as a valid two-sample tar
+        assert [r["kind"] for r in raw_rows(f, shard)] == ["sample", "sample", "eos"]
+    rows = []
+    with pytest.raises(IncompleteShard, match=r"train-000000\.tar: 2 samples read .* but _info.json says 3") as err:
+        rows.extend(read_as_the_datasource_does(shard))
+    assert "a valid, shorter tar" in str(err.value) and "not committed" in str(err.value)
+    assert rows == [], "the check runs before the end-of-shard row, so nothing downstream sees the shard complete"
+
+
+def test_a_shard_whose_samples_match_its_info_json_count_ends_with_its_eos_row(tmp_path):
+    rows = read_as_the_datasource_does(three_sample_shard(tmp_path, claimed=3))
+    assert [r["kind"] for r in rows] == ["sample"] * 3 + ["eos"] and rows[-1]["count"] == 3
+
+
+def test_a_shard_holding_more_samples_than_its_info_json_says_is_refused_too(tmp_path):
+    from zoomvit.data.ingest import IncompleteShard
+
+    with pytest.raises(IncompleteShard, match=r"3 samples read through to the end of the tar, but _info.json says 2"):
+        read_as_the_datasource_does(three_sample_shard(tmp_path, claimed=2))
+
+
+def test_counted_skips_are_samples_read_but_the_marker_of_a_tar_cut_mid_member_is_not(tmp_path):
+    from zoomvit.data.ingest import IncompleteShard
+
+    shard = tmp_path / "train-000000.tar"
+    members = [("a.png", image_bytes("PNG")), ("a.cls", b"1"), ("a.png", image_bytes("PNG")), ("a.cls", b"1")]
+    members += [("b.png", b"not an image"), ("b.cls", b"x")]  # a duplicate key, then a sample that will not decode
+    write_tar(shard, members)
+    info = {"splits": {"train": {"filenames": [shard.name], "shard_lengths": [3]}}}
+    (tmp_path / "_info.json").write_text(json.dumps(info))
+    rows = read_as_the_datasource_does(str(shard))  # three samples read, one a counted skip: complete
+    assert [(r["kind"], r["reason"]) for r in rows] == [
+        ("sample", None),
+        ("error", "duplicate_key"),
+        ("sample", None),
+        ("eos", None),
+    ]
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    whole = Path(three_sample_shard(cut, claimed=3))
+    with tarfile.open(whole) as tar:
+        inside = tar.getmember("s1.png").offset_data + 10
+    whole.write_bytes(whole.read_bytes()[:inside])  # the tar ends inside s1.png's data
+    with pytest.raises(IncompleteShard, match=r"1 samples read .*\(it ends mid-member\), but _info.json says 3"):
+        read_as_the_datasource_does(str(whole))
+
+
+def test_per_shard_counts_are_read_from_timms_splits_and_from_a_shardlist(tmp_path):
+    from zoomvit.data.shards import expected_samples, shard_lengths
+
+    timm_style = {"splits": {"train": {"filenames": ["a-0.tar", "a-1.tar"], "shard_lengths": [5, 4], "num_samples": 9}}}
+    assert shard_lengths(timm_style) == {"a-0.tar": 5, "a-1.tar": 4}
+    shardlist = {
+        "shardlist": [{"url": "https://host/x/b-0.tar", "num_samples": 7}, {"filename": "b-1.tar", "nsamples": 2}]
+    }
+    assert shard_lengths(shardlist) == {"b-0.tar": 7, "b-1.tar": 2}
+    junk = {"splits": {"train": {"shard_lengths": [3]}}, "shardlist": [{"url": "c.tar", "num_samples": "7"}, 3]}
+    assert shard_lengths(junk) == {} and shard_lengths([1, 2]) == {}, "no per-shard count: nothing is checked"
+    (tmp_path / "_info.json").write_text(json.dumps(shardlist))
+    assert expected_samples([str(tmp_path / "b-1.tar"), str(tmp_path / "b-9.tar")]) == {str(tmp_path / "b-1.tar"): 2}
+    assert sample_count([str(tmp_path / "b-0.tar"), str(tmp_path / "b-1.tar")]) == 9
+
+
+def test_an_unreadable_info_json_checks_no_counts_and_says_so(tmp_path, caplog):
+    from zoomvit.data.shards import expected_samples
+
+    (tmp_path / "_info.json").write_text("{not json")
+    shards_log = logging.getLogger("zoomvit.data.shards")  # the zoomvit logger may not propagate (logs.configure)
+    shards_log.addHandler(caplog.handler)
+    try:
+        assert expected_samples([str(tmp_path / "train-000000.tar")]) == {}
+    finally:
+        shards_log.removeHandler(caplog.handler)
+    assert "_info.json is unreadable" in caplog.text
+    assert expected_samples([str(tmp_path / "elsewhere" / "train-000000.tar")]) == {}, "no _info.json: no counts"

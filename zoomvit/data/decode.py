@@ -427,7 +427,8 @@ def iter_tar_samples(
     shard as Ray's ``read_webdataset`` does. A stream that ends early or is not a tar yields the samples read so
     far, then one marker sample whose ``__error__`` is ``truncated_shard`` or ``read_error``, which
     :func:`decode_sample` turns into that skip reason. A tar cut exactly at a member boundary
-    is indistinguishable from a complete one and reads as such. A member over ``max_member_bytes``
+    is indistinguishable from a complete one and reads as such (the reader, :mod:`zoomvit.data.ingest`,
+    catches it by the shard's sample count in ``_info.json`` when it has one). A member over ``max_member_bytes``
     is not read: its sample carries ``__error__ = oversized_member``. An ``OSError`` from the stream
     (an I/O failure, possibly transient) propagates: the caller retries or fails the shard.
     """

@@ -16,13 +16,19 @@ An I/O error mid-shard (a flaky object-store read) is not a skip: the shard is r
 again from the start with backoff, the rows already emitted are not emitted twice, and after the
 last attempt the read fails with :class:`ShardReadError` naming the shard, so no consumer ever sees
 that shard's end-of-shard row (nothing built from it is committed).
+
+A tar cut exactly at a member boundary reads as a shorter, valid tar. So when the ``_info.json``
+beside the shards gives a shard's sample count (:func:`zoomvit.data.shards.expected_samples`), the
+samples read through to the end of the tar (counted skips included: a bad sample is still a sample;
+the marker of a tar that ends mid-member is not) must equal it, or the read fails with
+:class:`IncompleteShard` naming the shard and both counts, before its end-of-shard row.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 import numpy as np
@@ -37,6 +43,7 @@ from zoomvit.data.decode import (
     decode_sample,
     iter_tar_samples,
 )
+from zoomvit.data.shards import expected_samples, shard_key
 
 RAW_SCHEMA = pa.schema(
     [
@@ -62,6 +69,14 @@ class ShardReadError(RuntimeError):
     """A shard could not be read to its end, even after retries."""
 
 
+class IncompleteShard(ShardReadError):
+    """A shard read to its end holds another number of samples than its ``_info.json`` says."""
+
+
+# skip rows that stand for the unreadable rest of a tar, not for one of its samples
+_END_MARKERS = frozenset({SkipReason.truncated_shard.value, SkipReason.read_error.value})
+
+
 def _raw_row(kind: str, key: str, shard: str, index: int, **fields: Any) -> dict[str, Any]:
     row = dict.fromkeys(RAW_SCHEMA.names)
     row.update(kind=kind, key=key, shard=shard, index=index, **fields)
@@ -75,14 +90,17 @@ def raw_rows(
     reopen: Callable[[], IO[bytes]] | None = None,
     retries: int = READ_RETRIES,
     backoff_s: float = READ_BACKOFF_S,
+    expected: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One raw row per sample of a tar stream, then the end-of-shard row. An ``OSError`` while reading
     reopens the shard (``reopen``) up to ``retries`` times, waiting ``backoff_s`` x 2^attempt, and
-    resumes after the rows already yielded; then :class:`ShardReadError`."""
+    resumes after the rows already yielded; then :class:`ShardReadError`. ``expected``: the shard's
+    sample count from ``_info.json``; another count read to the end raises :class:`IncompleteShard`
+    instead of the end-of-shard row (not retried: the tar itself is short or long)."""
     emitted = 0
     for attempt in range(retries + 1):
         try:
-            for i, row in enumerate(_raw_rows_once(stream, shard)):
+            for i, row in enumerate(_raw_rows_once(stream, shard, expected)):
                 if i >= emitted:
                     emitted += 1
                     yield row
@@ -99,12 +117,14 @@ def raw_rows(
             stream = reopen()
 
 
-def _raw_rows_once(stream: IO[bytes], shard: str) -> Iterator[dict[str, Any]]:
+def _raw_rows_once(stream: IO[bytes], shard: str, expected: int | None = None) -> Iterator[dict[str, Any]]:
     duplicates = DuplicateKeyFilter()
     index = 0
+    ended_early = False
     for sample in iter_tar_samples(stream, url=shard):
         key = sample["__key__"]
         if ERROR_FIELD in sample:
+            ended_early = ended_early or sample[ERROR_FIELD] in _END_MARKERS
             yield _raw_row("error", key, shard, index, reason=sample[ERROR_FIELD])
         elif duplicates.seen(key):
             yield _raw_row("error", key, shard, index, reason=SkipReason.duplicate_key.value)
@@ -121,7 +141,25 @@ def _raw_rows_once(stream: IO[bytes], shard: str) -> Iterator[dict[str, Any]]:
                 json=_bytes_or_none(sample, "json"),
             )
         index += 1
+    check_sample_count(shard, index - 1 if ended_early else index, expected, ended_early=ended_early)
     yield _raw_row("eos", "", shard, index, count=index)
+
+
+def check_sample_count(shard: str, read: int, expected: int | None, *, ended_early: bool = False) -> None:
+    """The end-of-shard check: raise :class:`IncompleteShard` when ``read`` samples (skips included)
+    differ from the ``expected`` count ``_info.json`` gives (None: it gives none, nothing to check)."""
+    if expected is None or read == expected:
+        return
+    if ended_early:
+        how = " (it ends mid-member)"
+    elif read < expected:
+        how = " (it reads as a valid, shorter tar: cut at a member boundary, or written incompletely)"
+    else:
+        how = ""
+    raise IncompleteShard(
+        f"{shard}: {read} samples read through to the end of the tar{how}, but _info.json says {expected}; "
+        "the shard is incomplete and its work is not committed"
+    )
 
 
 def _bytes_or_none(sample: dict[str, Any], ext: str) -> bytes | None:
@@ -135,14 +173,17 @@ def _datasource_class():
     class WebDatasetShards(FileBasedDatasource):
         _FILE_EXTENSIONS = ["tar"]
 
-        def __init__(self, paths, *, retries: int, backoff_s: float, **kwargs) -> None:
+        def __init__(self, paths, *, retries: int, backoff_s: float, expected: dict[str, int], **kwargs) -> None:
             super().__init__(paths, **kwargs)
-            self.retries, self.backoff_s = retries, backoff_s
+            self.retries, self.backoff_s, self.expected = retries, backoff_s, expected
 
         def _read_stream(self, stream: pa.NativeFile, path: str) -> Iterator[pa.Table]:
             rows: list[dict[str, Any]] = []
             reopen = lambda: self._open_input_source(self._filesystem, path)  # noqa: E731
-            for row in raw_rows(stream, path, reopen=reopen, retries=self.retries, backoff_s=self.backoff_s):
+            count = self.expected.get(path, self.expected.get(shard_key(path)))
+            for row in raw_rows(
+                stream, path, reopen=reopen, retries=self.retries, backoff_s=self.backoff_s, expected=count
+            ):
                 rows.append(row)
                 if len(rows) >= _CHUNK_ROWS:
                     yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
@@ -161,14 +202,17 @@ def read_shards(
     shuffle=None,
     retries: int = READ_RETRIES,
     backoff_s: float = READ_BACKOFF_S,
+    expected: Mapping[str, int] | None = None,
 ):
     """A Ray Dataset of raw rows, one read task per shard where parallelism allows; ``shuffle``: Ray
     Data's file shuffle (None, "files" or a ``FileShuffleConfig``); ``retries``/``backoff_s``: see
-    :func:`raw_rows`."""
+    :func:`raw_rows`; ``expected``: each shard's sample count, by default what the ``_info.json``
+    beside the shards gives (:func:`zoomvit.data.shards.expected_samples`); ``{}`` checks none."""
     import ray.data
 
+    expected = dict(expected_samples(paths) if expected is None else expected)
     datasource = _datasource_class()(
-        list(paths), filesystem=filesystem, shuffle=shuffle, retries=retries, backoff_s=backoff_s
+        list(paths), filesystem=filesystem, shuffle=shuffle, retries=retries, backoff_s=backoff_s, expected=expected
     )
     return ray.data.read_datasource(datasource, override_num_blocks=override_num_blocks or len(paths))
 

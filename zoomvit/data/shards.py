@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import fsspec
 from braceexpand import braceexpand
 
 from zoomvit.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,23 +85,68 @@ def read_info(shard_dir: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
-def sample_count(paths: Sequence[str]) -> int:
-    """How many samples the shards hold, from the ``_info.json`` beside them (``shard_lengths`` per
-    file name, as timm's exports and the demo generator write it); ValueError when it does not say."""
+def shard_lengths(info: Any) -> dict[str, int]:
+    """The per-shard sample counts an ``_info.json`` gives, by file name: timm's exports' and the demo
+    generator's ``splits.<split>.filenames`` with ``shard_lengths``, or a ``shardlist`` of entries with
+    ``url`` or ``filename`` and ``num_samples`` or ``nsamples`` (webdataset's shard index). Entries
+    that are not a name and a non-negative int are ignored; an info without counts gives ``{}``."""
+    pairs: list[tuple[Any, Any]] = []
+    splits = info.get("splits") if isinstance(info, dict) else None
+    for split in splits.values() if isinstance(splits, dict) else ():
+        if isinstance(split, dict) and isinstance(split.get("filenames"), list):
+            pairs.extend(zip(split["filenames"], split.get("shard_lengths") or []))
+    shardlist = info.get("shardlist") if isinstance(info, dict) else None
+    for entry in shardlist if isinstance(shardlist, list) else ():
+        if isinstance(entry, dict):
+            name = entry.get("filename", entry.get("url"))
+            pairs.append((name, entry.get("num_samples", entry.get("nsamples"))))
+    return {
+        name.rsplit("/", 1)[-1]: count
+        for name, count in pairs
+        if isinstance(name, str) and isinstance(count, int) and not isinstance(count, bool) and count >= 0
+    }
+
+
+def _by_dir(paths: Sequence[str]) -> dict[str, list[str]]:
     by_dir: dict[str, list[str]] = {}
     for path in paths:
-        by_dir.setdefault(path.rsplit("/", 1)[0] if "/" in path else ".", []).append(path.rsplit("/", 1)[-1])
+        by_dir.setdefault(path.rsplit("/", 1)[0] if "/" in path else ".", []).append(path)
+    return by_dir
+
+
+def expected_samples(paths: Sequence[str]) -> dict[str, int]:
+    """The sample count ``_info.json`` gives for each shard that has one, keyed as Ray's readers name
+    the shard (:func:`shard_key`; a local path also by its absolute path). A missing or unreadable
+    ``_info.json`` gives no counts for its directory (it is optional; a warning for an unreadable one)."""
+    expected: dict[str, int] = {}
+    for shard_dir, shard_paths in _by_dir(paths).items():
+        try:
+            lengths = shard_lengths(read_info(shard_dir))
+        except (OSError, ValueError) as err:
+            log.warning("%s/_info.json is unreadable (%s): its shards' sample counts are not checked", shard_dir, err)
+            continue
+        for path in shard_paths:
+            count = lengths.get(path.rsplit("/", 1)[-1])
+            if count is not None:
+                expected[shard_key(path)] = count
+                if "://" not in path or path.startswith("file://"):
+                    expected[os.path.abspath(shard_key(path))] = count
+    return expected
+
+
+def sample_count(paths: Sequence[str]) -> int:
+    """How many samples the shards hold, from the ``_info.json`` beside them (:func:`shard_lengths`);
+    ValueError when it does not say."""
     total = 0
-    for shard_dir, names in by_dir.items():
-        info = read_info(shard_dir) or {}
-        lengths: dict[str, int] = {}
-        for split in info.get("splits", {}).values():
-            lengths.update(zip(split.get("filenames", []), split.get("shard_lengths", [])))
+    for shard_dir, shard_paths in _by_dir(paths).items():
+        names = [p.rsplit("/", 1)[-1] for p in shard_paths]
+        lengths = shard_lengths(read_info(shard_dir) or {})
         missing = [n for n in names if n not in lengths]
         if missing:
             raise UserError(
-                f"no sample count for {missing[0]!r} in {shard_dir}/_info.json (splits.*.filenames and shard_lengths): "
-                "streamed training needs one to size its epochs; or set data.decoded to shared or per_stage"
+                f"no sample count for {missing[0]!r} in {shard_dir}/_info.json (splits.*.filenames and shard_lengths, "
+                "or a shardlist): streamed training needs one to size its epochs; "
+                "or set data.decoded to shared or per_stage"
             )
         total += sum(lengths[n] for n in names)
     return total

@@ -4,7 +4,8 @@ A stage's fingerprint hashes its name, the config sections it reads (without res
 checkpoints by content), its upstream fingerprints, the input shards' identity (paths, sizes,
 mtimes/etags), the package version and a digest of its source. Its outputs live in
 ``<artifact_root>/<stage>/<fingerprint>/`` with a ``manifest.json`` written last: an intact manifest
-means a cache hit. Nothing here starts Ray or MLflow.
+whose listed files still have the sizes and content hashes it recorded means a cache hit. Nothing
+here starts Ray or MLflow.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ import zoomvit
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo, shard_infos
 from zoomvit.errors import UserError
+from zoomvit.integrity import content_hash, damaged, record
 from zoomvit.pipeline.graph import STAGES
 from zoomvit.tracking.runs import shards_digest
 
@@ -76,25 +77,15 @@ def _result_settings(dotted: str, value: Any) -> Any:
     }
 
 
-@functools.lru_cache(maxsize=64)
-def _digest_of(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_digest(path: str) -> str:
-    """A local file's content digest (once per path, size and mtime); a remote file's metadata
+    """A local file's content digest (read once while its stat is unchanged); a remote file's metadata
     (ETag, size, mtime as its store reports them); the path itself when it cannot be read."""
     if "://" not in path or path.startswith("file://"):
         local = path.split("://", 1)[-1]
         try:
-            st = os.stat(local)
+            return content_hash(local)
         except OSError:
             return path
-        return "sha256:" + _digest_of(local, st.st_size, st.st_mtime_ns)
     import fsspec
 
     try:
@@ -138,24 +129,30 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def output_records(files: dict[str, Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a stage's manifest records of its listed outputs (key -> path) at commit: ``(file_sizes,
+    file_hashes)``; a listed directory (the relevance maps, ``.``): per file inside it, the manifest aside."""
+    return record(files, skip=frozenset({MANIFEST}))
+
+
 def damage(out_dir: Path) -> str | None:
-    """Why a committed output cannot be trusted (an unreadable manifest, a listed file missing or of
-    another size than when it was committed), or None when it is intact or absent."""
+    """Why a committed output cannot be trusted (an unreadable manifest; a listed file missing, of
+    another size or another content than when it was committed), or None when it is intact or absent.
+    A manifest from before content hashes were recorded is checked by sizes alone."""
     path = out_dir / MANIFEST
     if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        files, sizes, hashes = (manifest.get(k, {}) for k in ("files", "file_sizes", "file_hashes"))
+        base = Path(manifest.get("out_dir", out_dir))
+        outputs = {key: (base / rel, sizes.get(key), hashes.get(key)) for key, rel in files.items()}
+    except (OSError, ValueError, AttributeError, TypeError) as err:
         return f"{MANIFEST} is unreadable ({err})"
-    sizes = manifest.get("file_sizes", {})
-    for key, rel in manifest.get("files", {}).items():
-        file = Path(manifest.get("out_dir", out_dir)) / rel
-        if not file.exists():
-            return f"its {key} file {file} is missing"
-        if key in sizes and file.is_file() and file.stat().st_size != sizes[key]:
-            return f"its {key} file {file} has {file.stat().st_size} bytes, {sizes[key]} when committed"
-    return None
+    try:
+        return damaged(outputs)
+    except OSError as err:
+        return f"a listed file cannot be read ({err})"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@ an actor pool (GPU when asked and present) -> one Parquet file per shard group.
 
 A group is committed once every row of its shards has arrived (the reader ends each shard with
 a row that carries the shard's row count), so a killed run keeps its finished groups and a rerun
-computes only the missing ones.
+computes only the missing ones. A group's skip counts (``.skips.json``), written after its Parquet
+file, are its commit record and carry that file's sha256: a rerun recomputes a group whose bytes
+changed, alone.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from zoomvit.data.decode import ImageTransform, SkipReason, SkipReport
 from zoomvit.data.relevance_store import group_path, read_metadata, write_group
 from zoomvit.data.shards import shard_key
 from zoomvit.durable import write_json_durably
+from zoomvit.integrity import check_content, content_hash
 
 MANIFEST = "relevance.json"
 log = logging.getLogger(__name__)
@@ -309,30 +312,35 @@ def _commit(g: _Group, out_dir: Path, base_meta: dict[str, Any]) -> list[dict[st
         seen.add(row["key"])
         kept.append(row)
     g.skips.ok(len(kept))
-    write_json_durably(_skips_path(g, out_dir), g.skips.to_dict(), sort_keys=True)
-    write_group(
-        kept,
-        group_path(out_dir, g.split, g.index),
-        {**base_meta, "split": g.split, "group": g.index, "shards": g.shards},
-    )
+    path = group_path(out_dir, g.split, g.index)
+    write_group(kept, path, {**base_meta, "split": g.split, "group": g.index, "shards": g.shards})
+    # the skip counts, written last, are the group's commit record: they carry the Parquet file's content hash
+    record = {**g.skips.to_dict(), "sha256": content_hash(path)}
+    write_json_durably(_skips_path(g, out_dir), record, sort_keys=True)
     return kept
 
 
 def _committed(g: _Group, out_dir: Path, fingerprint: str) -> bool:
-    """Whether the group's Parquet file and skip counts are there, readable and of this fingerprint; a
-    damaged group (cut short, not Parquet, unreadable skip counts) is logged and recomputed alone."""
+    """Whether the group's Parquet file and skip counts are there, readable, of this fingerprint and
+    (when its commit record has one: groups committed since hashes were recorded) of the content hash
+    recorded at commit; a damaged group (cut short, not Parquet, unreadable skip counts, a changed
+    byte) is logged and recomputed alone."""
     path = group_path(out_dir, g.split, g.index)
     if not path.exists() or not _skips_path(g, out_dir).exists():
         return False
     try:
         meta = read_metadata(path)
-        SkipReport.from_dict(json.loads(_skips_path(g, out_dir).read_text()))
+        record = json.loads(_skips_path(g, out_dir).read_text())
+        SkipReport.from_dict(record)
+        if meta.get("shards") != g.shards or meta.get("fingerprint") != fingerprint:
+            return False
+        check_content(path, record.get("sha256"))
     except Exception as exc:  # noqa: BLE001 - any damage means recompute, never a crash
         log.warning(
             "relevance %s group %d is damaged (%s: %s): recomputing it", g.split, g.index, type(exc).__name__, exc
         )
         return False
-    return meta.get("shards") == g.shards and meta.get("fingerprint") == fingerprint
+    return True
 
 
 def _skips_path(g: _Group, out_dir: Path) -> Path:
