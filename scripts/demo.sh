@@ -27,8 +27,10 @@ ray job submit --address http://127.0.0.1:8265 --working-dir . \
      --set "data.root=$repo/demo_data/$(basename "$config" .yaml)" --set "artifact_root=$repo/runs" "$@"
 echo
 echo "Finished in $(( $(date +%s) - start )) s."
-echo "MLflow UI: http://127.0.0.1:$MLFLOW_PORT  -> experiment 'zoomvit':"
-echo "  - the newest parent run holds lineage.png (the stage DAG) and the flattened config;"
+echo "MLflow UI: http://127.0.0.1:$MLFLOW_PORT/#/experiments?workflowType=machine_learning  -> experiment 'zoomvit'"
+echo "  (the 'Model training' switch at the top left; the job's summary above links the parent run directly):"
+echo "  - the newest parent run holds lineage.png (the stage DAG), config.yaml, frontier.png and top1_by_size.png;"
 echo "  - its 'evaluate' run holds zoom_layouts.png and the ZoomViT vs baseline metrics;"
+echo "  - Model registry: zoomvit-zoomvit and zoomvit-baseline, alias 'candidate' = the versions evaluated;"
 echo "  - filter with  tags.stage = 'zoomvit'  and tick two runs -> Compare."
 echo "Stop the services with: ray stop; bash mlflow/serve.sh --stop"

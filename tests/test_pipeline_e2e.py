@@ -194,6 +194,30 @@ def test_the_evaluate_stage_reports_intervals_and_zoom_controls_at_zoomvits_toke
     assert {"evaluation.json", "frontier.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+def test_trained_models_are_registry_versions_and_the_candidate_alias_points_at_the_evaluated_ones(first_run):
+    client, parent = first_run
+    runs = stage_runs(client, parent.info.run_id)
+    for stage in ("zoomer", "zoomvit", "baseline"):
+        (version,) = client.search_model_versions(f"name = 'zoomvit-{stage}' and run_id = '{runs[stage].info.run_id}'")
+        model = client.get_logged_model(version.source.removeprefix("models:/"))
+        assert model.source_run_id == runs[stage].info.run_id
+    for stage in ("zoomvit", "baseline"):
+        candidate = client.get_model_version_by_alias(f"zoomvit-{stage}", "candidate")
+        assert candidate.run_id == runs[stage].info.run_id, "the alias moved to what evaluate scored"
+        assert parent.data.tags[f"candidate.zoomvit-{stage}"] == str(candidate.version)
+
+
+def test_training_runs_carry_system_metrics_and_the_evaluate_run_its_figures(first_run):
+    client, parent = first_run
+    runs = stage_runs(client, parent.info.run_id)
+    for stage in ("teacher", "zoomer", "zoomvit", "baseline"):
+        system = {k for k in runs[stage].data.metrics if k.startswith("system/")}
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, stage
+    figures = {"frontier.png", "top1_by_size.png", "zoom_layouts.png"}
+    assert figures <= {a.path for a in client.list_artifacts(runs["evaluate"].info.run_id)}
+    assert {"frontier.png", "top1_by_size.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
 def test_a_second_run_of_the_same_config_is_all_cache_hits(first_run, head, workspace):
     client, first = first_run
     proc = pipeline(head, workspace)
@@ -221,38 +245,68 @@ def test_only_zoomvit_with_a_new_alpha_reuses_relevance_and_zoomer(first_run, he
     assert runs["relevance"].data.tags["source_run"] == originals["relevance"].info.run_id
 
 
-def test_the_mlflow_ui_compares_two_zoomvit_runs_in_headless_chromium(first_run, workspace, tmp_path):
-    """The UI served by mlflow/serve.sh, driven by Playwright in Debian's Chromium."""
+SCREENSHOTS = Path(os.environ.get("ZOOMVIT_TEST_ARTIFACTS", REPO / "test-artifacts")) / "mlflow-ui"
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def _page_text(page, url: str, *, waits_for: list[str], shot: str) -> str:
+    page.goto(url)
+    for text in waits_for:
+        page.get_by_text(text, exact=True).first.wait_for(timeout=60_000)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / shot), full_page=True)
+    assert (SCREENSHOTS / shot).stat().st_size > 10_000, shot
+    return page.inner_text("body")
+
+
+def test_the_mlflow_ui_shows_runs_figures_models_and_a_comparison_in_headless_chromium(first_run, workspace):
+    """The UI served by mlflow/serve.sh, driven by Playwright in Debian's Chromium; the screenshots are
+    kept (``$ZOOMVIT_TEST_ARTIFACTS``, default ``test-artifacts/``) for a person to look at."""
     from playwright.sync_api import sync_playwright
 
-    client, _ = first_run
+    client, parent = first_run
     experiment = client.get_experiment_by_name("zoomvit").experiment_id
+    runs = stage_runs(client, parent.info.run_id)
     zoomvit_runs = client.search_runs(
         [experiment],
         filter_string="tags.stage = 'zoomvit' and tags.cache = 'miss'",
         order_by=["attributes.start_time ASC"],
     )
     assert len(zoomvit_runs) >= 2, "needs the alpha=0.5 run and the --only zoomvit alpha=0.3 run"
-    runs = zoomvit_runs[-2:]
-    assert {r.data.params["alpha"] for r in runs} == {"0.5", "0.3"}
-    run_ids = json.dumps([r.info.run_id for r in runs])
-    url = f"{workspace['uri']}/#/compare-runs?runs={run_ids}&experiments={json.dumps([experiment])}"
-    shot = tmp_path / "compare.png"
+    compared = zoomvit_runs[-2:]
+    assert {r.data.params["alpha"] for r in compared} == {"0.5", "0.3"}
+    base = f"{workspace['uri']}/#/experiments/{experiment}"
+    compare_url = f"{workspace['uri']}/#/compare-runs?runs={json.dumps([r.info.run_id for r in compared])}"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1200})
-        page.goto(url)
-        page.get_by_text("Comparing 2 Runs").wait_for(timeout=60_000)
-        for metric in ("val_top1", "val_tokens_per_img"):
-            page.get_by_text(metric, exact=True).first.wait_for(timeout=60_000)
-        text = page.inner_text("body")
-        page.screenshot(path=str(shot), full_page=True)
+        experiment_page = _page_text(page, f"{base}?{TRAINING_VIEW}", waits_for=["zoomvit"], shot="experiment.png")
+        run_page = _page_text(
+            page,
+            f"{base}/runs/{runs['zoomvit'].info.run_id}?{TRAINING_VIEW}",
+            waits_for=["Model metrics", "val_top1"],
+            shot="zoomvit_run.png",
+        )
+        figures = _page_text(
+            page,
+            f"{base}/runs/{runs['evaluate'].info.run_id}/artifacts/frontier.png?{TRAINING_VIEW}",
+            waits_for=["top1_by_size.png"],
+            shot="evaluate_figures.png",
+        )
+        page.locator("img[src*='frontier.png']").first.wait_for(timeout=60_000)
+        comparison = _page_text(
+            page,
+            f"{compare_url}&experiments={json.dumps([experiment])}",
+            waits_for=["Comparing 2 Runs", "val_top1", "val_tokens_per_img"],
+            shot="compare.png",
+        )
         browser.close()
-    assert all(r.info.run_id in text for r in runs), "both runs are in the comparison"
-    assert "val_top1" in text and "val_tokens_per_img" in text
-    params = text[text.index("Parameters") :]
+    assert "Judges" not in experiment_page and "Runs" in experiment_page, "the model-training view, not GenAI"
+    assert "System metrics" in run_page and "zoomvit-zoomvit" in run_page, "metrics tabs and the registered model"
+    assert {"frontier.png", "top1_by_size.png", "zoom_layouts.png", "evaluation.json"} <= set(figures.split())
+    assert all(r.info.run_id in comparison for r in compared), "both runs are in the comparison"
+    params = comparison[comparison.index("Parameters") :]
     assert "alpha" in params and "0.3" in params and "0.5" in params
-    assert shot.stat().st_size > 10_000
 
 
 CHROMIUM_ARGS = [

@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from zoomvit.config import load_config
 from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.pipeline.graph import QualityGateFailed, teacher_gate, zoomer_gate
-from zoomvit.pipeline.runner import near_chance, run_pipeline
+from zoomvit.pipeline.records import near_chance
+from zoomvit.pipeline.runner import run_pipeline
 
 TINY = str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from zoomvit.config import PipelineConfig
 from zoomvit.models import ZOOM, zoomvit_flops
 from zoomvit.models.flops import TokenCostTable, count_flops, uniform_tokens
-from zoomvit.train.data import DecodedSplits, numpy_batch_input, sample_dataset, size_bucket
+from zoomvit.train.data import DecodedSplits, numpy_batch_input, sample_dataset, size_bucket, size_bucket_names
 from zoomvit.train.recipes import baseline_tasks, zoomvit_task
 from zoomvit.train.tasks import load_trained
 
@@ -135,9 +136,11 @@ def evaluate_models(
     out_dir: str | Path,
     alpha: float | None = None,
     splits: DecodedSplits | None = None,
+    on_figure: Callable[[Any, str], None] | None = None,
 ) -> dict[str, Any]:
     """``alpha``: ZoomViT's reported operating point when calibrated (else ``zoomvit.alpha``);
-    ``splits``: the run's shared decoded splits."""
+    ``splits``: the run's shared decoded splits; ``on_figure(figure, filename)``: called with each
+    matplotlib figure (frontier, top-1 by object size, zoom layouts) once it is saved in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     zoom = load_trained(zoomvit_task(config, None, inference=True), zoomvit_weights)
@@ -241,9 +244,17 @@ def evaluate_models(
         "equal_gflops": _equal_gflops(config, rows, scores, headline),
     }
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
-    save_frontier(rows, out_dir / "frontier.png")
+    figures = {
+        "frontier.png": frontier_figure(rows),
+        "top1_by_size.png": size_figure(rows, list(config.evaluate.size_buckets)),
+    }
     if figure_rows:
-        save_figure(figure_rows, teacher or {}, out_dir / "zoom_layouts.png")
+        figures["zoom_layouts.png"] = layouts_figure(figure_rows, teacher or {})
+    for name, fig in figures.items():
+        fig.savefig(out_dir / name, dpi=110)
+        if on_figure is not None:
+            on_figure(fig, name)
+        _pyplot().close(fig)
     return result
 
 
@@ -278,13 +289,19 @@ def _val_maps(relevance_dir: str | Path | None, grid: tuple[int, int]) -> dict[s
     return dict(zip(targets["keys"].tolist(), targets["maps"]))
 
 
-def save_frontier(rows: list[dict[str, Any]], path: Path) -> None:
-    """Top-1 (95% bootstrap interval) against GFLOPs/img for every row: ZoomViT's operating points and
-    the baseline family as lines, other baselines and the zoom controls as points."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def frontier_figure(rows: list[dict[str, Any]]):
+    """Top-1 (95% bootstrap interval) against GFLOPs/img for every row: ZoomViT's operating points and
+    the baseline family as lines, other baselines and the zoom controls as points."""
+    plt = _pyplot()
 
     def errorbar(ax, group, fmt, label):
         group = sorted(group, key=lambda r: r["gflops_per_img"])
@@ -322,15 +339,40 @@ def save_frontier(rows: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def save_figure(rows: list[dict[str, Any]], teacher_maps: dict[str, np.ndarray], path: Path) -> None:
-    import matplotlib
+def size_figure(rows: list[dict[str, Any]], buckets: list[float]):
+    """Top-1 per object-size bucket (95% bootstrap intervals) of ZoomViT's reported point, its zoom
+    controls and every baseline, as grouped bars."""
+    plt = _pyplot()
+    shown = [r for r in rows if r.get("headline") or (r["model"] != "zoomvit" and r.get("alpha") is None)]
+    shown += [r for r in rows if r["model"].startswith("zoomvit_control")]
+    names = [n for n in [*size_bucket_names(tuple(buckets)), "unknown"] if any(f"top1_size_{n}" in r for r in shown)]
+    keys = [f"top1_size_{n}" for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys) + 2), 4.5))
+    width = 0.8 / max(len(shown), 1)
+    for i, row in enumerate(shown):
+        values = [100 * row.get(k, np.nan) for k in keys]
+        low = [100 * (row[k] - row[f"{k}_ci95"][0]) if k in row else 0 for k in keys]
+        high = [100 * (row[f"{k}_ci95"][1] - row[k]) if k in row else 0 for k in keys]
+        x = np.arange(len(keys)) + (i - (len(shown) - 1) / 2) * width
+        label = (
+            "ZoomViT (reported)" if row["model"] == "zoomvit" else row["model"].replace("zoomvit_control_", "control: ")
+        )
+        ax.bar(x, values, width, yerr=[low, high], capsize=2, label=label)
+    ax.set_xticks(range(len(keys)), names)
+    ax.set_xlabel("object size (box side / image side)")
+    ax.set_ylabel("val top-1 (%), 95% bootstrap interval")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def layouts_figure(rows: list[dict[str, Any]], teacher_maps: dict[str, np.ndarray]):
+    """Per image: the image, the teacher's relevance, the Zoomer's scores and the token layout."""
+    plt = _pyplot()
     from matplotlib.patches import Rectangle
 
     colors = {-1: "tab:blue", 0: "tab:gray", 1: "tab:red"}
@@ -355,5 +397,4 @@ def save_figure(rows: list[dict[str, Any]], teacher_maps: dict[str, np.ndarray],
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

@@ -16,8 +16,6 @@ FORMAT = "%(message)s"
 VERBOSE_ENV = "ZOOMVIT_VERBOSE"
 CHATTY_LOGGERS = ("ray.data", "ray.train", "ray.tune", "DeepSpeed", "deepspeed", "torch.distributed", "mlflow")
 HARMLESS_WARNINGS = (
-    # mlflow.pytorch's note on pickled models (the pipeline logs them knowingly; issue 19 tracks the switch)
-    (r".*Pickle or CloudPickle format.*", UserWarning),
     # DeepSpeed's ZeRO still calls the deprecated collective; nothing for its users to act on
     (r".*all_gather_into_tensor.*is deprecated.*", FutureWarning),
 )
@@ -47,6 +45,7 @@ def quiet_libraries(*, verbose_: bool | None = None) -> None:
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ... at" per run
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # logging a model downloads its files
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
@@ -55,6 +54,13 @@ def quiet_libraries(*, verbose_: bool | None = None) -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     for message, category in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU
+    try:  # Ray 2.60 names this logger by its file, so LoggingConfig's level never reaches "Reporting training result"
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 def train_log_level() -> str:

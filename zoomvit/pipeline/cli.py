@@ -70,7 +70,8 @@ def _stage_list(value: str) -> list[str]:
 
 def _dry_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from zoomvit.pipeline.plan import plan_run, shards_of
-    from zoomvit.pipeline.runner import artifact_root, lineage_from_run
+    from zoomvit.pipeline.records import lineage_from_run
+    from zoomvit.pipeline.runner import artifact_root
     from zoomvit.tracking.runs import Tracker, resolve_tracking_uri
 
     try:
@@ -141,6 +142,7 @@ def full_main(argv: list[str] | None = None) -> int:
             {
                 "mlflow_run": result.run_id,
                 "tracking_uri": result.tracking_uri,
+                **({"mlflow_ui": result.ui_url} if result.ui_url else {}),
                 "stages": summary,
                 "warnings": result.warnings,
             },

@@ -46,6 +46,8 @@ class StageDef:
     # the architecture of its trained model (weights: its output file "weights"), logged to MLflow and registered
     model_spec: Callable[[PipelineConfig], TaskSpec] | None = None
     classifier: bool = False  # reports a val_top1 that must be clearly above chance
+    # a damaged cached output is repaired part by part (the relevance job recomputes only damaged groups)
+    repairs_in_place: bool = False
     promotes: bool = False  # moves the registry's candidate alias to the upstream models it scored
     parent_artifacts: tuple[str, ...] = ()  # keys of its output files also logged to the pipeline's parent run
 
@@ -218,6 +220,14 @@ def run_baseline(ctx: StageContext) -> dict[str, Any]:
     return outputs
 
 
+def _figure_logger(tracking: dict[str, str]) -> Callable[[Any, str], None]:
+    """Figures go to the stage's run with ``MlflowClient.log_figure``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking["uri"])
+    return lambda figure, name: client.log_figure(tracking["run_id"], figure, name)
+
+
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     from zoomvit.evaluation import evaluate_models
 
@@ -233,6 +243,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         out_dir=ctx.out_dir,
         alpha=ctx.upstream["zoomvit"].get("calibration", {}).get("alpha"),
         splits=ctx.splits,
+        on_figure=_figure_logger(ctx.tracking),
     )
     metrics: dict[str, Any] = {}
     for row in result["rows"]:
@@ -253,7 +264,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
                 f"{key}_ci95_low": paired["delta_top1_ci95"][0],
                 f"{key}_ci95_high": paired["delta_top1_ci95"][1],
             }
-    files = {"evaluation": "evaluation.json", "frontier": "frontier.png"}
+    files = {"evaluation": "evaluation.json", "frontier": "frontier.png", "by_size": "top1_by_size.png"}
     if (ctx.out_dir / "zoom_layouts.png").exists():
         files["figure"] = "zoom_layouts.png"
     return {"files": files, "metrics": metrics, "rows": result["rows"], "equal_gflops": result["equal_gflops"]}
@@ -295,6 +306,7 @@ STAGES: dict[str, StageDef] = {
             run=run_relevance,
             gate=teacher_gate,
             reads_shards="attribution",
+            repairs_in_place=True,
         ),
         StageDef(
             name="zoomer",
@@ -333,7 +345,7 @@ STAGES: dict[str, StageDef] = {
             run=run_evaluate,
             reads_maps="figures",
             promotes=True,
-            parent_artifacts=("evaluation", "frontier"),  # the run's headline evidence
+            parent_artifacts=("evaluation", "frontier", "by_size"),  # the run's headline evidence
         ),
     )
 }

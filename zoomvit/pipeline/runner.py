@@ -30,27 +30,27 @@ from zoomvit.pipeline.plan import (
     PlannedStage,
     config_hash,
     damage,
+    output_records,
     plan_run,
     read_manifest,
     section,
     shards_of,
 )
+from zoomvit.pipeline.records import lineage_from_run, log_stage, near_chance, shards_source, write_lineage
 from zoomvit.pipeline.runtime import sigterm_unwinds
-from zoomvit.tracking.models import CANDIDATE, log_stage_model, move_alias, registered_name
+from zoomvit.tracking.models import CANDIDATE, move_alias, registered_name
 from zoomvit.tracking.runs import (
     Tracker,
     default_dir,
     flatten,
     git_commit,
     in_job_working_dir,
-    lineage_picture,
     resolve_tracking_uri,
     shards_digest,
+    ui_url,
 )
 
 log = logging.getLogger(__name__)
-
-LINEAGE = "lineage.json"
 
 
 @dataclass
@@ -59,6 +59,7 @@ class PipelineResult:
     tracking_uri: str
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> lineage node
     warnings: list[str] = field(default_factory=list)  # said plainly at the end of the run
+    ui_url: str | None = None  # the parent run in the MLflow UI's model-training view (an http server)
 
     @property
     def computed(self) -> list[str]:
@@ -124,19 +125,6 @@ def _ensure_demo_data(config: PipelineConfig, demo, root: str) -> None:
         f"{demo.image_size}px, difficulty {demo.effective_difficulty})",
     )
     generate_demo_dataset(root, **wanted)
-
-
-def shards_source(config: PipelineConfig) -> str:
-    """Where the shards live: their directory, or the URL prefix of remote ones (``s3://bucket/imagenet``)."""
-    return config.data.shard_paths("train")[0].rsplit("/", 1)[0]
-
-
-def lineage_from_run(tracker: Tracker, run_id: str) -> dict[str, Any]:
-    import mlflow
-
-    mlflow.set_tracking_uri(tracker.uri)
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=LINEAGE)
-    return json.loads(Path(path).read_text())
 
 
 def run_pipeline(
@@ -230,7 +218,9 @@ class PipelineRun:
             digest=shards_digest(self.shards),
             context="train+val shards",
         )
-        log.info(f"[pipeline] {config.name}: MLflow run {self.parent} at {tracker.uri}; artifacts under {self.root}")
+        self.result.ui_url = ui_url(tracker.uri, tracker.experiment_id, self.parent)
+        where = self.result.ui_url or f"at {tracker.uri}"
+        log.info(f"[pipeline] {config.name}: MLflow run {self.parent} {where}; artifacts under {self.root}")
 
     def _stage(self, step: PlannedStage, locks: ExitStack) -> None:
         manifest, lock = step.manifest, None
@@ -316,11 +306,14 @@ class PipelineRun:
         name, out_dir, tracker = step.name, step.out_dir, self.tracker
         run_id, node = self._stage_run(step, "miss")
         tracker.params(run_id, flatten(section(self.config, name)))  # each stage's config section is its own
-        log.info(f"[{name}] start (cache miss, {step.fingerprint[:16]}) -> {out_dir}")
+        log.info(f"[{name}] start (cache miss, {step.fingerprint[:16]}: {step.why}) -> {out_dir}")
         start = time.perf_counter()
         try:
-            if (out_dir / MANIFEST).exists():  # forced or --only: recompute, never resume a finished output
-                shutil.rmtree(out_dir)
+            if (out_dir / MANIFEST).exists():
+                if name in self.recompute or not STAGES[name].repairs_in_place:
+                    shutil.rmtree(out_dir)  # forced or --only: recompute, never resume a finished output
+                else:
+                    (out_dir / MANIFEST).unlink()  # damaged: the stage recomputes only its damaged parts
             out_dir.mkdir(parents=True, exist_ok=True)
             ctx = StageContext(
                 config=self.config,
@@ -342,8 +335,8 @@ class PipelineRun:
                 **outputs,
             }
             files = {key: out_dir / rel for key, rel in manifest["files"].items()}
-            manifest["file_sizes"] = {key: path.stat().st_size for key, path in files.items() if path.is_file()}
-            _log_stage(tracker, run_id, self.config, manifest, self.manifests, self.shards)
+            manifest["file_sizes"], manifest["file_hashes"] = output_records(files)  # checked on every hit
+            log_stage(tracker, run_id, self.config, manifest, self.manifests, self.shards)
             for key in STAGES[name].parent_artifacts:
                 tracker.artifact(self.parent, out_dir / manifest["files"][key])
             write_json_durably(out_dir / MANIFEST, manifest)
@@ -364,7 +357,7 @@ class PipelineRun:
         if not self.parent:
             return
         if not isinstance(error, KeyboardInterrupt):  # a stopped job has seconds before SIGKILL: end runs first
-            _write_lineage(self.tracker, self.parent, self.config, self.result, self.root)
+            write_lineage(self.tracker, self.parent, self.config, self.result.stages, self.root)
         if error is None:
             self.result.warnings = near_chance(self.config, self.manifests)
             if self.result.warnings:
@@ -372,95 +365,6 @@ class PipelineRun:
             for line in self.result.warnings:
                 log.warning(f"[pipeline] WARNING: {line}")
         self.tracker.end(self.parent, error=error)
-
-
-def near_chance(config: PipelineConfig, manifests: dict[str, dict[str, Any]]) -> list[str]:
-    """Models whose val top-1 is not clearly above chance: below chance + 3 binomial standard errors
-    (the val size from the evaluate stage; without it, 1.5x chance)."""
-    chance = 1.0 / config.data.num_classes
-    scores: dict[str, tuple[float, int | None]] = {}
-    for name in (n for n, s in STAGES.items() if s.classifier):
-        top1 = manifests.get(name, {}).get("metrics", {}).get("val_top1")
-        if top1 is not None:
-            scores[name] = (top1, None)
-    for row in manifests.get("evaluate", {}).get("rows", []):
-        if row["model"].startswith("zoomvit_control"):
-            continue
-        if row["model"] != "zoomvit" or row.get("headline"):
-            scores[row["model"]] = (row["top1"], row["n"])
-    n_val = next((n for _, n in scores.values() if n), None)
-    lines = []
-    for name, (top1, n) in scores.items():
-        n = n or n_val
-        bar = chance + 3 * (chance * (1 - chance) / n) ** 0.5 if n else 1.5 * chance
-        if top1 < bar:
-            lines.append(
-                f"{name} is at chance: val top-1 {100 * top1:.1f}% "
-                f"against chance {100 * chance:.1f}% (bar {100 * bar:.1f}%)"
-            )
-    return lines
-
-
-def _log_stage(
-    tracker: Tracker,
-    run_id: str,
-    config: PipelineConfig,
-    manifest: dict[str, Any],
-    upstream: dict[str, dict[str, Any]],
-    shards: Sequence[ShardInfo],
-) -> None:
-    name = manifest["stage"]
-    stage = STAGES[name]
-    if "history" not in manifest:  # training stages: rank 0 already logged every epoch into this run
-        tracker.metrics(run_id, manifest["metrics"])
-    tracker.params(run_id, {"out_dir": manifest["out_dir"], "fingerprint": manifest["fingerprint"]})
-    out_dir = Path(manifest["out_dir"])
-    if stage.reads_shards:
-        tracker.dataset_input(
-            run_id,
-            name="shards",
-            source=shards_source(config),
-            digest=shards_digest(shards),
-            context=stage.reads_shards,
-        )
-    if stage.reads_maps:
-        rel = upstream["relevance"]
-        tracker.dataset_input(
-            run_id, name="relevance_maps", source=rel["out_dir"], digest=rel["fingerprint"], context=stage.reads_maps
-        )
-    if name == "relevance":
-        from zoomvit.relevance.job import MANIFEST as RELEVANCE_MANIFEST
-
-        tracker.artifact(run_id, out_dir / RELEVANCE_MANIFEST)
-    if stage.model_spec:
-        weights = out_dir / manifest["files"]["weights"]
-        register_as = registered_name(config.tracking.experiment, name) if config.tracking.register_models else None
-        version = log_stage_model(
-            tracker,
-            run_id,
-            name=name,
-            spec=stage.model_spec(config),
-            weights=weights,
-            image_size=config.data.image_size,
-            register_as=register_as,
-        )
-        if version is not None:
-            manifest["registered_model"] = {"name": version.name, "version": version.version}
-        tracker.artifact(run_id, weights, "weights")
-    for key in ("evaluation", "figure", "frontier"):
-        if key in manifest["files"]:
-            tracker.artifact(run_id, out_dir / manifest["files"][key])
-
-
-def _write_lineage(tracker: Tracker, parent: str, config: PipelineConfig, result: PipelineResult, root: Path) -> None:
-    lineage = {"pipeline_run": parent, "config_hash": config_hash(config), "stages": result.stages}
-    out = root / "lineage" / parent
-    out.mkdir(parents=True, exist_ok=True)
-    (out / LINEAGE).write_text(json.dumps(lineage, indent=2))
-    if result.stages:
-        lineage_picture(lineage, out / "lineage.png")
-        tracker.artifact(parent, out / "lineage.png")
-    tracker.artifact(parent, out / LINEAGE)
 
 
 def _cluster_resources() -> dict[str, float]:

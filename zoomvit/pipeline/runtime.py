@@ -3,6 +3,7 @@ tests; SIGTERM turned into an exception that unwinds the run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -18,15 +19,33 @@ def init_ray(*, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    if not verbose():  # a local cluster's workers inherit it: Ray Data's per-dataset INFO lines stay in its logs
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    runtime_env = quiet_workers_env()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
         return
     try:
-        ray.init(address="auto")
+        ray.init(address="auto", runtime_env=runtime_env)
     except (ConnectionError, RuntimeError, ValueError):
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1")  # Ray Train's cleaner needs the state API
+        # Ray Train's placement-group cleaner needs the state API, hence the dashboard
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", runtime_env=runtime_env)
+
+
+QUIET_WORKERS = {
+    "RAY_DATA_LOG_LEVEL": "WARNING",  # per-dataset "Starting execution" lines of split coordinators and tasks
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",  # Ray's own deprecations inside its actors
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one error line per training stage where nothing is preempted
+}
+
+
+def quiet_workers_env() -> dict[str, dict[str, str]] | None:
+    """What every worker process of this job gets unless ``--verbose``: env vars that keep library
+    chatter in Ray's log files. Keys the submitted job's own runtime env sets are left to it (Ray
+    refuses to merge a driver's env var with the job's)."""
+    if verbose():
+        return None
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+    taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    return {"env_vars": {k: os.environ.get(k, v) for k, v in QUIET_WORKERS.items() if k not in taken}}
 
 
 class Terminated(KeyboardInterrupt):

@@ -6,8 +6,6 @@ are the 2x copies: the model's own input is resized down from them and zoomed ce
 Output: float32 logits ``(B, num_classes)`` (the Zoomer: scores ``(B, grid_h, grid_w)``).
 """
 
-from __future__ import annotations
-
 import numpy as np
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
@@ -27,7 +25,7 @@ class StageModel(PythonModel):
         self.highres = getattr(spec, "zoom_source", None) == "highres"
         self.model = load_trained(spec, context.artifacts["weights"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         import torch
         import torch.nn.functional as F
 

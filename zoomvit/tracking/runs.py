@@ -23,7 +23,8 @@ from mlflow.tracking import MlflowClient
 import mlflow
 
 PARENT_TAG = "mlflow.parentRunId"
-# What MLflow 3's UI reads to open an experiment in its model-training view instead of the GenAI one.
+# The experiment's kind, which MLflow 3's UI reads to pick its model-training view over the GenAI one when
+# its workflow switch is off (3.17's switch decides by itself: see ui_url).
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 MAX_PARAM_LEN = 6000
 log = logging.getLogger(__name__)
@@ -65,6 +66,16 @@ def local_artifact_location(uri: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
+def ui_url(uri: str, experiment_id: str | None, run_id: str | None = None) -> str | None:
+    """A link into the MLflow UI of an http(s) tracking server, in its model-training view. MLflow 3.17's
+    UI takes the view from its workflow switch (the ``workflowType`` query, else the browser's last
+    choice, else GenAI), not from the experiment's ``mlflow.experimentKind`` tag, so the link says it."""
+    if not uri.startswith(("http://", "https://")) or experiment_id is None:
+        return None
+    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{uri.rstrip('/')}/{path}?workflowType=machine_learning"
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -247,6 +258,34 @@ class MetricBuffer:
                                                                       "server unreachable)"})  # fmt: skip
                 except Exception:  # noqa: BLE001
                     pass
+
+
+class SystemMetrics:
+    """MLflow's sampler of CPU, memory, disk, network and (with pynvml) GPU use, logged into the run as
+    ``system/*`` metrics every ``interval_s``. It stops by itself when the tracking server goes away;
+    :meth:`stop` never waits more than ``timeout_s`` for it (its last flush may retry for minutes)."""
+
+    def __init__(self, tracking: dict[str, str], interval_s: float = 10.0) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(
+            tracking["run_id"], sampling_interval=interval_s, tracking_uri=tracking["uri"]
+        )
+        self.monitor.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """One last sample (a run shorter than ``interval_s`` gets one too), then the sampler ends."""
+
+        def last_sample_then_finish() -> None:
+            try:
+                self.monitor.collect_metrics()
+                self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+            finally:
+                self.monitor.finish()
+
+        stopper = threading.Thread(target=last_sample_then_finish, name="mlflow-system-metrics-stop", daemon=True)
+        stopper.start()
+        stopper.join(timeout_s)
 
 
 def lineage_picture(lineage: dict[str, Any], path: str | Path) -> None:

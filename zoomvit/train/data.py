@@ -246,9 +246,14 @@ def augment(
     return Views(x_BCHW, maps_BHW, highres_BCHW)
 
 
+def size_bucket_names(edges: tuple[float, ...]) -> list[str]:
+    """The object-size buckets' names, smallest first (``unknown``: a sample without a box)."""
+    return [f"lt{edges[0]}"] + [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])] + [f"ge{edges[-1]}"]
+
+
 def size_bucket(box_B4: np.ndarray, image_size: int, edges: tuple[float, ...]) -> list[str]:
     """Object-size bucket names from boxes (relative side length = sqrt(area) / image side)."""
-    names = [f"lt{edges[0]}"] + [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])] + [f"ge{edges[-1]}"]
+    names = size_bucket_names(edges)
     out = []
     for box in box_B4:
         if not np.isfinite(box).all():

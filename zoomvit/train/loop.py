@@ -21,7 +21,7 @@ import torch
 from zoomvit.config import TrainConfig
 from zoomvit.logs import configure as configure_logging
 from zoomvit.logs import quiet_libraries
-from zoomvit.tracking.runs import MetricBuffer, Tracker
+from zoomvit.tracking.runs import MetricBuffer, SystemMetrics, Tracker
 from zoomvit.train.specs import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class WorkerTrainer:
         self.start_checksum = weights_checksum(self.engine.module.state_dict())
         tracking = config.tracking if self.rank == 0 else None  # rank 0 alone logs, into the stage's run
         self.metric_log = MetricBuffer(Tracker(tracking["uri"]), tracking["run_id"]) if tracking else None
+        self.system_metrics = SystemMetrics(tracking) if tracking else None
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
         self.global_step = self.start_epoch * self.steps_per_epoch
@@ -162,6 +163,8 @@ class WorkerTrainer:
                     f"[{self.name}] epoch {epoch + 1}/{self.train.epochs} "
                     + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
                 )
+        if self.system_metrics is not None:
+            self.system_metrics.stop()
         if self.metric_log is not None and (left := self.metric_log.close()):
             log.warning(f"[{self.name}] {left} epochs' metrics did not reach MLflow; the driver logs them later")
 

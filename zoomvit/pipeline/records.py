@@ -1,0 +1,122 @@
+"""What a pipeline run records in MLflow beyond run bookkeeping: each computed stage's inputs, model
+(logged, registered) and files; the lineage DAG on the parent run; the near-chance warnings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from zoomvit.config import PipelineConfig
+from zoomvit.data.shards import ShardInfo
+from zoomvit.pipeline.graph import STAGES
+from zoomvit.pipeline.plan import config_hash
+from zoomvit.tracking.models import log_stage_model, registered_name
+from zoomvit.tracking.runs import Tracker, lineage_picture, shards_digest
+
+LINEAGE = "lineage.json"
+
+
+def shards_source(config: PipelineConfig) -> str:
+    """Where the shards live: their directory, or the URL prefix of remote ones (``s3://bucket/imagenet``)."""
+    return config.data.shard_paths("train")[0].rsplit("/", 1)[0]
+
+
+def lineage_from_run(tracker: Tracker, run_id: str) -> dict[str, Any]:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracker.uri)
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=LINEAGE)
+    return json.loads(Path(path).read_text())
+
+
+def near_chance(config: PipelineConfig, manifests: dict[str, dict[str, Any]]) -> list[str]:
+    """Models whose val top-1 is not clearly above chance: below chance + 3 binomial standard errors
+    (the val size from the evaluate stage; without it, 1.5x chance)."""
+    chance = 1.0 / config.data.num_classes
+    scores: dict[str, tuple[float, int | None]] = {}
+    for name in (n for n, s in STAGES.items() if s.classifier):
+        top1 = manifests.get(name, {}).get("metrics", {}).get("val_top1")
+        if top1 is not None:
+            scores[name] = (top1, None)
+    for row in manifests.get("evaluate", {}).get("rows", []):
+        if row["model"].startswith("zoomvit_control"):
+            continue
+        if row["model"] != "zoomvit" or row.get("headline"):
+            scores[row["model"]] = (row["top1"], row["n"])
+    n_val = next((n for _, n in scores.values() if n), None)
+    lines = []
+    for name, (top1, n) in scores.items():
+        n = n or n_val
+        bar = chance + 3 * (chance * (1 - chance) / n) ** 0.5 if n else 1.5 * chance
+        if top1 < bar:
+            lines.append(
+                f"{name} is at chance: val top-1 {100 * top1:.1f}% "
+                f"against chance {100 * chance:.1f}% (bar {100 * bar:.1f}%)"
+            )
+    return lines
+
+
+def log_stage(
+    tracker: Tracker,
+    run_id: str,
+    config: PipelineConfig,
+    manifest: dict[str, Any],
+    upstream: dict[str, dict[str, Any]],
+    shards: Sequence[ShardInfo],
+) -> None:
+    name = manifest["stage"]
+    stage = STAGES[name]
+    if "history" not in manifest:  # training stages: rank 0 already logged every epoch into this run
+        tracker.metrics(run_id, manifest["metrics"])
+    tracker.params(run_id, {"out_dir": manifest["out_dir"], "fingerprint": manifest["fingerprint"]})
+    out_dir = Path(manifest["out_dir"])
+    if stage.reads_shards:
+        tracker.dataset_input(
+            run_id,
+            name="shards",
+            source=shards_source(config),
+            digest=shards_digest(shards),
+            context=stage.reads_shards,
+        )
+    if stage.reads_maps:
+        rel = upstream["relevance"]
+        tracker.dataset_input(
+            run_id, name="relevance_maps", source=rel["out_dir"], digest=rel["fingerprint"], context=stage.reads_maps
+        )
+    if name == "relevance":
+        from zoomvit.relevance.job import MANIFEST as RELEVANCE_MANIFEST
+
+        tracker.artifact(run_id, out_dir / RELEVANCE_MANIFEST)
+    if stage.model_spec:
+        weights = out_dir / manifest["files"]["weights"]
+        register_as = registered_name(config.tracking.experiment, name) if config.tracking.register_models else None
+        version = log_stage_model(
+            tracker,
+            run_id,
+            name=name,
+            spec=stage.model_spec(config),
+            weights=weights,
+            image_size=config.data.image_size,
+            register_as=register_as,
+        )
+        if version is not None:
+            manifest["registered_model"] = {"name": version.name, "version": version.version}
+        tracker.artifact(run_id, weights, "weights")
+    if "evaluation" in manifest["files"]:  # its figures the stage logged itself (log_figure)
+        tracker.artifact(run_id, out_dir / manifest["files"]["evaluation"])
+
+
+def write_lineage(
+    tracker: Tracker, parent: str, config: PipelineConfig, stages: dict[str, dict[str, Any]], root: Path
+) -> None:
+    """The run's stage DAG (``lineage.json`` and ``lineage.png``) on the parent run."""
+    lineage = {"pipeline_run": parent, "config_hash": config_hash(config), "stages": stages}
+    out = root / "lineage" / parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LINEAGE).write_text(json.dumps(lineage, indent=2))
+    if stages:
+        lineage_picture(lineage, out / "lineage.png")
+        tracker.artifact(parent, out / "lineage.png")
+    tracker.artifact(parent, out / LINEAGE)
