@@ -29,7 +29,7 @@ SIZE = CONFIG.data.image_size
 
 
 def _trained(stage: str, tmp_path: Path):
-    spec = STAGES[stage].model_spec(CONFIG)
+    spec = STAGES[stage].model_spec(CONFIG, {})
     torch.manual_seed(1)
     model = build_task(spec.for_inference(), TrainConfig()).build_model()
     for p in model.parameters():  # weights no init would give, so a load that drops any of them shows
@@ -150,3 +150,9 @@ def test_mlflow_models_serve_answers_with_the_logged_models_logits(tracker, tmp_
     local = mlflow.pyfunc.load_model(str(model_dir))
     example = np.asarray(json.loads(body)["inputs"], dtype=np.uint8)
     np.testing.assert_allclose(np.asarray(answer["predictions"]), local.predict(example), rtol=1e-4, atol=1e-5)
+
+
+def test_the_logged_zoomvit_carries_the_calibrated_operating_point_its_stage_trained_for():
+    calibrated = {"alpha": 0.37, "train_alpha": [0.1, 0.9]}
+    assert STAGES["zoomvit"].model_spec(CONFIG, {"calibration": calibrated}).alpha == pytest.approx(0.37)
+    assert STAGES["zoomvit"].model_spec(CONFIG, {}).alpha == CONFIG.zoomvit.alpha

@@ -250,11 +250,14 @@ def evaluate_models(
     }
     if figure_rows:
         figures["zoom_layouts.png"] = layouts_figure(figure_rows, teacher or {})
-    for name, fig in figures.items():
-        fig.savefig(out_dir / name, dpi=110)
-        if on_figure is not None:
+    try:
+        for name, fig in figures.items():
+            fig.savefig(out_dir / name, dpi=110)
+        for name, fig in figures.items() if on_figure is not None else ():
             on_figure(fig, name)
-        _pyplot().close(fig)
+    finally:
+        for fig in figures.values():
+            _pyplot().close(fig)
     return result
 
 

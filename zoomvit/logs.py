@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -19,6 +20,15 @@ HARMLESS_WARNINGS = (
     # DeepSpeed's ZeRO still calls the deprecated collective; nothing for its users to act on
     (r".*all_gather_into_tensor.*is deprecated.*", FutureWarning),
 )
+
+
+class _DropPrints(logging.Filter):
+    """Known-harmless prints that Ray Train's print patch turns into root-logger records."""
+
+    CHATTER = (re.compile(r"^DeepSpeed \S+ built successfully$"),)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(p.search(str(record.msg)) for p in self.CHATTER)
 
 
 def configure(level: int | str = logging.INFO) -> None:
@@ -55,6 +65,9 @@ def quiet_libraries(*, verbose_: bool | None = None) -> None:
     for message, category in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU
+    root = logging.getLogger()  # where Ray Train's workers send print(): DeepSpeed's op-build notices
+    if not any(isinstance(f, _DropPrints) for f in root.filters):
+        root.addFilter(_DropPrints())
     try:  # Ray 2.60 names this logger by its file, so LoggingConfig's level never reaches "Reporting training result"
         from ray.train.v2._internal.execution import context as train_context
 

@@ -74,17 +74,8 @@ def strict_crd_schema(node: dict) -> dict:
 
 def plain_schema(node: dict) -> dict:
     """A JSON schema with what does not change validation removed (the strict files are strict already)."""
-    out = {k: v for k, v in node.items() if k not in DROP and not k.startswith("x-kubernetes-")}
-    if "properties" in node:
-        out["properties"] = {name: plain_schema(sub) for name, sub in node["properties"].items()}
-    if isinstance(node.get("additionalProperties"), dict):
-        out["additionalProperties"] = plain_schema(node["additionalProperties"])
-    if "items" in node:
-        out["items"] = plain_schema(node["items"])
-    for key in SUBSCHEMA_LISTS:
-        if key in node:
-            out[key] = [plain_schema(sub) for sub in node[key]]
-    return out
+    kept = {k: v for k, v in node.items() if k not in DROP and not k.startswith("x-kubernetes-")}
+    return _children(kept, plain_schema)
 
 
 def _children(node: dict, fn) -> dict:

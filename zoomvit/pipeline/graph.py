@@ -9,6 +9,7 @@ teacher's weights.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from zoomvit.config import PipelineConfig
 from zoomvit.errors import UserError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from zoomvit.train.data import DecodedSplits
@@ -43,20 +46,22 @@ class StageDef:
     gate: Callable[[PipelineConfig, dict[str, dict[str, Any]]], str | None] | None = None
     reads_shards: str | None = None  # the MLflow dataset-input context of the shards it reads, if it reads them
     reads_maps: str | None = None  # the same for the relevance maps
-    # the architecture of its trained model (weights: its output file "weights"), logged to MLflow and registered
-    model_spec: Callable[[PipelineConfig], TaskSpec] | None = None
+    # its trained model (weights: its output file "weights") as a spec, from the config and the stage's
+    # manifest (ZoomViT's calibrated operating point); logged to MLflow and registered
+    model_spec: Callable[[PipelineConfig, dict[str, Any]], TaskSpec] | None = None
     classifier: bool = False  # reports a val_top1 that must be clearly above chance
     # a damaged cached output is repaired part by part (the relevance job recomputes only damaged groups)
     repairs_in_place: bool = False
     promotes: bool = False  # moves the registry's candidate alias to the upstream models it scored
     parent_artifacts: tuple[str, ...] = ()  # keys of its output files also logged to the pipeline's parent run
 
-    def load_model(self, config: PipelineConfig, weights: Path):
+    def load_model(self, config: PipelineConfig, weights: Path, manifest: dict[str, Any] | None = None):
         """The stage's trained model, for inference."""
         from zoomvit.train.tasks import load_trained
 
-        assert self.model_spec is not None, f"stage {self.name!r} trains no model"
-        return load_trained(self.model_spec(config), weights)
+        if self.model_spec is None:
+            raise ValueError(f"stage {self.name!r} trains no model")
+        return load_trained(self.model_spec(config, manifest or {}), weights)
 
     def upstream_for(self, config: PipelineConfig) -> tuple[tuple[str, str], ...]:
         extra = self.extra_upstream(config) if self.extra_upstream else ()
@@ -225,7 +230,14 @@ def _figure_logger(tracking: dict[str, str]) -> Callable[[Any, str], None]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking["uri"])
-    return lambda figure, name: client.log_figure(tracking["run_id"], figure, name)
+
+    def log_figure(figure: Any, name: str) -> None:
+        try:
+            client.log_figure(tracking["run_id"], figure, name)
+        except Exception as err:  # noqa: BLE001 - the figure is in the stage's output either way
+            log.warning(f"[evaluate] could not log {name} to {tracking['uri']} ({err}); it is in the stage output")
+
+    return log_figure
 
 
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
@@ -270,19 +282,20 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     return {"files": files, "metrics": metrics, "rows": result["rows"], "equal_gflops": result["equal_gflops"]}
 
 
-def zoomer_spec(config: PipelineConfig) -> TaskSpec:
+def zoomer_spec(config: PipelineConfig, manifest: dict[str, Any]) -> TaskSpec:
     from zoomvit.train.recipes import zoomer_task
 
     return zoomer_task(config)
 
 
-def zoomvit_spec(config: PipelineConfig) -> TaskSpec:
+def zoomvit_spec(config: PipelineConfig, manifest: dict[str, Any]) -> TaskSpec:
+    """At the operating point the stage trained for: the calibrated one when there is one."""
     from zoomvit.train.recipes import zoomvit_task
 
-    return zoomvit_task(config, None, inference=True)
+    return zoomvit_task(config, None, inference=True, operating_point=manifest.get("calibration"))
 
 
-def baseline_spec(config: PipelineConfig) -> TaskSpec:
+def baseline_spec(config: PipelineConfig, manifest: dict[str, Any]) -> TaskSpec:
     from zoomvit.train.recipes import baseline_task
 
     return baseline_task(config)

@@ -96,7 +96,7 @@ def log_stage(
             tracker,
             run_id,
             name=name,
-            spec=stage.model_spec(config),
+            spec=stage.model_spec(config, manifest),
             weights=weights,
             image_size=config.data.image_size,
             register_as=register_as,

@@ -33,7 +33,6 @@ def init_ray(*, num_cpus: int | None = None) -> None:
 QUIET_WORKERS = {
     "RAY_DATA_LOG_LEVEL": "WARNING",  # per-dataset "Starting execution" lines of split coordinators and tasks
     "PYTHONWARNINGS": "ignore::DeprecationWarning",  # Ray's own deprecations inside its actors
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one error line per training stage where nothing is preempted
 }
 
 

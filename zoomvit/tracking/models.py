@@ -91,7 +91,8 @@ def log_stage_model(
 def move_alias(tracker: Tracker, name: str, run_id: str, alias: str = CANDIDATE) -> str | None:
     """Point ``alias`` of registered model ``name`` at the version logged by ``run_id``; the version, or
     None (with a warning) when that run registered none in this tracking store."""
-    versions = tracker.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    quoted = name.replace("'", "\\'")
+    versions = tracker.client.search_model_versions(f"name = '{quoted}' and run_id = '{run_id}'")
     if not versions:
         log.warning("no version of %s comes from run %s in %s: alias %r not moved", name, run_id, tracker.uri, alias)
         return None

@@ -72,10 +72,14 @@ def ui_url(uri: str, experiment_id: str | None, run_id: str | None = None) -> st
     """A link into the MLflow UI of an http(s) tracking server, in its model-training view. MLflow 3.17's
     UI takes the view from its workflow switch (the ``workflowType`` query, else the browser's last
     choice, else GenAI), not from the experiment's ``mlflow.experimentKind`` tag, so the link says it."""
+    from urllib.parse import urlsplit, urlunsplit
+
     if not uri.startswith(("http://", "https://")) or experiment_id is None:
         return None
+    parts = urlsplit(uri)
+    base = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path.rstrip("/"), "", ""))
     path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
-    return f"{uri.rstrip('/')}/{path}?workflowType=machine_learning"
+    return f"{base}/{path}?workflowType=machine_learning"
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -276,14 +280,13 @@ class SystemMetrics:
     def stop(self, timeout_s: float = 10.0) -> None:
         """One last sample (a run shorter than ``interval_s`` gets one too), then the sampler ends."""
 
-        def last_sample_then_finish() -> None:
-            try:
-                self.monitor.collect_metrics()
-                self.monitor.publish_metrics(self.monitor.aggregate_metrics())
-            finally:
-                self.monitor.finish()
+        def finish_then_last_sample() -> None:
+            self.monitor.finish()  # the sampler thread ends first: nothing samples concurrently below
+            self.monitor.collect_metrics()
+            self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+            self.monitor.mlflow_logger.flush()
 
-        stopper = threading.Thread(target=last_sample_then_finish, name="mlflow-system-metrics-stop", daemon=True)
+        stopper = threading.Thread(target=finish_then_last_sample, name="mlflow-system-metrics-stop", daemon=True)
         stopper.start()
         stopper.join(timeout_s)
 

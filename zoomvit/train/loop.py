@@ -151,6 +151,15 @@ class WorkerTrainer:
         return start_epoch, client_state["history"]
 
     def fit(self) -> None:
+        try:
+            self._epochs()
+        finally:
+            if self.system_metrics is not None:
+                self.system_metrics.stop()
+        if self.metric_log is not None and (left := self.metric_log.close()):
+            log.warning(f"[{self.name}] {left} epochs' metrics did not reach MLflow; the driver logs them later")
+
+    def _epochs(self) -> None:
         for epoch in range(self.start_epoch, self.train.epochs):
             metrics = self.train_epoch(epoch)
             metrics.update(self.evaluate())
@@ -163,10 +172,6 @@ class WorkerTrainer:
                     f"[{self.name}] epoch {epoch + 1}/{self.train.epochs} "
                     + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
                 )
-        if self.system_metrics is not None:
-            self.system_metrics.stop()
-        if self.metric_log is not None and (left := self.metric_log.close()):
-            log.warning(f"[{self.name}] {left} epochs' metrics did not reach MLflow; the driver logs them later")
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         engine, task = self.engine, self.task

@@ -1,0 +1,157 @@
+"""SIGKILL of the pipeline's driver in the middle of a stage (nothing gets to clean up): the output is
+not committed, and the rerun resumes from what was durably written instead of starting over."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    root = tmp_path_factory.mktemp("killed")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
+    sets = ["--set", f"data.root={root / 'data'}", "--set", f"artifact_root={root / 'runs'}"]
+    sets += ["--set", f"teacher.train.epochs={EPOCHS}"]
+    yield {"root": root, "env": env, "sets": sets}
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+
+
+def command(workspace, *args: str) -> list[str]:
+    return [sys.executable, "pipelines/full.py", "--config", "pipelines/configs/tiny.yaml", *workspace["sets"], *args]
+
+
+def run(workspace, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        command(workspace, *args), cwd=REPO, env=workspace["env"], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def kill_driver_when(workspace, args: list[str], ready) -> str:
+    """Start the pipeline, SIGKILL its whole process group (driver, local Ray, workers) once
+    ``ready(lines_so_far)`` holds, and return what it printed."""
+    proc = subprocess.Popen(
+        command(workspace, *args),
+        cwd=REPO,
+        env=workspace["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # one line at a time
+    reader.start()
+    deadline = time.monotonic() + 600
+    try:
+        while not ready(lines):
+            assert proc.poll() is None, "the pipeline ended before the kill:\n" + "".join(lines[-50:])
+            assert time.monotonic() < deadline, "never reached the kill point:\n" + "".join(lines[-50:])
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)  # whatever Ray left outside the group
+    return "".join(lines)
+
+
+def stage_dir(workspace, stage: str) -> Path:
+    (out,) = [p for p in (workspace["root"] / "runs" / stage).iterdir() if p.is_dir()]
+    return out
+
+
+def test_a_driver_killed_mid_training_resumes_from_the_last_checkpoint_on_rerun(workspace):
+    def third_epoch_done(lines) -> bool:
+        return any("[teacher] epoch 3/" in line for line in lines)
+
+    printed = kill_driver_when(workspace, ["--only", "teacher"], third_epoch_done)
+    out = stage_dir(workspace, "teacher")
+    assert not (out / "manifest.json").exists(), "a killed stage must not look cached"
+    before = {
+        int(m.group(1)) - 1: float(m.group(2))
+        for m in re.finditer(r"\[teacher\] epoch (\d+)/\d+ train_loss=([0-9.e+-]+)", printed)
+    }
+    assert len(before) >= 3
+
+    rerun = run(workspace, "--only", "teacher")
+    resumed = re.search(r"\[teacher\] resumed from the checkpoint of epoch (\d+)", rerun.stdout + rerun.stderr)
+    assert resumed, "the rerun must resume, not start over"
+    start = int(resumed.group(1))
+    assert start >= 3
+    history = json.loads((out / "manifest.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == list(range(EPOCHS)), "every epoch once, none repeated or lost"
+    for epoch in range(start):  # the epochs before the kill come back from the checkpoint, not recomputed
+        assert history[epoch]["train_loss"] == pytest.approx(before[epoch], rel=1e-3)
+    assert f"[teacher] epoch 1/{EPOCHS}" not in rerun.stdout + rerun.stderr
+
+
+def test_a_driver_killed_mid_relevance_keeps_committed_groups_and_the_rerun_equals_a_straight_run(workspace):
+    teacher_dir = workspace["root"] / "runs" / "teacher"
+    if not list(teacher_dir.glob("*/manifest.json")):  # the test above leaves it cached
+        run(workspace, "--only", "teacher")
+
+    def a_group_is_committed(_lines) -> bool:  # its skip counts are written last, with the Parquet file's hash
+        base = workspace["root"] / "runs" / "relevance"
+        return base.exists() and any(base.glob("*/*.skips.json"))
+
+    kill_driver_when(workspace, ["--only", "relevance"], a_group_is_committed)
+    out = stage_dir(workspace, "relevance")
+    assert not (out / "manifest.json").exists()
+    committed = sorted(p.name for p in out.glob("*.skips.json"))
+    assert committed, "the kill came after a group was committed"
+
+    run(workspace, "--only", "relevance")
+    stats = json.loads((out / "manifest.json").read_text())["stats"]
+    assert stats["groups_cached"] == len(committed), stats
+    assert stats["groups_computed"] >= 1, f"the kill came after every group was committed: {stats}"
+    assert not list(out.glob(".*tmp*")), "no temporary file left behind"
+
+    straight = workspace["root"] / "straight"
+    teacher = stage_dir(workspace, "teacher") / "model.safetensors"
+    subprocess.run(
+        [
+            sys.executable,
+            "pipelines/relevance.py",
+            "--config",
+            "pipelines/configs/tiny.yaml",
+            *workspace["sets"],
+            "--out",
+            str(straight),
+            "--checkpoint",
+            str(teacher),
+        ],
+        cwd=REPO,
+        env=workspace["env"],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    names = sorted(p.name for p in straight.glob("*.parquet"))
+    assert names == sorted(p.name for p in out.glob("*.parquet"))
+    for name in names:
+        resumed, reference = pq.read_table(out / name), pq.read_table(straight / name)
+        assert resumed.column("key").to_pylist() == reference.column("key").to_pylist(), name
+        np.testing.assert_allclose(
+            np.stack(resumed.column("relevance").to_numpy(zero_copy_only=False)).astype(np.float32),
+            np.stack(reference.column("relevance").to_numpy(zero_copy_only=False)).astype(np.float32),
+            rtol=1e-3,
+            atol=1e-6,
+        )
