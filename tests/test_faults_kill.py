@@ -79,8 +79,8 @@ def stage_dir(workspace, stage: str) -> Path:
 
 
 def test_a_driver_killed_mid_training_resumes_from_the_last_checkpoint_on_rerun(workspace):
-    def third_epoch_done(lines) -> bool:
-        return any("[teacher] epoch 3/" in line for line in lines)
+    def third_epoch_done(lines) -> bool:  # its end-of-epoch line, not a progress line within it
+        return any(re.search(r"\[teacher\] epoch 3/\d+ train_loss=", line) for line in lines)
 
     printed = kill_driver_when(workspace, ["--only", "teacher"], third_epoch_done)
     out = stage_dir(workspace, "teacher")
@@ -94,8 +94,8 @@ def test_a_driver_killed_mid_training_resumes_from_the_last_checkpoint_on_rerun(
     rerun = run(workspace, "--only", "teacher")
     resumed = re.search(r"\[teacher\] resumed from the checkpoint of epoch (\d+)", rerun.stdout + rerun.stderr)
     assert resumed, "the rerun must resume, not start over"
-    start = int(resumed.group(1))
-    assert start >= 3
+    start = int(resumed.group(1))  # the newest checkpoint Ray Train had registered: epoch 2 or 3 of the 3 printed
+    assert start >= 2
     history = json.loads((out / "manifest.json").read_text())["history"]
     assert [h["epoch"] for h in history] == list(range(EPOCHS)), "every epoch once, none repeated or lost"
     for epoch in range(start):  # the epochs before the kill come back from the checkpoint, not recomputed
@@ -119,7 +119,7 @@ def test_a_driver_killed_mid_relevance_keeps_committed_groups_and_the_rerun_equa
     assert committed, "the kill came after a group was committed"
 
     run(workspace, "--only", "relevance")
-    stats = json.loads((out / "manifest.json").read_text())["stats"]
+    stats = json.loads((out / "manifest.json").read_text())["metrics"]
     assert stats["groups_cached"] == len(committed), stats
     assert stats["groups_computed"] >= 1, f"the kill came after every group was committed: {stats}"
     assert not list(out.glob(".*tmp*")), "no temporary file left behind"

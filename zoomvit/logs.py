@@ -7,11 +7,14 @@ the stage prefix is part of the message.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 FORMAT = "%(message)s"
 VERBOSE_ENV = "ZOOMVIT_VERBOSE"
@@ -22,13 +25,26 @@ HARMLESS_WARNINGS = (
 )
 
 
-class _DropPrints(logging.Filter):
-    """Known-harmless prints that Ray Train's print patch turns into root-logger records."""
+@contextmanager
+def dropped_prints(*patterns: str, verbose_: bool = False) -> Iterator[None]:
+    """Inside the block, ``print()`` calls whose text matches a pattern print nothing (unless verbose):
+    for a library's known-harmless prints, such as DeepSpeed's op-build notice, which Ray Train's
+    print patch would otherwise send to the console past any logger level or stdout redirect."""
+    if verbose_:
+        yield
+        return
+    original = builtins.print
+    compiled = [re.compile(p) for p in patterns]
 
-    CHATTER = (re.compile(r"^DeepSpeed \S+ built successfully$"),)
+    def filtered(*objects, **kwargs) -> None:
+        if not any(p.search(" ".join(map(str, objects))) for p in compiled):
+            original(*objects, **kwargs)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(p.search(str(record.msg)) for p in self.CHATTER)
+    builtins.print = filtered
+    try:
+        yield
+    finally:
+        builtins.print = original
 
 
 def configure(level: int | str = logging.INFO) -> None:
@@ -65,9 +81,6 @@ def quiet_libraries(*, verbose_: bool | None = None) -> None:
     for message, category in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU
-    root = logging.getLogger()  # where Ray Train's workers send print(): DeepSpeed's op-build notices
-    if not any(isinstance(f, _DropPrints) for f in root.filters):
-        root.addFilter(_DropPrints())
     try:  # Ray 2.60 names this logger by its file, so LoggingConfig's level never reaches "Reporting training result"
         from ray.train.v2._internal.execution import context as train_context
 

@@ -20,7 +20,7 @@ import torch
 
 from zoomvit.config import TrainConfig
 from zoomvit.logs import configure as configure_logging
-from zoomvit.logs import quiet_libraries
+from zoomvit.logs import dropped_prints, quiet_libraries
 from zoomvit.tracking.runs import MetricBuffer, SystemMetrics, Tracker
 from zoomvit.train.specs import TaskSpec
 
@@ -75,7 +75,8 @@ def train_loop_per_worker(loop_config: dict[str, WorkerConfig]) -> None:
     config = loop_config["worker"]
     configure_logging()
     quiet_libraries(verbose_=config.verbose)
-    WorkerTrainer(config).fit()
+    with dropped_prints(r"^DeepSpeed \S+ built successfully$", verbose_=config.verbose):
+        WorkerTrainer(config).fit()
 
 
 class WorkerTrainer:
