@@ -55,18 +55,11 @@ def git_show(git_dir: str, ref: str, path: str) -> str:
 
 def strict_crd_schema(node: dict) -> dict:
     """A CRD structural schema as JSON Schema that, like the API server, knows no unlisted field."""
-    out = {k: v for k, v in node.items() if k not in DROP and not k.startswith("x-kubernetes-")}
-    if "properties" in node:
-        out["properties"] = {name: strict_crd_schema(sub) for name, sub in node["properties"].items()}
-        if "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
-            out["additionalProperties"] = False
-    if isinstance(node.get("additionalProperties"), dict):
-        out["additionalProperties"] = strict_crd_schema(node["additionalProperties"])
-    if "items" in node:
-        out["items"] = strict_crd_schema(node["items"])
-    for key in SUBSCHEMA_LISTS:
-        if key in node:
-            out[key] = [strict_crd_schema(sub) for sub in node[key]]
+    kept = {k: v for k, v in node.items() if k not in DROP and not k.startswith("x-kubernetes-")}
+    out = _children(kept, strict_crd_schema)
+    unlisted = "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in node and unlisted:
+        out["additionalProperties"] = False
     if node.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
     return out

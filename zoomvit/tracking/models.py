@@ -15,6 +15,7 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -66,7 +67,7 @@ def log_stage_model(
         spec_path.write_text(spec.model_dump_json(indent=2))
         artifacts = {"weights": str(weights), "spec": str(spec_path)}
         probe = StageModel()
-        probe.load_context(_Context(artifacts))
+        probe.load_context(SimpleNamespace(artifacts=artifacts))  # what load_context reads of MLflow's context
         signature = infer_signature(example_BHWC, probe.predict(None, example_BHWC))
         with tracker.active(run_id), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -80,12 +81,10 @@ def log_stage_model(
                 pip_requirements=pip_requirements(),
                 metadata={"task": spec.task, "input": "uint8 images (B, H, W, 3)", "mean": spec.mean, "std": spec.std},
             )
-    if register_as is None:
-        return None
-    _ensure_registered(tracker, register_as)
-    return tracker.client.create_model_version(
-        register_as, source=info.model_uri, run_id=run_id, model_id=info.model_id, tags={"stage": name}
-    )
+            if register_as is None:
+                return None
+            # creates the registered model when missing (or when a concurrent run just did), then the version
+            return mlflow.register_model(info.model_uri, register_as, tags={"stage": name})
 
 
 def move_alias(tracker: Tracker, name: str, run_id: str, alias: str = CANDIDATE) -> str | None:
@@ -99,22 +98,3 @@ def move_alias(tracker: Tracker, name: str, run_id: str, alias: str = CANDIDATE)
     version = max(versions, key=lambda v: int(v.version)).version
     tracker.client.set_registered_model_alias(name, alias, version)
     return version
-
-
-def _ensure_registered(tracker: Tracker, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        tracker.client.get_registered_model(name)
-    except MlflowException:
-        try:
-            tracker.client.create_registered_model(name, description="Trained by the zoomvit pipeline")
-        except MlflowException:  # another run created it meanwhile
-            tracker.client.get_registered_model(name)
-
-
-class _Context:
-    """What :meth:`StageModel.load_context` reads, for checking the model before it is logged."""
-
-    def __init__(self, artifacts: dict[str, str]) -> None:
-        self.artifacts = artifacts
