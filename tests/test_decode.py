@@ -429,3 +429,24 @@ def test_skip_reasons_are_strings() -> None:
         "oversized_member",
         "oversized_image",
     }
+
+
+def test_a_tar_cut_at_a_member_boundary_ends_with_a_truncated_shard_skip_and_a_whole_one_does_not(tmp_path):
+    import gzip
+    import tarfile
+
+    from tarutil import write_tar
+
+    from zoomvit.data.decode import iter_tar_samples
+
+    whole = tmp_path / "whole.tar"
+    write_tar(whole, [(f"s{i}.{ext}", b"1") for i in range(3) for ext in ("png", "cls")])
+    with tarfile.open(whole) as tar:
+        boundary = tar.getmember("s2.png").offset
+    data = whole.read_bytes()
+    for name, payload in {"cut": data[:boundary], "cut.gz": gzip.compress(data[:boundary])}.items():
+        samples = list(iter_tar_samples(io.BytesIO(payload), url=name))
+        assert [s["__key__"] for s in samples] == ["s0", "s1", f"{name}#truncated_shard"], name
+    for payload in (data, gzip.compress(data), data[:boundary] + b"\0" * 1024):
+        samples = list(iter_tar_samples(io.BytesIO(payload), url="whole"))
+        assert all("__error__" not in s for s in samples), "an end-of-archive block ends a tar cleanly"

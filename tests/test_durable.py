@@ -55,4 +55,94 @@ def test_an_exclusive_lock_makes_a_second_process_wait_and_is_freed_when_its_hol
     killer.join()
     logging.getLogger("zoomvit.durable").removeHandler(caplog.handler)
     assert waited >= 1.4
-    assert f"[teacher] entry: waiting for pid {holder.pid}" in caplog.text
+    assert "[teacher] entry: waiting for another run" in caplog.text and f"pid {holder.pid}" in caplog.text
+
+
+def _holder(entry, how: str):
+    """A process holding ``entry``'s OutputLock (``shared``, ``exclusive``, or ``exclusive-then-share``:
+    it writes ``entry/done`` and keeps a shared hold); its first line says it holds it."""
+    import subprocess
+    import sys
+
+    script = f"""
+import pathlib, time
+from zoomvit.durable import OutputLock
+lock = OutputLock({str(entry)!r}, 'x')
+if {how!r} == 'shared':
+    lock.shared()
+else:
+    lock.exclusive()
+print('held', flush=True)
+if {how!r} == 'exclusive-then-share':
+    time.sleep(1.5)
+    pathlib.Path({str(entry)!r}).mkdir(parents=True)
+    (pathlib.Path({str(entry)!r}) / 'done').write_text('yes')
+    lock.share()
+time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _done(entry):
+    return lambda: (entry / "done").read_text() if (entry / "done").exists() else None
+
+
+def test_a_reader_of_a_committed_output_waits_only_until_the_writer_commits_not_until_it_exits(tmp_path):
+    import time
+
+    from zoomvit.durable import OutputLock, read_or_claim
+
+    entry = tmp_path / "teacher" / "abc"
+    writer = _holder(entry, "exclusive-then-share")
+    try:
+        start = time.monotonic()
+        with OutputLock(entry, "x") as lock:
+            assert read_or_claim(lock, _done(entry)) == "yes"
+            waited = time.monotonic() - start
+        assert 1.0 <= waited < 10, "waited for the commit, then shared the output with the writer still running"
+        assert writer.poll() is None
+    finally:
+        writer.kill()
+
+
+def test_a_forced_recompute_waits_for_every_reader_and_readers_do_not_wait_for_each_other(tmp_path):
+    import threading
+    import time
+
+    from zoomvit.durable import OutputLock, read_or_claim
+
+    entry = tmp_path / "teacher" / "abc"
+    entry.mkdir(parents=True)
+    (entry / "done").write_text("yes")
+    reader = _holder(entry, "shared")
+    try:
+        with OutputLock(entry, "x") as lock:
+            start = time.monotonic()
+            assert read_or_claim(lock, _done(entry)) == "yes", "a second reader shares it"
+            assert time.monotonic() - start < 1.0
+        killer = threading.Timer(1.5, reader.kill)
+        killer.start()
+        with OutputLock(entry, "x") as lock:
+            start = time.monotonic()
+            assert read_or_claim(lock, _done(entry), claim=True) is None, "claimed: the caller recomputes"
+            waited = time.monotonic() - start
+            assert not OutputLock(entry, "probe").try_exclusive()
+        killer.join()
+        assert waited >= 1.4, "--force must not take an output another run still reads"
+    finally:
+        reader.kill()
+
+
+def test_an_output_nobody_has_written_is_claimed_exclusively_by_the_first_run(tmp_path):
+    from zoomvit.durable import OutputLock, read_or_claim
+
+    entry = tmp_path / "teacher" / "abc"
+    with OutputLock(entry, "x") as lock:
+        assert read_or_claim(lock, _done(entry)) is None
+        other = OutputLock(entry, "other")
+        assert not other.try_exclusive()
+        lock.share()
+        other.shared()  # a shared hold no longer blocks readers
+        other.release()

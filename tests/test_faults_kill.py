@@ -102,6 +102,16 @@ def test_a_driver_killed_mid_training_resumes_from_the_last_checkpoint_on_rerun(
         assert history[epoch]["train_loss"] == pytest.approx(before[epoch], rel=1e-3)
     assert f"[teacher] epoch 1/{EPOCHS}" not in rerun.stdout + rerun.stderr
 
+    import mlflow
+
+    client = mlflow.MlflowClient(workspace["env"]["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("zoomvit").experiment_id], order_by=["start_time ASC"])
+    killed = [r for r in runs if r.info.status != "FINISHED"]
+    assert {r.data.tags.get("stage", "pipeline") for r in killed} == {"pipeline", "teacher"}, "the killed run's two"
+    for r in killed:  # its driver could not end them; the rerun found its lock free and did
+        assert r.info.status == "KILLED" and "driver died" in r.data.tags["zoomvit.ended_by"]
+    assert "left RUNNING by a driver that died" in rerun.stdout + rerun.stderr
+
 
 def test_a_driver_killed_mid_relevance_keeps_committed_groups_and_the_rerun_equals_a_straight_run(workspace):
     teacher_dir = workspace["root"] / "runs" / "teacher"

@@ -1,18 +1,21 @@
 """Fault injection on the tracking path, with a real MLflow server and real processes: an outage in the
-middle of training, and SIGTERM (what ``ray job stop`` sends) in the middle of a run."""
+middle of training, SIGTERM (what ``ray job stop`` sends) in the middle of a run, runs a dead driver
+left open."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from servers import REPO, free_port, serve
 
-from zoomvit.tracking.runs import MetricBuffer, Tracker
+from zoomvit.tracking.runs import Tracker
 
 
 def test_the_driver_backfills_exactly_the_epochs_the_worker_could_not_log(tmp_path):
@@ -28,35 +31,77 @@ def test_the_driver_backfills_exactly_the_epochs_the_worker_could_not_log(tmp_pa
     assert tracker.backfill_history(run, history) == 0
 
 
+OUTAGE_S = 30
+OUTAGE_EPOCHS = 40
+
+
 @pytest.mark.slow
-def test_a_tracking_server_outage_mid_training_delays_metrics_without_stopping_or_losing_them(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+def test_a_30_s_tracking_server_outage_mid_training_neither_stops_the_stage_nor_loses_an_epoch(tmp_path):
+    import mlflow
+
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
     state, port = tmp_path / "server", free_port()
     serve(state, port)
+    uri = f"http://127.0.0.1:{port}"
+    sets = [f"data.root={tmp_path / 'data'}", f"artifact_root={tmp_path / 'runs'}", f"tracking.uri={uri}",
+            f"teacher.train.epochs={OUTAGE_EPOCHS}"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "pipelines/full.py", "--config", "pipelines/configs/tiny.yaml", "--only", "teacher"]
+        + [arg for s in sets for arg in ("--set", s)],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in proc.stdout))
+    reader.start()
     try:
-        tracker = Tracker(f"http://127.0.0.1:{port}", "outage")
-        run = tracker.start("zoomvit")
-        buffer = MetricBuffer(tracker, run, retry_s=0.5, warn_after_s=2.0)
-        buffer.log({"train_loss": 2.0}, step=0)
-        deadline = time.monotonic() + 30
-        while not tracker.client.get_metric_history(run, "train_loss") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        deadline = time.monotonic() + 300
+        while not any(f"[teacher] epoch 1/{OUTAGE_EPOCHS} train_loss=" in line for _, line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(line for _, line in lines[-40:])
+            time.sleep(0.1)
         serve(state, port, "--stop")
-        stopped = time.monotonic()
-        for epoch in range(1, 6):  # the training loop goes on while the server is down
-            start = time.perf_counter()
-            buffer.log({"train_loss": 2.0 - epoch / 10}, step=epoch)
-            assert time.perf_counter() - start < 0.5
-            time.sleep(1.0)
-        assert time.monotonic() - stopped >= 5
+        down = time.monotonic()
+        time.sleep(OUTAGE_S)
         serve(state, port)
-        assert buffer.close(timeout_s=60) == 0
-        steps = sorted(m.step for m in tracker.client.get_metric_history(run, "train_loss"))
-        assert steps == [0, 1, 2, 3, 4, 5]
-        assert "metrics_delayed" in tracker.client.get_run(run).data.tags
+        up = time.monotonic()
+        assert proc.wait(timeout=600) == 0
+        reader.join()
+        printed = "".join(line for _, line in lines)
+        epoch_ends = [t for t, line in lines if re.search(r"\[teacher\] epoch \d+/\d+ train_loss=", line)]
+        assert sum(down < t < up for t in epoch_ends) >= 2, "training went on during the outage:\n" + printed[-3000:]
+        assert any(t > up for t in epoch_ends), "the outage ended before training did:\n" + printed[-3000:]
+        client = mlflow.MlflowClient(uri)
+        (teacher,) = client.search_runs(
+            [client.get_experiment_by_name("zoomvit").experiment_id], filter_string="tags.stage = 'teacher'"
+        )
+        assert teacher.info.status == "FINISHED", printed[-3000:]
+        epochs = sorted(m.step for m in client.get_metric_history(teacher.info.run_id, "val_top1"))
+        assert epochs == list(range(OUTAGE_EPOCHS)), "every epoch's metrics are in MLflow afterwards"
+        assert {"metrics_delayed", "metrics_backfilled"} & set(teacher.data.tags), "the run says what was delayed"
     finally:
+        if proc.poll() is None:
+            proc.kill()
         serve(state, port, "--stop")
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+
+
+def test_recording_an_input_or_a_model_leaves_the_run_running_until_it_is_ended(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "running")
+    run = tracker.start("tiny")
+    tracker.dataset_input(run, name="shards", source=str(tmp_path), digest="0" * 64, context="train+val shards")
+    assert tracker.client.get_run(run).info.status == "RUNNING"
+    with tracker.active(run):  # MLflow's fluent block ends the run when it is left
+        pass
+    assert tracker.client.get_run(run).info.status == "RUNNING"
+    (dataset,) = tracker.client.get_run(run).inputs.dataset_inputs
+    assert dataset.dataset.name == "shards" and [(t.key, t.value) for t in dataset.tags] == [
+        ("mlflow.data.context", "train+val shards")
+    ]
+    tracker.end(run)
+    assert tracker.client.get_run(run).info.status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -98,3 +143,40 @@ def test_sigterm_mid_run_ends_every_open_run_as_killed_and_the_pipeline_exits_14
     runs = client.search_runs([client.get_experiment_by_name("zoomvit").experiment_id])
     status = {r.data.tags.get("stage", "pipeline"): r.info.status for r in runs}
     assert status == {"pipeline": "KILLED", "teacher": "KILLED"}, log[-3000:]
+
+
+def test_runs_left_running_by_a_dead_driver_end_killed_and_live_or_foreign_ones_are_left(tmp_path):
+    from zoomvit.durable import exclusive
+    from zoomvit.pipeline.records import DRIVER_LOCK_TAG, end_orphaned_runs
+
+    tracker, root = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "orphans"), tmp_path / "runs"
+    drivers = root / ".drivers"
+
+    def pipeline(lock: str) -> tuple[str, str]:
+        parent = tracker.start("tiny", tags={"zoomvit.run_type": "pipeline", DRIVER_LOCK_TAG: f"{lock}.lock"})
+        return parent, tracker.start("teacher", parent=parent, tags={"zoomvit.run_type": "stage"})
+
+    drivers.mkdir(parents=True)
+    (drivers / "dead.lock").write_text("pid 1 on gone\n")  # its holder died: the kernel dropped the flock
+    dead = pipeline(str(drivers / "dead"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.lock").touch()
+    foreign = pipeline(str(tmp_path / "other" / "x"))  # another artifact root's run
+    script = f"from zoomvit.durable import exclusive\nimport time\nwith exclusive({str(drivers / 'alive')!r}, 'x'):\n"
+    holder = subprocess.Popen([sys.executable, "-c", script + "    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        alive = pipeline(str(drivers / "alive"))
+        with exclusive(drivers / "mine", "x"):
+            mine = pipeline(str(drivers / "mine"))
+            assert sorted(end_orphaned_runs(tracker, root)) == sorted(dead)
+    finally:
+        holder.kill()
+        holder.wait()
+    status = {run: tracker.client.get_run(run).info.status for run in (*dead, *foreign, *alive, *mine)}
+    assert [status[r] for r in dead] == ["KILLED", "KILLED"]
+    assert all(status[r] == "RUNNING" for r in (*foreign, *alive, *mine))
+    assert "driver died" in tracker.client.get_run(dead[1]).data.tags["zoomvit.ended_by"]
+    assert not (drivers / "dead.lock").exists()
+    assert sorted(end_orphaned_runs(tracker, root)) == sorted([*alive, *mine]), "their drivers are gone now"

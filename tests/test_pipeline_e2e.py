@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,17 +55,21 @@ def head():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """Data, artifact cache and an MLflow tracking server (mlflow/serve.sh on 127.0.0.1)."""
+    """An MLflow tracking server (mlflow/serve.sh on 127.0.0.1) and ``$ZOOMVIT_HOME``: where a plain
+    ``ray job submit`` puts the demo data and the artifact cache, which the direct runs name with ``--set``."""
     root = tmp_path_factory.mktemp("pipeline")
+    home = root / "zoomvit_home"
     with mlflow_server(root / "mlflow_server") as uri:
         yield {
             "root": root,
+            "home": home,
             "uri": uri,
+            "runtime_env": json.dumps({"env_vars": {"ZOOMVIT_HOME": str(home), "MLFLOW_TRACKING_URI": uri}}),
             "sets": [
                 "--set",
-                f"data.root={root / 'data'}",
+                f"data.root={home / 'demo_data' / 'tiny'}",
                 "--set",
-                f"artifact_root={root / 'runs'}",
+                f"artifact_root={home / 'runs'}",
                 "--set",
                 f"tracking.uri={uri}",
             ],
@@ -71,22 +77,16 @@ def workspace(tmp_path_factory):
 
 
 def pipeline(head, workspace, *args: str, submit: bool = False) -> subprocess.CompletedProcess:
-    command = [sys.executable, "pipelines/full.py", "--config", TINY, *workspace["sets"], *args]
+    """``submit``: the README's plain line, ``ray job submit --working-dir . -- python pipelines/full.py
+    --config ...`` (no artifact root, data root or tracking URI: the cluster's environment gives the
+    tracking server and ``$ZOOMVIT_HOME``); else the driver run directly with ``--set``s."""
     env = dict(head["env"])
     if submit:
-        command = [
-            "ray",
-            "job",
-            "submit",
-            "--address",
-            head["dashboard"],
-            "--working-dir",
-            ".",
-            "--",
-            "python",
-            *command[1:],
-        ]
+        command = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".",
+                   "--runtime-env-json", workspace["runtime_env"], "--",
+                   "python", "pipelines/full.py", "--config", TINY, *args]  # fmt: skip
     else:
+        command = [sys.executable, "pipelines/full.py", "--config", TINY, *workspace["sets"], *args]
         env["RAY_ADDRESS"] = head["gcs"]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
@@ -218,16 +218,20 @@ def test_training_runs_carry_system_metrics_and_the_evaluate_run_its_figures(fir
     assert {"frontier.png", "top1_by_size.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
-def test_a_second_run_of_the_same_config_is_all_cache_hits(first_run, head, workspace):
+def test_a_second_plain_ray_job_submit_finds_the_first_ones_cache_outside_its_working_dir_copy(
+    first_run, head, workspace
+):
     client, first = first_run
-    proc = pipeline(head, workspace)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = pipeline(head, workspace, submit=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     second = pipeline_runs(client)[-1]
     runs = stage_runs(client, second.info.run_id)
     assert {n: r.data.tags["cache"] for n, r in runs.items()} == dict.fromkeys(STAGES, "hit")
     originals = stage_runs(client, first.info.run_id)
     assert all(runs[n].data.tags["source_run"] == originals[n].info.run_id for n in STAGES)
-    assert "start (cache miss" not in proc.stdout
+    assert "start (cache miss" not in proc.stdout + proc.stderr
+    home = workspace["home"]
+    assert (home / "demo_data" / "tiny" / "_info.json").exists() and (home / "runs" / "teacher").is_dir()
 
 
 def test_only_zoomvit_with_a_new_alpha_reuses_relevance_and_zoomer(first_run, head, workspace):
@@ -339,7 +343,7 @@ def test_a_failing_stage_fails_the_parent_and_keeps_the_upstream_cache(first_run
     assert runs["zoomvit"].info.status == "FAILED" and "error" in runs["zoomvit"].data.tags
     assert all(runs[n].data.tags["cache"] == "hit" for n in ("teacher", "relevance", "zoomer"))
     assert "evaluate" not in runs
-    failed_dir = workspace["root"] / "runs" / "zoomvit" / runs["zoomvit"].data.tags["fingerprint"][:16]
+    failed_dir = workspace["home"] / "runs" / "zoomvit" / runs["zoomvit"].data.tags["fingerprint"][:16]
     assert not (failed_dir / "manifest.json").exists(), "a failed stage must not look cached"
 
 
@@ -406,37 +410,11 @@ def test_force_recomputes_a_finished_stage_from_scratch_instead_of_resuming_it(f
     assert client.get_metric_history(runs["zoomer"].info.run_id, "start_epoch")[0].value == 0
 
 
-def test_a_plain_ray_job_submit_keeps_its_cache_and_runs_for_the_next_submission(head, tmp_path):
-    """The README's line, with no artifact root or tracking URI: both default outside the job's
-    working-dir copy (``$ZOOMVIT_HOME``), so a second submission is all cache hits."""
-    home = tmp_path / "zoomvit_home"
-    runtime_env = json.dumps({"env_vars": {"ZOOMVIT_HOME": str(home), "MLFLOW_TRACKING_URI": ""}})
-
-    def submit():
-        command = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".",
-                   "--runtime-env-json", runtime_env, "--", "python", "pipelines/full.py",
-                   "--config", "pipelines/configs/tiny.yaml", "--set", "baseline.input_sizes=[]"]  # fmt: skip
-        proc = subprocess.run(command, cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        return proc
-
-    submit()
-    second = submit()
-    assert "start (cache miss" not in second.stdout
-    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-    first_run, second_run = pipeline_runs(client)
-    assert {n: r.data.tags["cache"] for n, r in stage_runs(client, second_run.info.run_id).items()} == dict.fromkeys(
-        STAGES, "hit"
-    )
-    assert (home / "demo_data" / "tiny" / "_info.json").exists() and any((home / "runs").iterdir())
-
-
 def test_two_runs_started_together_on_one_artifact_root_both_succeed_and_compute_each_stage_once(
     head, workspace, tmp_path
 ):
-    sets = ["--set", f"data.root={workspace['root'] / 'data'}", "--set", f"artifact_root={tmp_path / 'runs'}",
-            "--set", f"tracking.uri={workspace['uri']}", "--set", "tracking.experiment=concurrent",
-            "--set", "baseline.input_sizes=[]"]  # fmt: skip
+    sets = [*workspace["sets"], "--set", f"artifact_root={tmp_path / 'runs'}",
+            "--set", "tracking.experiment=concurrent", "--set", "baseline.input_sizes=[]"]  # fmt: skip
     env = {**head["env"], "RAY_ADDRESS": head["gcs"]}
     command = [sys.executable, "pipelines/full.py", "--config", TINY, *sets]
     runs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -460,5 +438,34 @@ def test_the_experiment_opens_in_mlflows_training_view_and_the_parent_holds_the_
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     local = client.download_artifacts(parent.info.run_id, "config.yaml", str(tmp_path))
     config = yaml.safe_load(Path(local).read_text())
-    assert config["name"] == "tiny" and config["data"]["root"] == str(workspace["root"] / "data")
+    assert config["name"] == "tiny" and config["data"]["root"] == str(workspace["home"] / "demo_data" / "tiny")
     assert config["zoomvit"]["alpha"] == 0.5
+
+
+def test_ray_job_stop_mid_training_ends_the_pipeline_run_and_the_open_stage_run_killed(head, workspace):
+    sets = [*workspace["sets"], "--set", "tracking.experiment=stopped", "--set", "teacher.train.epochs=60"]
+    sets += ["--set", f"artifact_root={workspace['root'] / 'stopped'}"]
+    command = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--no-wait", "--",
+               "python", "pipelines/full.py", "--config", TINY, *sets]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
+
+    def ray_job(*args: str) -> str:
+        done = subprocess.run(["ray", "job", *args, "--address", head["dashboard"], job], cwd=REPO, env=head["env"],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        return done.stdout + done.stderr
+
+    deadline = time.monotonic() + 300
+    while not re.search(r"\[teacher\] epoch 2/60 train_loss=", logs := ray_job("logs")):
+        assert time.monotonic() < deadline and "FAILED" not in ray_job("status"), logs[-3000:]
+        time.sleep(1)
+    client = MlflowClient(tracking_uri=workspace["uri"])
+    experiment = client.get_experiment_by_name("stopped").experiment_id
+    status = {r.data.tags.get("stage", "pipeline"): r.info.status for r in client.search_runs([experiment])}
+    assert status == {"pipeline": "RUNNING", "teacher": "RUNNING"}, "the parent shows RUNNING while it runs"
+    ray_job("stop")
+    assert "was stopped" in ray_job("status")
+    runs = client.search_runs([experiment])
+    status = {r.data.tags.get("stage", "pipeline"): r.info.status for r in runs}
+    assert status == {"pipeline": "KILLED", "teacher": "KILLED"}, ray_job("logs")[-3000:]

@@ -190,7 +190,8 @@ def test_a_url_whose_filesystem_is_not_installed_names_the_extra_that_brings_it(
 
 def three_sample_shard(directory: Path, claimed: int, *, cut_before: str | None = None) -> str:
     """``train-000000.tar`` of three samples (optionally cut where member ``cut_before`` starts: a valid,
-    shorter tar) beside an ``_info.json`` that, as the demo generator's and timm's do, counts ``claimed``."""
+    shorter tar but for its missing end-of-archive block) beside an ``_info.json`` that, as the demo
+    generator's and timm's do, counts ``claimed``."""
     shard = directory / "train-000000.tar"
     write_tar(
         shard,
@@ -224,12 +225,14 @@ def test_a_shard_cut_at_a_member_boundary_is_incomplete_naming_the_shard_and_bot
     from zoomvit.data.ingest import IncompleteShard
 
     shard = three_sample_shard(tmp_path, claimed=3, cut_before="s2.png")
-    with open(shard, "rb") as f:  # without a count to check against it reads as a valid two-sample tar
-        assert [r["kind"] for r in raw_rows(f, shard)] == ["sample", "sample", "eos"]
+    with open(shard, "rb") as f:  # without a count: two samples, then the missing end-of-archive block counted
+        rows = list(raw_rows(f, shard))
+    assert [r["kind"] for r in rows] == ["sample", "sample", "error", "eos"]
+    assert rows[2]["reason"] == "truncated_shard"
     rows = []
     with pytest.raises(IncompleteShard, match=r"train-000000\.tar: 2 samples read .* but _info.json says 3") as err:
         rows.extend(read_as_the_datasource_does(shard))
-    assert "a valid, shorter tar" in str(err.value) and "not committed" in str(err.value)
+    assert "end-of-archive block" in str(err.value) and "not committed" in str(err.value)
     assert rows == [], "the check runs before the end-of-shard row, so nothing downstream sees the shard complete"
 
 
@@ -267,7 +270,8 @@ def test_counted_skips_are_samples_read_but_the_marker_of_a_tar_cut_mid_member_i
     with tarfile.open(whole) as tar:
         inside = tar.getmember("s1.png").offset_data + 10
     whole.write_bytes(whole.read_bytes()[:inside])  # the tar ends inside s1.png's data
-    with pytest.raises(IncompleteShard, match=r"1 samples read .*\(it ends mid-member\), but _info.json says 3"):
+    cut_short = r"1 samples read .*\(it was cut short: it ends mid-member.*\), but _info.json says 3"
+    with pytest.raises(IncompleteShard, match=cut_short):
         read_as_the_datasource_does(str(whole))
 
 

@@ -416,6 +416,22 @@ class SkipReport:
             raise TooManyBadSamples(f"{self.summary()}; allowed at most {max_bad_fraction:.2%}")
 
 
+_END_SEEN = "_zoomvit_end_block_seen"
+
+
+class _EndMarkedTarInfo(tarfile.TarInfo):
+    """Notes on the archive when its header read finds the all-zero end-of-archive block (tarfile
+    stops the same way, silently, at the end of the stream)."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            setattr(tar, _END_SEEN, True)
+            raise
+
+
 def iter_tar_samples(
     fileobj: IO[bytes], *, url: str | None = None, max_member_bytes: int = MAX_MEMBER_BYTES
 ) -> Iterator[dict[str, Any]]:
@@ -427,15 +443,15 @@ def iter_tar_samples(
     shard as Ray's ``read_webdataset`` does. A stream that ends early or is not a tar yields the samples read so
     far, then one marker sample whose ``__error__`` is ``truncated_shard`` or ``read_error``, which
     :func:`decode_sample` turns into that skip reason. A tar cut exactly at a member boundary
-    is indistinguishable from a complete one and reads as such (the reader, :mod:`zoomvit.data.ingest`,
-    catches it by the shard's sample count in ``_info.json`` when it has one). A member over ``max_member_bytes``
+    is told from a complete one by the end-of-archive block every tar writer appends: without it the
+    stream also ends with ``truncated_shard``. A member over ``max_member_bytes``
     is not read: its sample carries ``__error__ = oversized_member``. An ``OSError`` from the stream
     (an I/O failure, possibly transient) propagates: the caller retries or fails the shard.
     """
     current: dict[str, Any] | None = None
     error: SkipReason | None = None
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndMarkedTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -460,6 +476,8 @@ def iter_tar_samples(
                     current[ERROR_FIELD] = SkipReason.oversized_member.value
                 else:
                     current[extension] = payload
+        if error is None and not getattr(tar, _END_SEEN, False):
+            error = SkipReason.truncated_shard  # cut at a member boundary: it reads as a shorter, valid tar
     except EOFError:
         error = SkipReason.truncated_shard
     except tarfile.ReadError as exc:

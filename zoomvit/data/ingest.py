@@ -17,11 +17,12 @@ again from the start with backoff, the rows already emitted are not emitted twic
 last attempt the read fails with :class:`ShardReadError` naming the shard, so no consumer ever sees
 that shard's end-of-shard row (nothing built from it is committed).
 
-A tar cut exactly at a member boundary reads as a shorter, valid tar. So when the ``_info.json``
-beside the shards gives a shard's sample count (:func:`zoomvit.data.shards.expected_samples`), the
-samples read through to the end of the tar (counted skips included: a bad sample is still a sample;
-the marker of a tar that ends mid-member is not) must equal it, or the read fails with
-:class:`IncompleteShard` naming the shard and both counts, before its end-of-shard row.
+A tar cut short (mid-member, or at a member boundary: it then lacks the end-of-archive block) ends
+with a ``truncated_shard`` skip. When the ``_info.json`` beside the shards gives a shard's sample
+count (:func:`zoomvit.data.shards.expected_samples`), the samples read through to the end of the tar
+(counted skips included: a bad sample is still a sample; the truncation marker is not) must equal
+it, or the read fails with :class:`IncompleteShard` naming the shard and both counts, before its
+end-of-shard row.
 """
 
 from __future__ import annotations
@@ -151,9 +152,9 @@ def check_sample_count(shard: str, read: int, expected: int | None, *, ended_ear
     if expected is None or read == expected:
         return
     if ended_early:
-        how = " (it ends mid-member)"
+        how = " (it was cut short: it ends mid-member or without the tar's end-of-archive block)"
     elif read < expected:
-        how = " (it reads as a valid, shorter tar: cut at a member boundary, or written incompletely)"
+        how = " (a whole tar of fewer samples: written incompletely, or _info.json is stale)"
     else:
         how = ""
     raise IncompleteShard(

@@ -120,3 +120,39 @@ def write_lineage(
         lineage_picture(lineage, out / "lineage.png")
         tracker.artifact(parent, out / "lineage.png")
     tracker.artifact(parent, out / LINEAGE)
+
+
+DRIVER_LOCK_TAG = "zoomvit.driver_lock"  # held by the driver while its pipeline run is open
+
+
+def end_orphaned_runs(tracker: Tracker, root: Path) -> list[str]:
+    """End as KILLED the pipeline runs still RUNNING whose driver died (SIGKILL, a lost node): their
+    driver lock under ``root`` is free. Their open stage runs end with them, each tagged why. Runs
+    whose lock lives elsewhere (another artifact root or machine) are left alone."""
+    from zoomvit.durable import OutputLock
+
+    running = tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string="attributes.status = 'RUNNING' and tags.`zoomvit.run_type` = 'pipeline'",
+    )
+    ended = []
+    for run in running:
+        lock_path = Path(run.data.tags.get(DRIVER_LOCK_TAG, ""))
+        if lock_path.parent != root / ".drivers" or not lock_path.exists():
+            continue
+        with OutputLock(lock_path.with_suffix(""), "[pipeline] driver") as lock:
+            if not lock.try_exclusive():
+                continue  # its driver is alive
+            lock_path.unlink(missing_ok=True)
+            if tracker.client.get_run(run.info.run_id).info.status != "RUNNING":
+                continue  # it ended between the search and the lock (a driver ends its run, then unlocks)
+            children = tracker.client.search_runs(
+                [tracker.experiment_id],
+                filter_string=f"attributes.status = 'RUNNING' and tags.mlflow.parentRunId = '{run.info.run_id}'",
+            )
+            why = "its driver died without ending it (found by a later run: the driver's lock was free)"
+            for orphan in [*children, run]:
+                tracker.tags(orphan.info.run_id, {"zoomvit.ended_by": why})
+                tracker.client.set_terminated(orphan.info.run_id, status="KILLED")
+                ended.append(orphan.info.run_id)
+    return ended

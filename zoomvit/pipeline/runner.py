@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import yaml
 
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo
-from zoomvit.durable import exclusive, write_json_durably
+from zoomvit.durable import OutputLock, exclusive, read_or_claim, write_json_durably
 from zoomvit.errors import UserError
 from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
 from zoomvit.pipeline.plan import (
@@ -36,7 +37,15 @@ from zoomvit.pipeline.plan import (
     section,
     shards_of,
 )
-from zoomvit.pipeline.records import lineage_from_run, log_stage, near_chance, shards_source, write_lineage
+from zoomvit.pipeline.records import (
+    DRIVER_LOCK_TAG,
+    end_orphaned_runs,
+    lineage_from_run,
+    log_stage,
+    near_chance,
+    shards_source,
+    write_lineage,
+)
 from zoomvit.pipeline.runtime import sigterm_unwinds
 from zoomvit.tracking.models import CANDIDATE, move_alias, registered_name
 from zoomvit.tracking.runs import (
@@ -79,19 +88,25 @@ def artifact_root(config: PipelineConfig) -> Path:
     return Path(chosen.removeprefix("file://")).resolve() if chosen else default_dir() / "runs"
 
 
-def ensure_demo_data(config: PipelineConfig) -> None:
+def ensure_demo_data(config: PipelineConfig, hold: ExitStack | None = None) -> None:
     """Generate the demo dataset into ``data.root`` when the config asks for it and it is missing,
     or when the one there was generated with other settings (its ``_info.json`` says so). Runs
-    started together wait for each other: one generates, the others find it done."""
+    started together wait for each other: one generates, the others find it done. ``hold``: keep a
+    shared lock on the data until that stack closes, so no other run regenerates it meanwhile."""
     demo, root = config.data.demo, config.data.root
     if demo is None or root is None:
         return
-    with exclusive(Path(root).resolve(), f"[data] {root}"):
-        _ensure_demo_data(config, demo, root)
+    with ExitStack() as scope:
+        lock = scope.enter_context(OutputLock(Path(root).resolve(), f"[data] {root}"))
+        if read_or_claim(lock, lambda: _demo_data_ready(config, demo, root)) is None:
+            _generate_demo_data(demo, root)
+            lock.share()
+        if hold is not None:
+            hold.enter_context(scope.pop_all())
 
 
-def _ensure_demo_data(config: PipelineConfig, demo, root: str) -> None:
-    wanted = {
+def _demo_wanted(demo) -> dict[str, Any]:
+    return {
         "train": demo.train,
         "val": demo.val,
         "image_size": demo.image_size,
@@ -100,31 +115,39 @@ def _ensure_demo_data(config: PipelineConfig, demo, root: str) -> None:
         "photo_clutter": demo.photo_clutter,
         "difficulty": demo.effective_difficulty,
     }
+
+
+def _demo_data_ready(config: PipelineConfig, demo, root: str) -> bool | None:
+    """True when ``root`` holds the demo data these settings generate; None when it must be (re)generated."""
+    wanted = _demo_wanted(demo)
     try:
         config.data.shard_paths("train")
         config.data.shard_paths("val")
     except ValueError:
-        pass  # no shards yet: generate them
-    else:
-        from zoomvit.data.demo import is_demo_dataset
+        return None  # no shards yet: generate them
+    from zoomvit.data.demo import is_demo_dataset
 
-        if not is_demo_dataset(root):
-            raise UserError(
-                f"data.root {root!r} holds shards that the demo generator did not write, and data.demo asks for "
-                "demo data there: refusing to overwrite them. Remove data.demo to train on these shards, or point "
-                "data.root at another directory for the demo data."
-            )
-        generator = json.loads((Path(root) / "_info.json").read_text()).get("generator", {})
-        if all(generator.get(k) == v for k, v in wanted.items()):
-            return
-        log.info(f"[data] the demo dataset in {root} was generated with other settings; regenerating it")
+    if not is_demo_dataset(root):
+        raise UserError(
+            f"data.root {root!r} holds shards that the demo generator did not write, and data.demo asks for "
+            "demo data there: refusing to overwrite them. Remove data.demo to train on these shards, or point "
+            "data.root at another directory for the demo data."
+        )
+    generator = json.loads((Path(root) / "_info.json").read_text()).get("generator", {})
+    if all(generator.get(k) == v for k, v in wanted.items()):
+        return True
+    log.info(f"[data] the demo dataset in {root} was generated with other settings; regenerating it")
+    return None
+
+
+def _generate_demo_data(demo, root: str) -> None:
     from zoomvit.data.demo import generate_demo_dataset
 
     log.info(
         f"[data] generating the demo dataset in {root} ({demo.train} train / {demo.val} val, "
         f"{demo.image_size}px, difficulty {demo.effective_difficulty})",
     )
-    generate_demo_dataset(root, **wanted)
+    generate_demo_dataset(root, **_demo_wanted(demo))
 
 
 def run_pipeline(
@@ -156,18 +179,20 @@ def _run_pipeline(
     config: PipelineConfig, *, only: Sequence[str], force: Sequence[str], from_run: str | None
 ) -> PipelineResult:
     config = lasting_paths(config)
-    ensure_demo_data(config)
-    tracker = Tracker(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)
-    shards, root = shards_of(config), artifact_root(config)
-    reused = lineage_from_run(tracker, from_run)["stages"] if from_run else {}
-    plan = plan_run(config, shards, root, only=only, force=force, reused=reused)
-    for step in plan:
-        if step.action == "missing":
-            raise MissingUpstream(
-                f"stage {step.name!r} has no cached output for this configuration (fingerprint "
-                f"{step.fingerprint[:16]}), and {step.why}"
-            )
-    return PipelineRun(config, tracker, shards, root, recompute=(*force, *only)).execute(plan, only, from_run)
+    with ExitStack() as holds:  # shared locks on the data and every output this run reads, until it ends
+        ensure_demo_data(config, holds)
+        tracker = Tracker(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)
+        shards, root = shards_of(config), artifact_root(config)
+        reused = lineage_from_run(tracker, from_run)["stages"] if from_run else {}
+        plan = plan_run(config, shards, root, only=only, force=force, reused=reused)
+        for step in plan:
+            if step.action == "missing":
+                raise MissingUpstream(
+                    f"stage {step.name!r} has no cached output for this configuration (fingerprint "
+                    f"{step.fingerprint[:16]}), and {step.why}"
+                )
+        run = PipelineRun(config, tracker, shards, root, recompute=(*force, *only))
+        return run.execute(plan, only, from_run, holds)
 
 
 class PipelineRun:
@@ -186,13 +211,16 @@ class PipelineRun:
         self.parent = ""
         self.result = PipelineResult(run_id="", tracking_uri=tracker.uri)
 
-    def execute(self, plan: list[PlannedStage], only: Sequence[str], from_run: str | None) -> PipelineResult:
-        self._start_parent(only, from_run)
+    def execute(
+        self, plan: list[PlannedStage], only: Sequence[str], from_run: str | None, holds: ExitStack
+    ) -> PipelineResult:
+        """``holds``: where each stage output's lock goes (exclusive while it is computed, then shared),
+        released when the caller's run ends: an output is never deleted while a run still reads it."""
+        self._start_parent(only, from_run, holds)
         error: BaseException | None = None
         try:
-            with ExitStack() as locks:  # one lock per stage output being computed, released when it is committed
-                for step in plan:
-                    self._stage(step, locks)
+            for step in plan:
+                self._stage(step, holds)
         except BaseException as err:
             error = err
             raise
@@ -200,10 +228,20 @@ class PipelineRun:
             self._finish(error)
         return self.result
 
-    def _start_parent(self, only: Sequence[str], from_run: str | None) -> None:
+    def _start_parent(self, only: Sequence[str], from_run: str | None, holds: ExitStack) -> None:
         config, tracker = self.config, self.tracker
-        tags = {"zoomvit.run_type": "pipeline", "git_commit": git_commit(), "config_hash": config_hash(config)}
+        driver = self.root / ".drivers" / uuid.uuid4().hex  # held until the run ends: a free one means a dead driver
+        holds.enter_context(exclusive(driver, "[pipeline] driver"))
+        tags = {
+            "zoomvit.run_type": "pipeline",
+            "git_commit": git_commit(),
+            "config_hash": config_hash(config),
+            DRIVER_LOCK_TAG: f"{driver}.lock",
+        }
         self.parent = self.result.run_id = tracker.start(config.name, tags=tags)
+        holds.callback(Path(f"{driver}.lock").unlink, missing_ok=True)
+        if orphans := end_orphaned_runs(tracker, self.root):
+            log.info(f"[pipeline] ended {len(orphans)} run(s) left RUNNING by a driver that died, as KILLED")
         dumped = config.model_dump(mode="json")
         tracker.params(self.parent, flatten(dumped))
         tracker.client.log_text(self.parent, yaml.safe_dump(dumped, sort_keys=False), "config.yaml")
@@ -222,22 +260,27 @@ class PipelineRun:
         where = self.result.ui_url or f"at {tracker.uri}"
         log.info(f"[pipeline] {config.name}: MLflow run {self.parent} {where}; artifacts under {self.root}")
 
-    def _stage(self, step: PlannedStage, locks: ExitStack) -> None:
-        manifest, lock = step.manifest, None
-        if step.action == "run":
-            lock = locks.enter_context(ExitStack())
-            lock.enter_context(exclusive(step.out_dir, f"[{step.name}] {step.out_dir}"))
-            done = None if step.name in self.recompute or damage(step.out_dir) else read_manifest(step.out_dir)
-            if done is not None and done["fingerprint"] == step.fingerprint:
-                log.info(f"[{step.name}] computed by run {done['run_id']} while this run waited")
-                manifest = done
-                lock.close()
-                lock = None
+    def _stage(self, step: PlannedStage, holds: ExitStack) -> None:
+        where = Path(step.manifest["out_dir"]) if step.action == "cached" else step.out_dir  # --from-run: elsewhere
+        lock = holds.enter_context(OutputLock(where, f"[{step.name}] {where}"))
+
+        def committed() -> dict[str, Any] | None:
+            done = None if damage(where) else read_manifest(where)
+            return done if done is not None and done["fingerprint"] == step.fingerprint else None
+
+        manifest = read_or_claim(lock, committed, claim=step.action == "run" and step.name in self.recompute)
+        if manifest is not None and step.action == "run":
+            log.info(f"[{step.name}] computed by run {manifest['run_id']} while this run waited")
+        elif manifest is None and step.action == "cached":
+            if where != step.out_dir:
+                raise UserError(f"stage {step.name!r}: the output of run {step.manifest['run_id']} at {where} "
+                                "changed or vanished since this run was planned; run again")  # fmt: skip
+            log.info(f"[{step.name}] its cached output changed since this run was planned; computing it")
         stage = STAGES[step.name]
         reason = stage.gate(self.config, self.manifests) if stage.gate else None
         if reason is not None:
             self._gated(step, reason)
-        if lock is None:
+        if manifest is not None:
             self._cached(step, manifest)
         else:
             self._compute(step, lock)
@@ -302,7 +345,7 @@ class PipelineRun:
         self.tracker.end(run_id)
         log.info(f"[{step.name}] cache hit ({step.fingerprint[:16]}) from run {manifest['run_id']}")
 
-    def _compute(self, step: PlannedStage, lock: ExitStack) -> None:
+    def _compute(self, step: PlannedStage, lock: OutputLock) -> None:
         name, out_dir, tracker = step.name, step.out_dir, self.tracker
         run_id, node = self._stage_run(step, "miss")
         tracker.params(run_id, flatten(section(self.config, name)))  # each stage's config section is its own
@@ -340,7 +383,7 @@ class PipelineRun:
             for key in STAGES[name].parent_artifacts:
                 tracker.artifact(self.parent, out_dir / manifest["files"][key])
             write_json_durably(out_dir / MANIFEST, manifest)
-            lock.close()
+            lock.share()  # committed: readable by other runs, deletable by none while this one runs
         except BaseException as err:
             node["cache"] = "failed"
             tracker.end(run_id, error=err)

@@ -13,12 +13,14 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 import mlflow
 
@@ -172,13 +174,20 @@ class Tracker:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dataset = MetaDataset(source=resolve_dataset_source(source), name=name, digest=digest[:36])
-        with self.active(run_id):
-            mlflow.log_input(dataset, context=context)
+        context_tag = InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context_tag])])
 
-    def active(self, run_id: str):
-        """The run as MLflow's active run, for the fluent APIs that know no other (log_input, log_model)."""
+    @contextmanager
+    def active(self, run_id: str) -> Iterator[None]:
+        """The run as MLflow's active run, for the fluent APIs that know no other (log_model). Leaving
+        ``start_run``'s block ends the run (FINISHED, FAILED): it is set RUNNING again, as it still is
+        until :meth:`end`."""
         mlflow.set_tracking_uri(self.uri)
-        return mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+        try:
+            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+                yield
+        finally:
+            self.client.update_run(run_id, status="RUNNING")
 
 
 def _is_number(v: Any) -> bool:
