@@ -247,6 +247,9 @@ def test_defaults_outside_a_ray_job_copy_are_the_working_directory_and_inside_it
     home = tmp_path / "home"
     assert artifact_root(config) == home / "runs" and resolve_tracking_uri(None) == f"sqlite:///{home}/mlflow.db"
     assert lasting_paths(config).data.root == str(home / "demo_data" / "tiny")
+    assert resolve_tracking_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{home}/runs/mlflow.db", "not in the copy"
+    assert resolve_tracking_uri(f"sqlite:///{tmp_path}/m.db") == f"sqlite:///{tmp_path}/m.db"
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert artifact_root(load_config(TINY, [f"artifact_root={tmp_path / 'mine'}"])) == tmp_path / "mine"
 
 

@@ -103,7 +103,6 @@ def log_stage(
         )
         if version is not None:
             manifest["registered_model"] = {"name": version.name, "version": version.version}
-        tracker.artifact(run_id, weights, "weights")
     if "evaluation" in manifest["files"]:  # its figures the stage logged itself (log_figure)
         tracker.artifact(run_id, out_dir / manifest["files"]["evaluation"])
 

@@ -52,14 +52,18 @@ def default_dir() -> Path:
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """The config's URI, else $MLFLOW_TRACKING_URI, else a sqlite store in :func:`default_dir`."""
-    if uri:
-        return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    home = default_dir()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}"
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a sqlite store in :func:`default_dir`. A
+    relative sqlite path (``sqlite:///mlflow.db``) is taken relative to :func:`default_dir` too, so
+    inside a Ray job's working-dir copy it does not vanish with the copy."""
+    chosen = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not chosen:
+        chosen = "sqlite:///mlflow.db"
+    path = chosen.removeprefix("sqlite:///")
+    if chosen.startswith("sqlite:///") and not path.startswith("/") and path != ":memory:":
+        home = default_dir()
+        home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{home / path}"
+    return chosen
 
 
 def local_artifact_location(uri: str) -> str | None:
