@@ -1,5 +1,6 @@
 """SIGKILL of the pipeline's driver in the middle of a stage (nothing gets to clean up): the output is
-not committed, and the rerun resumes from what was durably written instead of starting over."""
+not committed, and the rerun resumes from what was durably written instead of starting over, ending
+where an uninterrupted run ends."""
 
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +80,7 @@ def stage_dir(workspace, stage: str) -> Path:
     return out
 
 
-def test_a_driver_killed_mid_training_resumes_from_the_last_checkpoint_on_rerun(workspace):
+def test_a_driver_killed_mid_training_resumes_from_its_last_checkpoint_and_ends_as_an_uninterrupted_run(workspace):
     def third_epoch_done(lines) -> bool:  # its end-of-epoch line, not a progress line within it
         return any(re.search(r"\[teacher\] epoch 3/\d+ train_loss=", line) for line in lines)
 
@@ -111,6 +113,22 @@ def test_a_driver_killed_mid_training_resumes_from_the_last_checkpoint_on_rerun(
     for r in killed:  # its driver could not end them; the rerun found its lock free and did
         assert r.info.status == "KILLED" and "driver died" in r.data.tags["zoomvit.ended_by"]
     assert "left RUNNING by a driver that died" in rerun.stdout + rerun.stderr
+
+    straight = {**workspace, "sets": [*workspace["sets"], "--set", f"artifact_root={workspace['root'] / 'straight'}"]}
+    run(straight, "--only", "teacher")  # the same stage uninterrupted, in another cache
+    (reference,) = (workspace["root"] / "straight" / "teacher").glob("*/manifest.json")
+    uninterrupted = json.loads(reference.read_text())["history"]
+    for resumed_epoch, straight_epoch in zip(history, uninterrupted, strict=True):
+        for key in ("train_loss", "val_loss", "val_top1"):  # the resumed run draws what the straight one drew
+            assert resumed_epoch[key] == pytest.approx(straight_epoch[key], rel=1e-4, abs=1e-6), (key, resumed_epoch)
+    from safetensors.torch import load_file
+
+    resumed_weights, straight_weights = (
+        load_file(str(out / "model.safetensors")),
+        load_file(str(reference.parent / "model.safetensors")),
+    )
+    for name, tensor in straight_weights.items():
+        assert torch.allclose(resumed_weights[name], tensor, rtol=1e-4, atol=1e-5), name
 
 
 def test_a_driver_killed_mid_relevance_keeps_committed_groups_and_the_rerun_equals_a_straight_run(workspace):

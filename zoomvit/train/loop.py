@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ PROGRESS_EVERY_S = 30.0
 
 FINAL_WEIGHTS = "model.safetensors"
 HISTORY = "history.json"
+RNG_STATE = "rng_rank{rank}.pt"
 
 
 def build_deepspeed_config(train: TrainConfig, *, use_gpu: bool, world_size: int) -> dict[str, Any]:
@@ -144,12 +146,29 @@ class WorkerTrainer:
             return 0, []
         with checkpoint.as_directory() as ckpt_dir:
             _, client_state = self.engine.load_checkpoint(ckpt_dir, tag="deepspeed")
+            rng_path = Path(ckpt_dir) / RNG_STATE.format(rank=self.rank)
+            if rng_path.exists():  # the draws continue where they stopped: a resumed run equals an uninterrupted one
+                self._set_rng_state(torch.load(rng_path, weights_only=True))
         if self.ema is not None:
             self.ema.module.load_state_dict(client_state["ema"])
         start_epoch = int(client_state["epoch"]) + 1
         if self.rank == 0:
             log.info(f"[{self.name}] resumed from the checkpoint of epoch {start_epoch}")
         return start_epoch, client_state["history"]
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        """The random streams an epoch draws from: torch's (dropout, drop-path), the task's augmentation
+        generator and, on a GPU, CUDA's. DeepSpeed's client state is rank 0's alone, so each rank saves its own."""
+        state = {"torch": torch.get_rng_state(), "task": self.task.generator.get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["torch"])
+        self.task.generator.set_state(state["task"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def fit(self) -> None:
         try:
@@ -242,6 +261,7 @@ class WorkerTrainer:
             client_state["ema"] = self.ema.module.state_dict()
         with tempfile.TemporaryDirectory() as ckpt_dir:
             self.engine.save_checkpoint(ckpt_dir, tag="deepspeed", client_state=client_state)
+            torch.save(self._rng_state(), os.path.join(ckpt_dir, RNG_STATE.format(rank=self.rank)))  # per rank
             if self.rank == 0:
                 with open(os.path.join(ckpt_dir, HISTORY), "w") as f:
                     json.dump(self.history, f)
