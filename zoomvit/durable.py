@@ -1,7 +1,8 @@
 """Writing files so that a crash, a power loss or a concurrent writer never leaves a partial one.
 
 Every write goes to a temporary name unique to this process and call, is fsynced, renamed over
-the target and the directory fsynced: a reader sees the old file or the whole new one.
+the target and the directory fsynced: a reader sees the old file or the whole new one. Runs that
+share a directory coordinate through :class:`OutputLock` (readers shared, a writer exclusive).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class OutputLock:
         self.path = Path(f"{path}.lock")
         self.what = what
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")  # noqa: SIM115 (held across calls; closed by release)
+        self._file = open(self.path, "a+")  # held across calls; closed by release()
 
     def shared(self) -> None:
         self._flock(fcntl.LOCK_SH, "to finish writing it")
