@@ -146,3 +146,15 @@ def test_an_output_nobody_has_written_is_claimed_exclusively_by_the_first_run(tm
         lock.share()
         other.shared()  # a shared hold no longer blocks readers
         other.release()
+
+
+def test_a_killed_writers_temporaries_are_removed_and_nothing_else(tmp_path):
+    from zoomvit.durable import remove_stale_temporaries
+
+    left = [temporary_name(tmp_path / "train-group-00001.parquet"), temporary_name(tmp_path / "ray" / "manifest.json")]
+    kept = [tmp_path / "train-group-00000.parquet", tmp_path / ".hidden.tmp", tmp_path / "notes.tmp"]
+    for path in [*left, *kept]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == 2
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)

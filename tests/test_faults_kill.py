@@ -114,9 +114,12 @@ def test_a_driver_killed_mid_training_resumes_from_its_last_checkpoint_and_ends_
         assert r.info.status == "KILLED" and "driver died" in r.data.tags["zoomvit.ended_by"]
     assert "left RUNNING by a driver that died" in rerun.stdout + rerun.stderr
 
-    straight = {**workspace, "sets": [*workspace["sets"], "--set", f"artifact_root={workspace['root'] / 'straight'}"]}
+    straight = {
+        **workspace,
+        "sets": [*workspace["sets"], "--set", f"artifact_root={workspace['root'] / 'uninterrupted'}"],
+    }
     run(straight, "--only", "teacher")  # the same stage uninterrupted, in another cache
-    (reference,) = (workspace["root"] / "straight" / "teacher").glob("*/manifest.json")
+    (reference,) = (workspace["root"] / "uninterrupted" / "teacher").glob("*/manifest.json")
     uninterrupted = json.loads(reference.read_text())["history"]
     for resumed_epoch, straight_epoch in zip(history, uninterrupted, strict=True):
         for key in ("train_loss", "val_loss", "val_top1"):  # the resumed run draws what the straight one drew

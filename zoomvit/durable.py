@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +26,18 @@ T = TypeVar("T")
 def temporary_name(path: Path) -> Path:
     """A hidden sibling of ``path`` no other process or call will pick."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+_TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> int:
+    """Delete the temporaries (:func:`temporary_name`) under ``directory`` that a killed writer left; how
+    many. Only for a caller holding the directory's :class:`OutputLock` exclusively: no live writer then."""
+    stale = [p for p in Path(directory).rglob(".*.tmp") if _TEMPORARY.match(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def write_durably(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:

@@ -22,7 +22,7 @@ import yaml
 
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo
-from zoomvit.durable import OutputLock, exclusive, read_or_claim, write_json_durably
+from zoomvit.durable import OutputLock, exclusive, read_or_claim, remove_stale_temporaries, write_json_durably
 from zoomvit.errors import UserError
 from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
 from zoomvit.pipeline.plan import (
@@ -358,6 +358,8 @@ class PipelineRun:
                 else:
                     (out_dir / MANIFEST).unlink()  # damaged: the stage recomputes only its damaged parts
             out_dir.mkdir(parents=True, exist_ok=True)
+            if stale := remove_stale_temporaries(out_dir):
+                log.info(f"[{name}] removed {stale} temporary file(s) a killed run left in {out_dir}")
             ctx = StageContext(
                 config=self.config,
                 out_dir=out_dir,
