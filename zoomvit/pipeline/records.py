@@ -10,6 +10,7 @@ from typing import Any
 
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo
+from zoomvit.durable import OutputLock
 from zoomvit.pipeline.graph import STAGES
 from zoomvit.pipeline.plan import config_hash
 from zoomvit.tracking.models import log_stage_model, registered_name
@@ -128,8 +129,6 @@ def end_orphaned_runs(tracker: Tracker, root: Path) -> list[str]:
     """End as KILLED the pipeline runs still RUNNING whose driver died (SIGKILL, a lost node): their
     driver lock under ``root`` is free. Their open stage runs end with them, each tagged why. Runs
     whose lock lives elsewhere (another artifact root or machine) are left alone."""
-    from zoomvit.durable import OutputLock
-
     running = tracker.client.search_runs(
         [tracker.experiment_id],
         filter_string="attributes.status = 'RUNNING' and tags.`zoomvit.run_type` = 'pipeline'",
