@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Try the cluster path on one machine: a multi-node Ray cluster (a head with 0 CPUs, as in
-# cluster/aws.yaml, plus two worker nodes started with `ray start --address` in their own processes),
+# cluster/aws.yaml, plus three worker nodes started with `ray start --address` in their own processes),
 # a local S3-compatible server (moto) holding the shards and MLflow's artifact store, and the
 # pipeline submitted with `ray job submit --working-dir`.
 #
 #   bash scripts/local_cluster.sh up        # S3 + shards, MLflow, Ray head and worker nodes
 #   bash scripts/local_cluster.sh submit    # the tiny pipeline as a Ray job (extra args go to full.py)
+#   bash scripts/local_cluster.sh lose-node gpu_h100x8-0   # SIGKILL one worker node, as a lost machine
 #   bash scripts/local_cluster.sh down      # stop everything
 #
 # Node types (scaled down from cluster/aws.yaml): `cpu_ingest` (2 CPUs, resource cpu_ingest) runs
-# the relevance actors; `gpu_h100x8` (3 CPUs, the logical resource accelerator_type:H100, no real GPU)
-# runs the training workers. The config pins them there with relevance.resources / train.resources.
-# The artifact root is a directory every node sees (here the local disk; on a cluster, the shared
-# volume of cluster/kuberay). S3 credentials live in the nodes' environment, not in the job's
-# runtime env (which Ray's dashboard and Jobs API show).
+# the relevance actors; two `gpu_h100x8` nodes (3 CPUs each, the logical resource
+# accelerator_type:H100, no real GPU; node names gpu_h100x8-0 and -1) run the training workers. The
+# config pins them there with relevance.resources / train.resources. Training checkpoints go to the
+# bucket (checkpoint_root), so a lost node's run resumes on the other one; the stage cache is a
+# directory every node sees (here the local disk; on a cluster, the shared volume of cluster/kuberay).
+# S3 credentials live in the nodes' environment, not in the job's runtime env (which Ray's dashboard
+# and Jobs API show).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -71,12 +74,13 @@ PY
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats >"$state/head.log" 2>&1
   # Each node keeps its own temp dir, as separate machines would: nodes sharing one would unpack the
   # job's working dir over each other's, deleting the driver's current directory under it.
-  ray start --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus=2 \
-    --resources='{"cpu_ingest": 2}' --object-store-memory=300000000 \
-    --temp-dir="/tmp/ray-$RAY_PORT-cpu_ingest" >"$state/node-cpu_ingest.log" 2>&1
-  ray start --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus=3 \
-    --resources='{"accelerator_type:H100": 1}' --object-store-memory=300000000 \
-    --temp-dir="/tmp/ray-$RAY_PORT-gpu_h100x8" >"$state/node-gpu_h100x8.log" 2>&1
+  node() {  # name, CPUs, resources
+    ray start --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --node-name="$1" --num-cpus="$2" \
+      --resources="$3" --object-store-memory=300000000 --temp-dir="/tmp/ray-$RAY_PORT-$1" >"$state/node-$1.log" 2>&1
+  }
+  node cpu_ingest 2 '{"cpu_ingest": 2}'
+  node gpu_h100x8-0 3 '{"accelerator_type:H100": 1}'
+  node gpu_h100x8-1 3 '{"accelerator_type:H100": 1}'
   wait_for "http://127.0.0.1:$DASHBOARD_PORT/api/version" "Ray's dashboard" "${auth[@]}"
   echo "up: Ray http://127.0.0.1:$DASHBOARD_PORT, MLflow http://127.0.0.1:$MLFLOW_PORT, S3 http://127.0.0.1:$S3_PORT"
   ;;
@@ -89,11 +93,20 @@ submit)
     -- python pipelines/full.py --config "$config" \
        --set data.root=s3://zoomvit/shards --set data.demo=null \
        --set "tracking.uri=http://127.0.0.1:$MLFLOW_PORT" --set "artifact_root=$state/artifacts" \
+       --set checkpoint_root=s3://zoomvit/checkpoints \
        --set 'relevance.resources={cpu_ingest: 1}' \
        --set 'teacher.train.resources={"accelerator_type:H100": 0.01}' \
        --set 'zoomer.train.resources={"accelerator_type:H100": 0.01}' \
        --set 'zoomvit.train.resources={"accelerator_type:H100": 0.01}' \
        --set 'baseline.train.resources={"accelerator_type:H100": 0.01}' "$@"
+  ;;
+lose-node)
+  # shellcheck disable=SC1090
+  source "$ports"
+  name="${2:?which node: cpu_ingest, gpu_h100x8-0 or gpu_h100x8-1}"
+  # the node's raylet, object store and workers: every process started with its temp dir
+  pkill -KILL -f -- "/tmp/ray-$RAY_PORT-$name/" || { echo "no processes of node $name" >&2; exit 1; }
+  echo "lost node $name"
   ;;
 down)
   ray stop --force >/dev/null 2>&1 || true
@@ -101,12 +114,12 @@ down)
     # shellcheck disable=SC1090
     source "$ports"
     MLFLOW_PORT=$MLFLOW_PORT MLFLOW_STATE_DIR="$state/mlflow" bash mlflow/serve.sh --stop || true
-    rm -rf "/tmp/ray-$RAY_PORT-cpu_ingest" "/tmp/ray-$RAY_PORT-gpu_h100x8"
+    rm -rf "/tmp/ray-$RAY_PORT-cpu_ingest" "/tmp/ray-$RAY_PORT-gpu_h100x8-0" "/tmp/ray-$RAY_PORT-gpu_h100x8-1"
   fi
   if [ -f "$state/s3.pid" ]; then kill -TERM -- "-$(cat "$state/s3.pid")" 2>/dev/null || true; rm -f "$state/s3.pid"; fi
   rm -f "$ports"
   echo "down"
   ;;
 *)
-  sed -n '2,17p' "$0" >&2; exit 2 ;;
+  sed -n '2,21p' "$0" >&2; exit 2 ;;
 esac

@@ -1,11 +1,13 @@
-"""The cluster path on one machine (scripts/local_cluster.sh): a Ray head with 0 CPUs and two worker
-nodes started with `ray start --address`, shards and MLflow's artifact store on a local S3 server
-(moto), and the tiny pipeline submitted twice with `ray job submit --working-dir`."""
+"""The cluster path on one machine (scripts/local_cluster.sh): a Ray head with 0 CPUs and three worker
+nodes started with `ray start --address`, shards, training checkpoints and MLflow's artifact store on a
+local S3 server (moto), the tiny pipeline submitted twice with `ray job submit --working-dir`, and the
+node running the training workers lost in the middle of training."""
 
 import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,20 +15,36 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = ["bash", "scripts/local_cluster.sh"]
 STAGES = ("teacher", "relevance", "zoomer", "zoomvit", "baseline", "evaluate")
-SHORTER = [  # the mechanics, not the models: one epoch each, no baseline family
-    *("--set", "baseline.input_sizes=[]", "--set", "teacher.train.epochs=1", "--set", "zoomer.train.epochs=2"),
-    *("--set", "zoomvit.train.epochs=1", "--set", "baseline.train.epochs=1"),
+TEACHER_EPOCHS = 12  # long enough to lose a node between its second checkpoint and its end
+SHORTER = [  # the mechanics, not the models: few epochs, no baseline family
+    *("--set", "baseline.input_sizes=[]", "--set", f"teacher.train.epochs={TEACHER_EPOCHS}"),
+    *("--set", "zoomer.train.epochs=2", "--set", "zoomvit.train.epochs=1", "--set", "baseline.train.epochs=1"),
 ]
 
 
-def _sh(*args: str, state: Path, timeout: int) -> subprocess.CompletedProcess:
+def _env(state: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    proc = subprocess.run(
-        [*SCRIPT, *args], cwd=REPO, env={**env, "ZOOMVIT_CLUSTER_DIR": str(state)}, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
+    return {**env, "ZOOMVIT_CLUSTER_DIR": str(state)}
+
+
+def _sh(*args: str, state: Path, timeout: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*SCRIPT, *args], cwd=REPO, env=_env(state), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{args}: {proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
+
+
+def _probe(script: str, dashboard: str) -> object:
+    auth = {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else {}
+    proc = subprocess.run(
+        ["python3", "-c", script, dashboard], env={**os.environ, **auth}, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _keys(s3, prefix: str = "") -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="zoomvit", Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 def _ports(state: Path) -> dict[str, int]:
@@ -38,17 +56,39 @@ import json, sys
 from ray.util.state import list_actors, list_nodes
 address = sys.argv[1]
 nodes = {n.node_id: n for n in list_nodes(address=address, detail=True)}
-def kind(node_id):
-    res = nodes[node_id].resources_total
-    return "head" if not res.get("CPU") else "cpu_ingest" if "cpu_ingest" in res else "gpu_h100x8"
+def name(node_id):
+    return "head" if nodes[node_id].is_head_node else nodes[node_id].node_name
 actors = list_actors(address=address, detail=True, limit=10000)
-print(json.dumps(sorted({(a.class_name, kind(a.node_id), a.required_resources.get("CPU", 0)) for a in actors})))
+print(json.dumps(sorted({(a.class_name, name(a.node_id), a.required_resources.get("CPU", 0)) for a in actors})))
 """
+TRAINING_NODES_PROBE = """
+import json, sys
+from ray.util.state import list_actors, list_nodes
+address = sys.argv[1]
+names = {n.node_id: n.node_name for n in list_nodes(address=address, detail=True)}
+alive = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+print(json.dumps(sorted({names[a.node_id] for a in alive})))
+"""
+
+
+def _lose_the_training_node(s3, state: Path, dashboard: str, submission: subprocess.Popen) -> str:
+    """Once the teacher's second checkpoint is in the bucket, SIGKILL the node its workers run on."""
+    deadline = time.time() + 600
+    while time.time() < deadline and submission.poll() is None:
+        checkpoints = {
+            m.group(1) for k in _keys(s3, "checkpoints/teacher/") if (m := re.search(r"/(checkpoint_[^/]+)/", k))
+        }
+        if len(checkpoints) >= 2:
+            (node,) = _probe(TRAINING_NODES_PROBE, dashboard)  # ScalingConfig packs both workers on one node
+            _sh("lose-node", node, state=state, timeout=60)
+            return node
+        time.sleep(0.2)
+    raise AssertionError(f"the teacher wrote no second checkpoint to the bucket (submission exit {submission.poll()})")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_the_pipeline_runs_on_a_multi_node_cluster_with_shards_and_mlflow_artifacts_on_s3(tmp_path):
+def test_the_pipeline_runs_on_a_multi_node_cluster_with_shards_checkpoints_and_mlflow_artifacts_on_s3(tmp_path):
     import boto3
 
     state = tmp_path / "cluster"
@@ -56,20 +96,7 @@ def test_the_pipeline_runs_on_a_multi_node_cluster_with_shards_and_mlflow_artifa
     try:
         _sh("up", state=state, timeout=300)
         ports = _ports(state)
-        first = _sh("submit", *SHORTER, state=state, timeout=900)
         dashboard = f"http://127.0.0.1:{ports['DASHBOARD_PORT']}"
-        auth = {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else {}
-        probe = subprocess.run(
-            ["python3", "-c", PLACEMENT_PROBE, dashboard],
-            env={**os.environ, **auth},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert probe.returncode == 0, probe.stderr[-3000:]
-        placed = {tuple(p) for p in json.loads(probe.stdout.strip().splitlines()[-1])}
-        second = _sh("submit", *SHORTER, state=state, timeout=600)
-        copies = list(Path("/tmp/ray/session_latest/runtime_resources/working_dir_files").glob("*"))
         s3 = boto3.client(
             "s3",
             endpoint_url=f"http://127.0.0.1:{ports['S3_PORT']}",
@@ -77,24 +104,40 @@ def test_the_pipeline_runs_on_a_multi_node_cluster_with_shards_and_mlflow_artifa
             aws_secret_access_key="zoomvit-local",
             region_name="us-east-1",
         )
-        keys = [
-            o["Key"]
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket="zoomvit")
-            for o in page["Contents"]
-        ]
+        submission = subprocess.Popen(
+            [*SCRIPT, "submit", *SHORTER], cwd=REPO, env=_env(state), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            lost = _lose_the_training_node(s3, state, dashboard, submission)
+            out, _ = submission.communicate(timeout=900)
+        finally:
+            submission.kill()
+        assert submission.returncode == 0, out[-6000:]
+        placed = {tuple(p) for p in _probe(PLACEMENT_PROBE, dashboard)}
+        second = _sh("submit", *SHORTER, state=state, timeout=600)
+        copies = list(Path("/tmp/ray/session_latest/runtime_resources/working_dir_files").glob("*"))
+        keys = _keys(s3)
         written = {p.name for c in copies if c.is_dir() for p in c.iterdir()} & {"runs", "mlflow.db", "demo_data"}
     finally:
         _sh("down", state=state, timeout=120)
 
-    out = first.stdout + first.stderr
     for stage in STAGES:
         assert re.search(rf"\[{stage}\] done in", out), f"{stage} did not run:\n{out[-3000:]}"
     training = {node for cls, node, _ in placed if cls == "RayTrainWorker"}
     relevance = {node for cls, node, _ in placed if "MapBatches" in cls or "MapWorker" in cls}
-    assert training == {"gpu_h100x8"}, f"training workers ran where train.resources do not point: {placed}"
+    assert training == {"gpu_h100x8-0", "gpu_h100x8-1"}, f"training ran on the lost node, then on the other: {placed}"
     assert relevance == {"cpu_ingest"}, f"relevance actors ran where relevance.resources do not point: {placed}"
     on_head = {cls for cls, node, cpus in placed if node == "head" and cpus > 0}
     assert not on_head, f"work that needs CPUs ran on the head node (0 CPUs): {on_head}"
+
+    (teacher,) = (state / "artifacts").glob("teacher/*/manifest.json")
+    history = json.loads(teacher.read_text())["history"]
+    starts = [h["start_epoch"] for h in history if "start_epoch" in h]
+    assert [h["epoch"] for h in history] == list(range(TEACHER_EPOCHS)), history
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 2, (
+        f"after losing {lost} the teacher resumes from a checkpoint in the bucket, not from scratch: {starts}"
+    )
 
     again = second.stdout + second.stderr
     for stage in STAGES:
@@ -102,7 +145,11 @@ def test_the_pipeline_runs_on_a_multi_node_cluster_with_shards_and_mlflow_artifa
 
     shards = [k for k in keys if k.startswith("shards/") and k.endswith(".tar")]
     logged = [k for k in keys if k.startswith("mlflow/")]
+    checkpoints = [k for k in keys if k.startswith("checkpoints/")]
     assert shards, keys[:20]
+    for stage in ("teacher", "zoomer", "zoomvit", "baseline"):
+        assert any(k.startswith(f"checkpoints/{stage}/") and "/checkpoint_" in k for k in checkpoints), stage
+    assert not list((state / "artifacts").glob("*/*/ray")), "no checkpoint on the nodes' disk"
     assert any(k.endswith("/MLmodel") for k in logged), "logged models are in the S3 artifact store"
     assert any(k.endswith("lineage.json") for k in logged)
     assert any(k.endswith("/artifacts/model.safetensors") for k in logged), "weights inside each logged model"

@@ -453,6 +453,11 @@ class PipelineConfig(Section):
 
     name: str = "zoomvit"
     artifact_root: str | None = None
+    checkpoint_root: str | None = Field(
+        None,
+        description="where Ray Train keeps the training stages' checkpoints, under <stage>/<fingerprint>: a URL "
+        "(s3://, gs://, any fsspec) or a path every node sees; default: inside each stage's output",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     relevance: RelevanceConfig = Field(default_factory=RelevanceConfig)

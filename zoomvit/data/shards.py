@@ -30,7 +30,7 @@ def filesystem(url: str) -> fsspec.AbstractFileSystem:
         return fsspec.core.url_to_fs(url)[0]
     except ImportError as err:
         raise UserError(
-            f"reading {url!r} needs the filesystem for {_protocol(url)}:// ({err}): pip install 'zoomvit[cloud]'"
+            f"{url!r} needs the filesystem for {_protocol(url)}:// ({err}): pip install 'zoomvit[cloud]'"
         ) from err
 
 
@@ -150,6 +150,11 @@ def sample_count(paths: Sequence[str]) -> int:
             )
         total += sum(lengths[n] for n in names)
     return total
+
+
+def is_url(path: str) -> bool:
+    """A remote location (``s3://``, ``gs://``, ...), not a local path or a ``file://`` URL."""
+    return _protocol(path) not in (None, "file")
 
 
 def _protocol(path: str) -> str | None:

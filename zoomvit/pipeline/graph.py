@@ -33,6 +33,7 @@ class StageContext:
     fingerprint: str
     tracking: dict[str, str]  # uri + run_id of this stage's MLflow run (for the training workers)
     splits: DecodedSplits | None = None  # the run's shared decoded splits
+    checkpoints: str | None = None  # Ray Train's storage for a training stage (checkpoint_root); None: out_dir/ray
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,7 +148,7 @@ def _train_outputs(result) -> dict[str, Any]:
 def run_teacher(ctx: StageContext) -> dict[str, Any]:
     from zoomvit.train.recipes import train_teacher
 
-    result = train_teacher(ctx.config, ctx.out_dir, ctx.tracking, splits=ctx.splits)
+    result = train_teacher(ctx.config, ctx.out_dir, ctx.tracking, splits=ctx.splits, checkpoints=ctx.checkpoints)
     if result is None:
         t = ctx.config.teacher
         return {
@@ -188,8 +189,9 @@ def run_relevance(ctx: StageContext) -> dict[str, Any]:
 def run_zoomer(ctx: StageContext) -> dict[str, Any]:
     from zoomvit.train.recipes import train_zoomer
 
+    maps = _upstream_file(ctx, "relevance", "maps")
     return _train_outputs(
-        train_zoomer(ctx.config, _upstream_file(ctx, "relevance", "maps"), ctx.out_dir, ctx.tracking, splits=ctx.splits)
+        train_zoomer(ctx.config, maps, ctx.out_dir, ctx.tracking, splits=ctx.splits, checkpoints=ctx.checkpoints)
     )
 
 
@@ -202,6 +204,7 @@ def run_zoomvit(ctx: StageContext) -> dict[str, Any]:
         ctx.out_dir,
         ctx.tracking,
         splits=ctx.splits,
+        checkpoints=ctx.checkpoints,
         **_distill_inputs(ctx),
     )
     outputs = _train_outputs(result)
@@ -217,7 +220,9 @@ def run_zoomvit(ctx: StageContext) -> dict[str, Any]:
 def run_baseline(ctx: StageContext) -> dict[str, Any]:
     from zoomvit.train.recipes import train_baselines
 
-    results = train_baselines(ctx.config, ctx.out_dir, ctx.tracking, splits=ctx.splits, **_distill_inputs(ctx))
+    results = train_baselines(
+        ctx.config, ctx.out_dir, ctx.tracking, splits=ctx.splits, checkpoints=ctx.checkpoints, **_distill_inputs(ctx)
+    )
     outputs = _train_outputs(results.pop("baseline"))
     for name, result in results.items():
         outputs["files"][f"weights_{name}"] = str(result.weights.relative_to(ctx.out_dir))

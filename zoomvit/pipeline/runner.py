@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from zoomvit.config import PipelineConfig
-from zoomvit.data.shards import ShardInfo
+from zoomvit.data.shards import ShardInfo, filesystem, is_url
 from zoomvit.durable import OutputLock, exclusive, read_or_claim, remove_stale_temporaries, write_json_durably
 from zoomvit.errors import UserError
 from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
@@ -79,13 +79,32 @@ def artifact_root(config: PipelineConfig) -> Path:
     """The config's artifact root, else $ZOOMVIT_ARTIFACT_ROOT, else ``runs`` under :func:`default_dir`
     (the working directory; ``~/.zoomvit`` inside a ``ray job submit`` working-dir copy)."""
     chosen = config.artifact_root or os.environ.get("ZOOMVIT_ARTIFACT_ROOT")
-    if chosen and "://" in chosen and not chosen.startswith("file://"):
+    if chosen and is_url(chosen):
         raise UserError(
             f"artifact_root {chosen!r}: the stage cache needs a filesystem every node mounts (a shared volume: "
-            "EFS, Filestore, a Kubernetes RWX claim); object storage holds the shards and MLflow's artifacts. "
+            "EFS, Filestore, a Kubernetes RWX claim); object storage holds the shards, the training checkpoints "
+            "(checkpoint_root) and MLflow's artifacts. "
             "See cluster/README.md"
         )
     return Path(chosen.removeprefix("file://")).resolve() if chosen else default_dir() / "runs"
+
+
+def checkpoint_location(config: PipelineConfig, stage: str, fingerprint: str) -> str | None:
+    """Where a stage's training checkpoints go when ``checkpoint_root`` moves them out of its output:
+    ``<checkpoint_root>/<stage>/<fingerprint>``, so a rerun of the same stage resumes from them."""
+    root = config.checkpoint_root
+    if root is None:
+        return None
+    if not is_url(root):
+        root = str(Path(root.removeprefix("file://")).resolve())
+    return f"{root.rstrip('/')}/{stage}/{fingerprint}"
+
+
+def remove_tree(location: str) -> None:
+    """Delete a directory tree, local or in object storage; nothing when it is not there."""
+    fs = filesystem(location)
+    if fs.exists(location):
+        fs.rm(location, recursive=True)
 
 
 def ensure_demo_data(config: PipelineConfig, hold: ExitStack | None = None) -> None:
@@ -351,10 +370,13 @@ class PipelineRun:
         tracker.params(run_id, flatten(section(self.config, name)))  # each stage's config section is its own
         log.info(f"[{name}] start (cache miss, {step.fingerprint[:16]}: {step.why}) -> {out_dir}")
         start = time.perf_counter()
+        checkpoints = checkpoint_location(self.config, name, step.fingerprint)
         try:
             if (out_dir / MANIFEST).exists():
                 if name in self.recompute or not STAGES[name].repairs_in_place:
                     shutil.rmtree(out_dir)  # forced or --only: recompute, never resume a finished output
+                    if checkpoints is not None:
+                        remove_tree(checkpoints)
                 else:
                     (out_dir / MANIFEST).unlink()  # damaged: the stage recomputes only its damaged parts
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -367,6 +389,7 @@ class PipelineRun:
                 fingerprint=step.fingerprint,
                 tracking={"uri": tracker.uri, "run_id": run_id},
                 splits=self.splits,
+                checkpoints=checkpoints,
             )
             outputs = STAGES[name].run(ctx)
             if outputs.get("history"):  # epochs the worker could not deliver (tracking server outage, restart)

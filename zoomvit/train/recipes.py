@@ -37,6 +37,7 @@ def train_teacher(
     tracking: dict[str, str] | None = None,
     *,
     splits: DecodedSplits | None = None,
+    checkpoints: str | None = None,
 ) -> TrainResult | None:
     """Train the teacher ViT on the shards; None when the config names a pretrained teacher."""
     teacher = config.teacher
@@ -55,6 +56,7 @@ def train_teacher(
         out_dir=out_dir,
         tracking=tracking,
         streamed_samples=streamed,
+        storage=checkpoints,
     )
 
 
@@ -87,6 +89,7 @@ def train_zoomer(
     tracking: dict[str, str] | None = None,
     *,
     splits: DecodedSplits | None = None,
+    checkpoints: str | None = None,
 ) -> TrainResult:
     z = config.zoomer
     task = zoomer_task(config)
@@ -101,6 +104,7 @@ def train_zoomer(
         out_dir=out_dir,
         tracking=tracking,
         streamed_samples=streamed,
+        storage=checkpoints,
     )
 
 
@@ -187,6 +191,7 @@ def train_zoomvit(
     teacher_weights: Path | str | None = None,
     relevance_dir: Path | str | None = None,
     splits: DecodedSplits | None = None,
+    checkpoints: str | None = None,
 ) -> tuple[TrainResult, dict[str, Any] | None]:
     distill = config.zoomvit.distill
     if zoomer_weights is None:
@@ -215,6 +220,7 @@ def train_zoomvit(
         out_dir=out_dir,
         tracking=tracking,
         streamed_samples=streamed,
+        storage=checkpoints,
     )
     return result, operating_point
 
@@ -247,8 +253,10 @@ def train_baselines(
     teacher_weights: Path | str | None = None,
     relevance_dir: Path | str | None = None,
     splits: DecodedSplits | None = None,
+    checkpoints: str | None = None,
 ) -> dict[str, TrainResult]:
-    """Train every baseline in turn; the first into ``out_dir``, the others into ``out_dir/<name>``.
+    """Train every baseline in turn; the first into ``out_dir``, the others into ``out_dir/<name>`` (their
+    checkpoints, when ``checkpoints`` moves them elsewhere, into ``checkpoints/<name>``).
     Only the first logs its epochs into the stage's MLflow run (the others' results go in the manifest)."""
     distill = config.baseline.distill
     for section in (config.baseline, *config.baseline.members):
@@ -265,5 +273,6 @@ def train_baselines(
             out_dir=out_dir if name == "baseline" else out_dir / name,
             tracking=tracking if name == "baseline" else None,
             streamed_samples=streamed,
+            storage=checkpoints if checkpoints is None or name == "baseline" else f"{checkpoints}/{name}",
         )
     return results

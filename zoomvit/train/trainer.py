@@ -11,6 +11,7 @@ from typing import Any
 from zoomvit import logs
 from zoomvit.cluster import resolve_use_gpu
 from zoomvit.config import TrainConfig
+from zoomvit.data.shards import filesystem, is_url
 from zoomvit.train.loop import FINAL_WEIGHTS, HISTORY, WorkerConfig, train_loop_per_worker
 from zoomvit.train.specs import TaskSpec
 
@@ -40,6 +41,18 @@ def _require_decode_cpus(name: str, train: TrainConfig) -> None:
         )
 
 
+def checkpoint_storage(location: str):
+    """Ray Train's ``storage_path`` and ``storage_filesystem`` for a path or URL. Object storage goes
+    through fsspec (s3fs, gcsfs: the ``cloud`` extra, credentials and endpoint from the node's
+    environment), as the shards do, rather than pyarrow's own S3 client."""
+    if not is_url(location):
+        return str(Path(location.removeprefix("file://")).resolve()), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs = filesystem(location)
+    return fs._strip_protocol(location), PyFileSystem(FSSpecHandler(fs))
+
+
 def run_training(
     *,
     name: str,
@@ -50,18 +63,21 @@ def run_training(
     out_dir: str | Path,
     tracking: dict[str, str] | None = None,
     streamed_samples: int | None = None,
+    storage: str | None = None,
 ) -> TrainResult:
     """Train ``task`` on N workers; weights end in ``out_dir/model.safetensors``.
 
     The training set is materialised and counted, unless ``streamed_samples`` (its size, known
-    beforehand) is given: then every epoch reads it anew and nothing is kept. Rerunning with the
-    same ``out_dir`` resumes from the latest checkpoint of an interrupted run.
+    beforehand) is given: then every epoch reads it anew and nothing is kept. Checkpoints go to
+    ``storage`` (a path or an fsspec URL such as ``s3://bucket/prefix``; default ``out_dir/ray``);
+    rerunning with the same ``storage`` resumes from the latest checkpoint of an interrupted run.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    storage_path, storage_filesystem = checkpoint_storage(storage or str(out_dir / "ray"))
     use_gpu = resolve_use_gpu(train.use_gpu)
     if train.max_train_samples:
         train_ds = train_ds.limit(train.max_train_samples)
@@ -110,7 +126,8 @@ def run_training(
         run_config=RunConfig(
             logging_config=LoggingConfig(log_level=logs.train_log_level()),
             name=name,
-            storage_path=str(out_dir / "ray"),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
