@@ -1,6 +1,7 @@
 """The run planner: which stages a run needs, what it will do with each and why, from the config,
 the shards and the cache alone (no Ray, no MLflow)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -376,3 +377,38 @@ def test_a_truncated_file_is_caught_by_its_size_before_any_content_is_hashed(set
     step = next(s for s in plan_run(config, shards, root) if s.name == "relevance")
     assert f"{group} has 100 bytes, 400 when committed" in step.why
     assert all(Path(p).parent != relevance for p in hashed), "the relevance entry was judged by sizes alone"
+
+
+def test_checkpoint_root_moves_each_training_stages_checkpoints_under_stage_and_fingerprint(tmp_path):
+    from pyarrow.fs import PyFileSystem
+
+    from zoomvit.pipeline.runner import checkpoint_location, remove_tree
+    from zoomvit.train.trainer import checkpoint_storage
+
+    fingerprint = "ab" * 32
+    tiny = load_config(TINY)
+    assert checkpoint_location(tiny, "teacher", fingerprint) is None, "by default inside the stage's output"
+    remote = load_config(TINY, ["checkpoint_root=s3://bucket/zoomvit/ckpt/"])
+    assert checkpoint_location(remote, "teacher", fingerprint) == f"s3://bucket/zoomvit/ckpt/teacher/{fingerprint}"
+    local = load_config(TINY, [f"checkpoint_root=file://{tmp_path}/ckpt"])
+    assert checkpoint_location(local, "zoomer", fingerprint) == f"{tmp_path}/ckpt/zoomer/{fingerprint}"
+
+    path, fs = checkpoint_storage(f"s3://bucket/zoomvit/ckpt/teacher/{fingerprint}")
+    assert path == f"bucket/zoomvit/ckpt/teacher/{fingerprint}" and isinstance(fs, PyFileSystem)
+    assert type(fs.handler.fs).__name__ == "S3FileSystem", "s3fs, as the shards are read"
+    assert checkpoint_storage(str(tmp_path / "ray")) == (str(tmp_path / "ray"), None)
+
+    (tmp_path / "ckpt" / "zoomer" / fingerprint / "checkpoint_0").mkdir(parents=True)
+    remove_tree(f"{tmp_path}/ckpt/zoomer/{fingerprint}")
+    remove_tree(f"{tmp_path}/ckpt/zoomer/{fingerprint}")  # already gone: nothing to do
+    assert list((tmp_path / "ckpt" / "zoomer").iterdir()) == []
+
+
+def test_a_checkpoint_root_whose_filesystem_is_not_installed_names_the_extra():
+    from zoomvit.errors import UserError
+    from zoomvit.train.trainer import checkpoint_storage
+
+    if importlib.util.find_spec("gcsfs"):
+        pytest.skip("gcsfs is installed")
+    with pytest.raises(UserError, match=r"gs://.*pip install 'zoomvit\[cloud\]'"):
+        checkpoint_storage("gs://bucket/ckpt/teacher/x")

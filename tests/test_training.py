@@ -1,6 +1,5 @@
 """Ray Train + DeepSpeed harness: resume from a checkpoint and survive a killed worker (2 CPU workers, gloo)."""
 
-import importlib.util
 import threading
 import time
 from pathlib import Path
@@ -139,38 +138,3 @@ def test_each_epoch_yields_full_batches_of_distinct_samples_in_a_new_order():
     assert len(set(first)) == len(first) and len(set(second)) == len(second)
     assert (first != second).mean() > 0.9 and (first != np.arange(480)).mean() > 0.9
     assert (epoch(ds, 0, shuffle_buffer=0) == np.arange(480)).all(), "shuffle_buffer=0 keeps the read order"
-
-
-def test_checkpoint_root_moves_each_training_stages_checkpoints_under_stage_and_fingerprint(tmp_path):
-    from pyarrow.fs import PyFileSystem
-
-    from zoomvit.pipeline.runner import checkpoint_location, remove_tree
-    from zoomvit.train.trainer import checkpoint_storage
-
-    fingerprint = "ab" * 32
-    tiny = load_config(str(CONFIG))
-    assert checkpoint_location(tiny, "teacher", fingerprint) is None, "by default inside the stage's output"
-    remote = load_config(str(CONFIG), ["checkpoint_root=s3://bucket/zoomvit/ckpt/"])
-    assert checkpoint_location(remote, "teacher", fingerprint) == f"s3://bucket/zoomvit/ckpt/teacher/{fingerprint}"
-    local = load_config(str(CONFIG), [f"checkpoint_root=file://{tmp_path}/ckpt"])
-    assert checkpoint_location(local, "zoomer", fingerprint) == f"{tmp_path}/ckpt/zoomer/{fingerprint}"
-
-    path, fs = checkpoint_storage(f"s3://bucket/zoomvit/ckpt/teacher/{fingerprint}")
-    assert path == f"bucket/zoomvit/ckpt/teacher/{fingerprint}" and isinstance(fs, PyFileSystem)
-    assert type(fs.handler.fs).__name__ == "S3FileSystem", "s3fs, as the shards are read"
-    assert checkpoint_storage(str(tmp_path / "ray")) == (str(tmp_path / "ray"), None)
-
-    (tmp_path / "ckpt" / "zoomer" / fingerprint / "checkpoint_0").mkdir(parents=True)
-    remove_tree(f"{tmp_path}/ckpt/zoomer/{fingerprint}")
-    remove_tree(f"{tmp_path}/ckpt/zoomer/{fingerprint}")  # already gone: nothing to do
-    assert list((tmp_path / "ckpt" / "zoomer").iterdir()) == []
-
-
-def test_a_checkpoint_root_whose_filesystem_is_not_installed_names_the_extra():
-    from zoomvit.errors import UserError
-    from zoomvit.train.trainer import checkpoint_storage
-
-    if importlib.util.find_spec("gcsfs"):
-        pytest.skip("gcsfs is installed")
-    with pytest.raises(UserError, match=r"gs://.*pip install 'zoomvit\[cloud\]'"):
-        checkpoint_storage("gs://bucket/ckpt/teacher/x")
