@@ -3,6 +3,7 @@ trained weights' logits, registered, and promoted by the candidate alias."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -105,9 +106,11 @@ def test_a_logged_model_holds_no_pickle_and_loads_in_a_fresh_process_with_the_tr
     np.testing.assert_allclose(np.load(out), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_each_logged_model_is_a_new_registry_version_and_the_alias_moves_to_the_one_evaluated(tracker, tmp_path):
+def test_each_logged_model_is_a_new_registry_version_and_the_alias_moves_to_the_one_evaluated(tracker, tmp_path, capfd):
     _, _, first_run, first = _logged(tracker, "baseline", tmp_path)
     _, _, second_run, second = _logged(tracker, "baseline", tmp_path)
+    said = capfd.readouterr()
+    assert not re.search(r"registered model|Created version", said.out + said.err), "registry chatter on the console"
     name = "models-test-baseline"
     assert (int(first.version), int(second.version)) == (1, 2)
     assert {v.run_id for v in tracker.client.search_model_versions(f"name = '{name}'")} == {first_run, second_run}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import mlflow
+from zoomvit.logs import dropped_prints, verbose
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -33,6 +34,8 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # what the model's code imports (zoomvit itself travels as code, not as a requirement)
 REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "numpy", "pydantic", "pyyaml", "pillow", "mlflow")
+# what mlflow.register_model prints for every version (the console says which versions the alias moved to)
+REGISTRY_PRINTS = (r"^Successfully registered model", r"^Registered model .* already exists", r"^Created version")
 log = logging.getLogger(__name__)
 
 
@@ -84,7 +87,8 @@ def log_stage_model(
             if register_as is None:
                 return None
             # creates the registered model when missing (or when a concurrent run just did), then the version
-            return mlflow.register_model(info.model_uri, register_as, tags={"stage": name})
+            with dropped_prints(*REGISTRY_PRINTS, verbose_=verbose()):
+                return mlflow.register_model(info.model_uri, register_as, tags={"stage": name})
 
 
 def move_alias(tracker: Tracker, name: str, run_id: str, alias: str = CANDIDATE) -> str | None:
