@@ -79,9 +79,10 @@ def _lose_the_training_node(s3, state: Path, dashboard: str, submission: subproc
             m.group(1) for k in _keys(s3, "checkpoints/teacher/") if (m := re.search(r"/(checkpoint_[^/]+)/", k))
         }
         if len(checkpoints) >= 2:
-            (node,) = _probe(TRAINING_NODES_PROBE, dashboard)  # ScalingConfig packs both workers on one node
-            _sh("lose-node", node, state=state, timeout=60)
-            return node
+            nodes = _probe(TRAINING_NODES_PROBE, dashboard)  # one: Ray Train packs its workers by default
+            assert nodes, "the teacher checkpoints, but no training worker is alive"
+            _sh("lose-node", nodes[0], state=state, timeout=60)
+            return nodes[0]
         time.sleep(0.2)
     raise AssertionError(f"the teacher wrote no second checkpoint to the bucket (submission exit {submission.poll()})")
 
