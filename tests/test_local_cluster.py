@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = ["bash", "scripts/local_cluster.sh"]
 STAGES = ("teacher", "relevance", "zoomer", "zoomvit", "baseline", "evaluate")
-TEACHER_EPOCHS = 12  # long enough to lose a node between its second checkpoint and its end
+TEACHER_EPOCHS = 12  # long enough to lose a node between its first registered checkpoint and its end
 SHORTER = [  # the mechanics, not the models: few epochs, no baseline family
     *("--set", "baseline.input_sizes=[]", "--set", f"teacher.train.epochs={TEACHER_EPOCHS}"),
     *("--set", "zoomer.train.epochs=2", "--set", "zoomvit.train.epochs=1", "--set", "baseline.train.epochs=1"),
@@ -72,19 +72,19 @@ print(json.dumps(sorted({names[a.node_id] for a in alive})))
 
 
 def _lose_the_training_node(s3, state: Path, dashboard: str, submission: subprocess.Popen) -> str:
-    """Once the teacher's second checkpoint is in the bucket, SIGKILL the node its workers run on."""
+    """Once Ray Train has registered a teacher checkpoint in the bucket (its checkpoint manager's
+    snapshot names one), SIGKILL a node its workers run on."""
     deadline = time.time() + 600
     while time.time() < deadline and submission.poll() is None:
-        checkpoints = {
-            m.group(1) for k in _keys(s3, "checkpoints/teacher/") if (m := re.search(r"/(checkpoint_[^/]+)/", k))
-        }
-        if len(checkpoints) >= 2:
+        snapshots = [k for k in _keys(s3, "checkpoints/teacher/") if k.endswith("/checkpoint_manager_snapshot.json")]
+        snapshot = s3.get_object(Bucket="zoomvit", Key=snapshots[0])["Body"].read().decode() if snapshots else ""
+        if re.search(r'"checkpoint_dir_name":\s*"checkpoint_', snapshot):
             nodes = _probe(TRAINING_NODES_PROBE, dashboard)  # one: Ray Train packs its workers by default
             assert nodes, "the teacher checkpoints, but no training worker is alive"
             _sh("lose-node", nodes[0], state=state, timeout=60)
             return nodes[0]
         time.sleep(0.2)
-    raise AssertionError(f"the teacher wrote no second checkpoint to the bucket (submission exit {submission.poll()})")
+    raise AssertionError(f"no teacher checkpoint was registered in the bucket (submission exit {submission.poll()})")
 
 
 @pytest.mark.slow
@@ -136,7 +136,7 @@ def test_the_pipeline_runs_on_a_multi_node_cluster_with_shards_checkpoints_and_m
     history = json.loads(teacher.read_text())["history"]
     starts = [h["start_epoch"] for h in history if "start_epoch" in h]
     assert [h["epoch"] for h in history] == list(range(TEACHER_EPOCHS)), history
-    assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 2, (
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 1, (
         f"after losing {lost} the teacher resumes from a checkpoint in the bucket, not from scratch: {starts}"
     )
 
