@@ -47,10 +47,11 @@ def checkpoint_storage(location: str):
     environment), as the shards do, rather than pyarrow's own S3 client."""
     if not is_url(location):
         return str(Path(location.removeprefix("file://")).resolve()), None
+    from fsspec.core import strip_protocol
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    fs = filesystem(location)
-    return fs._strip_protocol(location), PyFileSystem(FSSpecHandler(fs))
+    fs = filesystem(location)  # first: a missing implementation names the extra
+    return strip_protocol(location), PyFileSystem(FSSpecHandler(fs))
 
 
 def run_training(
