@@ -58,7 +58,7 @@ address = sys.argv[1]
 nodes = {n.node_id: n for n in list_nodes(address=address, detail=True)}
 def name(node_id):
     return "head" if nodes[node_id].is_head_node else nodes[node_id].node_name
-actors = list_actors(address=address, detail=True, limit=10000)
+actors = [a for a in list_actors(address=address, detail=True, limit=10000) if a.node_id]  # placed, ran somewhere
 print(json.dumps(sorted({(a.class_name, name(a.node_id), a.required_resources.get("CPU", 0)) for a in actors})))
 """
 TRAINING_NODES_PROBE = """
