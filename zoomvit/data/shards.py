@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -129,7 +130,7 @@ def expected_samples(paths: Sequence[str]) -> dict[str, int]:
             count = lengths.get(path.rsplit("/", 1)[-1])
             if count is not None:
                 expected[shard_key(path)] = count
-                if "://" not in path or path.startswith("file://"):
+                if not is_url(path):
                     expected[os.path.abspath(shard_key(path))] = count
     return expected
 
@@ -155,6 +156,11 @@ def sample_count(paths: Sequence[str]) -> int:
 def is_url(path: str) -> bool:
     """A remote location (``s3://``, ``gs://``, ...), not a local path or a ``file://`` URL."""
     return _protocol(path) not in (None, "file")
+
+
+def local_path(path: str) -> Path:
+    """A local path or ``file://`` URL as an absolute path."""
+    return Path(path.removeprefix("file://")).resolve()
 
 
 def _protocol(path: str) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import zoomvit
 from zoomvit.config import PipelineConfig
-from zoomvit.data.shards import ShardInfo, shard_infos
+from zoomvit.data.shards import ShardInfo, is_url, shard_infos
 from zoomvit.errors import UserError
 from zoomvit.integrity import content_hash, damaged, record
 from zoomvit.pipeline.graph import STAGES
@@ -80,7 +80,7 @@ def _result_settings(dotted: str, value: Any) -> Any:
 def file_digest(path: str) -> str:
     """A local file's content digest (read once while its stat is unchanged); a remote file's metadata
     (ETag, size, mtime as its store reports them); the path itself when it cannot be read."""
-    if "://" not in path or path.startswith("file://"):
+    if not is_url(path):
         local = path.split("://", 1)[-1]
         try:
             return content_hash(local)

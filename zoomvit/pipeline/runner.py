@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from zoomvit.config import PipelineConfig
-from zoomvit.data.shards import ShardInfo, filesystem, is_url
+from zoomvit.data.shards import ShardInfo, filesystem, is_url, local_path
 from zoomvit.durable import OutputLock, exclusive, read_or_claim, remove_stale_temporaries, write_json_durably
 from zoomvit.errors import UserError
 from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
@@ -86,7 +86,7 @@ def artifact_root(config: PipelineConfig) -> Path:
             "(checkpoint_root) and MLflow's artifacts. "
             "See cluster/README.md"
         )
-    return Path(chosen.removeprefix("file://")).resolve() if chosen else default_dir() / "runs"
+    return local_path(chosen) if chosen else default_dir() / "runs"
 
 
 def checkpoint_location(config: PipelineConfig, stage: str, fingerprint: str) -> str | None:
@@ -96,7 +96,7 @@ def checkpoint_location(config: PipelineConfig, stage: str, fingerprint: str) ->
     if root is None:
         return None
     if not is_url(root):
-        root = str(Path(root.removeprefix("file://")).resolve())
+        root = str(local_path(root))
     return f"{root.rstrip('/')}/{stage}/{fingerprint}"
 
 

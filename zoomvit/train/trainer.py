@@ -11,7 +11,7 @@ from typing import Any
 from zoomvit import logs
 from zoomvit.cluster import resolve_use_gpu
 from zoomvit.config import TrainConfig
-from zoomvit.data.shards import filesystem, is_url
+from zoomvit.data.shards import filesystem, is_url, local_path
 from zoomvit.train.loop import FINAL_WEIGHTS, HISTORY, WorkerConfig, train_loop_per_worker
 from zoomvit.train.specs import TaskSpec
 
@@ -46,7 +46,7 @@ def checkpoint_storage(location: str):
     through fsspec (s3fs, gcsfs: the ``cloud`` extra, credentials and endpoint from the node's
     environment), as the shards do, rather than pyarrow's own S3 client."""
     if not is_url(location):
-        return str(Path(location.removeprefix("file://")).resolve()), None
+        return str(local_path(location)), None
     from fsspec.core import strip_protocol
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
