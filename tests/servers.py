@@ -1,6 +1,8 @@
-"""Local servers for tests: a free loopback port and the project's MLflow server (mlflow/serve.sh)."""
+"""Local servers for tests: a free loopback port, the project's MLflow server (mlflow/serve.sh) and an
+in-process S3 server (moto)."""
 
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -44,3 +46,34 @@ def mlflow_server(state_dir: Path, **env: str):
         yield f"http://127.0.0.1:{port}"
     finally:
         serve(state_dir, port, "--stop", **env)
+
+
+@contextlib.contextmanager
+def s3_server(*buckets: str):
+    """A moto S3 server on 127.0.0.1 holding empty ``buckets``, with the environment every S3 client of
+    this process reads (endpoint, credentials) pointed at it until the block ends; yields the endpoint."""
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    settings = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    s3fs.S3FileSystem.clear_instance_cache()  # instances made before these settings point elsewhere
+    try:
+        for bucket in buckets:
+            boto3.client("s3").create_bucket(Bucket=bucket)
+        yield settings["AWS_ENDPOINT_URL"]
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()

@@ -254,13 +254,11 @@ def test_defaults_outside_a_ray_job_copy_are_the_working_directory_and_inside_it
     assert artifact_root(load_config(TINY, [f"artifact_root={tmp_path / 'mine'}"])) == tmp_path / "mine"
 
 
-def test_an_object_storage_artifact_root_is_refused_with_the_reason_not_made_a_local_directory(tmp_path):
-    from zoomvit.errors import UserError
-    from zoomvit.pipeline.runner import artifact_root
+def test_a_file_url_artifact_root_is_that_local_directory(tmp_path):
+    from zoomvit.pipeline.runner import artifact_bucket, artifact_root
 
-    with pytest.raises(UserError, match="shared volume"):
-        artifact_root(load_config(TINY, ["artifact_root=s3://bucket/zoomvit"]))
-    assert artifact_root(load_config(TINY, [f"artifact_root=file://{tmp_path}"])) == tmp_path
+    config = load_config(TINY, [f"artifact_root=file://{tmp_path}"])
+    assert artifact_root(config) == tmp_path and artifact_bucket(config) is None
 
 
 def _cache_as_committed(step, files: dict[str, bytes], listed: dict[str, str], run_id="r0"):
@@ -414,26 +412,16 @@ def test_a_checkpoint_root_whose_filesystem_is_not_installed_names_the_extra():
         checkpoint_storage("gs://bucket/ckpt/teacher/x")
 
 
-def test_removing_a_stages_checkpoints_in_a_bucket_deletes_that_prefix_alone(monkeypatch):
+def test_removing_a_stages_checkpoints_in_a_bucket_deletes_that_prefix_alone():
     """What --force does to a finished stage's checkpoints under an s3:// checkpoint_root (else Ray
     Train would restore the finished run), on a local S3 server, through the filesystem Ray Train writes with."""
     import boto3
-    import s3fs
-    from moto.server import ThreadedMotoServer
-    from servers import free_port
+    from servers import s3_server
 
     from zoomvit.pipeline.runner import remove_tree
     from zoomvit.train.trainer import checkpoint_storage
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    s3fs.S3FileSystem.clear_instance_cache()  # instances made before these settings point elsewhere
-    try:
-        boto3.client("s3").create_bucket(Bucket="ckpt")
+    with s3_server("ckpt"):
         for stage in ("teacher", "zoomer"):
             path, fs = checkpoint_storage(f"s3://ckpt/root/{stage}/{'ab' * 32}")
             with fs.open_output_stream(f"{path}/teacher/checkpoint_000001/model.pt") as out:
@@ -442,6 +430,3 @@ def test_removing_a_stages_checkpoints_in_a_bucket_deletes_that_prefix_alone(mon
         remove_tree(f"s3://ckpt/root/teacher/{'ab' * 32}")  # already gone: nothing to do
         keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="ckpt").get("Contents", [])]
         assert keys == [f"root/zoomer/{'ab' * 32}/teacher/checkpoint_000001/model.pt"]
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()

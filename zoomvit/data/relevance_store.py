@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from zoomvit.data.shards import filesystem
 from zoomvit.durable import write_durably
 
 SCHEMA = pa.schema(
@@ -35,6 +36,9 @@ SCHEMA = pa.schema(
 )
 _LISTS = ("relevance", "teacher_logits")
 META_KEY = b"zoomvit"
+
+
+GROUP_FILES = "*-group-*"  # a group's Parquet file and its commit record (``.skips.json``)
 
 
 def group_path(out_dir: str | Path, split: str, group: int) -> Path:
@@ -62,14 +66,17 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def read_maps(out_dir: str | Path, split: str | None = None) -> pa.Table:
-    """All committed groups of a relevance output (one split or all), concatenated."""
+    """All committed groups of a relevance output (one split or all), concatenated; ``out_dir`` a local
+    directory or a URL (a relevance output in a bucket)."""
     pattern = f"{split}-group-*.parquet" if split else "*-group-*.parquet"
-    files = sorted(Path(out_dir).glob(pattern))
+    fs = filesystem(str(out_dir))
+    files = sorted(fs.glob(f"{str(out_dir).rstrip('/')}/{pattern}"))
     if not files:
         raise ValueError(f"no relevance maps ({pattern}) in {str(out_dir)!r}")
     tables = []
     for f in files:
-        table = pq.read_table(f)
+        with fs.open(f, "rb") as source:
+            table = pq.read_table(source)
         for field in SCHEMA:
             if field.name not in table.column_names:  # written before the column existed
                 table = table.append_column(field, pa.nulls(table.num_rows, field.type))

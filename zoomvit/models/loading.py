@@ -10,6 +10,7 @@ whose shapes still differ (a head for another class count) keep their initialisa
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 from pathlib import Path
@@ -96,18 +97,29 @@ def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> di
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` file or a torch file read with ``weights_only=True``."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Tensors from a ``.safetensors`` file or a torch file read with ``weights_only=True``; a local
+    path or a URL (``s3://``, ``gs://``: a stage output in a bucket, read by whichever node needs it)."""
+    from zoomvit.data.shards import filesystem, is_url
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if is_url(str(path)):
+        fs = filesystem(str(path))
+        if not fs.exists(str(path)):
+            raise ValueError(f"checkpoint {str(path)!r} does not exist")
+        with fs.open(str(path), "rb") as f:
+            data = f.read()
+        name = str(path)
+    else:
+        if not Path(path).exists():
+            raise ValueError(f"checkpoint {str(path)!r} does not exist")
+        data, name = None, str(path)
+    if name.endswith(".safetensors"):
+        from safetensors.torch import load, load_file
+
+        return load(data) if data is not None else load_file(name)
+    state = torch.load(io.BytesIO(data) if data is not None else name, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"{str(path)!r} does not hold a state dict")
+        raise ValueError(f"{name!r} does not hold a state dict")
     return state

@@ -71,7 +71,7 @@ def _stage_list(value: str) -> list[str]:
 def _dry_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from zoomvit.pipeline.plan import plan_run, shards_of
     from zoomvit.pipeline.records import lineage_from_run
-    from zoomvit.pipeline.runner import artifact_root
+    from zoomvit.pipeline.runner import artifact_bucket, artifact_root
     from zoomvit.tracking.runs import Tracker, resolve_tracking_uri
 
     try:
@@ -80,7 +80,13 @@ def _dry_run(config: PipelineConfig, args: argparse.Namespace) -> int:
             tracker = Tracker(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)
             reused = lineage_from_run(tracker, args.from_run)["stages"]
         plan = plan_run(
-            config, shards_of(config), artifact_root(config), only=args.only, force=args.force, reused=reused
+            config,
+            shards_of(config),
+            artifact_root(config),
+            only=args.only,
+            force=args.force,
+            reused=reused,
+            bucket=artifact_bucket(config),
         )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,12 +10,15 @@ teacher's weights.
 from __future__ import annotations
 
 import logging
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zoomvit.config import PipelineConfig
+from zoomvit.data.relevance_store import GROUP_FILES
+from zoomvit.data.shards import is_url
 from zoomvit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,9 @@ class StageContext:
     tracking: dict[str, str]  # uri + run_id of this stage's MLflow run (for the training workers)
     splits: DecodedSplits | None = None  # the run's shared decoded splits
     checkpoints: str | None = None  # Ray Train's storage for a training stage (checkpoint_root); None: out_dir/ray
+    # called with the files of each part of the output as it is committed (``StageDef.parts``): an
+    # object-store cache uploads them at once, so a rerun on any machine resumes from them
+    on_part: Callable[[list[Path]], None] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +59,7 @@ class StageDef:
     classifier: bool = False  # reports a val_top1 that must be clearly above chance
     # a damaged cached output is repaired part by part (the relevance job recomputes only damaged groups)
     repairs_in_place: bool = False
+    parts: str | None = None  # a glob of those parts' files, relative to the output (the relevance groups)
     promotes: bool = False  # moves the registry's candidate alias to the upstream models it scored
     parent_artifacts: tuple[str, ...] = ()  # keys of its output files also logged to the pipeline's parent run
 
@@ -131,8 +138,12 @@ def zoomer_gate(config: PipelineConfig, upstream: dict[str, dict[str, Any]]) -> 
     )
 
 
-def _upstream_file(ctx: StageContext, stage: str, name: str) -> Path:
+def _upstream_file(ctx: StageContext, stage: str, name: str) -> Path | str:
+    """A file (or directory) of an upstream stage's output: a path, or a URL when the cache is in a bucket."""
     manifest = ctx.upstream[stage]
+    if is_url(manifest["out_dir"]):
+        base, rel = manifest["out_dir"].rstrip("/"), posixpath.normpath(manifest["files"][name])
+        return base if rel == "." else f"{base}/{rel}"
     return Path(manifest["out_dir"]) / manifest["files"][name]
 
 
@@ -160,7 +171,13 @@ def run_teacher(ctx: StageContext) -> dict[str, Any]:
 
 
 def run_relevance(ctx: StageContext) -> dict[str, Any]:
-    from zoomvit.relevance.job import run_relevance_stage
+    from zoomvit.data.relevance_store import group_path
+    from zoomvit.relevance.job import run_relevance_stage, skips_path
+
+    def group_committed(split: str, index: int) -> None:
+        if ctx.on_part is not None:
+            path = group_path(ctx.out_dir, split, index)
+            ctx.on_part([path, skips_path(path)])
 
     teacher = ctx.upstream["teacher"]
     checkpoint = str(_upstream_file(ctx, "teacher", "weights")) if "weights" in teacher["files"] else None
@@ -171,6 +188,7 @@ def run_relevance(ctx: StageContext) -> dict[str, Any]:
         out_dir=ctx.out_dir,
         checkpoint=checkpoint,
         fingerprint=ctx.fingerprint,
+        on_group_committed=group_committed,
     )
     stats = manifest["stats"]
     metrics = {
@@ -325,6 +343,7 @@ STAGES: dict[str, StageDef] = {
             gate=teacher_gate,
             reads_shards="attribution",
             repairs_in_place=True,
+            parts=GROUP_FILES,
         ),
         StageDef(
             name="zoomer",

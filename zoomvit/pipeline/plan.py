@@ -23,10 +23,9 @@ from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo, is_url, shard_infos
 from zoomvit.errors import UserError
 from zoomvit.integrity import content_hash, damaged, record
+from zoomvit.pipeline.bucket import MANIFEST, BucketCache, entry_of, lookup
 from zoomvit.pipeline.graph import STAGES
 from zoomvit.tracking.runs import shards_digest
-
-MANIFEST = "manifest.json"
 
 
 class MissingUpstream(UserError):
@@ -155,6 +154,15 @@ def damage(out_dir: Path) -> str | None:
         return f"a listed file cannot be read ({err})"
 
 
+def committed_output(location: Path | str) -> tuple[dict[str, Any] | None, str | None]:
+    """``(manifest, None)`` for an intact committed output (a local directory or a bucket entry),
+    ``(None, why)`` for a damaged one, ``(None, None)`` when none is committed there."""
+    if isinstance(location, str):
+        return lookup(location)
+    why = damage(location)
+    return (None, why) if why else (read_manifest(location), None)
+
+
 @dataclass(frozen=True)
 class PlannedStage:
     """What a run will do with one stage: ``run`` it, use its ``cached`` output, or stop because a
@@ -179,10 +187,13 @@ def plan_run(
     only: Sequence[str] = (),
     force: Sequence[str] = (),
     reused: dict[str, dict[str, Any]] | None = None,
+    bucket: BucketCache | None = None,
 ) -> list[PlannedStage]:
     """The stages a run needs, in order, each with its fingerprint and what will happen to it. Reads
     only the config, the shards' identities and the cache's manifests (no Ray, no MLflow).
-    ``reused``: lineage nodes of an earlier run (``--from-run``) whose outputs may stand in."""
+    ``reused``: lineage nodes of an earlier run (``--from-run``) whose outputs may stand in.
+    ``bucket``: the cache is in object storage (:mod:`zoomvit.pipeline.bucket`); ``root`` is then
+    where stages stage their outputs on this machine."""
     for name in [*only, *force]:
         if name not in STAGES:
             raise UserError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
@@ -199,11 +210,10 @@ def plan_run(
         upstream = STAGES[name].upstream_for(config)
         fp = fingerprints[name] = fingerprint(name, config, {u: fingerprints[u] for u, _ in upstream}, shards)
         out_dir = root / name / fp[:16]
-        damaged = damage(out_dir)
-        manifest = None if damaged else read_manifest(out_dir)
+        manifest, damaged = committed_output(bucket.entry(name, fp) if bucket else out_dir)
         if manifest is None and name in reused and reused[name]["fingerprint"] == fp:
-            reused_dir = Path(reused[name]["out_dir"])
-            manifest = None if damage(reused_dir) else read_manifest(reused_dir)
+            where = reused[name]["out_dir"]
+            manifest, _ = committed_output(entry_of(where) if is_url(where) else Path(where))
         if name in selected and (manifest is None or name in force or only):
             why = "forced" if name in force else "--only" if only else "not in the cache"
             if damaged and manifest is None:

@@ -66,13 +66,17 @@ def log_stage(
     manifest: dict[str, Any],
     upstream: dict[str, dict[str, Any]],
     shards: Sequence[ShardInfo],
+    *,
+    staged: Path,
 ) -> None:
+    """A computed stage's record in its run; its files are read from ``staged`` (its output on this
+    machine), whatever the manifest's ``out_dir`` says (an attempt in a bucket, not yet uploaded)."""
     name = manifest["stage"]
     stage = STAGES[name]
     if "history" not in manifest:  # training stages: rank 0 already logged every epoch into this run
         tracker.metrics(run_id, manifest["metrics"])
     tracker.params(run_id, {"out_dir": manifest["out_dir"], "fingerprint": manifest["fingerprint"]})
-    out_dir = Path(manifest["out_dir"])
+    out_dir = staged
     if stage.reads_shards:
         tracker.dataset_input(
             run_id,
@@ -110,16 +114,20 @@ def log_stage(
 
 def write_lineage(
     tracker: Tracker, parent: str, config: PipelineConfig, stages: dict[str, dict[str, Any]], root: Path
-) -> None:
-    """The run's stage DAG (``lineage.json`` and ``lineage.png``) on the parent run."""
+) -> list[Path]:
+    """The run's stage DAG (``lineage.json`` and ``lineage.png``) under ``root`` and on the parent run;
+    the files written."""
     lineage = {"pipeline_run": parent, "config_hash": config_hash(config), "stages": stages}
     out = root / "lineage" / parent
     out.mkdir(parents=True, exist_ok=True)
     (out / LINEAGE).write_text(json.dumps(lineage, indent=2))
+    written = [out / LINEAGE]
     if stages:
         lineage_picture(lineage, out / "lineage.png")
         tracker.artifact(parent, out / "lineage.png")
+        written.append(out / "lineage.png")
     tracker.artifact(parent, out / LINEAGE)
+    return written
 
 
 DRIVER_LOCK_TAG = "zoomvit.driver_lock"  # held by the driver while its pipeline run is open

@@ -24,16 +24,16 @@ from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo, filesystem, is_url, local_path
 from zoomvit.durable import OutputLock, exclusive, read_or_claim, remove_stale_temporaries, write_json_durably
 from zoomvit.errors import UserError
+from zoomvit.pipeline.bucket import BucketCache, entry_of, remove_staged, staging_root
 from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
 from zoomvit.pipeline.plan import (
     MANIFEST,
     MissingUpstream,
     PlannedStage,
+    committed_output,
     config_hash,
-    damage,
     output_records,
     plan_run,
-    read_manifest,
     section,
     shards_of,
 )
@@ -75,26 +75,37 @@ class PipelineResult:
         return [n for n, s in self.stages.items() if s["cache"] == "miss"]
 
 
+def _chosen_root(config: PipelineConfig) -> str | None:
+    return config.artifact_root or os.environ.get("ZOOMVIT_ARTIFACT_ROOT")
+
+
 def artifact_root(config: PipelineConfig) -> Path:
-    """The config's artifact root, else $ZOOMVIT_ARTIFACT_ROOT, else ``runs`` under :func:`default_dir`
-    (the working directory; ``~/.zoomvit`` inside a ``ray job submit`` working-dir copy)."""
-    chosen = config.artifact_root or os.environ.get("ZOOMVIT_ARTIFACT_ROOT")
+    """Where this machine keeps the stage cache: the config's artifact root, else $ZOOMVIT_ARTIFACT_ROOT,
+    else ``runs`` under :func:`default_dir` (the working directory; ``~/.zoomvit`` inside a ``ray job
+    submit`` working-dir copy). A root in object storage (:func:`artifact_bucket`) is the cache of
+    record; stages then compute and lock in its :func:`~zoomvit.pipeline.bucket.staging_root` here."""
+    chosen = _chosen_root(config)
     if chosen and is_url(chosen):
-        raise UserError(
-            f"artifact_root {chosen!r}: the stage cache needs a filesystem every node mounts (a shared volume: "
-            "EFS, Filestore, a Kubernetes RWX claim); object storage holds the shards, the training checkpoints "
-            "(checkpoint_root) and MLflow's artifacts. "
-            "See cluster/README.md"
-        )
+        filesystem(chosen)  # a missing s3fs / gcsfs names the extra before anything runs
+        return staging_root(chosen)
     return local_path(chosen) if chosen else default_dir() / "runs"
 
 
-def checkpoint_location(config: PipelineConfig, stage: str, fingerprint: str) -> str | None:
-    """Where a stage's training checkpoints go when ``checkpoint_root`` moves them out of its output:
-    ``<checkpoint_root>/<stage>/<fingerprint>``, so a rerun of the same stage resumes from them."""
+def artifact_bucket(config: PipelineConfig) -> BucketCache | None:
+    """The stage cache in object storage, when the artifact root is a URL (``s3://``, ``gs://``)."""
+    chosen = _chosen_root(config)
+    return BucketCache(chosen.rstrip("/")) if chosen and is_url(chosen) else None
+
+
+def checkpoint_location(
+    config: PipelineConfig, stage: str, fingerprint: str, bucket: BucketCache | None = None
+) -> str | None:
+    """Where a stage's training checkpoints go when they leave its local output: ``<checkpoint_root>/
+    <stage>/<fingerprint>`` when ``checkpoint_root`` is set, else beside its entry in the ``bucket``
+    cache; a rerun of the same stage resumes from them. None: in the output (``out_dir/ray``)."""
     root = config.checkpoint_root
     if root is None:
-        return None
+        return f"{bucket.entry(stage, fingerprint)}/ray" if bucket is not None else None
     if not is_url(root):
         root = str(local_path(root))
     return f"{root.rstrip('/')}/{stage}/{fingerprint}"
@@ -201,16 +212,16 @@ def _run_pipeline(
     with ExitStack() as holds:  # shared locks on the data and every output this run reads, until it ends
         ensure_demo_data(config, holds)
         tracker = Tracker(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)
-        shards, root = shards_of(config), artifact_root(config)
+        shards, root, bucket = shards_of(config), artifact_root(config), artifact_bucket(config)
         reused = lineage_from_run(tracker, from_run)["stages"] if from_run else {}
-        plan = plan_run(config, shards, root, only=only, force=force, reused=reused)
+        plan = plan_run(config, shards, root, only=only, force=force, reused=reused, bucket=bucket)
         for step in plan:
             if step.action == "missing":
                 raise MissingUpstream(
                     f"stage {step.name!r} has no cached output for this configuration (fingerprint "
                     f"{step.fingerprint[:16]}), and {step.why}"
                 )
-        run = PipelineRun(config, tracker, shards, root, recompute=(*force, *only))
+        run = PipelineRun(config, tracker, shards, root, recompute=(*force, *only), bucket=bucket)
         return run.execute(plan, only, from_run, holds)
 
 
@@ -219,11 +230,18 @@ class PipelineRun:
     computation under the output's lock, each with a nested run; lineage and warnings at the end."""
 
     def __init__(
-        self, config: PipelineConfig, tracker: Tracker, shards: Sequence[ShardInfo], root: Path, recompute
+        self,
+        config: PipelineConfig,
+        tracker: Tracker,
+        shards: Sequence[ShardInfo],
+        root: Path,
+        recompute,
+        bucket: BucketCache | None = None,
     ) -> None:
         from zoomvit.train.data import DecodedSplits
 
         self.config, self.tracker, self.shards, self.root = config, tracker, shards, root
+        self.bucket = bucket  # the cache of record when it is in object storage; root then stages and locks
         self.recompute = frozenset(recompute)  # --force / --only: recompute even what another run committed
         self.splits = DecodedSplits()  # the stages of one run share each split's decoded images
         self.manifests: dict[str, dict[str, Any]] = {}
@@ -277,21 +295,24 @@ class PipelineRun:
         )
         self.result.ui_url = ui_url(tracker.uri, tracker.experiment_id, self.parent)
         where = self.result.ui_url or f"at {tracker.uri}"
-        log.info(f"[pipeline] {config.name}: MLflow run {self.parent} {where}; artifacts under {self.root}")
+        artifacts = f"{self.bucket.url} (staged in {self.root})" if self.bucket else str(self.root)
+        log.info(f"[pipeline] {config.name}: MLflow run {self.parent} {where}; artifacts under {artifacts}")
 
     def _stage(self, step: PlannedStage, holds: ExitStack) -> None:
-        where = Path(step.manifest["out_dir"]) if step.action == "cached" else step.out_dir  # --from-run: elsewhere
+        own = self.bucket.entry(step.name, step.fingerprint) if self.bucket else step.out_dir
+        source = _location(step.manifest["out_dir"]) if step.action == "cached" else own  # --from-run: elsewhere
+        where = source if isinstance(source, Path) else step.out_dir  # the lock is on this machine's disk
         lock = holds.enter_context(OutputLock(where, f"[{step.name}] {where}"))
 
         def committed() -> dict[str, Any] | None:
-            done = None if damage(where) else read_manifest(where)
+            done, _ = committed_output(source)
             return done if done is not None and done["fingerprint"] == step.fingerprint else None
 
         manifest = read_or_claim(lock, committed, claim=step.action == "run" and step.name in self.recompute)
         if manifest is not None and step.action == "run":
             log.info(f"[{step.name}] computed by run {manifest['run_id']} while this run waited")
         elif manifest is None and step.action == "cached":
-            if where != step.out_dir:
+            if source != own:
                 raise UserError(f"stage {step.name!r}: the output of run {step.manifest['run_id']} at {where} "
                                 "changed or vanished since this run was planned; run again")  # fmt: skip
             log.info(f"[{step.name}] its cached output changed since this run was planned; computing it")
@@ -370,18 +391,29 @@ class PipelineRun:
         tracker.params(run_id, flatten(section(self.config, name)))  # each stage's config section is its own
         log.info(f"[{name}] start (cache miss, {step.fingerprint[:16]}: {step.why}) -> {out_dir}")
         start = time.perf_counter()
-        checkpoints = checkpoint_location(self.config, name, step.fingerprint)
+        stage, bucket = STAGES[name], self.bucket
+        checkpoints = checkpoint_location(self.config, name, step.fingerprint, bucket)
         try:
-            if (out_dir / MANIFEST).exists():
-                if name in self.recompute or not STAGES[name].repairs_in_place:
-                    shutil.rmtree(out_dir)  # forced or --only: recompute, never resume a finished output
-                    if checkpoints is not None:
-                        remove_tree(checkpoints)
-                else:
-                    (out_dir / MANIFEST).unlink()  # damaged: the stage recomputes only its damaged parts
+            committed_before = bucket.committed(name, step.fingerprint) if bucket else (out_dir / MANIFEST).exists()
+            wiped = committed_before and (name in self.recompute or not stage.repairs_in_place)
+            if wiped:  # forced or --only: recompute, never resume a finished output
+                shutil.rmtree(out_dir, ignore_errors=True)
+                if checkpoints is not None:
+                    remove_tree(checkpoints)
+            elif committed_before and bucket is None:
+                (out_dir / MANIFEST).unlink()  # damaged: the stage recomputes only its damaged parts
             out_dir.mkdir(parents=True, exist_ok=True)
             if stale := remove_stale_temporaries(out_dir):
                 log.info(f"[{name}] removed {stale} temporary file(s) a killed run left in {out_dir}")
+            on_part = None
+            if bucket is not None and stage.parts:
+                attempt = bucket.attempt(name, step.fingerprint, run_id)
+                if not wiped and (fetched := bucket.seed(name, step.fingerprint, out_dir, stage.parts)):
+                    log.info(f"[{name}] resuming from {fetched} file(s) of earlier attempts in {bucket.url}")
+
+                def on_part(files: list[Path]) -> None:
+                    bucket.upload(out_dir, files, attempt)
+
             ctx = StageContext(
                 config=self.config,
                 out_dir=out_dir,
@@ -390,24 +422,31 @@ class PipelineRun:
                 tracking={"uri": tracker.uri, "run_id": run_id},
                 splits=self.splits,
                 checkpoints=checkpoints,
+                on_part=on_part,
             )
-            outputs = STAGES[name].run(ctx)
+            outputs = stage.run(ctx)
             if outputs.get("history"):  # epochs the worker could not deliver (tracking server outage, restart)
                 tracker.backfill_history(run_id, outputs["history"])
             manifest = {
                 "stage": name,
                 "fingerprint": step.fingerprint,
                 "run_id": run_id,
-                "out_dir": str(out_dir),
+                "out_dir": bucket.attempt(name, step.fingerprint, run_id) if bucket else str(out_dir),
                 "seconds": time.perf_counter() - start,
                 **outputs,
             }
             files = {key: out_dir / rel for key, rel in manifest["files"].items()}
             manifest["file_sizes"], manifest["file_hashes"] = output_records(files)  # checked on every hit
-            log_stage(tracker, run_id, self.config, manifest, self.manifests, self.shards)
-            for key in STAGES[name].parent_artifacts:
+            log_stage(tracker, run_id, self.config, manifest, self.manifests, self.shards, staged=out_dir)
+            for key in stage.parent_artifacts:
                 tracker.artifact(self.parent, out_dir / manifest["files"][key])
-            write_json_durably(out_dir / MANIFEST, manifest)
+            if bucket is not None:
+                manifest = bucket.publish(out_dir, manifest, replace=committed_before)
+                if manifest["run_id"] != run_id:
+                    tracker.tags(run_id, {"zoomvit.superseded_by": manifest["run_id"]})
+                remove_staged(out_dir)
+            else:
+                write_json_durably(out_dir / MANIFEST, manifest)
             lock.share()  # committed: readable by other runs, deletable by none while this one runs
         except BaseException as err:
             node["cache"] = "failed"
@@ -415,7 +454,7 @@ class PipelineRun:
             raise
         tracker.end(run_id)
         self.manifests[name] = manifest
-        node["out_dir"] = str(out_dir)
+        node["out_dir"] = manifest["out_dir"]
         log.info(
             f"[{name}] done in {manifest['seconds']:.1f}s "
             + " ".join(f"{k}={v:.4g}" for k, v in list(manifest["metrics"].items())[:8] if isinstance(v, float)),
@@ -425,7 +464,12 @@ class PipelineRun:
         if not self.parent:
             return
         if not isinstance(error, KeyboardInterrupt):  # a stopped job has seconds before SIGKILL: end runs first
-            write_lineage(self.tracker, self.parent, self.config, self.result.stages, self.root)
+            written = write_lineage(self.tracker, self.parent, self.config, self.result.stages, self.root)
+            if self.bucket is not None:
+                try:
+                    self.bucket.upload(self.root, written, self.bucket.url)
+                except OSError as err:
+                    log.warning(f"[pipeline] could not copy the lineage to {self.bucket.url} ({err}); MLflow has it")
         if error is None:
             self.result.warnings = near_chance(self.config, self.manifests)
             if self.result.warnings:
@@ -433,6 +477,11 @@ class PipelineRun:
             for line in self.result.warnings:
                 log.warning(f"[pipeline] WARNING: {line}")
         self.tracker.end(self.parent, error=error)
+
+
+def _location(out_dir: str) -> Path | str:
+    """A committed output's location from its manifest's ``out_dir``: a directory, or a bucket entry."""
+    return entry_of(out_dir) if is_url(out_dir) else Path(out_dir)
 
 
 def _cluster_resources() -> dict[str, float]:

@@ -344,7 +344,12 @@ def _committed(g: _Group, out_dir: Path, fingerprint: str) -> bool:
 
 
 def _skips_path(g: _Group, out_dir: Path) -> Path:
-    return group_path(out_dir, g.split, g.index).with_suffix(".skips.json")
+    return skips_path(group_path(out_dir, g.split, g.index))
+
+
+def skips_path(group: Path) -> Path:
+    """A group's commit record beside its Parquet file."""
+    return group.with_suffix(".skips.json")
 
 
 def _count_rows(groups: list[_Group], out_dir: Path) -> int:

@@ -1,0 +1,296 @@
+"""The stage cache in object storage (``artifact_root: s3://...``): commits by a conditional put of the
+manifest naming the attempt's own prefix, hits checked from one listing, damage found without reading
+content, a lost commit race, a forced replacement, a resume from parts of an earlier attempt, and the
+stage outputs read straight from the bucket. On an in-process S3 server (moto), no mock of S3."""
+
+import contextlib
+import json
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from servers import s3_server
+
+from zoomvit.config import load_config
+from zoomvit.data.demo import generate_demo_dataset
+from zoomvit.data.relevance_store import GROUP_FILES, read_maps, write_group
+from zoomvit.pipeline import bucket as bucket_module
+from zoomvit.pipeline.bucket import BucketCache, lookup, staging_root
+from zoomvit.pipeline.plan import output_records, plan_run, shards_of
+from zoomvit.relevance.job import skips_path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "pipelines" / "configs" / "tiny.yaml")
+BUCKET = "cache"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server(BUCKET) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def cache(s3, request):
+    """An empty artifact root of its own in the bucket, per test."""
+    return BucketCache(f"s3://{BUCKET}/{request.node.name[:60]}")
+
+
+def _keys(prefix: str = "") -> list[str]:
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def _key(url: str) -> str:
+    return url.removeprefix(f"s3://{BUCKET}/")
+
+
+def _stage_weights(staged: Path, value: float = 1.0) -> None:
+    staged.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.full((4, 4), value)}, str(staged / "model.safetensors"))
+
+
+def _stage_groups(staged: Path, fingerprint: str) -> None:
+    staged.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 3), ("val", 2)):
+        rows = [
+            {"key": f"{split}{i}", "shard": f"{split}.tar", "label": i, "target": i, "teacher_pred": i,
+             "teacher_prob": 0.5, "grid_h": 2, "grid_w": 2, "relevance": np.full(4, i, np.float32),
+             "teacher_logits": np.zeros(3, np.float32)}
+            for i in range(n)
+        ]  # fmt: skip
+        path = staged / f"{split}-group-00000.parquet"
+        write_group(rows, path, {"fingerprint": fingerprint, "split": split})
+        skips_path(path).write_text(json.dumps({"counts": {}}))
+
+
+def _manifest(stage: str, fingerprint: str, staged: Path, files: dict[str, str], run_id: str) -> dict:
+    sizes, hashes = output_records({key: staged / rel for key, rel in files.items()})
+    return {"stage": stage, "fingerprint": fingerprint, "run_id": run_id, "out_dir": str(staged), "files": files,
+            "file_sizes": sizes, "file_hashes": hashes, "metrics": {}}  # fmt: skip
+
+
+def _publish(cache, tmp_path, stage="zoomer", fp="f" * 64, run_id="run-a", value=1.0, replace=False) -> dict:
+    staged = tmp_path / run_id
+    if stage == "relevance":
+        _stage_groups(staged, fp)
+        files = {"maps": "."}
+    else:
+        _stage_weights(staged, value)
+        files = {"weights": "model.safetensors"}
+    return cache.publish(staged, _manifest(stage, fp, staged, files, run_id), replace=replace)
+
+
+def test_a_bucket_artifact_root_names_the_cache_of_record_and_stages_on_this_machine(s3, tmp_path, monkeypatch):
+    from zoomvit.pipeline.runner import artifact_bucket, artifact_root, checkpoint_location
+
+    monkeypatch.chdir(tmp_path)  # outside a Ray job's working-dir copy: the working directory
+    config = load_config(TINY, [f"artifact_root=s3://{BUCKET}/zoomvit/"])
+    assert artifact_bucket(config) == BucketCache(f"s3://{BUCKET}/zoomvit")
+    assert artifact_root(config) == staging_root(f"s3://{BUCKET}/zoomvit") == tmp_path / "staging/s3/cache/zoomvit"
+    fp = "ab" * 32
+    assert (
+        checkpoint_location(config, "teacher", fp, artifact_bucket(config))
+        == f"s3://{BUCKET}/zoomvit/teacher/{fp[:16]}/ray"
+    )
+    moved = load_config(TINY, [f"artifact_root=s3://{BUCKET}/zoomvit", "checkpoint_root=s3://other/ckpt"])
+    assert checkpoint_location(moved, "teacher", fp, artifact_bucket(moved)) == f"s3://other/ckpt/teacher/{fp}"
+
+
+def test_a_published_output_is_an_intact_hit_read_straight_from_the_bucket(cache, tmp_path):
+    from zoomvit.models.loading import load_state_dict_file
+
+    fp = "1" * 64
+    weights = _publish(cache, tmp_path, "zoomer", fp, "run-a", value=3.0)
+    maps = _publish(cache, tmp_path, "relevance", fp, "run-b")
+    entry = cache.entry("zoomer", fp)
+    assert weights["out_dir"] == f"{entry}/attempts/run-a"
+    assert lookup(entry) == (weights, None)
+    assert _keys(_key(entry)) == [f"{_key(entry)}/attempts/run-a/model.safetensors", f"{_key(entry)}/manifest.json"]
+    assert torch.equal(load_state_dict_file(f"{weights['out_dir']}/model.safetensors")["w"], torch.full((4, 4), 3.0))
+    table = read_maps(maps["out_dir"], "train")
+    assert table.num_rows == 3 and read_maps(maps["out_dir"]).num_rows == 5
+    assert set(maps["object_etags"]["maps"]) == set(maps["file_sizes"]["maps"]) == {
+        "train-group-00000.parquet", "train-group-00000.skips.json", "val-group-00000.parquet",
+        "val-group-00000.skips.json"}  # fmt: skip
+
+
+def test_a_missing_weights_file_in_the_bucket_is_a_clear_error_naming_it(cache):
+    from zoomvit.models.loading import load_state_dict_file
+
+    with pytest.raises(ValueError, match="does not exist"):
+        load_state_dict_file(f"{cache.url}/nowhere/model.safetensors")
+
+
+@pytest.mark.parametrize("harm, reason", [("delete", "is missing"), ("rewrite", "was rewritten since it was committed"),
+                                          ("truncate", "bytes, ")])  # fmt: skip
+def test_a_deleted_rewritten_or_cut_object_makes_the_entry_damaged_without_reading_it(cache, tmp_path, harm, reason):
+    fp = "2" * 64
+    manifest = _publish(cache, tmp_path, "relevance", fp, "run-a")
+    key = f"{_key(manifest['out_dir'])}/val-group-00000.parquet"
+    s3 = boto3.client("s3")
+    if harm == "delete":
+        s3.delete_object(Bucket=BUCKET, Key=key)
+    else:
+        data = bytearray(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        data[-20] ^= 0xFF  # inside the Parquet footer: same size, other content
+        s3.put_object(Bucket=BUCKET, Key=key, Body=bytes(data if harm == "rewrite" else data[:100]))
+    found, why = lookup(cache.entry("relevance", fp))
+    assert found is None and reason in why and "val-group-00000.parquet" in why
+
+
+def test_of_two_runs_committing_one_output_the_later_adopts_the_first_and_deletes_its_own_upload(cache, tmp_path):
+    fp = "3" * 64
+    first = _publish(cache, tmp_path, "zoomer", fp, "run-a", value=1.0)
+    second = _publish(cache, tmp_path, "zoomer", fp, "run-b", value=2.0)
+    assert second == first and lookup(cache.entry("zoomer", fp))[0]["run_id"] == "run-a"
+    assert not [k for k in _keys(_key(cache.entry("zoomer", fp))) if "/run-b/" in k], "the loser's upload is gone"
+
+
+def test_a_forced_commit_replaces_the_manifest_and_keeps_the_superseded_attempt_until_the_grace_ends(
+    cache, tmp_path, monkeypatch
+):
+    fp = "4" * 64
+    entry = _key(cache.entry("zoomer", fp))
+    _publish(cache, tmp_path, "zoomer", fp, "run-a", value=1.0)
+    forced = _publish(cache, tmp_path, "zoomer", fp, "run-b", value=2.0, replace=True)
+    assert lookup(cache.entry("zoomer", fp))[0] == forced
+    assert f"{entry}/attempts/run-a/model.safetensors" in _keys(entry), "a run that planned with run-a still reads it"
+    monkeypatch.setattr(bucket_module, "GRACE_S", -1.0)
+    _publish(cache, tmp_path, "zoomer", fp, "run-c", value=3.0, replace=True)
+    assert _keys(entry) == [f"{entry}/attempts/run-c/model.safetensors", f"{entry}/manifest.json"]
+
+
+def test_parts_an_earlier_attempt_uploaded_seed_the_next_one_and_nothing_staged_is_overwritten(cache, tmp_path):
+    fp = "5" * 64
+    crashed = tmp_path / "crashed"
+    _stage_groups(crashed, fp)
+    train = sorted(crashed.glob("train-group-*"))
+    cache.upload(crashed, train, cache.attempt("relevance", fp, "run-crashed"))  # uploaded as committed; no manifest
+    assert lookup(cache.entry("relevance", fp)) == (None, None), "parts alone are not a commit"
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / train[0].name).write_bytes(b"already here")
+    assert cache.seed("relevance", fp, resumed, GROUP_FILES) == 1
+    assert (resumed / train[0].name).read_bytes() == b"already here"
+    assert (resumed / train[1].name).read_bytes() == train[1].read_bytes()
+    assert cache.seed("relevance", "6" * 64, tmp_path / "other", GROUP_FILES) == 0
+
+
+def test_the_plan_reads_the_bucket_every_stage_runs_then_every_stage_is_a_hit(cache, tmp_path):
+    data = tmp_path / "data"
+    generate_demo_dataset(data, train=16, val=8, image_size=32, samples_per_shard=8)
+    config = load_config(TINY, [f"data.root={data}", "data.demo=null", f"artifact_root={cache.url}"])
+    shards, staging = shards_of(config), tmp_path / "staging"
+    plan = plan_run(config, shards, staging, bucket=cache)
+    assert [s.action for s in plan] == ["run"] * len(plan)
+    for step in plan:
+        _publish(cache, tmp_path / step.name, "relevance" if step.name == "relevance" else step.name,
+                 step.fingerprint, f"run-{step.name}")  # fmt: skip
+    again = plan_run(config, shards, staging, bucket=cache)
+    assert [(s.action, s.manifest["out_dir"]) for s in again] == [
+        ("cached", cache.attempt(s.name, s.fingerprint, f"run-{s.name}")) for s in plan
+    ]
+    assert not staging.exists(), "planning reads the bucket; it stages nothing"
+    forced = plan_run(config, shards, staging, bucket=cache, force=["zoomer"])
+    assert [s.action for s in forced if s.name == "zoomer"] == ["run"]
+
+
+@contextlib.contextmanager
+def _two_stage_table(crash: list[bool], seen: dict):
+    """The runner's stage table replaced by two quick stages (named after config sections, as the runner
+    logs each stage's own): ``teacher`` writes weights; ``relevance`` reads them through the URL its
+    context names and commits two parts one by one (it fails after the first while ``crash[0]``)."""
+    import fsspec
+
+    from zoomvit.pipeline import graph
+
+    def make(ctx):
+        (ctx.out_dir / "model.bin").write_bytes(b"weights of " + ctx.fingerprint[:8].encode())
+        return {"files": {"weights": "model.bin"}, "metrics": {}}
+
+    def parts(ctx):
+        source = graph._upstream_file(ctx, "teacher", "weights")
+        with fsspec.open(source, "rb") as f:
+            seen["upstream"], seen["source"] = f.read(), source
+        seen["reused"] = 0
+        for name in ("a-group-0.txt", "b-group-1.txt"):
+            path = ctx.out_dir / name
+            if path.exists():
+                seen["reused"] += 1
+                continue
+            path.write_bytes(name.encode() * 10)
+            ctx.on_part([path])
+            if crash[0]:
+                raise RuntimeError("killed after the first part")
+        (ctx.out_dir / "relevance.json").write_text("{}")  # the job's manifest, which the runner logs
+        return {"files": {"maps": "."}, "metrics": {}}
+
+    quick = {
+        "teacher": graph.StageDef(name="teacher", sections=("data",), upstream=(), run=make),
+        "relevance": graph.StageDef(name="relevance", sections=("data",), upstream=(("teacher", "weights"),),
+                                    run=parts, repairs_in_place=True, parts=GROUP_FILES),
+    }  # fmt: skip
+    saved = dict(graph.STAGES)  # restored in its order: the table's order is the run order
+    graph.STAGES.clear()
+    graph.STAGES.update(quick)
+    try:
+        yield
+    finally:
+        graph.STAGES.clear()
+        graph.STAGES.update(saved)
+
+
+def test_a_run_on_a_bucket_root_commits_there_resumes_parts_from_a_crashed_attempt_and_then_hits(
+    cache, tmp_path, monkeypatch
+):
+    data = tmp_path / "data"
+    generate_demo_dataset(data, train=16, val=8, image_size=32, samples_per_shard=8)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(TINY, [f"data.root={data}", "data.demo=null", f"artifact_root={cache.url}",
+                                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])  # fmt: skip
+    crash, seen = [True], {}
+    with _two_stage_table(crash, seen):
+        _crash_resume_hit_force(config, cache, crash, seen)
+
+
+def _crash_resume_hit_force(config, cache, crash, seen):
+    from zoomvit.pipeline.runner import run_pipeline
+
+    staging = staging_root(cache.url)
+
+    with pytest.raises(RuntimeError, match="killed after the first part"):
+        run_pipeline(config)
+    maker, _ = lookup(f"{cache.url}/teacher/{_only_entry(cache, 'teacher')}")
+    assert maker is not None
+    assert not list((staging / "teacher").glob("*/model.bin")), "a committed output's staging copy is removed"
+    crashed = [k for k in _keys(_key(cache.url)) if "/relevance/" in k]
+    assert [k.rsplit("/", 1)[-1] for k in crashed] == ["a-group-0.txt"], "the first part reached the bucket; no commit"
+    assert seen["upstream"].startswith(b"weights of ") and seen["source"].startswith(f"{cache.url}/teacher/")
+
+    crash[0] = False
+    for part in (staging / "relevance").glob("*/a-group-0.txt"):
+        part.unlink()  # as on another machine: only the bucket has the crashed attempt's part
+    result = run_pipeline(config)
+    assert result.computed == ["relevance"] and seen["reused"] == 1, "resumed from the part in the bucket"
+    parts, _ = lookup(result.stages["relevance"]["out_dir"].rsplit("/attempts/", 1)[0])
+    assert parts["run_id"] == result.stages["relevance"]["run_id"] and sorted(parts["files"]) == ["maps"]
+    assert sorted(parts["file_sizes"]["maps"]) == ["a-group-0.txt", "b-group-1.txt", "relevance.json"]
+    assert any(k.endswith(f"lineage/{result.run_id}/lineage.json") for k in _keys(_key(cache.url)))
+
+    again = run_pipeline(config)
+    assert again.computed == [] and [s["cache"] for s in again.stages.values()] == ["hit", "hit"]
+    assert again.stages["relevance"]["source_run"] == parts["run_id"]
+
+    forced = run_pipeline(config, force=["teacher"])
+    assert forced.computed == ["teacher"], "fingerprints come from the config: downstream stays a hit"
+    replaced, _ = lookup(forced.stages["teacher"]["out_dir"].rsplit("/attempts/", 1)[0])
+    assert replaced["run_id"] == forced.stages["teacher"]["run_id"] != maker["run_id"]
+
+
+def _only_entry(cache, stage: str) -> str:
+    (entry,) = {k.split("/")[2] for k in _keys(f"{_key(cache.url)}/{stage}/")}
+    return entry

@@ -1,0 +1,231 @@
+"""The stage cache in object storage (``artifact_root: s3://...``, ``gs://...``, any fsspec URL).
+
+A bucket has neither locks nor renames, so an entry commits differently from a local one. A stage
+computes into a local staging directory (:func:`staging_root`), uploads its files under a prefix of
+its own, ``attempts/<stage run id>``, then writes the entry's manifest, naming that prefix, last and
+with a conditional put (``If-None-Match: *``). Of two runs that compute one output on two machines,
+one commits; the other adopts its manifest and deletes its own upload. A forced or repairing
+recompute replaces the manifest; the attempt it supersedes stays for the runs still reading it and
+is deleted by a later commit of the entry once it is older than :data:`GRACE_S`. A hit is checked
+from one listing, reading no content: every listed object is there, with the size and the ETag it
+had when it was uploaded (the local cache hashes content instead; here the store's ETag stands in).
+
+    <root>/<stage>/<fingerprint[:16]>/manifest.json
+    <root>/<stage>/<fingerprint[:16]>/attempts/<run id>/...   one computation's files
+    <root>/<stage>/<fingerprint[:16]>/ray/...                 Ray Train's checkpoints, resumed across attempts
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from zoomvit.data.shards import filesystem, is_url
+from zoomvit.tracking.runs import default_dir
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ATTEMPTS = "attempts"
+GRACE_S = 24 * 3600.0  # a superseded attempt outlives the runs that planned with it by this much
+
+
+def staging_root(url: str) -> Path:
+    """Where a bucket root's stages compute, lock and keep their per-driver records on this machine."""
+    return default_dir() / "staging" / url.replace("://", "/", 1).rstrip("/")
+
+
+def entry_of(out_dir: str) -> str:
+    """The cache entry an attempt's prefix (a committed manifest's ``out_dir``) belongs to."""
+    entry, sep, _ = out_dir.rstrip("/").rpartition(f"/{ATTEMPTS}/")
+    assert sep, f"{out_dir!r} is not an attempt prefix"
+    return entry
+
+
+def lookup(entry: str) -> tuple[dict[str, Any] | None, str | None]:
+    """``(manifest, None)`` for an intact committed entry, ``(None, why)`` for a damaged one, ``(None, None)``
+    when nothing is committed there."""
+    fs = filesystem(entry)
+    try:
+        manifest = json.loads(fs.cat_file(f"{entry}/{MANIFEST}"))
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as err:
+        return None, f"{MANIFEST} is unreadable ({err})"
+    try:
+        why = damage(manifest)
+    except (KeyError, TypeError, AttributeError) as err:
+        why = f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"
+    return (None, why) if why else (manifest, None)
+
+
+def damage(manifest: dict[str, Any]) -> str | None:
+    """Why a committed manifest's objects differ from what was uploaded, or None."""
+    out = manifest["out_dir"]
+    listing = _listing(out)
+    for key, name, size, etag in _objects(manifest):
+        info = listing.get(name)
+        if info is None:
+            return f"its {key} object {out}/{name} is missing"
+        if isinstance(size, int) and info["size"] != size:
+            return f"its {key} object {out}/{name} has {info['size']} bytes, {size} when committed"
+        if etag is not None and _etag(info) != etag:
+            return (
+                f"its {key} object {out}/{name} was rewritten since it was committed (ETag {_etag(info)}, {etag} then)"
+            )
+    return None
+
+
+@dataclass(frozen=True)
+class BucketCache:
+    url: str  # the artifact root, without a trailing slash
+
+    def entry(self, stage: str, fingerprint: str) -> str:
+        return f"{self.url}/{stage}/{fingerprint[:16]}"
+
+    def attempt(self, stage: str, fingerprint: str, run_id: str) -> str:
+        return f"{self.entry(stage, fingerprint)}/{ATTEMPTS}/{run_id}"
+
+    def committed(self, stage: str, fingerprint: str) -> bool:
+        """Whether the entry has a manifest at all (intact or not)."""
+        fs, path = filesystem(self.url), f"{self.entry(stage, fingerprint)}/{MANIFEST}"
+        fs.invalidate_cache(_bare(path))
+        return fs.exists(path)
+
+    def upload(self, staged: Path, files: list[Path], attempt: str) -> None:
+        """Put staged files (paths under ``staged``) under ``attempt``, keeping their relative paths."""
+        fs = filesystem(self.url)
+        for path in files:
+            fs.put_file(str(path), f"{attempt}/{path.relative_to(staged).as_posix()}")
+
+    def publish(self, staged: Path, manifest: dict[str, Any], *, replace: bool) -> dict[str, Any]:
+        """Upload a stage's staged output and commit it (module docstring). Returns the manifest that
+        stands: this one, or the one another run committed first (its own upload is then deleted).
+        ``replace``: overwrite a committed manifest (forced, or the entry was damaged)."""
+        fs = filesystem(self.url)
+        stage, fp = manifest["stage"], manifest["fingerprint"]
+        entry, attempt = self.entry(stage, fp), self.attempt(stage, fp, manifest["run_id"])
+        committed = {**manifest, "out_dir": attempt}
+        self.upload(staged, [staged / name for _, name, _, _ in _objects(committed)], attempt)
+        listing = _listing(attempt)
+        committed["object_etags"] = _etags(committed, listing)
+        if why := damage(committed):  # the store holds something else than what was staged
+            raise OSError(f"stage {stage!r}: the upload to {attempt} is incomplete: {why}")
+        payload = json.dumps(committed, indent=2, default=str).encode()
+        try:
+            fs.pipe_file(f"{entry}/{MANIFEST}", payload, mode="overwrite" if replace else "create")
+        except FileExistsError:
+            fs.rm(attempt, recursive=True)
+            winner, _ = lookup(entry)
+            if winner is None:  # committed, then damaged or removed since: this run's copy is as good
+                return self.publish(staged, manifest, replace=True)
+            log.info(f"[{stage}] run {winner['run_id']} committed this output first; this run's copy is discarded")
+            return winner
+        self._collect_superseded(entry, keep=attempt)
+        return committed
+
+    def seed(self, stage: str, fingerprint: str, staged: Path, pattern: str) -> int:
+        """Download into ``staged`` the files matching ``pattern`` (a glob relative to an attempt) that
+        any attempt of the entry holds and ``staged`` lacks, newest attempt first; how many. A stage that
+        repairs in place then validates and keeps what it can (the relevance job: committed groups)."""
+        fs = filesystem(self.url)
+        base = f"{self.entry(stage, fingerprint)}/{ATTEMPTS}"
+        fetched = 0
+        for attempt, _ in sorted(self._attempts(base), key=lambda a: a[1], reverse=True):
+            prefix = _bare(f"{base}/{attempt}")
+            for remote in fs.glob(f"{prefix}/{pattern}"):
+                local = staged / remote[len(prefix) + 1 :]
+                if not local.exists():
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    fs.get_file(remote, str(local))
+                    fetched += 1
+        return fetched
+
+    def _attempts(self, base: str) -> Iterator[tuple[str, float]]:
+        """Each attempt under ``base`` with the time of its newest object."""
+        newest: dict[str, float] = {}
+        for name, info in _listing(base).items():
+            attempt = name.split("/", 1)[0]
+            newest[attempt] = max(newest.get(attempt, 0.0), _mtime(info))
+        yield from newest.items()
+
+    def _collect_superseded(self, entry: str, *, keep: str) -> None:
+        fs = filesystem(self.url)
+        base = f"{entry}/{ATTEMPTS}"
+        for attempt, mtime in list(self._attempts(base)):
+            if f"{base}/{attempt}" != keep and time.time() - mtime > GRACE_S:
+                fs.rm(f"{base}/{attempt}", recursive=True)
+                log.info(f"[cache] deleted the superseded attempt {base}/{attempt}")
+
+
+def remove_staged(staged: Path) -> None:
+    """A published output's staging copy: the bucket holds it now."""
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+def _objects(manifest: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any]]:
+    """``(key, name relative to out_dir, size, etag)`` of every object a manifest lists; a listed
+    directory (the relevance maps, ``.``) names each file its record holds."""
+    sizes, etags = manifest.get("file_sizes", {}), manifest.get("object_etags", {})
+    for key, rel in manifest["files"].items():
+        size, etag = sizes.get(key), etags.get(key)
+        if isinstance(size, dict):
+            for inner in sorted(size):
+                yield key, posixpath.normpath(f"{rel}/{inner}"), size[inner], (etag or {}).get(inner)
+        else:
+            yield key, posixpath.normpath(rel), size, etag
+
+
+def _etags(manifest: dict[str, Any], listing: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, rel in manifest["files"].items():
+        size = manifest["file_sizes"].get(key)
+        if isinstance(size, dict):
+            out[key] = {inner: _etag(listing.get(posixpath.normpath(f"{rel}/{inner}"), {})) for inner in size}
+        else:
+            out[key] = _etag(listing.get(posixpath.normpath(rel), {}))
+    return out
+
+
+def _bare(url: str) -> str:
+    from fsspec.core import strip_protocol
+
+    return strip_protocol(url).rstrip("/")
+
+
+def _listing(prefix: str) -> dict[str, dict[str, Any]]:
+    """Every object under ``prefix`` by its path relative to it, from one recursive listing."""
+    assert is_url(prefix), prefix
+    fs = filesystem(prefix)
+    base = _bare(prefix)
+    fs.invalidate_cache(base)  # ask the store, not fsspec's listing cache: another run may have written since
+    try:
+        found = fs.find(base, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {path[len(base) + 1 :]: info for path, info in found.items() if path.startswith(base + "/")}
+
+
+def _etag(info: dict[str, Any]) -> str | None:
+    """The store's identity of an object's content: S3's ETag, GCS's md5Hash or generation."""
+    for key in ("ETag", "etag", "md5Hash", "generation"):
+        if info.get(key) is not None:
+            return str(info[key]).strip('"')
+    return None
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    value = info.get("LastModified") or info.get("updated") or info.get("mtime")
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return float(value or 0.0)
