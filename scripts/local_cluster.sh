@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Try the cluster path on one machine: a multi-node Ray cluster (a head with 0 CPUs, as in
 # cluster/aws.yaml, plus three worker nodes started with `ray start --address` in their own processes),
-# a local S3-compatible server (moto) holding the shards and MLflow's artifact store, and the
-# pipeline submitted with `ray job submit --working-dir`.
+# a local S3-compatible server (moto) holding the shards, the stage cache (artifact_root) and MLflow's
+# artifact store, and the pipeline submitted with `ray job submit --working-dir`.
 #
 #   bash scripts/local_cluster.sh up        # S3 + shards, MLflow, Ray head and worker nodes
 #   bash scripts/local_cluster.sh submit    # the tiny pipeline as a Ray job (extra args go to full.py)
@@ -12,11 +12,12 @@
 # Node types (scaled down from cluster/aws.yaml): `cpu_ingest` (2 CPUs, resource cpu_ingest) runs
 # the relevance actors; two `gpu_h100x8` nodes (3 CPUs each, the logical resource
 # accelerator_type:H100, no real GPU; node names gpu_h100x8-0 and -1) run the training workers. The
-# config pins them there with relevance.resources / train.resources. Training checkpoints go to the
-# bucket (checkpoint_root), so a lost node's run resumes on the other one; the stage cache is a
-# directory every node sees (here the local disk; on a cluster, the shared volume of cluster/kuberay).
-# S3 credentials live in the nodes' environment, not in the job's runtime env (which Ray's dashboard
-# and Jobs API show).
+# config pins them there with relevance.resources / train.resources. The stage cache is the bucket
+# (artifact_root=s3://zoomvit/artifacts): every stage's output, and its training checkpoints beside it,
+# so a lost node's run resumes on the other one and no node's disk holds a result. Each node's
+# ZOOMVIT_HOME (where a driver stages outputs before uploading them) is under the state dir. S3
+# credentials live in the nodes' environment, not in the job's runtime env (which Ray's dashboard and
+# Jobs API show).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -45,6 +46,7 @@ up)
   printf 'S3_PORT=%s\nMLFLOW_PORT=%s\nRAY_PORT=%s\nDASHBOARD_PORT=%s\n' \
     "$S3_PORT" "$MLFLOW_PORT" "$RAY_PORT" "$DASHBOARD_PORT" >"$ports"
   export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:$S3_PORT"
+  export ZOOMVIT_HOME="$state/home"
 
   setsid nohup python3 -m moto.server -H 127.0.0.1 -p "$S3_PORT" >"$state/s3.log" 2>&1 &
   echo $! >"$state/s3.pid"
@@ -92,8 +94,7 @@ submit)
     --runtime-env-json '{"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}}' \
     -- python pipelines/full.py --config "$config" \
        --set data.root=s3://zoomvit/shards --set data.demo=null \
-       --set "tracking.uri=http://127.0.0.1:$MLFLOW_PORT" --set "artifact_root=$state/artifacts" \
-       --set checkpoint_root=s3://zoomvit/checkpoints \
+       --set "tracking.uri=http://127.0.0.1:$MLFLOW_PORT" --set artifact_root=s3://zoomvit/artifacts \
        --set 'relevance.resources={cpu_ingest: 1}' \
        --set 'teacher.train.resources={"accelerator_type:H100": 0.01}' \
        --set 'zoomer.train.resources={"accelerator_type:H100": 0.01}' \
@@ -121,5 +122,5 @@ down)
   echo "down"
   ;;
 *)
-  sed -n '2,21p' "$0" >&2; exit 2 ;;
+  sed -n '2,20p' "$0" >&2; exit 2 ;;
 esac

@@ -5,6 +5,8 @@ stage outputs read straight from the bucket. On an in-process S3 server (moto), 
 
 import contextlib
 import json
+import threading
+import time
 from pathlib import Path
 
 import boto3
@@ -267,7 +269,7 @@ def _crash_resume_hit_force(config, cache, crash, seen):
     maker, _ = lookup(f"{cache.url}/teacher/{_only_entry(cache, 'teacher')}")
     assert maker is not None
     assert not list((staging / "teacher").glob("*/model.bin")), "a committed output's staging copy is removed"
-    crashed = [k for k in _keys(_key(cache.url)) if "/relevance/" in k]
+    crashed = [k for k in _keys(_key(cache.url)) if "/relevance/" in k and "/claims/" not in k]
     assert [k.rsplit("/", 1)[-1] for k in crashed] == ["a-group-0.txt"], "the first part reached the bucket; no commit"
     assert seen["upstream"].startswith(b"weights of ") and seen["source"].startswith(f"{cache.url}/teacher/")
 
@@ -294,3 +296,63 @@ def _crash_resume_hit_force(config, cache, crash, seen):
 def _only_entry(cache, stage: str) -> str:
     (entry,) = {k.split("/")[2] for k in _keys(f"{_key(cache.url)}/{stage}/")}
     return entry
+
+
+def test_a_second_driver_waits_for_a_live_claim_and_takes_the_output_once_it_is_committed(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(bucket_module, "POLL_S", 0.05)
+    fp = "7" * 64
+    none, first = cache.claim("zoomer", fp, "driver A", committed=lambda: lookup(cache.entry("zoomer", fp))[0])
+    assert none is None and first is not None
+    waited: dict = {}
+    second = threading.Thread(
+        target=lambda: waited.update(
+            result=cache.claim("zoomer", fp, "driver B", committed=lambda: lookup(cache.entry("zoomer", fp))[0])
+        )
+    )
+    with first:
+        second.start()
+        time.sleep(0.5)
+        assert second.is_alive(), "B waits while A's claim is alive"
+        first.check()
+        committed = _publish(cache, tmp_path, "zoomer", fp, "run-a")
+    second.join(timeout=30)
+    assert waited["result"] == (committed, None), "B takes A's output; it computes nothing"
+
+
+def test_a_claim_its_holder_stopped_renewing_expires_and_is_taken_over_and_the_old_holder_cannot_commit(
+    cache, monkeypatch
+):
+    monkeypatch.setattr(bucket_module, "CLAIM_TTL_S", 1.0)
+    fp = "8" * 64
+    _, dead = cache.claim("zoomer", fp, "driver A", committed=None)  # never entered: nothing renews it
+    time.sleep(1.5)
+    _, taker = cache.claim("zoomer", fp, "driver B", committed=None)
+    assert taker is not None and taker.path.endswith("/claims/00000002.json")
+    with pytest.raises(OSError, match="another driver took over this claim"):
+        dead.check()
+    with taker:
+        taker.check()
+        _, here = cache.claim("zoomer", fp, "driver B again", committed=None, sole_on_this_host=True)
+        assert here.path.endswith("/claims/00000003.json"), (
+            "a claim from this host is a dead driver's when this driver holds the host's lock exclusively"
+        )
+    with here:  # released on exit
+        pass
+    _, after = cache.claim("zoomer", fp, "driver C", committed=None)
+    assert after.path.endswith("/claims/00000004.json"), "a released claim is free at once, expired or not"
+
+
+def test_a_forced_recompute_waits_for_the_live_claim_not_for_a_committed_output(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(bucket_module, "POLL_S", 0.05)
+    fp = "9" * 64
+    _publish(cache, tmp_path, "zoomer", fp, "run-a")
+    _, first = cache.claim("zoomer", fp, "driver A", committed=None)
+    got: dict = {}
+    forced = threading.Thread(target=lambda: got.update(result=cache.claim("zoomer", fp, "driver B", committed=None)))
+    with first:
+        forced.start()
+        time.sleep(0.5)
+        assert forced.is_alive()
+    forced.join(timeout=30)
+    manifest, claim = got["result"]
+    assert manifest is None and claim.path.endswith("/claims/00000002.json")

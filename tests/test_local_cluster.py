@@ -1,7 +1,8 @@
 """The cluster path on one machine (scripts/local_cluster.sh): a Ray head with 0 CPUs and three worker
-nodes started with `ray start --address`, shards, training checkpoints and MLflow's artifact store on a
-local S3 server (moto), the tiny pipeline submitted twice with `ray job submit --working-dir`, and the
-node running the training workers lost in the middle of training."""
+nodes started with `ray start --address`, the shards, the stage cache (every output, its training
+checkpoints) and MLflow's artifact store on a local S3 server (moto), the tiny pipeline submitted twice
+with `ray job submit --working-dir`, and the node running the training workers lost in the middle of
+training."""
 
 import json
 import os
@@ -76,7 +77,7 @@ def _lose_the_training_node(s3, state: Path, dashboard: str, submission: subproc
     snapshot names one), SIGKILL a node its workers run on."""
     deadline = time.time() + 600
     while time.time() < deadline and submission.poll() is None:
-        snapshots = [k for k in _keys(s3, "checkpoints/teacher/") if k.endswith("/checkpoint_manager_snapshot.json")]
+        snapshots = [k for k in _keys(s3, "artifacts/teacher/") if k.endswith("/checkpoint_manager_snapshot.json")]
         snapshot = s3.get_object(Bucket="zoomvit", Key=snapshots[0])["Body"].read().decode() if snapshots else ""
         if re.search(r'"checkpoint_dir_name":\s*"checkpoint_', snapshot):
             nodes = _probe(TRAINING_NODES_PROBE, dashboard)  # one: Ray Train packs its workers by default
@@ -89,7 +90,7 @@ def _lose_the_training_node(s3, state: Path, dashboard: str, submission: subproc
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_the_pipeline_runs_on_a_multi_node_cluster_with_shards_checkpoints_and_mlflow_artifacts_on_s3(tmp_path):
+def test_the_pipeline_runs_on_a_multi_node_cluster_with_its_shards_stage_cache_and_mlflow_artifacts_on_s3(tmp_path):
     import boto3
 
     state = tmp_path / "cluster"
@@ -119,6 +120,8 @@ def test_the_pipeline_runs_on_a_multi_node_cluster_with_shards_checkpoints_and_m
         second = _sh("submit", *SHORTER, state=state, timeout=600)
         copies = list(Path("/tmp/ray/session_latest/runtime_resources/working_dir_files").glob("*"))
         keys = _keys(s3)
+        manifests = {k.split("/")[1]: json.loads(s3.get_object(Bucket="zoomvit", Key=k)["Body"].read())
+                     for k in keys if re.fullmatch(r"artifacts/\w+/[0-9a-f]{16}/manifest\.json", k)}  # fmt: skip
         written = {p.name for c in copies if c.is_dir() for p in c.iterdir()} & {"runs", "mlflow.db", "demo_data"}
     finally:
         _sh("down", state=state, timeout=120)
@@ -132,8 +135,8 @@ def test_the_pipeline_runs_on_a_multi_node_cluster_with_shards_checkpoints_and_m
     on_head = {cls for cls, node, cpus in placed if node == "head" and cpus > 0}
     assert not on_head, f"work that needs CPUs ran on the head node (0 CPUs): {on_head}"
 
-    (teacher,) = (state / "artifacts").glob("teacher/*/manifest.json")
-    history = json.loads(teacher.read_text())["history"]
+    assert sorted(manifests) == sorted(STAGES), f"one committed entry per stage in the bucket: {sorted(manifests)}"
+    history = manifests["teacher"]["history"]
     starts = [h["start_epoch"] for h in history if "start_epoch" in h]
     assert [h["epoch"] for h in history] == list(range(TEACHER_EPOCHS)), history
     assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 1, (
@@ -146,18 +149,23 @@ def test_the_pipeline_runs_on_a_multi_node_cluster_with_shards_checkpoints_and_m
 
     shards = [k for k in keys if k.startswith("shards/") and k.endswith(".tar")]
     logged = [k for k in keys if k.startswith("mlflow/")]
-    checkpoints = [k for k in keys if k.startswith("checkpoints/")]
     assert shards, keys[:20]
     for stage in ("teacher", "zoomer", "zoomvit", "baseline"):
-        assert any(k.startswith(f"checkpoints/{stage}/") and "/checkpoint_" in k for k in checkpoints), stage
-    assert not list((state / "artifacts").glob("*/*/ray")), "no checkpoint on the nodes' disk"
+        assert any(re.match(rf"artifacts/{stage}/\w+/ray/.*/checkpoint_", k) for k in keys), f"{stage} checkpoints"
+    for stage, manifest in manifests.items():
+        where = manifest["out_dir"]
+        files = [k for k in keys if k.startswith(where.removeprefix("s3://zoomvit/") + "/")]
+        assert where.startswith(f"s3://zoomvit/artifacts/{stage}/") and files, f"{stage}: nothing under {where}"
+    relevance = manifests["relevance"]["out_dir"].removeprefix("s3://zoomvit/")
+    assert any(k.startswith(relevance) and k.endswith(".parquet") for k in keys), "the relevance groups"
+    staged = [p for p in (state / "home" / "staging").rglob("*") if p.is_file() and p.suffix != ".lock"]
+    assert not [p for p in staged if set(p.relative_to(state / "home" / "staging").parts[3:4]) & set(STAGES)], (
+        f"an output (or a checkpoint) stayed on the driver's disk after its upload: {staged}"
+    )
     assert any(k.endswith("/MLmodel") for k in logged), "logged models are in the S3 artifact store"
     assert any(k.endswith("lineage.json") for k in logged)
     assert any(k.endswith("/artifacts/model.safetensors") for k in logged), "weights inside each logged model"
 
-    artifacts = state / "artifacts"
-    assert list(artifacts.glob("relevance/*/manifest.json")) and list(artifacts.glob("relevance/*/*.parquet"))
-    assert list(artifacts.glob("zoomvit/*/model.safetensors"))
     after = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
     assert after == before, "the job wrote into the repository it was submitted from"
     assert copies and not written, f"the job wrote {written} into its working-dir copy"

@@ -1,28 +1,38 @@
 """The stage cache in object storage (``artifact_root: s3://...``, ``gs://...``, any fsspec URL).
 
-A bucket has neither locks nor renames, so an entry commits differently from a local one. A stage
-computes into a local staging directory (:func:`staging_root`), uploads its files under a prefix of
-its own, ``attempts/<stage run id>``, then writes the entry's manifest, naming that prefix, last and
-with a conditional put (``If-None-Match: *``). Of two runs that compute one output on two machines,
-one commits; the other adopts its manifest and deletes its own upload. A forced or repairing
-recompute replaces the manifest; the attempt it supersedes stays for the runs still reading it and
-is deleted by a later commit of the entry once it is older than :data:`GRACE_S`. A hit is checked
-from one listing, reading no content: every listed object is there, with the size and the ETag it
-had when it was uploaded (the local cache hashes content instead; here the store's ETag stands in).
+A bucket has neither locks nor renames, so an entry commits differently from a local one. A driver
+that is to compute an output first claims it (:class:`Claim`): it creates the next numbered claim
+object with an exclusive write (``If-None-Match: *``; GCS: generation 0) and renews it while it
+works. Another driver waits while that claim is alive, takes the output once it is committed, or
+takes over a claim whose holder stopped renewing it (a dead driver; after :data:`CLAIM_TTL_S`) by
+creating the next number, so two drivers never compute one output (nor write its checkpoints) at
+once. The holder computes into a local staging directory (:func:`staging_root`), uploads its files
+under a prefix of its own, ``attempts/<stage run id>``, then writes the entry's manifest, naming
+that prefix, last, again with an exclusive write unless it replaces a damaged or forced entry. The
+attempt a forced recompute supersedes stays for the runs still reading it and is deleted by a later
+commit of the entry once older than :data:`GRACE_S`. A hit is checked from one listing, reading no
+content: every listed object is there, with the size and the ETag it had when it was uploaded (the
+local cache hashes content instead; here the store's ETag stands in). Claims expire by the store's
+clock (an object's LastModified) against the driver's: clocks must agree to well within the TTL.
 
     <root>/<stage>/<fingerprint[:16]>/manifest.json
-    <root>/<stage>/<fingerprint[:16]>/attempts/<run id>/...   one computation's files
-    <root>/<stage>/<fingerprint[:16]>/ray/...                 Ray Train's checkpoints, resumed across attempts
+    <root>/<stage>/<fingerprint[:16]>/claims/<n>.json             who computes it (the highest n)
+    <root>/<stage>/<fingerprint[:16]>/attempts/<run id>/...       one computation's files
+    <root>/<stage>/<fingerprint[:16]>/ray/...                     Ray Train's checkpoints, resumed across attempts
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import shutil
+import socket
+import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +45,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 ATTEMPTS = "attempts"
+CLAIMS = "claims"
 GRACE_S = 24 * 3600.0  # a superseded attempt outlives the runs that planned with it by this much
+CLAIM_TTL_S = 120.0  # a claim not renewed for this long is its dead holder's; renewed every quarter of it
+POLL_S = 5.0  # how often a waiting driver looks again
 
 
 def staging_root(url: str) -> Path:
@@ -94,6 +107,44 @@ class BucketCache:
     def attempt(self, stage: str, fingerprint: str, run_id: str) -> str:
         return f"{self.entry(stage, fingerprint)}/{ATTEMPTS}/{run_id}"
 
+    def claim(
+        self,
+        stage: str,
+        fingerprint: str,
+        holder: str,
+        committed: Callable[[], dict[str, Any] | None] | None,
+        *,
+        sole_on_this_host: bool = False,
+    ) -> tuple[dict[str, Any] | None, Claim | None]:
+        """Claim the entry for computing it: ``(None, claim)``, to hold (``with``) while computing, or
+        ``(manifest, None)`` when ``committed()`` finds it committed while this driver waits for
+        another's live claim. ``committed``: None to wait for the claim whatever is committed (forced).
+        ``sole_on_this_host``: the caller holds this host's lock on the entry exclusively, so a claim
+        made from this host is a dead driver's, free without waiting for it to expire."""
+        fs, base = filesystem(self.url), f"{self.entry(stage, fingerprint)}/{CLAIMS}"
+        said = False
+        while True:
+            if committed is not None and (done := committed()) is not None:
+                return done, None
+            claims = _claims(base)
+            current = max(claims, default=0)
+            state = _claim_state(fs, f"{base}/{current:08d}.json", claims[current]) if current else None
+            if state is not None and sole_on_this_host and state.get("host") == socket.gethostname():
+                state["free"] = True
+            if state is None or state["free"]:
+                mine = Claim(f"{base}/{current + 1:08d}.json", holder)
+                try:
+                    fs.pipe_file(mine.path, mine.payload(), mode="create")
+                except FileExistsError:
+                    continue  # another driver took that number first: look again
+                if state is not None and not state.get("released"):
+                    log.info(f"[{stage}] took over the expired claim of {state.get('holder')} on {base}")
+                return None, mine
+            if not said:
+                log.info(f"[{stage}] waiting for {state.get('holder')}, which is computing it ({base})")
+                said = True
+            time.sleep(POLL_S)
+
     def committed(self, stage: str, fingerprint: str) -> bool:
         """Whether the entry has a manifest at all (intact or not)."""
         fs, path = filesystem(self.url), f"{self.entry(stage, fingerprint)}/{MANIFEST}"
@@ -114,7 +165,9 @@ class BucketCache:
         stage, fp = manifest["stage"], manifest["fingerprint"]
         entry, attempt = self.entry(stage, fp), self.attempt(stage, fp, manifest["run_id"])
         committed = {**manifest, "out_dir": attempt}
-        self.upload(staged, [staged / name for _, name, _, _ in _objects(committed)], attempt)
+        present = _listing(attempt)  # the parts this run uploaded as it committed them (StageContext.on_part)
+        missing = [name for _, name, size, _ in _objects(committed) if present.get(name, {}).get("size") != size]
+        self.upload(staged, [staged / name for name in missing], attempt)
         listing = _listing(attempt)
         committed["object_etags"] = _etags(committed, listing)
         if why := damage(committed):  # the store holds something else than what was staged
@@ -164,6 +217,76 @@ class BucketCache:
             if f"{base}/{attempt}" != keep and time.time() - mtime > GRACE_S:
                 fs.rm(f"{base}/{attempt}", recursive=True)
                 log.info(f"[cache] deleted the superseded attempt {base}/{attempt}")
+
+
+class Claim:
+    """A held claim on a cache entry (:meth:`BucketCache.claim`): renewed in the background while held,
+    marked released on exit. :meth:`check` before committing: the claim must still be this driver's."""
+
+    def __init__(self, path: str, holder: str) -> None:
+        self.path, self.holder, self.token = path, holder, uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._renewed = time.monotonic()
+        self._thread: threading.Thread | None = None
+
+    def payload(self, *, released: bool = False) -> bytes:
+        me = {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
+        return json.dumps({**me, "released": released}).encode()
+
+    def __enter__(self) -> Claim:
+        self._thread = threading.Thread(target=self._renew, name="zoomvit-claim", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if not self.superseded():
+                filesystem(self.path).pipe_file(self.path, self.payload(released=True))
+        except OSError as err:  # the claim then expires by itself
+            log.warning(f"[cache] could not release {self.path} ({err}); it expires in {CLAIM_TTL_S:.0f} s")
+
+    def superseded(self) -> bool:
+        """Whether another driver holds a later claim on the entry (it took this one over)."""
+        base, name = self.path.rsplit("/", 1)
+        return max(_claims(base), default=0) > int(name.split(".")[0])
+
+    def check(self) -> None:
+        """Raise :class:`OSError` when this claim may no longer be this driver's: another took it over,
+        or it could not be renewed for most of its lifetime (a storage outage)."""
+        if self.superseded():
+            raise OSError(f"{self.path}: another driver took over this claim; this run's result is not committed")
+        if (stale := time.monotonic() - self._renewed) > 0.75 * CLAIM_TTL_S:
+            raise OSError(f"{self.path}: not renewed for {stale:.0f} s; another driver may have taken it over")
+
+    def _renew(self) -> None:
+        fs = filesystem(self.path)
+        while not self._stop.wait(CLAIM_TTL_S / 4):
+            try:
+                if self.superseded():
+                    log.warning(f"[cache] {self.path}: taken over by another driver")
+                    return
+                fs.pipe_file(self.path, self.payload())
+                self._renewed = time.monotonic()
+            except OSError as err:
+                log.warning(f"[cache] could not renew {self.path} ({err}); retrying")
+
+
+def _claims(base: str) -> dict[int, dict[str, Any]]:
+    """The claim objects under ``base`` by number."""
+    return {int(name.split(".")[0]): info for name, info in _listing(base).items() if name.endswith(".json")}
+
+
+def _claim_state(fs, path: str, info: dict[str, Any]) -> dict[str, Any]:
+    """A claim's content, and whether it is free: released, or not renewed within :data:`CLAIM_TTL_S`."""
+    try:
+        state = json.loads(fs.cat_file(path))
+    except (OSError, ValueError):
+        state = {}
+    expired = time.time() - _mtime(info) > CLAIM_TTL_S
+    return {**state, "free": bool(state.get("released")) or expired}
 
 
 def remove_staged(staged: Path) -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo, filesystem, is_url, local_path
 from zoomvit.durable import OutputLock, exclusive, read_or_claim, remove_stale_temporaries, write_json_durably
 from zoomvit.errors import UserError
-from zoomvit.pipeline.bucket import BucketCache, entry_of, remove_staged, staging_root
+from zoomvit.pipeline.bucket import BucketCache, Claim, entry_of, remove_staged, staging_root
 from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
 from zoomvit.pipeline.plan import (
     MANIFEST,
@@ -308,7 +309,8 @@ class PipelineRun:
             done, _ = committed_output(source)
             return done if done is not None and done["fingerprint"] == step.fingerprint else None
 
-        manifest = read_or_claim(lock, committed, claim=step.action == "run" and step.name in self.recompute)
+        forced = step.action == "run" and step.name in self.recompute
+        manifest = read_or_claim(lock, committed, claim=forced)
         if manifest is not None and step.action == "run":
             log.info(f"[{step.name}] computed by run {manifest['run_id']} while this run waited")
         elif manifest is None and step.action == "cached":
@@ -320,10 +322,20 @@ class PipelineRun:
         reason = stage.gate(self.config, self.manifests) if stage.gate else None
         if reason is not None:
             self._gated(step, reason)
+        claim = None
+        if manifest is None and self.bucket is not None:  # other machines: the bucket's claim, as the lock here
+            holder = f"pipeline run {self.parent} on {socket.gethostname()}"
+            manifest, claim = self.bucket.claim(
+                step.name, step.fingerprint, holder, None if forced else committed, sole_on_this_host=True
+            )
+            if claim is not None:
+                holds.enter_context(claim)
+            else:
+                log.info(f"[{step.name}] computed by run {manifest['run_id']} elsewhere while this run waited")
         if manifest is not None:
             self._cached(step, manifest)
         else:
-            self._compute(step, lock)
+            self._compute(step, lock, claim)
         if stage.promotes and self.config.tracking.register_models:
             self._promote(step)
 
@@ -385,7 +397,7 @@ class PipelineRun:
         self.tracker.end(run_id)
         log.info(f"[{step.name}] cache hit ({step.fingerprint[:16]}) from run {manifest['run_id']}")
 
-    def _compute(self, step: PlannedStage, lock: OutputLock) -> None:
+    def _compute(self, step: PlannedStage, lock: OutputLock, claim: Claim | None = None) -> None:
         name, out_dir, tracker = step.name, step.out_dir, self.tracker
         run_id, node = self._stage_run(step, "miss")
         tracker.params(run_id, flatten(section(self.config, name)))  # each stage's config section is its own
@@ -441,6 +453,8 @@ class PipelineRun:
             for key in stage.parent_artifacts:
                 tracker.artifact(self.parent, out_dir / manifest["files"][key])
             if bucket is not None:
+                assert claim is not None
+                claim.check()
                 manifest = bucket.publish(out_dir, manifest, replace=committed_before)
                 if manifest["run_id"] != run_id:
                     tracker.tags(run_id, {"zoomvit.superseded_by": manifest["run_id"]})
