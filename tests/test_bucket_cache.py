@@ -5,6 +5,9 @@ stage outputs read straight from the bucket. On an in-process S3 server (moto), 
 
 import contextlib
 import json
+import multiprocessing
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -73,6 +76,22 @@ def _manifest(stage: str, fingerprint: str, staged: Path, files: dict[str, str],
     sizes, hashes = output_records({key: staged / rel for key, rel in files.items()})
     return {"stage": stage, "fingerprint": fingerprint, "run_id": run_id, "out_dir": str(staged), "files": files,
             "file_sizes": sizes, "file_hashes": hashes, "metrics": {}}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _timeout(seconds: float):
+    """TimeoutError in this (the main) thread when the block outlasts ``seconds``."""
+
+    def expire(*_):
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _publish(cache, tmp_path, stage="zoomer", fp="f" * 64, run_id="run-a", value=1.0, replace=False) -> dict:
@@ -202,7 +221,7 @@ def test_the_plan_reads_the_bucket_every_stage_runs_then_every_stage_is_a_hit(ca
 
 
 @contextlib.contextmanager
-def _two_stage_table(crash: list[bool], seen: dict):
+def _two_stage_table(crash: list[bool], seen: dict, slow: float = 0.0):
     """The runner's stage table replaced by two quick stages (named after config sections, as the runner
     logs each stage's own): ``teacher`` writes weights; ``relevance`` reads them through the URL its
     context names and commits two parts one by one (it fails after the first while ``crash[0]``)."""
@@ -211,6 +230,7 @@ def _two_stage_table(crash: list[bool], seen: dict):
     from zoomvit.pipeline import graph
 
     def make(ctx):
+        time.sleep(slow)
         (ctx.out_dir / "model.bin").write_bytes(b"weights of " + ctx.fingerprint[:8].encode())
         return {"files": {"weights": "model.bin"}, "metrics": {}}
 
@@ -324,17 +344,20 @@ def test_a_claim_its_holder_stopped_renewing_expires_and_is_taken_over_and_the_o
 ):
     monkeypatch.setattr(bucket_module, "CLAIM_TTL_S", 1.0)
     fp = "8" * 64
-    _, dead = cache.claim("zoomer", fp, "driver A", committed=None)  # never entered: nothing renews it
+    _, dead = cache.claim("zoomer", fp, "driver A", committed=None, held_lock="/x/a.lock")  # nothing renews it
     time.sleep(1.5)
-    _, taker = cache.claim("zoomer", fp, "driver B", committed=None)
+    _, taker = cache.claim("zoomer", fp, "driver B", committed=None, held_lock="/x/b.lock")
     assert taker is not None and taker.path.endswith("/claims/00000002.json")
     with pytest.raises(OSError, match="another driver took over this claim"):
         dead.check()
     with taker:
         taker.check()
-        _, here = cache.claim("zoomer", fp, "driver B again", committed=None, sole_on_this_host=True)
+        with pytest.raises(TimeoutError):  # another lock on this host: another driver's claim, alive
+            with _timeout(1.0):
+                cache.claim("zoomer", fp, "driver D", committed=None, held_lock="/elsewhere/d.lock")
+        _, here = cache.claim("zoomer", fp, "driver B again", committed=None, held_lock=taker.lock)
         assert here.path.endswith("/claims/00000003.json"), (
-            "a claim from this host is a dead driver's when this driver holds the host's lock exclusively"
+            "a claim from this host under the lock this driver now holds exclusively is a dead driver's"
         )
     with here:  # released on exit
         pass
@@ -356,3 +379,43 @@ def test_a_forced_recompute_waits_for_the_live_claim_not_for_a_committed_output(
     forced.join(timeout=30)
     manifest, claim = got["result"]
     assert manifest is None and claim.path.endswith("/claims/00000002.json")
+
+
+def _drive(config, machine: Path, results) -> None:
+    """One driver on its own "machine": its own working directory, so its own staging root and locks."""
+    import s3fs
+
+    from zoomvit.pipeline.runner import run_pipeline
+
+    s3fs.S3FileSystem.clear_instance_cache()  # the parent's connections are not this process's
+    machine.mkdir(parents=True)
+    os.chdir(machine)
+    result = run_pipeline(config)
+    results.put({name: node["cache"] for name, node in result.stages.items()})
+
+
+def test_two_drivers_on_two_machines_sharing_a_bucket_compute_each_stage_once(cache, tmp_path, monkeypatch):
+    from zoomvit.tracking.runs import Tracker
+
+    monkeypatch.setattr(bucket_module, "POLL_S", 0.2)
+    data = tmp_path / "data"
+    generate_demo_dataset(data, train=16, val=8, image_size=32, samples_per_shard=8)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(TINY, [f"data.root={data}", "data.demo=null", f"artifact_root={cache.url}",
+                                f"tracking.uri={uri}"])  # fmt: skip
+    Tracker(uri, config.tracking.experiment)  # the tracking database exists before both drivers open it
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+    with _two_stage_table([False], {}, slow=2.0):
+        drivers = [fork.Process(target=_drive, args=(config, tmp_path / m, results)) for m in ("a", "b")]
+        for d in drivers:
+            d.start()
+        for d in drivers:
+            d.join(timeout=120)
+    assert [d.exitcode for d in drivers] == [0, 0]
+    caches = [results.get(timeout=5) for _ in drivers]
+    for stage in ("teacher", "relevance"):
+        assert sorted(c[stage] for c in caches) == ["hit", "miss"], f"{stage} computed once: {caches}"
+    entries = {k.split("/")[2] for k in _keys(f"{_key(cache.url)}/teacher/") if "/attempts/" in k}
+    attempts = {k.split("/")[4] for k in _keys(f"{_key(cache.url)}/teacher/") if "/attempts/" in k}
+    assert len(entries) == 1 and len(attempts) == 1, "one upload: the second driver waited, then took it"

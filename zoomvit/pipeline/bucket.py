@@ -114,14 +114,15 @@ class BucketCache:
         holder: str,
         committed: Callable[[], dict[str, Any] | None] | None,
         *,
-        sole_on_this_host: bool = False,
+        held_lock: str | None = None,
     ) -> tuple[dict[str, Any] | None, Claim | None]:
         """Claim the entry for computing it: ``(None, claim)``, to hold (``with``) while computing, or
         ``(manifest, None)`` when ``committed()`` finds it committed while this driver waits for
         another's live claim. ``committed``: None to wait for the claim whatever is committed (forced).
-        ``sole_on_this_host``: the caller holds this host's lock on the entry exclusively, so a claim
-        made from this host is a dead driver's, free without waiting for it to expire."""
+        ``held_lock``: a lock file on this host the caller holds exclusively for the entry (the staging
+        directory's); a claim made from this host under that lock is a dead driver's, free at once."""
         fs, base = filesystem(self.url), f"{self.entry(stage, fingerprint)}/{CLAIMS}"
+        here = (socket.gethostname(), held_lock)
         said = False
         while True:
             if committed is not None and (done := committed()) is not None:
@@ -129,10 +130,10 @@ class BucketCache:
             claims = _claims(base)
             current = max(claims, default=0)
             state = _claim_state(fs, f"{base}/{current:08d}.json", claims[current]) if current else None
-            if state is not None and sole_on_this_host and state.get("host") == socket.gethostname():
+            if state is not None and held_lock and (state.get("host"), state.get("lock")) == here:
                 state["free"] = True
             if state is None or state["free"]:
-                mine = Claim(f"{base}/{current + 1:08d}.json", holder)
+                mine = Claim(f"{base}/{current + 1:08d}.json", holder, held_lock)
                 try:
                     fs.pipe_file(mine.path, mine.payload(), mode="create")
                 except FileExistsError:
@@ -223,14 +224,15 @@ class Claim:
     """A held claim on a cache entry (:meth:`BucketCache.claim`): renewed in the background while held,
     marked released on exit. :meth:`check` before committing: the claim must still be this driver's."""
 
-    def __init__(self, path: str, holder: str) -> None:
-        self.path, self.holder, self.token = path, holder, uuid.uuid4().hex
+    def __init__(self, path: str, holder: str, lock: str | None = None) -> None:
+        self.path, self.holder, self.lock, self.token = path, holder, lock, uuid.uuid4().hex
         self._stop = threading.Event()
         self._renewed = time.monotonic()
         self._thread: threading.Thread | None = None
 
     def payload(self, *, released: bool = False) -> bytes:
-        me = {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
+        me = {"holder": self.holder, "host": socket.gethostname(), "lock": self.lock, "pid": os.getpid(),
+              "token": self.token}  # fmt: skip
         return json.dumps({**me, "released": released}).encode()
 
     def __enter__(self) -> Claim:

@@ -326,7 +326,7 @@ class PipelineRun:
         if manifest is None and self.bucket is not None:  # other machines: the bucket's claim, as the lock here
             holder = f"pipeline run {self.parent} on {socket.gethostname()}"
             manifest, claim = self.bucket.claim(
-                step.name, step.fingerprint, holder, None if forced else committed, sole_on_this_host=True
+                step.name, step.fingerprint, holder, None if forced else committed, held_lock=str(lock.path)
             )
             if claim is not None:
                 holds.enter_context(claim)

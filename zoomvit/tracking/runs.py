@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -179,7 +180,19 @@ class Tracker:
             warnings.simplefilter("ignore")
             dataset = MetaDataset(source=resolve_dataset_source(source), name=name, digest=digest[:36])
         context_tag = InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context_tag])])
+        inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[context_tag])]
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except MlflowException as err:
+                # two runs logging one dataset at once: the store looks it up, then both insert it and one
+                # insert fails its unique constraint; again, the dataset is there and is linked
+                if attempt == 2 or not any(
+                    m in str(err) for m in ("UNIQUE constraint", "unique constraint", "Duplicate entry")
+                ):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     @contextmanager
     def active(self, run_id: str) -> Iterator[None]:
