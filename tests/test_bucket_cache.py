@@ -121,6 +121,18 @@ def test_a_bucket_artifact_root_names_the_cache_of_record_and_stages_on_this_mac
     assert checkpoint_location(moved, "teacher", fp, artifact_bucket(moved)) == f"s3://other/ckpt/teacher/{fp}"
 
 
+def test_a_bucket_artifact_root_whose_filesystem_is_not_installed_names_the_extra():
+    import importlib.util
+
+    from zoomvit.errors import UserError
+    from zoomvit.pipeline.runner import artifact_root
+
+    if importlib.util.find_spec("gcsfs"):
+        pytest.skip("gcsfs is installed")
+    with pytest.raises(UserError, match=r"gs://.*pip install 'zoomvit\[cloud\]'"):
+        artifact_root(load_config(TINY, ["artifact_root=gs://bucket/zoomvit"]))
+
+
 def test_a_published_output_is_an_intact_hit_read_straight_from_the_bucket(cache, tmp_path):
     from zoomvit.models.loading import load_state_dict_file
 
