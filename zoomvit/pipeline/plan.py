@@ -157,8 +157,9 @@ def damage(out_dir: Path) -> str | None:
 def committed_output(location: Path | str) -> tuple[dict[str, Any] | None, str | None]:
     """``(manifest, None)`` for an intact committed output (a local directory or a bucket entry),
     ``(None, why)`` for a damaged one, ``(None, None)`` when none is committed there."""
-    if isinstance(location, str):
-        return lookup(location)
+    if is_url(str(location)):
+        return lookup(str(location))
+    location = Path(location)
     why = damage(location)
     return (None, why) if why else (read_manifest(location), None)
 

@@ -482,7 +482,7 @@ class PipelineRun:
             if self.bucket is not None:
                 try:
                     self.bucket.upload(self.root, written, self.bucket.url)
-                except OSError as err:
+                except Exception as err:  # noqa: BLE001 - a copy: MLflow holds the lineage, and every stage committed
                     log.warning(f"[pipeline] could not copy the lineage to {self.bucket.url} ({err}); MLflow has it")
         if error is None:
             self.result.warnings = near_chance(self.config, self.manifests)
