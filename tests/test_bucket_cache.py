@@ -221,8 +221,7 @@ def test_the_plan_reads_the_bucket_every_stage_runs_then_every_stage_is_a_hit(ca
     plan = plan_run(config, shards, staging, bucket=cache)
     assert [s.action for s in plan] == ["run"] * len(plan)
     for step in plan:
-        _publish(cache, tmp_path / step.name, "relevance" if step.name == "relevance" else step.name,
-                 step.fingerprint, f"run-{step.name}")  # fmt: skip
+        _publish(cache, tmp_path / step.name, step.name, step.fingerprint, f"run-{step.name}")
     again = plan_run(config, shards, staging, bucket=cache)
     assert [(s.action, s.manifest["out_dir"]) for s in again] == [
         ("cached", cache.attempt(s.name, s.fingerprint, f"run-{s.name}")) for s in plan
@@ -298,8 +297,8 @@ def _crash_resume_hit_force(config, cache, crash, seen):
 
     with pytest.raises(RuntimeError, match="killed after the first part"):
         run_pipeline(config)
-    maker, _ = lookup(f"{cache.url}/teacher/{_only_entry(cache, 'teacher')}")
-    assert maker is not None
+    teacher, _ = lookup(f"{cache.url}/teacher/{_only_entry(cache, 'teacher')}")
+    assert teacher is not None
     assert not list((staging / "teacher").glob("*/model.bin")), "a committed output's staging copy is removed"
     crashed = [k for k in _keys(_key(cache.url)) if "/relevance/" in k and "/claims/" not in k]
     assert [k.rsplit("/", 1)[-1] for k in crashed] == ["a-group-0.txt"], "the first part reached the bucket; no commit"
@@ -322,7 +321,7 @@ def _crash_resume_hit_force(config, cache, crash, seen):
     forced = run_pipeline(config, force=["teacher"])
     assert forced.computed == ["teacher"], "fingerprints come from the config: downstream stays a hit"
     replaced, _ = lookup(forced.stages["teacher"]["out_dir"].rsplit("/attempts/", 1)[0])
-    assert replaced["run_id"] == forced.stages["teacher"]["run_id"] != maker["run_id"]
+    assert replaced["run_id"] == forced.stages["teacher"]["run_id"] != teacher["run_id"]
 
 
 def _only_entry(cache, stage: str) -> str:

@@ -102,11 +102,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     from zoomvit.data.shards import filesystem, is_url
 
     if is_url(str(path)):
-        fs = filesystem(str(path))
-        if not fs.exists(str(path)):
-            raise ValueError(f"checkpoint {str(path)!r} does not exist")
-        with fs.open(str(path), "rb") as f:
-            data = f.read()
+        try:
+            with filesystem(str(path)).open(str(path), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ValueError(f"checkpoint {str(path)!r} does not exist") from None
         name = str(path)
     else:
         if not Path(path).exists():

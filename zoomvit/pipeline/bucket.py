@@ -80,11 +80,12 @@ def lookup(entry: str) -> tuple[dict[str, Any] | None, str | None]:
     return (None, why) if why else (manifest, None)
 
 
-def damage(manifest: dict[str, Any]) -> str | None:
-    """Why a committed manifest's objects differ from what was uploaded, or None."""
+def damage(manifest: dict[str, Any], listing: dict[str, dict[str, Any]] | None = None) -> str | None:
+    """Why a committed manifest's objects differ from what was uploaded, or None. ``listing``: its
+    attempt's :func:`_listing`, when the caller has it already."""
     out = manifest["out_dir"]
-    listing = _listing(out)
-    for key, name, size, etag in _objects(manifest):
+    listing = _listing(out) if listing is None else listing
+    for key, _, name, size, etag in _objects(manifest):
         info = listing.get(name)
         if info is None:
             return f"its {key} object {out}/{name} is missing"
@@ -167,11 +168,11 @@ class BucketCache:
         entry, attempt = self.entry(stage, fp), self.attempt(stage, fp, manifest["run_id"])
         committed = {**manifest, "out_dir": attempt}
         present = _listing(attempt)  # the parts this run uploaded as it committed them (StageContext.on_part)
-        missing = [name for _, name, size, _ in _objects(committed) if present.get(name, {}).get("size") != size]
+        missing = [name for _, _, name, size, _ in _objects(committed) if present.get(name, {}).get("size") != size]
         self.upload(staged, [staged / name for name in missing], attempt)
         listing = _listing(attempt)
         committed["object_etags"] = _etags(committed, listing)
-        if why := damage(committed):  # the store holds something else than what was staged
+        if why := damage(committed, listing):  # the store holds something else than what was staged
             raise OSError(f"stage {stage!r}: the upload to {attempt} is incomplete: {why}")
         payload = json.dumps(committed, indent=2, default=str).encode()
         try:
@@ -296,27 +297,28 @@ def remove_staged(staged: Path) -> None:
     shutil.rmtree(staged, ignore_errors=True)
 
 
-def _objects(manifest: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any]]:
-    """``(key, name relative to out_dir, size, etag)`` of every object a manifest lists; a listed
-    directory (the relevance maps, ``.``) names each file its record holds."""
+def _objects(manifest: dict[str, Any]) -> Iterator[tuple[str, str | None, str, Any, Any]]:
+    """``(key, inner, name relative to out_dir, size, etag)`` of every object a manifest lists; a listed
+    directory (the relevance maps, ``.``) names each file its record holds (``inner``; None for a file)."""
     sizes, etags = manifest.get("file_sizes", {}), manifest.get("object_etags", {})
     for key, rel in manifest["files"].items():
         size, etag = sizes.get(key), etags.get(key)
         if isinstance(size, dict):
             for inner in sorted(size):
-                yield key, posixpath.normpath(f"{rel}/{inner}"), size[inner], (etag or {}).get(inner)
+                yield key, inner, posixpath.normpath(f"{rel}/{inner}"), size[inner], (etag or {}).get(inner)
         else:
-            yield key, posixpath.normpath(rel), size, etag
+            yield key, None, posixpath.normpath(rel), size, etag
 
 
 def _etags(manifest: dict[str, Any], listing: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ``object_etags`` record of a manifest's objects, shaped as its ``file_sizes``."""
     out: dict[str, Any] = {}
-    for key, rel in manifest["files"].items():
-        size = manifest["file_sizes"].get(key)
-        if isinstance(size, dict):
-            out[key] = {inner: _etag(listing.get(posixpath.normpath(f"{rel}/{inner}"), {})) for inner in size}
+    for key, inner, name, _, _ in _objects(manifest):
+        etag = _etag(listing.get(name, {}))
+        if inner is None:
+            out[key] = etag
         else:
-            out[key] = _etag(listing.get(posixpath.normpath(rel), {}))
+            out.setdefault(key, {})[inner] = etag
     return out
 
 

@@ -76,7 +76,6 @@ def log_stage(
     if "history" not in manifest:  # training stages: rank 0 already logged every epoch into this run
         tracker.metrics(run_id, manifest["metrics"])
     tracker.params(run_id, {"out_dir": manifest["out_dir"], "fingerprint": manifest["fingerprint"]})
-    out_dir = staged
     if stage.reads_shards:
         tracker.dataset_input(
             run_id,
@@ -93,9 +92,9 @@ def log_stage(
     if name == "relevance":
         from zoomvit.relevance.job import MANIFEST as RELEVANCE_MANIFEST
 
-        tracker.artifact(run_id, out_dir / RELEVANCE_MANIFEST)
+        tracker.artifact(run_id, staged / RELEVANCE_MANIFEST)
     if stage.model_spec:
-        weights = out_dir / manifest["files"]["weights"]
+        weights = staged / manifest["files"]["weights"]
         register_as = registered_name(config.tracking.experiment, name) if config.tracking.register_models else None
         version = log_stage_model(
             tracker,
@@ -109,7 +108,7 @@ def log_stage(
         if version is not None:
             manifest["registered_model"] = {"name": version.name, "version": version.version}
     if "evaluation" in manifest["files"]:  # its figures the stage logged itself (log_figure)
-        tracker.artifact(run_id, out_dir / manifest["files"]["evaluation"])
+        tracker.artifact(run_id, staged / manifest["files"]["evaluation"])
 
 
 def write_lineage(
