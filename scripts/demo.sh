@@ -1,29 +1,43 @@
 #!/usr/bin/env bash
-# The demo end to end on one machine: install, start an MLflow server and a Ray head on 127.0.0.1,
-# submit the pipeline with `ray job submit`, print where to look.
+# The demo end to end on one machine: install, start an MLflow server on 127.0.0.1 and, unless
+# `ray status` reaches a Ray cluster already, a Ray head; submit the pipeline with `ray job submit` to
+# that cluster's dashboard, print where to look. The set-up (the active virtual environment, else .venv
+# in the checkout, created from Python >= 3.11; the package installed there when anything is missing) is
+# scripts/_setup.sh's, as in scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
 config="${CONFIG:-pipelines/configs/demo.yaml}"
+ZV_NAME=demo.sh
+. scripts/_setup.sh
 
-python3 -m pip install --quiet -e .
+zv_venv  # and on PATH from here: python3, ray and mlflow are the environment's
+zv_install
 if [ -f "$HOME/.ray/auth_token" ]; then export RAY_AUTH_MODE=token; fi
 
 export MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 if ! curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null; then
   bash mlflow/serve.sh --daemon
 fi
-if ! ray status >/dev/null 2>&1; then
+if ray status >/dev/null 2>&1; then
+  found="Ray cluster found"
+else
+  unset RAY_ADDRESS  # none reachable there: the job goes to the head started here
   ray start --head --dashboard-host 127.0.0.1 --disable-usage-stats >/dev/null
-  echo "Ray head started (dashboard http://127.0.0.1:8265)"
+  found="Ray head started"
 fi
+# The job-submission (dashboard) address of that cluster, as `ray job` finds it: $RAY_API_SERVER_ADDRESS,
+# else $RAY_ADDRESS, else the local cluster, its dashboard's address read from the cluster itself.
+dashboard=$(python3 -c 'from ray.dashboard.utils import get_address_for_submission_client as a; print(a(None))' | tail -n 1) ||
+  zv_die "could not read the dashboard address of the Ray cluster (see above)"
+echo "$found (dashboard $dashboard)"
 
 start=$(date +%s)
 # One machine cannot be preempted: Ray Train's preemption watcher (an extra process per training
 # stage) stays off here; clusters with spot nodes keep it.
-ray job submit --address http://127.0.0.1:8265 --working-dir . \
+ray job submit --address "$dashboard" --working-dir . \
   --runtime-env-json "{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"http://127.0.0.1:$MLFLOW_PORT\", \"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER\": \"0\", \"RAY_DATA_LOG_LEVEL\": \"WARNING\"}}" \
-  -- python pipelines/full.py --config "$config" \
+  -- python3 pipelines/full.py --config "$config" \
      --set "data.root=$repo/demo_data/$(basename "$config" .yaml)" --set "artifact_root=$repo/runs" "$@"
 echo
 echo "Finished in $(( $(date +%s) - start )) s."

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -269,6 +270,14 @@ def _page_text(browser, url: str, *, waits_for: list[str], shot: str, until: str
     return text
 
 
+CHROMIUM = shutil.which("chromium")  # Debian's, which scripts/test.sh installs when this test is selected
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no 'chromium' on PATH, and scripts/test.sh could not install it here: to run this test, put Chromium "
+    "on PATH as 'chromium' (Debian/Ubuntu: sudo apt-get install chromium)",
+)
 def test_the_mlflow_ui_shows_runs_figures_models_and_a_comparison_in_headless_chromium(first_run, workspace):
     """The UI served by mlflow/serve.sh, driven by Playwright in Debian's Chromium; the screenshots are
     kept (``$ZOOMVIT_TEST_ARTIFACTS``, default ``test-artifacts/``) for a person to look at."""
@@ -289,7 +298,7 @@ def test_the_mlflow_ui_shows_runs_figures_models_and_a_comparison_in_headless_ch
     base = f"{workspace['uri']}/#/experiments/{experiment}"
     compare_url = f"{workspace['uri']}/#/compare-runs?runs={json.dumps([r.info.run_id for r in compared])}"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         experiment_page = _page_text(browser, f"{base}?{TRAINING_VIEW}", waits_for=["zoomvit"], shot="experiment.png")
         run_page = _page_text(
             browser,

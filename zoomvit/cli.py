@@ -25,7 +25,8 @@ def _demo_data(args: argparse.Namespace) -> int:
         num_clutter=args.num_clutter,
         noise_std=args.noise_std,
         photo_clutter=args.photo_clutter,
-        difficulty=PRESETS[args.preset] if args.difficulty is None else args.difficulty,
+        difficulty=PRESETS[args.preset][1] if args.difficulty is None else args.difficulty,
+        style=PRESETS[args.preset][0],
     )
     splits = info["splits"]
     print(
@@ -60,7 +61,10 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--noise-std", type=float, default=0.08, help="gaussian noise std on a 0..1 scale")
     parser.add_argument("--photo-clutter", action="store_true", help="also paste dimmed crops of sample photos")
     parser.add_argument(
-        "--preset", choices=("default", "hard"), default="default", help="difficulty preset (hard: difficulty 1)"
+        "--preset",
+        choices=("default", "hard", "fine"),
+        default="default",
+        help="default; hard (difficulty 1); fine (the class only in fine detail; --image-size 128 for a 64 px model)",
     )
     parser.add_argument(
         "--difficulty", type=float, default=None, help="the difficulty knob in [0, 1]; overrides --preset"

@@ -20,9 +20,11 @@ class Section(BaseModel):
 class DemoDataConfig(Section):
     """Generate the demo dataset into ``data.root`` when its shards are missing.
 
-    ``preset``: ``default`` (small white digits among dim clutter) or ``hard`` (smaller digits, clutter
-    of the digit's size in saturated colours up to its brightness, photo backgrounds); ``difficulty``
-    (0..1) sets the knob directly and overrides the preset."""
+    ``preset``: ``default`` (small white digits among dim clutter), ``hard`` (smaller digits, clutter
+    of the digit's size in saturated colours up to its brightness, photo backgrounds) or ``fine``
+    (the class only in detail above a half-size view's Nyquist frequency, inside a small framed
+    panel; store it at twice the model's input: ``image_size: 128`` for a 64 px model); ``difficulty``
+    (0..1) sets the digits' knob directly and overrides the preset's."""
 
     train: int = Field(2048, ge=0)
     val: int = Field(512, ge=0)
@@ -30,14 +32,20 @@ class DemoDataConfig(Section):
     seed: int = 0
     samples_per_shard: int = Field(256, ge=1)
     photo_clutter: bool = False
-    preset: Literal["default", "hard"] = "default"
+    preset: Literal["default", "hard", "fine"] = "default"
     difficulty: float | None = Field(None, ge=0, le=1)
 
     @property
     def effective_difficulty(self) -> float:
         from zoomvit.data.demo import PRESETS
 
-        return PRESETS[self.preset] if self.difficulty is None else self.difficulty
+        return PRESETS[self.preset][1] if self.difficulty is None else self.difficulty
+
+    @property
+    def style(self) -> str:
+        from zoomvit.data.demo import PRESETS
+
+        return PRESETS[self.preset][0]
 
 
 class DataConfig(Section):
@@ -75,6 +83,11 @@ class DataConfig(Section):
     )
     demo: DemoDataConfig | None = None
 
+    def at_size(self, size: int | None) -> DataConfig:
+        """This data decoded at ``size`` px from the stored images (a model that reads its own pixels);
+        itself when ``size`` is None or already the input size."""
+        return self if size is None or size == self.image_size else self.model_copy(update={"image_size": size})
+
     def shard_paths(self, split: Literal["train", "val"]) -> list[str]:
         """The split's shard paths, expanded and sorted (ValueError when none exist)."""
         from zoomvit.data.shards import expand_shards
@@ -82,13 +95,22 @@ class DataConfig(Section):
         return expand_shards({"train": self.train_shards, "val": self.val_shards}[split], root=self.root)
 
 
+INPUT_SIZE = (
+    "decode the stored images at this size for this model (its own pixels, e.g. a 128 px source for a "
+    "64 px pipeline) instead of data.image_size; a ViT's img_size must match it"
+)
+
+
 class TeacherConfig(Section):
-    """The teacher ViT: a timm name, optionally pretrained (hub) or from a local checkpoint."""
+    """The teacher ViT: a timm name, optionally pretrained (hub) or from a local checkpoint. With
+    ``input_size`` it trains and is attributed on the images decoded at that size (the relevance maps
+    are then resampled to ZoomViT's grid)."""
 
     model: str = "vit_demo_patch8_64"
     pretrained: bool = False
     checkpoint: str | None = None
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    input_size: int | None = Field(None, ge=8, description=INPUT_SIZE)
     train: TrainConfig | None = Field(default_factory=lambda: TrainConfig(epochs=15))
 
 
@@ -351,6 +373,7 @@ class BaselineModel(Section):
     name: str = Field(pattern=r"^[a-z0-9_]+$")
     model: str
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    input_size: int | None = Field(None, ge=8, description=INPUT_SIZE)
     pretrained: bool = False
     init_checkpoint: str | None = None
     init_from_teacher: bool = Field(
@@ -374,8 +397,9 @@ class BaselineConfig(Section):
     init_from_teacher: bool = Field(False, description=INIT_FROM_TEACHER)
     input_sizes: tuple[int, ...] = Field(
         (),
-        description="the baseline family: the same model, init and recipe again at each of these input sizes "
-        "(images resized before the patch embedding: a finer or coarser uniform grid), named baseline_<size>px",
+        description="the baseline family: the same model, init and recipe again at each of these input sizes, "
+        "each decoding the stored images at its own size (a finer or coarser uniform grid over real pixels, "
+        "never a resize of the data.image_size decode), named baseline_<size>px",
     )
     others: tuple[BaselineModel, ...] = ()
     distill: DistillConfig = Field(default_factory=DistillConfig)
@@ -406,7 +430,8 @@ class BaselineConfig(Section):
             BaselineModel(
                 name=f"baseline_{size}px",
                 model=self.model,
-                model_kwargs={**self.model_kwargs, "img_size": size, "resize_input": True},
+                model_kwargs={**self.model_kwargs, "img_size": size},
+                input_size=size,
                 pretrained=self.pretrained,
                 init_checkpoint=self.init_checkpoint,
                 init_from_teacher=self.init_from_teacher,
@@ -467,6 +492,19 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _teacher_reads_what_students_show(self) -> PipelineConfig:
+        size = self.teacher.input_size
+        if size is None or size == self.data.image_size:
+            return self
+        for name, section in (("zoomvit", self.zoomvit), ("baseline", self.baseline)):
+            if section.distill.mode != "none" and section.distill.source == "model":
+                raise ValueError(
+                    f"{name}.distill.source=model runs the teacher on the students' {self.data.image_size} px "
+                    f"images, but teacher.input_size is {size}: use distill.source=cache or drop input_size"
+                )
+        return self
 
     @model_validator(mode="after")
     def _evaluated_where_trained(self) -> PipelineConfig:

@@ -6,6 +6,9 @@ dimmer fragments of other digits, gaussian noise, a per-image background tint an
 crops of scikit-learn's bundled sample photos. The label is the digit's class; the ``.json`` member
 records the digit's box so evaluation can report accuracy by object size.
 
+``style="fine"`` (preset ``fine``, :mod:`zoomvit.data.fine`) renders another benchmark: the class lives
+only in detail above a half-size view's Nyquist frequency, inside a small framed panel.
+
 ``difficulty`` (0 to 1; presets ``default`` = 0, ``hard`` = 1) turns one knob: the digit shrinks
 (sizes x (1 - 0.4 d)), clutter grows to the digit's size, gets saturated colours and up to the
 digit's brightness, there is more of it and more noise, and with probability d the background is a
@@ -54,7 +57,9 @@ _FRAGMENT_MAX_AREA = 16.0
 _PHOTO_INTENSITY = (0.25, 0.5)
 _STROKE_FLOOR = 0.15
 _STROKE_GAMMA = 0.75
-PRESETS: dict[str, float] = {"default": 0.0, "hard": 1.0}
+STYLES: tuple[str, ...] = ("digits", "fine")
+# preset -> (style, difficulty)
+PRESETS: dict[str, tuple[str, float]] = {"default": ("digits", 0.0), "hard": ("digits", 1.0), "fine": ("fine", 0.0)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +76,7 @@ class DemoSpec:
     noise_std: float = 0.08
     photo_clutter: bool = False
     difficulty: float = 0.0
+    style: str = "digits"
 
     def __post_init__(self) -> None:
         for name in ("train", "val", "image_size", "seed", "samples_per_shard", "num_clutter"):
@@ -98,6 +104,8 @@ class DemoSpec:
             raise UserError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
         if not (math.isfinite(self.difficulty) and 0.0 <= self.difficulty <= 1.0):
             raise UserError(f"difficulty must be in [0, 1], got {self.difficulty!r}")
+        if self.style not in STYLES:
+            raise UserError(f"style must be one of {STYLES}, got {self.style!r}")
         object.__setattr__(self, "digit_scale", (low, high))
         object.__setattr__(self, "difficulty", float(self.difficulty))
         object.__setattr__(self, "noise_std", float(self.noise_std))
@@ -115,6 +123,7 @@ class RenderedSample:
     box: tuple[int, int, int, int]
     scale: float
     source_index: int
+    stratum: str | None = None
 
 
 @lru_cache(maxsize=1)
@@ -182,7 +191,29 @@ def _fragment(rng: np.random.Generator, digit: np.ndarray, side: int, difficulty
     return best
 
 
+def _render_fine(spec: DemoSpec, split: str, index: int):
+    from zoomvit.data.fine import render_fine
+
+    images, targets = _digits()
+    rng = np.random.default_rng([spec.seed, _SPLIT_IDS[split], index])
+    return render_fine(rng, spec.image_size, images, targets, split_indices(split), _photos())
+
+
 def _render(spec: DemoSpec, split: str, index: int) -> RenderedSample:
+    if spec.style == "fine":
+        from zoomvit.data.fine import encode_jpeg
+
+        fine = _render_fine(spec, split, index)
+        x0, y0, x1, y1 = fine.box
+        return RenderedSample(
+            key=f"{split}_{index:08d}",
+            jpeg=encode_jpeg(fine.pixels),
+            label=fine.label,
+            box=fine.box,
+            scale=(x1 - x0) / spec.image_size,
+            source_index=fine.source_index,
+            stratum=fine.stratum,
+        )
     images, targets = _digits()
     pool = split_indices(split)
     rng = np.random.default_rng([spec.seed, _SPLIT_IDS[split], index])
@@ -273,6 +304,8 @@ def _members(sample: RenderedSample) -> Iterator[tuple[str, bytes]]:
         "filename": f"{sample.key}.jpg",
         "source_index": sample.source_index,
     }
+    if sample.stratum is not None:
+        meta["stratum"] = sample.stratum
     yield f"{sample.key}.jpg", sample.jpeg
     yield f"{sample.key}.cls", f"{sample.label}".encode("ascii")
     yield f"{sample.key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
@@ -315,6 +348,7 @@ def generate_demo_dataset(
     noise_std: float = 0.08,
     photo_clutter: bool = False,
     difficulty: float = 0.0,
+    style: str = "digits",
 ) -> dict[str, Any]:
     """Write ``train-NNNNNN.tar``/``val-NNNNNN.tar`` shards, ``classes.txt`` and ``_info.json`` into out_dir.
 
@@ -334,6 +368,7 @@ def generate_demo_dataset(
         noise_std=noise_std,
         photo_clutter=photo_clutter,
         difficulty=difficulty,
+        style=style,
     )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -219,8 +219,8 @@ def read_shards(
 
 
 def decode_batch(batch: pa.Table, *, num_classes: int, transform: ImageTransform) -> dict[str, np.ndarray]:
-    """Raw rows to decoded rows: kind, key, shard, index, label, image (N, S, S, 3 uint8), box, reason,
-    count; with ``transform.highres`` also image_hr (N, 2S, 2S, 3 uint8)."""
+    """Raw rows to decoded rows: kind, key, shard, index, label, image (N, S, S, 3 uint8), box, stratum
+    (the ``.json``'s, "" without one), reason, count; with ``transform.highres`` also image_hr (N, 2S, 2S, 3 uint8)."""
     rows = batch.to_pylist()
     n, size = len(rows), transform.image_size
     out: dict[str, np.ndarray] = {
@@ -232,6 +232,7 @@ def decode_batch(batch: pa.Table, *, num_classes: int, transform: ImageTransform
         "image": np.zeros((n, size, size, 3), dtype=np.uint8),
         **({"image_hr": np.zeros((n, 2 * size, 2 * size, 3), dtype=np.uint8)} if transform.highres else {}),
         "box": np.full((n, 4), np.nan, dtype=np.float32),
+        "stratum": np.full(n, "", dtype=object),
         "reason": np.full(n, "", dtype=object),
         "count": np.zeros(n, dtype=np.int64),
     }
@@ -258,6 +259,9 @@ def decode_batch(batch: pa.Table, *, num_classes: int, transform: ImageTransform
             out["image_hr"][i] = decoded.image_hr
         if decoded.box is not None:
             out["box"][i] = decoded.box
+        stratum = (decoded.meta or {}).get("stratum")
+        if isinstance(stratum, str):
+            out["stratum"][i] = stratum
     return out
 
 

@@ -1,9 +1,8 @@
 """Uniform-patch baselines: timm's own VisionTransformer at the sizes of the demo/test ZoomViTs.
 
 Any timm model name works as a baseline too; these variants only add the small shapes timm lacks.
-``resize_input=True`` resizes every image to the model's ``img_size`` before the patch embedding: the
-same backbone on a finer or coarser uniform grid (more or fewer tokens for every cell), the
-compute-matched baseline family that ZoomViT's frontier is compared with.
+The baseline family (``baseline.input_sizes``) builds the same variant at other ``img_size`` values, each fed
+the images decoded at its own size.
 
 ``vit_demo_convstem_patch8_64`` is a hybrid teacher: the demo ViT with an overlapping convolutional
 stem (Xiao et al. 2021, "Early convolutions help transformers see better") in place of the linear
@@ -17,9 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
@@ -94,32 +91,12 @@ class ConvStemPatchEmbed(PatchEmbed):
         self.proj = nn.Sequential(*layers)
 
 
-class ResizedInputViT(VisionTransformer):
-    """A ViT that resizes its input to ``img_size`` first (bilinear; antialiased when shrinking)."""
-
-    def forward_features(self, x_BCHW: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        size = tuple(self.patch_embed.img_size)
-        if tuple(x_BCHW.shape[-2:]) != size:
-            shrink = x_BCHW.shape[-1] > size[1]
-            x_BCHW = F.interpolate(x_BCHW, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-        return super().forward_features(x_BCHW, **kwargs)
-
-
 def _create(
-    variant: str,
-    pretrained: bool,
-    cls: type[VisionTransformer] = VisionTransformer,
-    *,
-    resize_input: bool = False,
-    **kwargs: Any,
+    variant: str, pretrained: bool, cls: type[VisionTransformer] = VisionTransformer, **kwargs: Any
 ) -> VisionTransformer:
-    if resize_input:
-        if cls is not VisionTransformer:
-            raise ValueError(f"{variant}: resize_input is only implemented for the plain ViT")
-        img_size, patch = kwargs["img_size"], kwargs["patch_size"]
-        if img_size % patch:
-            raise ValueError(f"{variant}: img_size {img_size} is not a multiple of the patch size {patch}")
-        cls = ResizedInputViT
+    img_size, patch = kwargs.get("img_size"), kwargs.get("patch_size")
+    if isinstance(img_size, int) and isinstance(patch, int) and img_size % patch:
+        raise ValueError(f"{variant}: img_size {img_size} is not a multiple of the patch size {patch}")
     return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 

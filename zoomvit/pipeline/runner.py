@@ -145,6 +145,7 @@ def _demo_wanted(demo) -> dict[str, Any]:
         "samples_per_shard": demo.samples_per_shard,
         "photo_clutter": demo.photo_clutter,
         "difficulty": demo.effective_difficulty,
+        "style": demo.style,
     }
 
 

@@ -124,6 +124,7 @@ def run_relevance_stage(
     """
     if not teacher.pretrained and not (checkpoint or teacher.checkpoint):
         raise ValueError("the relevance stage needs a trained teacher: teacher.pretrained=true or a checkpoint")
+    data = data.at_size(teacher.input_size)  # the teacher reads the images at its own size
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher_spec = {

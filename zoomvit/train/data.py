@@ -16,7 +16,7 @@ from zoomvit.config import DataConfig
 from zoomvit.data.decode import ImageTransform
 from zoomvit.relevance.attribution import normalize_maps
 
-TRAIN_COLUMNS = ["key", "image", "label", "box"]
+TRAIN_COLUMNS = ["key", "image", "label", "box", "stratum"]
 
 
 class DecodedSplits:

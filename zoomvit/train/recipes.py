@@ -22,9 +22,17 @@ def _common(config: PipelineConfig) -> dict[str, Any]:
     return {"num_classes": config.data.num_classes, "mean": tuple(config.data.mean), "std": tuple(config.data.std)}
 
 
-def _train_split(config: PipelineConfig, train: TrainConfig, splits: DecodedSplits | None, *, highres: bool = False):
-    """The training split, and its sample count when ``data.decoded`` streams it (None otherwise)."""
-    data = config.data
+def _train_split(
+    config: PipelineConfig,
+    train: TrainConfig,
+    splits: DecodedSplits | None,
+    *,
+    highres: bool = False,
+    input_size: int | None = None,
+):
+    """The training split (decoded at ``input_size`` when set), and its sample count when
+    ``data.decoded`` streams it (None otherwise)."""
+    data = config.data.at_size(input_size)
     count = sample_count(data.shard_paths("train")) if data.decoded == "streamed" else None
     return sample_dataset(
         data, "train", file_shuffle_seed=train.seed, highres=highres, part="fit", splits=splits
@@ -46,13 +54,13 @@ def train_teacher(
     if teacher.train is None:
         raise UserError("teacher: set pretrained=true, a checkpoint, or a train section")
     task = ClassifierSpec(model=teacher.model, model_kwargs=dict(teacher.model_kwargs), **_common(config))
-    train_ds, streamed = _train_split(config, teacher.train, splits)
+    train_ds, streamed = _train_split(config, teacher.train, splits, input_size=teacher.input_size)
     return run_training(
         name="teacher",
         task=task,
         train=teacher.train,
         train_ds=train_ds,
-        val_ds=sample_dataset(config.data, "val", splits=splits),
+        val_ds=sample_dataset(config.data.at_size(teacher.input_size), "val", splits=splits),
         out_dir=out_dir,
         tracking=tracking,
         streamed_samples=streamed,
@@ -241,6 +249,11 @@ def baseline_tasks(config: PipelineConfig, teacher_weights: Path | str | None = 
     }
 
 
+def baseline_input_sizes(config: PipelineConfig) -> dict[str, int | None]:
+    """Each baseline's own input size (None: ``data.image_size``), by name."""
+    return {"baseline": None} | {m.name: m.input_size for m in config.baseline.members}
+
+
 def baseline_task(config: PipelineConfig) -> ClassifierSpec:
     return baseline_tasks(config)["baseline"]
 
@@ -262,14 +275,15 @@ def train_baselines(
     for section in (config.baseline, *config.baseline.members):
         _require_teacher_weights(section, teacher_weights)
     results = {}
-    train_ds, streamed = _train_split(config, config.baseline.train, splits)
+    sizes = baseline_input_sizes(config)
     for name, task in baseline_tasks(config, teacher_weights).items():
+        train_ds, streamed = _train_split(config, config.baseline.train, splits, input_size=sizes[name])
         results[name] = run_training(
             name=name,
             task=task,
             train=config.baseline.train,
             train_ds=_distill_data(train_ds, distill, relevance_dir, "train"),
-            val_ds=sample_dataset(config.data, "val", splits=splits),
+            val_ds=sample_dataset(config.data.at_size(sizes[name]), "val", splits=splits),
             out_dir=out_dir if name == "baseline" else out_dir / name,
             tracking=tracking if name == "baseline" else None,
             streamed_samples=streamed,

@@ -173,11 +173,12 @@ class ClassifierTask(Task):
         try:
             model = timm.create_model(self.spec.model, pretrained=self.spec.pretrained, **kwargs)
         except TypeError as err:
-            if "resize_input" not in kwargs:
+            if "img_size" not in kwargs:
                 raise
             raise ValueError(
-                f"baseline.input_sizes needs a ViT that resizes its input ({self.spec.model} does not): "
-                "use one registered in zoomvit.models.baseline, or leave input_sizes empty"
+                f"an input size (baseline.input_sizes, input_size) builds the model with img_size=..., which "
+                f"{self.spec.model} does not take: use a ViT (e.g. one registered in zoomvit.models.baseline), "
+                "or leave input_sizes empty"
             ) from err
         return self._prepare(model)
 

@@ -82,8 +82,8 @@ def run_training(
     use_gpu = resolve_use_gpu(train.use_gpu)
     if train.max_train_samples:
         train_ds = train_ds.limit(train.max_train_samples)
-    train_ds = train_ds.drop_columns(["key"])  # strings do not become tensors
-    val_ds = val_ds.drop_columns(["key"]).materialize()
+    train_ds = train_ds.drop_columns(["key", "stratum"])  # strings do not become tensors
+    val_ds = val_ds.drop_columns(["key", "stratum"]).materialize()
     if streamed_samples is None:
         train_ds = train_ds.materialize()
         n_train = train_ds.count()

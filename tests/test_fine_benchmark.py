@@ -1,0 +1,195 @@
+"""The fine-detail benchmark (issue 29): a preset whose class a half-size view cannot read, a family
+that reads its own pixels, controls at ZoomViT's own token counts, and costs matched per bucket."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import zoomvit.models  # noqa: F401
+from zoomvit.config import ConfigError, load_config
+from zoomvit.data.decode import ImageTransform
+from zoomvit.data.demo import DemoSpec, generate_demo_dataset, render_sample
+from zoomvit.data.probe import crop_accuracy, detail_survival, probe_samples
+from zoomvit.evaluation import control_scores, matched_scores
+from zoomvit.evaluation.controls import nearest_2x
+from zoomvit.models import ZOOM
+
+FINE = str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "fine.yaml")
+SPEC = DemoSpec(train=900, val=200, image_size=128, style="fine", seed=1)
+
+
+def _members(shard: Path) -> dict[str, bytes]:
+    with tarfile.open(shard) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_the_fine_preset_records_each_images_stratum_and_object_box(tmp_path):
+    info = generate_demo_dataset(tmp_path, train=64, val=0, image_size=128, style="fine", samples_per_shard=64)
+    assert info["generator"]["style"] == "fine"
+    members = _members(tmp_path / "train-000000.tar")
+    metas = [json.loads(v) for k, v in members.items() if k.endswith(".json")]
+    assert {m["stratum"] for m in metas} == {"fine", "coarse"}
+    for m in metas:
+        x0, y0, x1, y1 = m["box"]
+        assert 0 <= x0 < x1 <= 128 and 0 <= y0 < y1 <= 128
+        side = (x1 - x0) / 128
+        assert 0.25 <= side <= 0.375 if m["stratum"] == "fine" else 0.5 <= side <= 0.7
+    coarse = sum(m["stratum"] == "coarse" for m in metas) / len(metas)
+    assert 0.1 <= coarse <= 0.4, "about a quarter of the images are the coarse stratum"
+    with Image.open(io.BytesIO(members["train_00000000.jpg"])) as img:
+        assert img.size == (128, 128) and img.format == "JPEG"
+
+
+def test_fine_rendering_is_deterministic_and_follows_the_seed():
+    assert render_sample(SPEC, "val", 3).jpeg == render_sample(SPEC, "val", 3).jpeg
+    other = DemoSpec(train=1, val=4, image_size=128, style="fine", seed=2)
+    assert render_sample(other, "val", 3).jpeg != render_sample(SPEC, "val", 3).jpeg
+
+
+def test_a_fine_digit_leaves_no_trace_at_half_size_and_survives_whole_at_full_size():
+    samples = probe_samples(SPEC, "val", 40)
+    half, full = detail_survival(samples, 64), detail_survival(samples, 128)
+    assert half["fine"] < 0.01, "the fine digit's energy is above the half-size view's Nyquist frequency"
+    assert full["fine"] == pytest.approx(1.0)
+    assert half["coarse"] > 0.9, "the coarse stratum is readable at any size"
+
+
+def test_the_half_size_decode_of_a_fine_object_is_a_blank_panel():
+    sample = next(s for s in probe_samples(SPEC, "val", 20) if s.stratum == "fine")
+    x0, y0, x1, y1 = sample.box
+    pad = (x1 - x0) // 4  # the panel's interior, inside its frame
+    with Image.open(io.BytesIO(sample.jpeg)) as img:
+        full = ImageTransform(image_size=128).apply(img).astype(float)
+    with Image.open(io.BytesIO(sample.jpeg)) as img:
+        half = ImageTransform(image_size=64).apply(img).astype(float)
+    inner_full = full[y0 + pad : y1 - pad, x0 + pad : x1 - pad].mean(-1)
+    inner_half = half[(y0 + pad) // 2 : (y1 - pad) // 2, (x0 + pad) // 2 : (x1 - pad) // 2].mean(-1)
+    assert inner_full.std() > 4 * inner_half.std()
+
+
+@pytest.mark.slow
+def test_a_crop_classifier_reads_fine_digits_at_full_size_and_guesses_at_half_size():
+    train = [s for s in probe_samples(SPEC, "train", 900) if s.stratum == "fine"]
+    val = [s for s in probe_samples(SPEC, "val", 200) if s.stratum == "fine"]
+    full = crop_accuracy(train, val, 128, epochs=20, width=16, lr=5e-3)["fine"]
+    half = crop_accuracy(train, val, 64, epochs=20, width=16, lr=5e-3)["fine"]
+    assert full >= 0.4 and half <= 0.2, (full, half)
+
+
+def test_the_fine_config_puts_the_teacher_and_each_family_member_at_its_own_size():
+    config = load_config(FINE)
+    assert config.data.demo.style == "fine" and config.data.demo.image_size == 2 * config.data.image_size
+    assert config.teacher.input_size == 128 and config.zoomvit.reads_highres and config.zoomvit.calibrated
+    assert [(m.name, m.input_size, m.model_kwargs["img_size"]) for m in config.baseline.family] == [
+        ("baseline_80px", 80, 80),
+        ("baseline_96px", 96, 96),
+    ]
+    assert config.data.at_size(96).image_size == 96 and config.data.at_size(None) is config.data
+
+
+def test_a_teacher_at_another_size_cannot_be_run_on_the_students_images():
+    with pytest.raises(ConfigError, match="teacher.input_size"):
+        load_config(FINE, ["zoomvit.distill.mode=soft", "zoomvit.distill.source=model"])
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_each_family_member_trains_on_the_source_decoded_at_its_own_size(tmp_path):
+    from zoomvit.train.recipes import _train_split, baseline_input_sizes
+
+    generate_demo_dataset(tmp_path, train=6, val=2, image_size=128, style="fine", samples_per_shard=8)
+    config = load_config(FINE, [f"data.root={tmp_path}", "data.demo=null"])
+    members = _members(tmp_path / "train-000000.tar")
+
+    def decode(key: str, side: int) -> np.ndarray:
+        with Image.open(io.BytesIO(members[f"{key}.jpg"])) as img:
+            return ImageTransform(image_size=side).apply(img)
+
+    checked = 0
+    for name, size in baseline_input_sizes(config).items():
+        side = size or config.data.image_size
+        ds, _ = _train_split(config, config.baseline.train, None, input_size=size)
+        for row in ds.iter_rows():
+            assert row["image"].shape == (side, side, 3), name
+            assert np.array_equal(row["image"], decode(row["key"], side)), f"{name}: not a direct decode at {side}"
+            if side != config.data.image_size:
+                low = Image.fromarray(decode(row["key"], config.data.image_size))
+                resized = np.asarray(low.resize((side, side), Image.Resampling.BICUBIC))
+                assert np.abs(row["image"].astype(int) - resized).mean() > 1, f"{name}: a resize of the 64 px decode"
+            checked += 1
+    assert checked >= 3 * 4
+
+
+@pytest.mark.parametrize("kind", ["random", "centre", "teacher", "box"])
+def test_a_control_zooms_its_own_cells_with_zoomvits_token_count_and_keep_rate(kind):
+    model = timm.create_model("zoomvit_test_patch8_32", with_zoomer=False, keep_rate=0.8).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    importance = torch.rand(4, 4, 4, generator=g)
+    ranking = control_scores(
+        kind, (4, 4, 4), generator=g, teacher_BHW=torch.rand(4, 4, 4, generator=g),
+        box_B4=torch.tensor([[0.0, 0.0, 12.0, 12.0]] * 4), image_size=32,
+    )  # fmt: skip
+    alpha = 0.55
+    ours = model.tokenize(x, importance, alpha=alpha)
+    theirs = model.tokenize(x, matched_scores(importance, ranking), alpha=alpha)
+    assert torch.equal(ours.num_tokens_B, theirs.num_tokens_B)
+    for b in range(4):
+        k = int((importance[b] > alpha).sum())
+        top = set(ranking[b].flatten().argsort(descending=True, stable=True)[:k].tolist())
+        zoomed = {
+            (y0 // 8) * 4 + x0 // 8
+            for (x0, y0, _, _), level, valid in zip(
+                theirs.box_BL4[b].tolist(), theirs.level_BL[b].tolist(), theirs.valid_BL[b].tolist()
+            )
+            if valid and level == ZOOM
+        }
+        assert zoomed <= top, "only the control's cells are zoomed (keep_rate may prune some)"
+
+
+def test_the_upsample_control_reads_zoomvits_cells_from_the_repeated_low_resolution_image():
+    model = timm.create_model("zoomvit_test_patch8_32", with_zoomer=False, zoom_source="highres").eval()
+    x = torch.randn(2, 3, 32, 32)
+    scores = torch.rand(2, 4, 4)
+    real = model.tokenize(x, scores, highres=torch.randn(2, 3, 64, 64), alpha=0.5)
+    control = model.tokenize(x, scores, highres=nearest_2x(x), alpha=0.5)
+    upsample = timm.create_model("zoomvit_test_patch8_32", with_zoomer=False, zoom_source="upsample")
+    upsample.load_state_dict(model.state_dict())
+    reference = upsample.eval().tokenize(x, scores, alpha=0.5)
+    assert torch.equal(real.num_tokens_B, control.num_tokens_B)
+    assert torch.allclose(control.tokens_BLD, reference.tokens_BLD)
+
+
+def test_equal_gflops_within_a_part_uses_zoomvits_own_cost_over_that_parts_images():
+    from zoomvit.evaluation.stage import _equal_gflops, _Scores
+    from zoomvit.models.flops import TokenCostTable
+
+    cost = TokenCostTable(None)
+    cost.gflops = {16: 1.0, 28: 2.0}
+    n = 400
+    rng = np.random.default_rng(0)
+    small = np.arange(n) < n // 2  # the small objects zoom: 28 tokens; the large ones do not: 16
+    zoom = _Scores()
+    zoom.hits, zoom.top5 = [rng.random(n) < 0.5], [np.ones(n, bool)]
+    zoom.counts = [np.where(small, 28, 16)]
+    scores = {}
+    for name in ("baseline", "baseline_big"):
+        s = _Scores()
+        s.hits, s.top5, s.counts = [rng.random(n) < 0.5], [np.ones(n, bool)], [np.full(n, 16)]
+        scores[(name, None)] = s
+    rows = [
+        {"model": "baseline", "family": True, "gflops_per_img": 0.5},
+        {"model": "baseline_big", "family": True, "gflops_per_img": 2.5},
+    ]
+    out = _equal_gflops(None, rows, scores, zoom, {"size_small": small, "size_large": ~small}, cost, 0.1)
+    assert out["all"]["zoomvit_gflops"] == pytest.approx(1.6) and out["all"]["zoomvit_tokens"] == 22
+    assert out["size_small"]["zoomvit_gflops"] == pytest.approx(2.1)
+    assert out["size_small"]["zoomvit_tokens"] == 28 and out["size_small"]["weight_high"] == pytest.approx(0.8)
+    assert out["size_large"]["zoomvit_gflops"] == pytest.approx(1.1)
+    assert out["size_large"]["weight_high"] == pytest.approx(0.3)
