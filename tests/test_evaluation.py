@@ -131,3 +131,33 @@ def test_gflops_are_measured_once_per_token_count_and_padding_never_costs_less()
     assert table.padded(counts, batch_size=6) == pytest.approx(table.gflops[28]), (
         "one batch: every image pays the longest"
     )
+
+
+def test_the_pipeline_run_carries_the_verdict_the_runs_table_compares():
+    from zoomvit.pipeline.records import headline_metrics
+
+    manifests = {
+        "teacher": {"metrics": {"val_top1": 0.81}},
+        "evaluate": {
+            "rows": [
+                {"model": "zoomvit", "headline": True, "top1": 0.6, "gflops_per_img": 0.09, "tokens_per_img": 100.0},
+                {"model": "zoomvit", "headline": False, "top1": 0.5, "gflops_per_img": 0.07, "tokens_per_img": 80.0},
+                {"model": "baseline", "family": True, "top1": 0.4, "gflops_per_img": 0.06, "tokens_per_img": 64.0},
+                {"model": "baseline_96px", "family": True, "top1": 0.45, "gflops_per_img": 0.14, "tokens_per_img": 144},
+                {"model": "zoomvit_control_random", "top1": 0.3, "gflops_per_img": 0.08, "tokens_per_img": 100.0},
+            ],
+            "equal_gflops": {
+                "family": ["baseline", "baseline_96px"],
+                "all": {"delta_top1": 0.17, "delta_top1_ci95": [0.15, 0.19]},
+                "stratum_fine": {"delta_top1": 0.2, "delta_top1_ci95": [0.18, 0.22]},
+                "size_lt0.3": None,
+            },
+        },
+    }
+    metrics = headline_metrics(manifests)
+    assert metrics["teacher_top1"] == 0.81
+    assert (metrics["zoomvit_top1"], metrics["zoomvit_gflops"], metrics["zoomvit_tokens"]) == (0.6, 0.09, 100.0)
+    assert metrics["baseline_96px_top1"] == 0.45 and metrics["baseline_gflops"] == 0.06
+    assert metrics["zoomvit_minus_family"] == 0.17 and metrics["zoomvit_minus_family_ci95_low"] == 0.15
+    assert metrics["zoomvit_minus_family_fine_ci95_high"] == 0.22
+    assert not any("control" in k for k in metrics), "controls stay in the evaluate run"

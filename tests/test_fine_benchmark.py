@@ -22,7 +22,7 @@ from zoomvit.evaluation.controls import nearest_2x
 from zoomvit.models import ZOOM
 
 FINE = str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "fine.yaml")
-SPEC = DemoSpec(train=900, val=200, image_size=128, style="fine", seed=1)
+SPEC = DemoSpec(train=600, val=200, image_size=128, style="fine", seed=1)
 
 
 def _members(shard: Path) -> dict[str, bytes]:
@@ -47,18 +47,33 @@ def test_the_fine_preset_records_each_images_stratum_and_object_box(tmp_path):
         assert img.size == (128, 128) and img.format == "JPEG"
 
 
+def test_the_classes_are_textures_no_clutter_tile_mimics_and_a_half_size_view_averages_away():
+    from zoomvit.data.fine import NUM_TEXTURES, texture, tiles
+
+    table = tiles()
+    classes = table[:NUM_TEXTURES]
+    variants = {
+        (sign * np.roll(c, (dy, dx), axis=(0, 1))).tobytes() for c in classes for sign in (1, -1) for dy in range(4)
+        for dx in range(4)
+    }  # fmt: skip
+    assert not any(t.tobytes() in variants for t in table[NUM_TEXTURES:])
+    assert len({c.tobytes() for c in classes}) == NUM_TEXTURES
+    for c in classes:  # every aligned 2 x 2 block sums to zero: a 2x down-sampling sees flat grey
+        assert np.allclose(texture(c, 16).reshape(8, 2, 8, 2).sum(axis=(1, 3)), 0)
+
+
 def test_fine_rendering_is_deterministic_and_follows_the_seed():
     assert render_sample(SPEC, "val", 3).jpeg == render_sample(SPEC, "val", 3).jpeg
     other = DemoSpec(train=1, val=4, image_size=128, style="fine", seed=2)
     assert render_sample(other, "val", 3).jpeg != render_sample(SPEC, "val", 3).jpeg
 
 
-def test_a_fine_digit_leaves_no_trace_at_half_size_and_survives_whole_at_full_size():
+def test_a_fine_texture_leaves_no_trace_at_half_size_and_survives_whole_at_full_size():
     samples = probe_samples(SPEC, "val", 40)
     half, full = detail_survival(samples, 64), detail_survival(samples, 128)
-    assert half["fine"] < 0.01, "the fine digit's energy is above the half-size view's Nyquist frequency"
+    assert half["fine"] < 0.01, "the fine texture's energy is above the half-size view's Nyquist frequency"
     assert full["fine"] == pytest.approx(1.0)
-    assert half["coarse"] > 0.9, "the coarse stratum is readable at any size"
+    assert half["coarse"] > 0.5, "the coarse stratum keeps most of its texture at any size"
 
 
 def test_the_half_size_decode_of_a_fine_object_is_a_blank_panel():
@@ -75,12 +90,12 @@ def test_the_half_size_decode_of_a_fine_object_is_a_blank_panel():
 
 
 @pytest.mark.slow
-def test_a_crop_classifier_reads_fine_digits_at_full_size_and_guesses_at_half_size():
-    train = [s for s in probe_samples(SPEC, "train", 900) if s.stratum == "fine"]
+def test_a_crop_classifier_reads_fine_textures_at_full_size_and_guesses_at_half_size():
+    train = [s for s in probe_samples(SPEC, "train", 600) if s.stratum == "fine"]
     val = [s for s in probe_samples(SPEC, "val", 200) if s.stratum == "fine"]
-    full = crop_accuracy(train, val, 128, epochs=20, width=16, lr=5e-3)["fine"]
-    half = crop_accuracy(train, val, 64, epochs=20, width=16, lr=5e-3)["fine"]
-    assert full >= 0.4 and half <= 0.2, (full, half)
+    full = crop_accuracy(train, val, 128, epochs=8, width=16)["fine"]
+    half = crop_accuracy(train, val, 64, epochs=8, width=16)["fine"]
+    assert full >= 0.6 and half <= 0.2, (full, half)
 
 
 def test_the_fine_config_puts_the_teacher_and_each_family_member_at_its_own_size():

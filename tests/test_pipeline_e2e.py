@@ -192,6 +192,10 @@ def test_the_evaluate_stage_reports_intervals_and_zoom_controls_at_zoomvits_toke
     assert lo <= equal["all"]["delta_top1"] <= hi
     metrics = stage_runs(client, parent.info.run_id)["evaluate"].data.metrics
     assert metrics["zoomvit_minus_baseline_family"] == pytest.approx(equal["all"]["delta_top1"])
+    headline = client.get_run(parent.info.run_id).data.metrics  # the runs table compares pipeline runs by these
+    assert headline["zoomvit_minus_family"] == pytest.approx(equal["all"]["delta_top1"])
+    assert headline["zoomvit_top1"] == pytest.approx(rows["zoomvit"]["top1"])
+    assert {"teacher_top1", "baseline_24px_gflops", "baseline_72px_top1"} <= set(headline)
     assert {"evaluation.json", "frontier.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 

@@ -72,6 +72,53 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_demo_data)
 
 
+def _probe(args: argparse.Namespace) -> int:
+    import json
+
+    from zoomvit.data.demo import PRESETS, DemoSpec
+    from zoomvit.data.probe import probe_preset
+
+    style, difficulty = PRESETS[args.preset]
+    spec = DemoSpec(train=1, val=1, image_size=args.image_size, seed=args.seed, style=style, difficulty=difficulty)
+    result = probe_preset(spec, tuple(args.sizes), train=args.train, val=args.val, epochs=args.epochs)
+    print(f"probe of the {args.preset} preset stored at {args.image_size} px (generator seed {args.seed}), "
+          f"{args.train} train / {args.val} val samples; chance {result['chance']:.0%}")  # fmt: skip
+    strata = sorted(result["rows"][0]["detail_survival"])
+    print(
+        "size  "
+        + "  ".join(f"survival {s:<7}" for s in strata)
+        + "  "
+        + "  ".join(f"crop top-1 {s:<7}" for s in strata)
+    )
+    for row in result["rows"]:
+        survival = "  ".join(f"{100 * row['detail_survival'][s]:15.2f}%" for s in strata)
+        top1 = "  ".join(f"{100 * row['crop_top1'][s]:17.1f}%" for s in strata)
+        print(f"{row['size']:4d}  {survival}  {top1}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _add_probe(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "probe",
+        help="measure a demo preset's construction: detail surviving each input size, a crop classifier's top-1",
+        description="Re-render samples of a demo preset, decode them at each input size and report the share of the "
+        "class's own detail that survives, and a small CNN's top-1 on object crops (train split -> val split).",
+    )
+    parser.add_argument("--preset", choices=("fine",), default="fine")
+    parser.add_argument("--image-size", type=int, default=128, help="the stored size (default: 128)")
+    parser.add_argument("--seed", type=int, default=1, help="generator seed (default: 1, the development split)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 80, 96, 112, 128])
+    parser.add_argument("--train", type=int, default=2048)
+    parser.add_argument("--val", type=int, default=512)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--out", help="also write the result as JSON here")
+    parser.set_defaults(func=_probe)
+
+
 def _cluster_validate(args: argparse.Namespace) -> int:
     from zoomvit.cluster import load_cluster_yaml, validate_cluster_config
 
@@ -142,7 +189,12 @@ def _add_pipeline(subparsers: argparse._SubParsersAction) -> None:
     stage.set_defaults(func=lambda args: cli.stage_main(args.name, args.rest))
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_pipeline, _add_demo_data, _add_cluster)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_pipeline,
+    _add_demo_data,
+    _add_probe,
+    _add_cluster,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,6 +42,7 @@ from zoomvit.errors import UserError
 
 DATASET_NAME = "zoomvit-demo-digits"
 CLASS_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
+FINE_CLASS_NAMES: tuple[str, ...] = tuple(f"texture_{d}" for d in range(10))
 SPLITS: tuple[str, ...] = ("train", "val")
 JPEG_QUALITY = 90
 TAR_MTIME = 1_700_000_000
@@ -122,7 +123,7 @@ class RenderedSample:
     label: int
     box: tuple[int, int, int, int]
     scale: float
-    source_index: int
+    source_index: int | None  # the UCI digit drawn (None for the fine preset's textures)
     stratum: str | None = None
 
 
@@ -194,9 +195,8 @@ def _fragment(rng: np.random.Generator, digit: np.ndarray, side: int, difficulty
 def _render_fine(spec: DemoSpec, split: str, index: int):
     from zoomvit.data.fine import render_fine
 
-    images, targets = _digits()
     rng = np.random.default_rng([spec.seed, _SPLIT_IDS[split], index])
-    return render_fine(rng, spec.image_size, images, targets, split_indices(split), _photos())
+    return render_fine(rng, spec.image_size, _photos())
 
 
 def _render(spec: DemoSpec, split: str, index: int) -> RenderedSample:
@@ -211,7 +211,7 @@ def _render(spec: DemoSpec, split: str, index: int) -> RenderedSample:
             label=fine.label,
             box=fine.box,
             scale=(x1 - x0) / spec.image_size,
-            source_index=fine.source_index,
+            source_index=None,
             stratum=fine.stratum,
         )
     images, targets = _digits()
@@ -302,8 +302,9 @@ def _members(sample: RenderedSample) -> Iterator[tuple[str, bytes]]:
         "scale": sample.scale,
         "label": sample.label,
         "filename": f"{sample.key}.jpg",
-        "source_index": sample.source_index,
     }
+    if sample.source_index is not None:
+        meta["source_index"] = sample.source_index
     if sample.stratum is not None:
         meta["stratum"] = sample.stratum
     yield f"{sample.key}.jpg", sample.jpeg
@@ -407,6 +408,7 @@ def generate_demo_dataset(
         "splits": splits,
         "generator": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()},
     }
-    (out / "classes.txt").write_text("".join(f"{name}\n" for name in CLASS_NAMES), encoding="utf-8")
+    names = FINE_CLASS_NAMES if spec.style == "fine" else CLASS_NAMES
+    (out / "classes.txt").write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
     (out / "_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return info

@@ -4,8 +4,8 @@ survives the decode at each input size.
 Two measurements per input size, over samples re-rendered from the generator's own arguments (the
 same bytes as the shards) and decoded through the data path's :class:`ImageTransform`:
 
-- **detail survival**: the share of the digit's own layer (the image minus the same image without
-  the digit) whose energy survives the resize to that size and back, inside the object's box;
+- **detail survival**: the share of the class's own layer (the image minus the same image without
+  its texture) whose energy survives the resize to that size and back, inside the object's box;
 - **crop accuracy**: a small CNN trained on crops around the object decoded at that size, tested
   on held-out samples (the generator's val split), per stratum.
 
@@ -64,7 +64,7 @@ def _resize_float(layer_HWC: np.ndarray, size: int) -> np.ndarray:
 
 
 def detail_survival(samples: list[ProbeSample], size: int) -> dict[str, float]:
-    """Per stratum: the energy of the digit's layer after a resize to ``size`` and back, over its
+    """Per stratum: the energy of the class's layer after a resize to ``size`` and back, over its
     energy at the stored size (1.0: nothing lost), inside each object's box."""
     kept: dict[str, list[float]] = {}
     for s in samples:
@@ -80,7 +80,7 @@ def detail_survival(samples: list[ProbeSample], size: int) -> dict[str, float]:
 
 def object_crops(samples: list[ProbeSample], size: int) -> np.ndarray:
     """Each sample decoded at ``size`` (the data path's transform), cropped to a fixed window centred
-        on its object (at an even offset, so a pixel checkerboard keeps its phase; an object larger than the
+        on its object (at an even offset, so a texture at the pixel grid keeps its phase; an object larger than the
     window is cropped whole and shrunk to it): uint8 (N, w, w, 3)."""
     transform = ImageTransform(image_size=size)
     out = []

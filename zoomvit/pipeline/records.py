@@ -59,6 +59,32 @@ def near_chance(config: PipelineConfig, manifests: dict[str, dict[str, Any]]) ->
     return lines
 
 
+def headline_metrics(manifests: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """What the pipeline's parent run shows in MLflow's runs table and compare view: the teacher's val
+    top-1, the reported ZoomViT's and each baseline family member's top-1 and GFLOPs, and ZoomViT minus
+    the family at equal GFLOPs with its 95% interval (overall and per stratum)."""
+    out: dict[str, float] = {}
+    teacher = manifests.get("teacher", {}).get("metrics", {}).get("val_top1")
+    if teacher is not None:
+        out["teacher_top1"] = teacher
+    evaluate = manifests.get("evaluate", {})
+    for row in evaluate.get("rows", []):
+        if row["model"] == "zoomvit" and row.get("headline"):
+            name = "zoomvit"
+        elif row.get("family"):
+            name = row["model"]
+        else:
+            continue
+        out |= {f"{name}_top1": row["top1"], f"{name}_gflops": row["gflops_per_img"]}
+        out |= {f"{name}_tokens": row["tokens_per_img"]} if name == "zoomvit" else {}
+    for part, paired in evaluate.get("equal_gflops", {}).items():
+        if isinstance(paired, dict) and (part == "all" or part.startswith("stratum_")):
+            key = "zoomvit_minus_family" + ("" if part == "all" else f"_{part.removeprefix('stratum_')}")
+            low, high = paired["delta_top1_ci95"]
+            out |= {key: paired["delta_top1"], f"{key}_ci95_low": low, f"{key}_ci95_high": high}
+    return out
+
+
 def log_stage(
     tracker: Tracker,
     run_id: str,

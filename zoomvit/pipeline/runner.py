@@ -41,6 +41,7 @@ from zoomvit.pipeline.plan import (
 from zoomvit.pipeline.records import (
     DRIVER_LOCK_TAG,
     end_orphaned_runs,
+    headline_metrics,
     lineage_from_run,
     log_stage,
     near_chance,
@@ -486,6 +487,7 @@ class PipelineRun:
                 except Exception as err:  # noqa: BLE001 - a copy: MLflow holds the lineage, and every stage committed
                     log.warning(f"[pipeline] could not copy the lineage to {self.bucket.url} ({err}); MLflow has it")
         if error is None:
+            self.tracker.metrics(self.parent, headline_metrics(self.manifests))
             self.result.warnings = near_chance(self.config, self.manifests)
             if self.result.warnings:
                 self.tracker.tags(self.parent, {"warning.near_chance": "; ".join(self.result.warnings)})
