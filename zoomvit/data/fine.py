@@ -51,9 +51,7 @@ _PHOTO_BRIGHTNESS = (0.35, 0.8)
 _NOISE_STD = 0.01
 _DISTRACTORS = (2, 4)
 _DECOY_PROBABILITY = 0.5
-_BLOCKS = np.asarray(
-    [[[1, -1], [-1, 1]], [[1, 1], [-1, -1]], [[1, -1], [1, -1]]], dtype=np.float32
-)  # checker, horizontal stripes, vertical stripes (and their negatives): each sums to zero
+_CLUTTER_TILES = 1024
 
 
 @dataclass(frozen=True)
@@ -70,34 +68,29 @@ class FineRender:
 
 @lru_cache(maxsize=1)
 def tiles() -> np.ndarray:
-    """Every 4 x 4 tile of four zero-sum 2 x 2 blocks (6^4 of them, ``(1296, 4, 4)`` in {-1, 1}): the first
-    :data:`NUM_TEXTURES` of a fixed shuffle are the classes, the rest are clutter."""
-    signed = np.concatenate([_BLOCKS, -_BLOCKS])
-    idx = np.stack(np.meshgrid(*[np.arange(6)] * 4, indexing="ij"), axis=-1).reshape(-1, 4)
-    out = np.empty((len(idx), 4, 4), dtype=np.float32)
-    for n, (a, b, c, d) in enumerate(idx):
-        out[n] = np.block([[signed[a], signed[b]], [signed[c], signed[d]]])
-    order = np.random.default_rng(20261206).permutation(len(out))
-    out = out[order]
-    # the classes: greedily, tiles that differ in >= 4 of 16 pixels from every shift and sign flip of the others
-    chosen = [0]
-    for i in range(1, len(out)):
-        shifts = [np.roll(out[i], (dy, dx), axis=(0, 1)) for dy in range(4) for dx in range(4)]
-        if all(min(np.abs(s - out[j]).sum() for s in shifts) >= 8 for j in chosen):
-            if all(min(np.abs(-s - out[j]).sum() for s in shifts) >= 8 for j in chosen):
-                chosen.append(i)
+    """8 x 8 tiles made of 4 x 4 checkerboard blocks of 2 x 2 px, each block's sign its own, in {-1, 1}:
+    of a fixed shuffle of all 2^16, the first :data:`NUM_TEXTURES` that differ from each other's
+    block-aligned shifts and sign flips in at least 4 of 16 blocks are the classes; the next
+    ``_CLUTTER_TILES`` that are no such shift or flip of a class are clutter."""
+    bits = (np.arange(1 << 16)[:, None] >> np.arange(16)[None, :]) & 1
+    signs = (2 * bits - 1).reshape(-1, 4, 4).astype(np.int8)
+    signs = signs[np.random.default_rng(20261206).permutation(len(signs))]
+
+    def variants(s: np.ndarray) -> np.ndarray:  # (32, 4, 4): every block-aligned shift, both signs
+        shifted = np.stack([np.roll(s, (dy, dx), axis=(0, 1)) for dy in range(4) for dx in range(4)])
+        return np.concatenate([shifted, -shifted])
+
+    chosen: list[int] = []
+    for i in range(len(signs)):
+        if all((variants(signs[i]) != signs[j]).sum(axis=(1, 2)).min() >= 4 for j in chosen):
+            chosen.append(i)
         if len(chosen) == NUM_TEXTURES:
             break
-    assert len(chosen) == NUM_TEXTURES
-    classes = out[chosen]
-
-    def key(tile: np.ndarray) -> bytes:
-        return tile.astype(np.int8).tobytes()
-
-    variants = {key(sign * np.roll(c, (dy, dx), axis=(0, 1))) for c in classes for sign in (1, -1)
-                for dy in range(4) for dx in range(4)}  # fmt: skip
-    rest = [i for i in range(len(out)) if key(out[i]) not in variants]  # clutter never mimics a class
-    return np.concatenate([classes, out[rest]])
+    mimics = {v.tobytes() for i in chosen for v in variants(signs[i])}
+    rest = [i for i in range(len(signs)) if signs[i].tobytes() not in mimics][:_CLUTTER_TILES]
+    order = np.asarray(chosen + rest)
+    checker = np.where(np.add.outer(np.arange(8), np.arange(8)) % 2 == 0, 1, -1)
+    return (np.kron(signs[order], np.ones((2, 2), dtype=np.int8)) * checker).astype(np.float32)
 
 
 def texture(tile: np.ndarray, size: int, scale: int = 1) -> np.ndarray:
@@ -105,6 +98,12 @@ def texture(tile: np.ndarray, size: int, scale: int = 1) -> np.ndarray:
     big = np.kron(tile, np.ones((scale, scale), dtype=np.float32))
     reps = -(-size // big.shape[0])
     return np.tile(big, (reps, reps))[:size, :size]
+
+
+def _even(value: float) -> int:
+    """Rounded down to an even pixel (>= 2): every textured region starts and ends on the 2 x 2 grid, so
+    a half-size view averages whole blocks (a partial block at an edge would leak its sign)."""
+    return max(2, int(value) // 2 * 2)
 
 
 def _photo_background(rng: np.random.Generator, photos: tuple[np.ndarray, ...], size: int) -> np.ndarray:
@@ -122,7 +121,7 @@ def _place(rng: np.random.Generator, size: int, side: int, avoid: list[tuple[int
     """A top-left corner for a ``side`` square that does not overlap the ``avoid`` boxes (best effort)."""
     x = y = 0
     for _ in range(50):
-        x, y = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+        x, y = (_even(v) for v in rng.integers(0, size - side + 1, size=2))
         if all(x + side <= a[0] or a[2] <= x or y + side <= a[1] or a[3] <= y for a in avoid):
             break
     return x, y
@@ -142,8 +141,8 @@ def render_fine(rng: np.random.Generator, size: int, photos: tuple[np.ndarray, .
     canvas = _photo_background(rng, photos, size)
     stratum = "coarse" if rng.uniform() < COARSE_SHARE else "fine"
     lo, hi = COARSE_SIDE if stratum == "coarse" else FINE_SIDE
-    side = max(8, round(rng.uniform(lo, hi) * size))
-    x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    side = _even(rng.uniform(lo, hi) * size)
+    x0, y0 = (_even(v) for v in rng.integers(0, size - side + 1, size=2))
     box = (x0, y0, x0 + side, y0 + side)
     label = int(rng.integers(NUM_TEXTURES))
 
@@ -151,21 +150,21 @@ def render_fine(rng: np.random.Generator, size: int, photos: tuple[np.ndarray, .
         return table[int(rng.integers(NUM_TEXTURES, len(table)))]
 
     for _ in range(int(rng.integers(_DISTRACTORS[0], _DISTRACTORS[1] + 1))):
-        frag = max(8, round(rng.uniform(*FINE_SIDE) * size * 0.8))
+        frag = _even(rng.uniform(*FINE_SIDE) * size * 0.8)
         fx, fy = _place(rng, size, frag, [box])
         patch = texture(clutter_tile(), size)[fy : fy + frag, fx : fx + frag]
         canvas[fy : fy + frag, fx : fx + frag] += (rng.uniform(*_AMPLITUDE) * patch)[..., None]
     canvas = np.clip(canvas, 0.0, 1.0)
 
     if rng.uniform() < _DECOY_PROBABILITY:
-        dside = max(8, round(rng.uniform(*FINE_SIDE) * size))
+        dside = _even(rng.uniform(*FINE_SIDE) * size)
         dx, dy = _place(rng, size, dside, [box])
         decoy = texture(clutter_tile(), size)[dy : dy + dside, dx : dx + dside]
         canvas[dy : dy + dside, dx : dx + dside] = (rng.uniform(*_PANEL_GREY) + rng.uniform(*_AMPLITUDE) * decoy)[
             ..., None
         ]
 
-    frame = max(2, round(size / 32))
+    frame = _even(size / 32)
     canvas[y0 : y0 + side, x0 : x0 + side] = _frame_colour(rng)
     canvas[y0 + frame : y0 + side - frame, x0 + frame : x0 + side - frame] = rng.uniform(*_PANEL_GREY)
     scale = COARSE_SCALE if stratum == "coarse" else 1
