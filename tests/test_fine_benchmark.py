@@ -51,12 +51,13 @@ def test_the_classes_are_textures_no_clutter_tile_mimics_and_a_half_size_view_av
     from zoomvit.data.fine import NUM_TEXTURES, texture, tiles
 
     table = tiles()
+    assert table.shape[1:] == (8, 8), "one tile per 8 px patch of the stored image"
     classes = table[:NUM_TEXTURES]
     variants = {
-        (sign * np.roll(c, (dy, dx), axis=(0, 1))).tobytes() for c in classes for sign in (1, -1) for dy in range(4)
-        for dx in range(4)
+        (sign * np.roll(c, (dy, dx), axis=(0, 1))).astype(np.int8).tobytes() for c in classes for sign in (1, -1)
+        for dy in range(0, 8, 2) for dx in range(0, 8, 2)
     }  # fmt: skip
-    assert not any(t.tobytes() in variants for t in table[NUM_TEXTURES:])
+    assert not any(t.astype(np.int8).tobytes() in variants for t in table[NUM_TEXTURES:])
     assert len({c.tobytes() for c in classes}) == NUM_TEXTURES
     for c in classes:  # every aligned 2 x 2 block sums to zero: a 2x down-sampling sees flat grey
         assert np.allclose(texture(c, 16).reshape(8, 2, 8, 2).sum(axis=(1, 3)), 0)
@@ -208,3 +209,58 @@ def test_equal_gflops_within_a_part_uses_zoomvits_own_cost_over_that_parts_image
     assert out["size_small"]["zoomvit_tokens"] == 28 and out["size_small"]["weight_high"] == pytest.approx(0.8)
     assert out["size_large"]["zoomvit_gflops"] == pytest.approx(1.1)
     assert out["size_large"]["weight_high"] == pytest.approx(0.3)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_the_evaluate_stage_pairs_own_size_family_members_and_matches_controls_to_zoomvits_tokens(tmp_path):
+    from safetensors.torch import save_file
+
+    from zoomvit.config import TrainConfig
+    from zoomvit.evaluation import evaluate_models
+    from zoomvit.train.recipes import baseline_tasks, zoomvit_task
+    from zoomvit.train.tasks import build_task
+
+    generate_demo_dataset(tmp_path / "data", train=4, val=24, image_size=128, style="fine", samples_per_shard=16)
+    config = load_config(FINE, [f"data.root={tmp_path / 'data'}", "data.demo=null", "evaluate.num_figures=1"])
+    torch.manual_seed(0)
+    zoom = build_task(zoomvit_task(config, None, inference=True), TrainConfig()).build_model()
+    save_file(zoom.state_dict(), str(tmp_path / "zoomvit.safetensors"))
+    weights = {}
+    for name, task in baseline_tasks(config).items():
+        save_file(build_task(task, TrainConfig()).build_model().state_dict(), str(tmp_path / f"{name}.safetensors"))
+        weights[name] = tmp_path / f"{name}.safetensors"
+    result = evaluate_models(
+        config,
+        zoomvit_weights=tmp_path / "zoomvit.safetensors",
+        baseline_weights=weights,
+        relevance_dir=None,
+        out_dir=tmp_path / "out",
+        alpha=0.5,
+    )
+    rows = {r["model"]: r for r in result["rows"] if r["model"] != "zoomvit" or r["headline"]}
+    controls = {f"zoomvit_control_{k}" for k in ("random", "centre", "box", "upsample")}
+    assert controls <= set(rows), "no relevance maps: no teacher control; a highres ZoomViT: an upsample one"
+    for name in controls:
+        assert rows[name]["tokens_per_img"] == rows["zoomvit"]["tokens_per_img"], name
+        assert rows[name]["n"] == rows["zoomvit"]["n"] == 24
+    assert [
+        (rows[n]["input_size"], rows[n]["tokens_per_img"]) for n in ("baseline", "baseline_80px", "baseline_96px")
+    ] == [
+        (64, 64),
+        (80, 100),
+        (96, 144),
+    ]
+    assert (
+        rows["baseline"]["gflops_per_img"]
+        < rows["baseline_80px"]["gflops_per_img"]
+        < rows["baseline_96px"]["gflops_per_img"]
+    )
+    parts = result["parts"]
+    assert parts["stratum_fine"] + parts["stratum_coarse"] == 24
+    for name in ("stratum_fine", "stratum_coarse"):
+        assert f"top1_{name}" in rows["baseline_96px"] and f"top1_{name}_ci95" in rows["zoomvit"]
+    for name, paired in result["equal_gflops"].items():
+        if isinstance(paired, dict):
+            assert {"zoomvit_gflops", "zoomvit_tokens", "delta_top1", "delta_top1_ci95"} <= set(paired), name
+    assert (tmp_path / "out" / "frontier.png").exists()
