@@ -192,7 +192,7 @@ def evaluate_models(
                     maps = torch.from_numpy(np.stack([teacher[k] for k in batch_keys])) if kind == "teacher" else None
                     ranking = control_scores(
                         kind, tuple(importance.shape), generator=control_generator, teacher_BHW=maps,
-                        box_B4=torch.from_numpy(batch["box"]), image_size=size,
+                        box_B4=torch.tensor(batch["box"]), image_size=size,
                     )  # fmt: skip
                     c_scores, c_hr = matched_scores(importance, ranking), x_hr
                 c_logits, c_zt = zoom(x, c_scores, highres=c_hr, alpha=a, return_tokens=True)

@@ -4,14 +4,17 @@ The backbone is timm's ``VisionTransformer`` (same parameter names, so DeiT/ViT 
 where shapes match); only the tokenizer differs: tokens of three sizes (2P, P, P/2 px), a position
 embedding evaluated at each token's true location, a learned zoom-level embedding that starts at
 zero (a ZoomViT made from a ViT's weights is that ViT until it trains), tokens ordered by importance,
-and a padding mask so every image of a batch keeps exactly its own result. The Zoomer always runs
-in fp32, whatever precision the backbone is cast to.
+and images of different token counts run together as one packed sequence of their real tokens,
+attention restricted to each image (``sequences="packed"``, :mod:`zoomvit.models.packed`), or padded
+to the longest with an attention mask (``"padded"``), so every image of a batch keeps exactly its own
+result. ``"auto"`` (the default) packs on CUDA and pads on the CPU, where the jagged attention's math
+path measured slower than the padded one (``bench/packed_sequences.py``). The Zoomer always runs in fp32, whatever precision the backbone is cast to.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -20,6 +23,7 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from zoomvit.models.packed import pack, packed_block, unpack
 from zoomvit.models.tokenizer import (
     NUM_LEVELS,
     ZOOM_RESAMPLES,
@@ -77,6 +81,7 @@ class ZoomViT(VisionTransformer):
         zoomer_head: str = "global",
         with_zoomer: bool = True,
         distilled: bool = False,
+        sequences: Literal["auto", "packed", "padded"] = "auto",
         **vit_kwargs: Any,
     ) -> None:
         for key, unsupported in (("reg_tokens", 0), ("no_embed_class", False), ("dynamic_img_size", False)):
@@ -90,7 +95,10 @@ class ZoomViT(VisionTransformer):
             raise ValueError(f"zoom_source must be one of {ZOOM_SOURCES}, got {zoom_source!r}")
         if zoom_resample not in ZOOM_RESAMPLES:
             raise ValueError(f"zoom_resample must be one of {ZOOM_RESAMPLES}, got {zoom_resample!r}")
+        if sequences not in ("auto", "packed", "padded"):
+            raise ValueError(f"sequences must be 'auto', 'packed' or 'padded', got {sequences!r}")
         super().__init__(**vit_kwargs)
+        self.sequences = sequences
         self.distilled = distilled
         self.distilled_training = False
         if distilled:  # DeiT: a second prefix token with its own position and head
@@ -197,11 +205,18 @@ class ZoomViT(VisionTransformer):
         x = torch.cat([p.expand(B, -1, -1) for p in prefix] + [zt.tokens_BLD], dim=1)
         x = self.pos_drop(x)
         x = self.norm_pre(x)
-        attn_mask = None
-        if not bool(zt.valid_BL.all()):
-            keep = torch.cat([zt.valid_BL.new_ones(B, self.num_prefix_tokens), zt.valid_BL], dim=1)
-            attn_mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
-            attn_mask = attn_mask.masked_fill(~keep, float("-inf"))[:, None, None, :]
+        if bool(zt.valid_BL.all()):
+            for block in self.blocks:
+                x = block(x)
+            return self.norm(x)
+        keep = torch.cat([zt.valid_BL.new_ones(B, self.num_prefix_tokens), zt.valid_BL], dim=1)
+        if self.sequences == "packed" or (self.sequences == "auto" and x.is_cuda):
+            x_ND, offsets = pack(x, keep)
+            for block in self.blocks:
+                x_ND = packed_block(block, x_ND, offsets)
+            return self.norm(unpack(x_ND, keep))
+        attn_mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
+        attn_mask = attn_mask.masked_fill(~keep, float("-inf"))[:, None, None, :]
         for block in self.blocks:
             x = block(x, attn_mask=attn_mask)
         return self.norm(x)

@@ -487,7 +487,10 @@ class PipelineRun:
                 except Exception as err:  # noqa: BLE001 - a copy: MLflow holds the lineage, and every stage committed
                     log.warning(f"[pipeline] could not copy the lineage to {self.bucket.url} ({err}); MLflow has it")
         if error is None:
-            self.tracker.metrics(self.parent, headline_metrics(self.manifests))
+            try:
+                self.tracker.metrics(self.parent, headline_metrics(self.manifests))
+            except Exception as err:  # noqa: BLE001 - every stage committed and logged its own figures
+                log.warning(f"[pipeline] could not log the headline metrics to {self.tracker.uri} ({err})")
             self.result.warnings = near_chance(self.config, self.manifests)
             if self.result.warnings:
                 self.tracker.tags(self.parent, {"warning.near_chance": "; ".join(self.result.warnings)})
