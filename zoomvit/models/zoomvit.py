@@ -8,7 +8,8 @@ and images of different token counts run together as one packed sequence of thei
 attention restricted to each image (``sequences="packed"``, :mod:`zoomvit.models.packed`), or padded
 to the longest with an attention mask (``"padded"``), so every image of a batch keeps exactly its own
 result. ``"auto"`` (the default) packs on CUDA and pads on the CPU, where the jagged attention's math
-path measured slower than the padded one (``bench/packed_sequences.py``). The Zoomer always runs in fp32, whatever precision the backbone is cast to.
+path measured slower than the padded one (``bench/packed_sequences.py``). The Zoomer always runs in
+fp32, whatever precision the backbone is cast to.
 """
 
 from __future__ import annotations
