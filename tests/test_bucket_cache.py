@@ -39,8 +39,9 @@ def s3():
 
 
 @pytest.fixture
-def cache(s3, request):
-    """An empty artifact root of its own in the bucket, per test."""
+def cache(s3, request, tmp_path, monkeypatch):
+    """An empty artifact root of its own in the bucket, per test; this machine's home in ``tmp_path``."""
+    monkeypatch.chdir(tmp_path)
     return BucketCache(f"s3://{BUCKET}/{request.node.name[:60]}")
 
 
@@ -348,6 +349,54 @@ def test_a_second_driver_waits_for_a_live_claim_and_takes_the_output_once_it_is_
         committed = _publish(cache, tmp_path, "zoomer", fp, "run-a")
     second.join(timeout=30)
     assert waited["result"] == (committed, None), "B takes A's output; it computes nothing"
+
+
+def test_a_driver_that_wins_a_claim_after_the_holder_committed_and_released_takes_the_output(cache, tmp_path):
+    fp = "6" * 64
+    _, first = cache.claim("zoomer", fp, "driver A", committed=None)
+    looks = []
+
+    def committed():  # B's first look comes before A commits; A then commits and releases before B claims
+        looks.append(1)
+        if len(looks) == 1:
+            with first:
+                _publish(cache, tmp_path, "zoomer", fp, "run-a")
+            return None
+        return lookup(cache.entry("zoomer", fp))[0]
+
+    manifest, claim = cache.claim("zoomer", fp, "driver B", committed=committed)
+    assert claim is None and manifest["run_id"] == "run-a", "the manifest is read again after a claim is won"
+    (number, state), *_ = sorted(bucket_module._claims(f"{cache.entry('zoomer', fp)}/claims").items(), reverse=True)
+    assert number == 2 and json.loads(bucket_module.filesystem(cache.url).cat_file(
+        f"{cache.entry('zoomer', fp)}/claims/00000002.json"))["released"], "B's unneeded claim is released at once"
+
+
+def test_a_retried_manifest_put_that_had_landed_keeps_its_own_committed_attempt(cache, tmp_path):
+    fp = "5" * 64
+    entry = _key(cache.entry("zoomer", fp))
+    first = _publish(cache, tmp_path, "zoomer", fp, "run-a")
+    weights = f"{entry}/attempts/run-a/model.safetensors"
+    uploaded = boto3.client("s3").head_object(Bucket=BUCKET, Key=weights)["LastModified"]
+    time.sleep(1.1)
+    again = _publish(cache, tmp_path, "zoomer", fp, "run-a")  # the same put once more: the store answers 412
+    assert again == first and lookup(cache.entry("zoomer", fp))[0] == first
+    now = boto3.client("s3").head_object(Bucket=BUCKET, Key=weights)["LastModified"]
+    assert now == uploaded, "its own committed upload is neither deleted nor uploaded again"
+
+
+def test_a_claim_names_the_machine_by_hostname_boot_id_and_a_token_of_its_home(cache, tmp_path, monkeypatch):
+    fp = "a" * 64
+    base = f"{cache.entry('zoomer', fp)}/claims"
+    _, mine = cache.claim("zoomer", fp, "driver A", committed=None, held_lock="/x/a.lock")
+    state = json.loads(bucket_module.filesystem(cache.url).cat_file(mine.path))
+    assert {"host", "boot_id", "home_token", "pid"} <= set(state) and state["pid"] == os.getpid()
+    (tmp_path / "other-container").mkdir()
+    monkeypatch.chdir(tmp_path / "other-container")
+    assert bucket_module.host_identity()["home_token"] != state["home_token"], "another home: another machine"
+    with pytest.raises(TimeoutError):  # same hostname and lock path, another home: that driver may be alive
+        with _timeout(1.0):
+            cache.claim("zoomer", fp, "driver B", committed=None, held_lock="/x/a.lock")
+    assert max(bucket_module._claims(base)) == 1
 
 
 def test_a_claim_its_holder_stopped_renewing_expires_and_is_taken_over_and_the_old_holder_cannot_commit(

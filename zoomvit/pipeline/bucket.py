@@ -23,6 +23,7 @@ clock (an object's LastModified) against the driver's: clocks must agree to well
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -123,7 +124,6 @@ class BucketCache:
         ``held_lock``: a lock file on this host the caller holds exclusively for the entry (the staging
         directory's); a claim made from this host under that lock is a dead driver's, free at once."""
         fs, base = filesystem(self.url), f"{self.entry(stage, fingerprint)}/{CLAIMS}"
-        here = (socket.gethostname(), held_lock)
         said = False
         while True:
             if committed is not None and (done := committed()) is not None:
@@ -131,7 +131,7 @@ class BucketCache:
             claims = _claims(base)
             current = max(claims, default=0)
             state = _claim_state(fs, f"{base}/{current:08d}.json", claims[current]) if current else None
-            if state is not None and held_lock and (state.get("host"), state.get("lock")) == here:
+            if state is not None and held_lock and _left_by_a_dead_driver_here(state, held_lock):
                 state["free"] = True
             if state is None or state["free"]:
                 mine = Claim(f"{base}/{current + 1:08d}.json", holder, held_lock)
@@ -139,6 +139,9 @@ class BucketCache:
                     fs.pipe_file(mine.path, mine.payload(), mode="create")
                 except FileExistsError:
                     continue  # another driver took that number first: look again
+                if committed is not None and (done := committed()) is not None:
+                    mine.release()  # the holder committed, then released, between the first look and this claim
+                    return done, None
                 if state is not None and not state.get("released"):
                     log.info(f"[{stage}] took over the expired claim of {state.get('holder')} on {base}")
                 return None, mine
@@ -178,8 +181,12 @@ class BucketCache:
         try:
             fs.pipe_file(f"{entry}/{MANIFEST}", payload, mode="overwrite" if replace else "create")
         except FileExistsError:
-            fs.rm(attempt, recursive=True)
             winner, _ = lookup(entry)
+            if winner is not None and winner.get("out_dir") == attempt and winner.get("run_id") == manifest["run_id"]:
+                log.info(f"[{stage}] the manifest put was retried after it landed; it names this attempt")
+                self._collect_superseded(entry, keep=attempt)
+                return winner
+            fs.rm(attempt, recursive=True)
             if winner is None:  # committed, then damaged or removed since: this run's copy is as good
                 return self.publish(staged, manifest, replace=True)
             log.info(f"[{stage}] run {winner['run_id']} committed this output first; this run's copy is discarded")
@@ -232,9 +239,16 @@ class Claim:
         self._thread: threading.Thread | None = None
 
     def payload(self, *, released: bool = False) -> bytes:
-        me = {"holder": self.holder, "host": socket.gethostname(), "lock": self.lock, "pid": os.getpid(),
-              "token": self.token}  # fmt: skip
+        me = {"holder": self.holder, **host_identity(), "lock": self.lock, "pid": os.getpid(), "token": self.token}
         return json.dumps({**me, "released": released}).encode()
+
+    def release(self) -> None:
+        """Mark the claim released (unless another driver took it over): free at once for the next."""
+        try:
+            if not self.superseded():
+                filesystem(self.path).pipe_file(self.path, self.payload(released=True))
+        except OSError as err:  # the claim then expires by itself
+            log.warning(f"[cache] could not release {self.path} ({err}); it expires in {CLAIM_TTL_S:.0f} s")
 
     def __enter__(self) -> Claim:
         self._thread = threading.Thread(target=self._renew, name="zoomvit-claim", daemon=True)
@@ -245,11 +259,7 @@ class Claim:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        try:
-            if not self.superseded():
-                filesystem(self.path).pipe_file(self.path, self.payload(released=True))
-        except OSError as err:  # the claim then expires by itself
-            log.warning(f"[cache] could not release {self.path} ({err}); it expires in {CLAIM_TTL_S:.0f} s")
+        self.release()
 
     def superseded(self) -> bool:
         """Whether another driver holds a later claim on the entry (it took this one over)."""
@@ -275,6 +285,48 @@ class Claim:
                 self._renewed = time.monotonic()
             except OSError as err:
                 log.warning(f"[cache] could not renew {self.path} ({err}); retrying")
+
+
+def host_identity() -> dict[str, str]:
+    """This machine as a claim names it: the hostname, the kernel's boot id and a token kept in this
+    home (:func:`default_dir`), so two containers that share a hostname and a home path but not the
+    home's files are two machines."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    token_file = default_dir() / "staging" / ".host-token"
+    try:
+        token = token_file.read_text().strip()
+    except FileNotFoundError:
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        mine = token_file.with_name(f".host-token.{uuid.uuid4().hex}")
+        mine.write_text(uuid.uuid4().hex)
+        with contextlib.suppress(FileExistsError):
+            os.link(mine, token_file)  # the first writer's token stands
+        mine.unlink()
+        token = token_file.read_text().strip()
+    return {"host": socket.gethostname(), "boot_id": boot, "home_token": token}
+
+
+def _left_by_a_dead_driver_here(state: dict[str, Any], held_lock: str) -> bool:
+    """A claim made on this machine under the staging lock this driver now holds exclusively: its
+    holder is gone (its process too, where it is this machine's), so the claim is free at once."""
+    here = host_identity()
+    if any(state.get(key) != value for key, value in here.items()) or state.get("lock") != held_lock:
+        return False
+    pid = state.get("pid")
+    return not isinstance(pid, int) or pid == os.getpid() or not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _claims(base: str) -> dict[int, dict[str, Any]]:
