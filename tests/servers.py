@@ -77,3 +77,82 @@ def s3_server(*buckets: str):
             else:
                 os.environ[key] = value
         server.stop()
+
+
+@contextlib.contextmanager
+def s3_proxy(endpoint: str, *, ignore_create_only: bool = False, race: tuple[str, bytes] | None = None):
+    """A pass-through HTTP proxy in front of the S3 server at ``endpoint``, with every S3 client of this
+    process pointed at it until the block ends; yields the proxy's endpoint. It can behave as stores
+    that the cache must survive or refuse: ``ignore_create_only`` drops ``If-None-Match`` (a store that
+    ignores create-only puts); ``race=(key suffix, body)`` lets a competing unconditional put of
+    ``body`` land just before the first conditional put of a key ending in that suffix (a lost race)."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    import s3fs
+
+    upstream = urlsplit(endpoint)
+    raced: list[str] = []
+    hop = {"connection", "transfer-encoding", "keep-alive"}
+
+    def forward(method: str, path: str, headers: dict[str, str], body: bytes):
+        conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=30)
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.getheaders(), response.read()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *_):  # quiet
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks = []
+                while (size := int(self.rfile.readline().split(b";")[0], 16)) > 0:
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                self.rfile.readline()
+                return b"".join(chunks)
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _relay(self) -> None:
+            body = self._body()
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+            headers["Content-Length"] = str(len(body))
+            conditional = "if-none-match" in {k.lower() for k in headers}
+            if ignore_create_only:
+                headers = {k: v for k, v in headers.items() if k.lower() != "if-none-match"}
+            path = self.path.split("?", 1)[0]
+            if race and self.command == "PUT" and conditional and path.endswith(race[0]) and not raced:
+                raced.append(path)
+                plain = {k: v for k, v in headers.items() if k.lower() not in ("if-none-match", "content-md5")}
+                plain = {k: v for k, v in plain.items() if not k.lower().startswith("x-amz-checksum")}
+                forward("PUT", self.path, {**plain, "Content-Length": str(len(race[1]))}, race[1])
+            status, out_headers, payload = forward(self.command, self.path, headers, body)
+            self.send_response(status)
+            for key, value in out_headers:
+                if key.lower() not in hop and key.lower() != "content-length":
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{server.server_address[1]}"
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield os.environ["AWS_ENDPOINT_URL"]
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = saved
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.shutdown()

@@ -22,8 +22,11 @@ from servers import s3_server
 from zoomvit.config import load_config
 from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.data.relevance_store import GROUP_FILES, read_maps, write_group
-from zoomvit.pipeline import bucket as bucket_module
-from zoomvit.pipeline.bucket import BucketCache, lookup, staging_root
+from zoomvit.pipeline.cache import bucket as bucket_module
+from zoomvit.pipeline.cache import claims as claims_module
+from zoomvit.pipeline.cache.bucket import BucketCache, staging_root
+from zoomvit.pipeline.cache.object_store import ObjectStoreCache
+from zoomvit.pipeline.cache.store import lookup
 from zoomvit.pipeline.plan import output_records, plan_run, shards_of
 from zoomvit.relevance.job import skips_path
 
@@ -107,26 +110,27 @@ def _publish(cache, tmp_path, stage="zoomer", fp="f" * 64, run_id="run-a", value
 
 
 def test_a_bucket_artifact_root_names_the_cache_of_record_and_stages_on_this_machine(s3, tmp_path, monkeypatch):
-    from zoomvit.pipeline.runner import artifact_bucket, artifact_root, checkpoint_location
+    from zoomvit.pipeline.cache import artifact_bucket, artifact_root, checkpoint_location, open_cache
 
     monkeypatch.chdir(tmp_path)  # outside a Ray job's working-dir copy: the working directory
     config = load_config(TINY, [f"artifact_root=s3://{BUCKET}/zoomvit/"])
     assert artifact_bucket(config) == BucketCache(f"s3://{BUCKET}/zoomvit")
     assert artifact_root(config) == staging_root(f"s3://{BUCKET}/zoomvit") == tmp_path / "staging/s3/cache/zoomvit"
     fp = "ab" * 32
+    cache = open_cache(config)
     assert (
-        checkpoint_location(config, "teacher", fp, artifact_bucket(config))
-        == f"s3://{BUCKET}/zoomvit/teacher/{fp[:16]}/ray"
+        isinstance(cache, ObjectStoreCache)
+        and cache.location("teacher", fp) == f"s3://{BUCKET}/zoomvit/teacher/{fp[:16]}"
     )
     moved = load_config(TINY, [f"artifact_root=s3://{BUCKET}/zoomvit", "checkpoint_root=s3://other/ckpt"])
-    assert checkpoint_location(moved, "teacher", fp, artifact_bucket(moved)) == f"s3://other/ckpt/teacher/{fp}"
+    assert checkpoint_location(moved, "teacher", fp) == f"s3://other/ckpt/teacher/{fp}"
 
 
 def test_a_bucket_artifact_root_whose_filesystem_is_not_installed_names_the_extra():
     import importlib.util
 
     from zoomvit.errors import UserError
-    from zoomvit.pipeline.runner import artifact_root
+    from zoomvit.pipeline.cache import artifact_root
 
     if importlib.util.find_spec("gcsfs"):
         pytest.skip("gcsfs is installed")
@@ -219,16 +223,16 @@ def test_the_plan_reads_the_bucket_every_stage_runs_then_every_stage_is_a_hit(ca
     generate_demo_dataset(data, train=16, val=8, image_size=32, samples_per_shard=8)
     config = load_config(TINY, [f"data.root={data}", "data.demo=null", f"artifact_root={cache.url}"])
     shards, staging = shards_of(config), tmp_path / "staging"
-    plan = plan_run(config, shards, staging, bucket=cache)
+    plan = plan_run(config, shards, ObjectStoreCache(staging, None, cache))
     assert [s.action for s in plan] == ["run"] * len(plan)
     for step in plan:
         _publish(cache, tmp_path / step.name, step.name, step.fingerprint, f"run-{step.name}")
-    again = plan_run(config, shards, staging, bucket=cache)
+    again = plan_run(config, shards, ObjectStoreCache(staging, None, cache))
     assert [(s.action, s.manifest["out_dir"]) for s in again] == [
         ("cached", cache.attempt(s.name, s.fingerprint, f"run-{s.name}")) for s in plan
     ]
     assert not staging.exists(), "planning reads the bucket; it stages nothing"
-    forced = plan_run(config, shards, staging, bucket=cache, force=["zoomer"])
+    forced = plan_run(config, shards, ObjectStoreCache(staging, None, cache), force=["zoomer"])
     assert [s.action for s in forced if s.name == "zoomer"] == ["run"]
 
 
@@ -366,9 +370,13 @@ def test_a_driver_that_wins_a_claim_after_the_holder_committed_and_released_take
 
     manifest, claim = cache.claim("zoomer", fp, "driver B", committed=committed)
     assert claim is None and manifest["run_id"] == "run-a", "the manifest is read again after a claim is won"
-    (number, state), *_ = sorted(bucket_module._claims(f"{cache.entry('zoomer', fp)}/claims").items(), reverse=True)
-    assert number == 2 and json.loads(bucket_module.filesystem(cache.url).cat_file(
-        f"{cache.entry('zoomer', fp)}/claims/00000002.json"))["released"], "B's unneeded claim is released at once"
+    (number, state), *_ = sorted(claims_module.claims(f"{cache.entry('zoomer', fp)}/claims").items(), reverse=True)
+    assert (
+        number == 2
+        and json.loads(
+            bucket_module.filesystem(cache.url).cat_file(f"{cache.entry('zoomer', fp)}/claims/00000002.json")
+        )["released"]
+    ), "B's unneeded claim is released at once"
 
 
 def test_a_retried_manifest_put_that_had_landed_keeps_its_own_committed_attempt(cache, tmp_path):
@@ -392,23 +400,23 @@ def test_a_claim_names_the_machine_by_hostname_boot_id_and_a_token_of_its_home(c
     assert {"host", "boot_id", "home_token", "pid"} <= set(state) and state["pid"] == os.getpid()
     (tmp_path / "other-container").mkdir()
     monkeypatch.chdir(tmp_path / "other-container")
-    assert bucket_module.host_identity()["home_token"] != state["home_token"], "another home: another machine"
+    assert claims_module.host_identity()["home_token"] != state["home_token"], "another home: another machine"
     with pytest.raises(TimeoutError):  # same hostname and lock path, another home: that driver may be alive
         with _timeout(1.0):
             cache.claim("zoomer", fp, "driver B", committed=None, held_lock="/x/a.lock")
-    assert max(bucket_module._claims(base)) == 1
+    assert max(claims_module.claims(base)) == 1
 
 
 def test_a_claim_its_holder_stopped_renewing_expires_and_is_taken_over_and_the_old_holder_cannot_commit(
     cache, monkeypatch
 ):
-    monkeypatch.setattr(bucket_module, "CLAIM_TTL_S", 1.0)
+    monkeypatch.setattr(claims_module, "CLAIM_TTL_S", 1.0)
     fp = "8" * 64
     _, dead = cache.claim("zoomer", fp, "driver A", committed=None, held_lock="/x/a.lock")  # nothing renews it
     time.sleep(1.5)
     _, taker = cache.claim("zoomer", fp, "driver B", committed=None, held_lock="/x/b.lock")
     assert taker is not None and taker.path.endswith("/claims/00000002.json")
-    with pytest.raises(OSError, match="another driver took over this claim"):
+    with pytest.raises(OSError, match="was taken over by epoch 2"):
         dead.check()
     with taker:
         taker.check()

@@ -229,7 +229,8 @@ def test_one_stage_script_serves_every_stage_and_no_script_shadows_the_package(d
 
 
 def test_defaults_outside_a_ray_job_copy_are_the_working_directory_and_inside_it_zoomvit_home(tmp_path, monkeypatch):
-    from zoomvit.pipeline.runner import artifact_root, lasting_paths
+    from zoomvit.pipeline.cache import artifact_root
+    from zoomvit.pipeline.runner import lasting_paths
     from zoomvit.tracking.runs import resolve_tracking_uri
 
     for var in ("MLFLOW_TRACKING_URI", "ZOOMVIT_ARTIFACT_ROOT"):
@@ -255,7 +256,7 @@ def test_defaults_outside_a_ray_job_copy_are_the_working_directory_and_inside_it
 
 
 def test_a_file_url_artifact_root_is_that_local_directory(tmp_path):
-    from zoomvit.pipeline.runner import artifact_bucket, artifact_root
+    from zoomvit.pipeline.cache import artifact_bucket, artifact_root
 
     config = load_config(TINY, [f"artifact_root=file://{tmp_path}"])
     assert artifact_root(config) == tmp_path and artifact_bucket(config) is None
@@ -380,7 +381,7 @@ def test_a_truncated_file_is_caught_by_its_size_before_any_content_is_hashed(set
 def test_checkpoint_root_moves_each_training_stages_checkpoints_under_stage_and_fingerprint(tmp_path):
     from pyarrow.fs import PyFileSystem
 
-    from zoomvit.pipeline.runner import checkpoint_location, remove_tree
+    from zoomvit.pipeline.cache import checkpoint_location, remove_tree
     from zoomvit.train.trainer import checkpoint_storage
 
     fingerprint = "ab" * 32
@@ -418,7 +419,7 @@ def test_removing_a_stages_checkpoints_in_a_bucket_deletes_that_prefix_alone():
     import boto3
     from servers import s3_server
 
-    from zoomvit.pipeline.runner import remove_tree
+    from zoomvit.pipeline.cache import remove_tree
     from zoomvit.train.trainer import checkpoint_storage
 
     with s3_server("ckpt"):

@@ -69,9 +69,9 @@ def _stage_list(value: str) -> list[str]:
 
 
 def _dry_run(config: PipelineConfig, args: argparse.Namespace) -> int:
+    from zoomvit.pipeline.cache import open_cache
     from zoomvit.pipeline.plan import plan_run, shards_of
     from zoomvit.pipeline.records import lineage_from_run
-    from zoomvit.pipeline.runner import artifact_bucket, artifact_root
     from zoomvit.tracking.runs import Tracker, resolve_tracking_uri
 
     try:
@@ -82,11 +82,10 @@ def _dry_run(config: PipelineConfig, args: argparse.Namespace) -> int:
         plan = plan_run(
             config,
             shards_of(config),
-            artifact_root(config),
+            open_cache(config),
             only=args.only,
             force=args.force,
             reused=reused,
-            bucket=artifact_bucket(config),
         )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

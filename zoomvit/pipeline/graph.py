@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from zoomvit.train.data import DecodedSplits
+    from zoomvit.train.loop import Checkpoints
     from zoomvit.train.specs import TaskSpec
 
 
@@ -36,7 +37,7 @@ class StageContext:
     fingerprint: str
     tracking: dict[str, str]  # uri + run_id of this stage's MLflow run (for the training workers)
     splits: DecodedSplits | None = None  # the run's shared decoded splits
-    checkpoints: str | None = None  # Ray Train's storage for a training stage (checkpoint_root); None: out_dir/ray
+    checkpoints: Checkpoints | None = None  # where a training stage checkpoints, and its fence; None: out_dir/ray
     # called with the files of each part of the output as it is committed (``StageDef.parts``): an
     # object-store cache uploads them at once, so a rerun on any machine resumes from them
     on_part: Callable[[list[Path]], None] | None = None

@@ -16,16 +16,19 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import zoomvit
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo, is_url, shard_infos
 from zoomvit.errors import UserError
 from zoomvit.integrity import content_hash, damaged, record
-from zoomvit.pipeline.bucket import MANIFEST, BucketCache, entry_of, lookup
+from zoomvit.pipeline.cache.store import MANIFEST, entry_of, lookup
 from zoomvit.pipeline.graph import STAGES
 from zoomvit.tracking.runs import shards_digest
+
+if TYPE_CHECKING:
+    from zoomvit.pipeline.cache import StageCache
 
 
 class MissingUpstream(UserError):
@@ -183,18 +186,20 @@ class PlannedStage:
 def plan_run(
     config: PipelineConfig,
     shards: Sequence[ShardInfo],
-    root: Path,
+    cache: StageCache | Path,
     *,
     only: Sequence[str] = (),
     force: Sequence[str] = (),
     reused: dict[str, dict[str, Any]] | None = None,
-    bucket: BucketCache | None = None,
 ) -> list[PlannedStage]:
     """The stages a run needs, in order, each with its fingerprint and what will happen to it. Reads
     only the config, the shards' identities and the cache's manifests (no Ray, no MLflow).
-    ``reused``: lineage nodes of an earlier run (``--from-run``) whose outputs may stand in.
-    ``bucket``: the cache is in object storage (:mod:`zoomvit.pipeline.bucket`); ``root`` is then
-    where stages stage their outputs on this machine."""
+    ``cache``: the stage cache (:func:`~zoomvit.pipeline.cache.open_cache`), or a local cache's root.
+    ``reused``: lineage nodes of an earlier run (``--from-run``) whose outputs may stand in."""
+    if isinstance(cache, Path):
+        from zoomvit.pipeline.cache.local import LocalCache
+
+        cache = LocalCache(cache, None)
     for name in [*only, *force]:
         if name not in STAGES:
             raise UserError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
@@ -210,8 +215,8 @@ def plan_run(
     for name in (n for n in order if n in needed):
         upstream = STAGES[name].upstream_for(config)
         fp = fingerprints[name] = fingerprint(name, config, {u: fingerprints[u] for u, _ in upstream}, shards)
-        out_dir = root / name / fp[:16]
-        manifest, damaged = committed_output(bucket.entry(name, fp) if bucket else out_dir)
+        out_dir = cache.root / name / fp[:16]
+        manifest, damaged = committed_output(cache.location(name, fp))
         if manifest is None and name in reused and reused[name]["fingerprint"] == fp:
             where = reused[name]["out_dir"]
             manifest, _ = committed_output(entry_of(where) if is_url(where) else Path(where))

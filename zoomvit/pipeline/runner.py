@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import socket
 import time
 import uuid
@@ -22,16 +20,14 @@ from typing import Any
 import yaml
 
 from zoomvit.config import PipelineConfig
-from zoomvit.data.shards import ShardInfo, filesystem, is_url, local_path
-from zoomvit.durable import OutputLock, exclusive, read_or_claim, remove_stale_temporaries, write_json_durably
+from zoomvit.data.shards import ShardInfo
+from zoomvit.durable import OutputLock, exclusive, read_or_claim
 from zoomvit.errors import UserError
-from zoomvit.pipeline.bucket import BucketCache, Claim, entry_of, remove_staged, staging_root
+from zoomvit.pipeline.cache import StageCache, Writer, open_cache
 from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
 from zoomvit.pipeline.plan import (
-    MANIFEST,
     MissingUpstream,
     PlannedStage,
-    committed_output,
     config_hash,
     output_records,
     plan_run,
@@ -75,49 +71,6 @@ class PipelineResult:
     @property
     def computed(self) -> list[str]:
         return [n for n, s in self.stages.items() if s["cache"] == "miss"]
-
-
-def _chosen_root(config: PipelineConfig) -> str | None:
-    return config.artifact_root or os.environ.get("ZOOMVIT_ARTIFACT_ROOT")
-
-
-def artifact_root(config: PipelineConfig) -> Path:
-    """Where this machine keeps the stage cache: the config's artifact root, else $ZOOMVIT_ARTIFACT_ROOT,
-    else ``runs`` under :func:`default_dir` (the working directory; ``~/.zoomvit`` inside a ``ray job
-    submit`` working-dir copy). A root in object storage (:func:`artifact_bucket`) is the cache of
-    record; stages then compute and lock in its :func:`~zoomvit.pipeline.bucket.staging_root` here."""
-    chosen = _chosen_root(config)
-    if chosen and is_url(chosen):
-        filesystem(chosen)  # a missing s3fs / gcsfs names the extra before anything runs
-        return staging_root(chosen)
-    return local_path(chosen) if chosen else default_dir() / "runs"
-
-
-def artifact_bucket(config: PipelineConfig) -> BucketCache | None:
-    """The stage cache in object storage, when the artifact root is a URL (``s3://``, ``gs://``)."""
-    chosen = _chosen_root(config)
-    return BucketCache(chosen.rstrip("/")) if chosen and is_url(chosen) else None
-
-
-def checkpoint_location(
-    config: PipelineConfig, stage: str, fingerprint: str, bucket: BucketCache | None = None
-) -> str | None:
-    """Where a stage's training checkpoints go when they leave its local output: ``<checkpoint_root>/
-    <stage>/<fingerprint>`` when ``checkpoint_root`` is set, else beside its entry in the ``bucket``
-    cache; a rerun of the same stage resumes from them. None: in the output (``out_dir/ray``)."""
-    root = config.checkpoint_root
-    if root is None:
-        return f"{bucket.entry(stage, fingerprint)}/ray" if bucket is not None else None
-    if not is_url(root):
-        root = str(local_path(root))
-    return f"{root.rstrip('/')}/{stage}/{fingerprint}"
-
-
-def remove_tree(location: str) -> None:
-    """Delete a directory tree, local or in object storage; nothing when it is not there."""
-    fs = filesystem(location)
-    if fs.exists(location):
-        fs.rm(location, recursive=True)
 
 
 def ensure_demo_data(config: PipelineConfig, hold: ExitStack | None = None) -> None:
@@ -215,16 +168,16 @@ def _run_pipeline(
     with ExitStack() as holds:  # shared locks on the data and every output this run reads, until it ends
         ensure_demo_data(config, holds)
         tracker = Tracker(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)
-        shards, root, bucket = shards_of(config), artifact_root(config), artifact_bucket(config)
+        shards, cache = shards_of(config), open_cache(config)
         reused = lineage_from_run(tracker, from_run)["stages"] if from_run else {}
-        plan = plan_run(config, shards, root, only=only, force=force, reused=reused, bucket=bucket)
+        plan = plan_run(config, shards, cache, only=only, force=force, reused=reused)
         for step in plan:
             if step.action == "missing":
                 raise MissingUpstream(
                     f"stage {step.name!r} has no cached output for this configuration (fingerprint "
                     f"{step.fingerprint[:16]}), and {step.why}"
                 )
-        run = PipelineRun(config, tracker, shards, root, recompute=(*force, *only), bucket=bucket)
+        run = PipelineRun(config, tracker, shards, cache, recompute=(*force, *only))
         return run.execute(plan, only, from_run, holds)
 
 
@@ -233,18 +186,12 @@ class PipelineRun:
     computation under the output's lock, each with a nested run; lineage and warnings at the end."""
 
     def __init__(
-        self,
-        config: PipelineConfig,
-        tracker: Tracker,
-        shards: Sequence[ShardInfo],
-        root: Path,
-        recompute,
-        bucket: BucketCache | None = None,
+        self, config: PipelineConfig, tracker: Tracker, shards: Sequence[ShardInfo], cache: StageCache, recompute
     ) -> None:
         from zoomvit.train.data import DecodedSplits
 
-        self.config, self.tracker, self.shards, self.root = config, tracker, shards, root
-        self.bucket = bucket  # the cache of record when it is in object storage; root then stages and locks
+        self.config, self.tracker, self.shards, self.cache = config, tracker, shards, cache
+        self.root = cache.root  # this machine's side of the cache: staging, locks, driver records, lineage
         self.recompute = frozenset(recompute)  # --force / --only: recompute even what another run committed
         self.splits = DecodedSplits()  # the stages of one run share each split's decoded images
         self.manifests: dict[str, dict[str, Any]] = {}
@@ -298,46 +245,20 @@ class PipelineRun:
         )
         self.result.ui_url = ui_url(tracker.uri, tracker.experiment_id, self.parent)
         where = self.result.ui_url or f"at {tracker.uri}"
-        artifacts = f"{self.bucket.url} (staged in {self.root})" if self.bucket else str(self.root)
-        log.info(f"[pipeline] {config.name}: MLflow run {self.parent} {where}; artifacts under {artifacts}")
+        log.info(f"[pipeline] {config.name}: MLflow run {self.parent} {where}; artifacts under {self.cache.describe()}")
 
     def _stage(self, step: PlannedStage, holds: ExitStack) -> None:
-        own = self.bucket.entry(step.name, step.fingerprint) if self.bucket else step.out_dir
-        source = _location(step.manifest["out_dir"]) if step.action == "cached" else own  # --from-run: elsewhere
-        where = source if isinstance(source, Path) else step.out_dir  # the lock is on this machine's disk
-        lock = holds.enter_context(OutputLock(where, f"[{step.name}] {where}"))
-
-        def committed() -> dict[str, Any] | None:
-            done, _ = committed_output(source)
-            return done if done is not None and done["fingerprint"] == step.fingerprint else None
-
         forced = step.action == "run" and step.name in self.recompute
-        manifest = read_or_claim(lock, committed, claim=forced)
-        if manifest is not None and step.action == "run":
-            log.info(f"[{step.name}] computed by run {manifest['run_id']} while this run waited")
-        elif manifest is None and step.action == "cached":
-            if source != own:
-                raise UserError(f"stage {step.name!r}: the output of run {step.manifest['run_id']} at {where} "
-                                "changed or vanished since this run was planned; run again")  # fmt: skip
-            log.info(f"[{step.name}] its cached output changed since this run was planned; computing it")
+        holder = f"pipeline run {self.parent} on {socket.gethostname()}"
+        manifest, writer = self.cache.acquire(step, forced=forced, holder=holder, holds=holds)
         stage = STAGES[step.name]
         reason = stage.gate(self.config, self.manifests) if stage.gate else None
         if reason is not None:
             self._gated(step, reason)
-        claim = None
-        if manifest is None and self.bucket is not None:  # other machines: the bucket's claim, as the lock here
-            holder = f"pipeline run {self.parent} on {socket.gethostname()}"
-            manifest, claim = self.bucket.claim(
-                step.name, step.fingerprint, holder, None if forced else committed, held_lock=str(lock.path)
-            )
-            if claim is not None:
-                holds.enter_context(claim)
-            else:
-                log.info(f"[{step.name}] computed by run {manifest['run_id']} elsewhere while this run waited")
-        if manifest is not None:
+        if writer is None:
             self._cached(step, manifest)
         else:
-            self._compute(step, lock, claim)
+            self._compute(step, writer)
         if stage.promotes and self.config.tracking.register_models:
             self._promote(step)
 
@@ -399,35 +320,17 @@ class PipelineRun:
         self.tracker.end(run_id)
         log.info(f"[{step.name}] cache hit ({step.fingerprint[:16]}) from run {manifest['run_id']}")
 
-    def _compute(self, step: PlannedStage, lock: OutputLock, claim: Claim | None = None) -> None:
-        name, out_dir, tracker = step.name, step.out_dir, self.tracker
+    def _compute(self, step: PlannedStage, writer: Writer) -> None:
+        name, out_dir, tracker = step.name, writer.out_dir, self.tracker
         run_id, node = self._stage_run(step, "miss")
         tracker.params(run_id, flatten(section(self.config, name)))  # each stage's config section is its own
         log.info(f"[{name}] start (cache miss, {step.fingerprint[:16]}: {step.why}) -> {out_dir}")
         start = time.perf_counter()
-        stage, bucket = STAGES[name], self.bucket
-        checkpoints = checkpoint_location(self.config, name, step.fingerprint, bucket)
+        stage = STAGES[name]
         try:
-            committed_before = bucket.committed(name, step.fingerprint) if bucket else (out_dir / MANIFEST).exists()
-            wiped = committed_before and (name in self.recompute or not stage.repairs_in_place)
-            if wiped:  # forced or --only: recompute, never resume a finished output
-                shutil.rmtree(out_dir, ignore_errors=True)
-                if checkpoints is not None:
-                    remove_tree(checkpoints)
-            elif committed_before and bucket is None:
-                (out_dir / MANIFEST).unlink()  # damaged: the stage recomputes only its damaged parts
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if stale := remove_stale_temporaries(out_dir):
-                log.info(f"[{name}] removed {stale} temporary file(s) a killed run left in {out_dir}")
-            on_part = None
-            if bucket is not None and stage.parts:
-                attempt = bucket.attempt(name, step.fingerprint, run_id)
-                if not wiped and (fetched := bucket.seed(name, step.fingerprint, out_dir, stage.parts)):
-                    log.info(f"[{name}] resuming from {fetched} file(s) of earlier attempts in {bucket.url}")
-
-                def on_part(files: list[Path]) -> None:
-                    bucket.upload(out_dir, files, attempt)
-
+            io = writer.begin(
+                run_id, recompute=name in self.recompute, repairs_in_place=stage.repairs_in_place, parts=stage.parts
+            )
             ctx = StageContext(
                 config=self.config,
                 out_dir=out_dir,
@@ -435,8 +338,8 @@ class PipelineRun:
                 fingerprint=step.fingerprint,
                 tracking={"uri": tracker.uri, "run_id": run_id},
                 splits=self.splits,
-                checkpoints=checkpoints,
-                on_part=on_part,
+                checkpoints=io.checkpoints,
+                on_part=io.on_part,
             )
             outputs = stage.run(ctx)
             if outputs.get("history"):  # epochs the worker could not deliver (tracking server outage, restart)
@@ -445,7 +348,7 @@ class PipelineRun:
                 "stage": name,
                 "fingerprint": step.fingerprint,
                 "run_id": run_id,
-                "out_dir": bucket.attempt(name, step.fingerprint, run_id) if bucket else str(out_dir),
+                "out_dir": io.out_dir,
                 "seconds": time.perf_counter() - start,
                 **outputs,
             }
@@ -454,16 +357,9 @@ class PipelineRun:
             log_stage(tracker, run_id, self.config, manifest, self.manifests, self.shards, staged=out_dir)
             for key in stage.parent_artifacts:
                 tracker.artifact(self.parent, out_dir / manifest["files"][key])
-            if bucket is not None:
-                assert claim is not None
-                claim.check()
-                manifest = bucket.publish(out_dir, manifest, replace=committed_before)
-                if manifest["run_id"] != run_id:
-                    tracker.tags(run_id, {"zoomvit.superseded_by": manifest["run_id"]})
-                remove_staged(out_dir)
-            else:
-                write_json_durably(out_dir / MANIFEST, manifest)
-            lock.share()  # committed: readable by other runs, deletable by none while this one runs
+            manifest = writer.commit(manifest)
+            if manifest["run_id"] != run_id:
+                tracker.tags(run_id, {"zoomvit.superseded_by": manifest["run_id"]})
         except BaseException as err:
             node["cache"] = "failed"
             tracker.end(run_id, error=err)
@@ -481,11 +377,10 @@ class PipelineRun:
             return
         if not isinstance(error, KeyboardInterrupt):  # a stopped job has seconds before SIGKILL: end runs first
             written = write_lineage(self.tracker, self.parent, self.config, self.result.stages, self.root)
-            if self.bucket is not None:
-                try:
-                    self.bucket.upload(self.root, written, self.bucket.url)
-                except Exception as err:  # noqa: BLE001 - a copy: MLflow holds the lineage, and every stage committed
-                    log.warning(f"[pipeline] could not copy the lineage to {self.bucket.url} ({err}); MLflow has it")
+            try:
+                self.cache.keep(written)
+            except Exception as err:  # noqa: BLE001 - a copy: MLflow holds the lineage, and every stage committed
+                log.warning(f"[pipeline] could not copy the lineage beside the cache ({err}); MLflow has it")
         if error is None:
             try:
                 self.tracker.metrics(self.parent, headline_metrics(self.manifests))
@@ -497,11 +392,6 @@ class PipelineRun:
             for line in self.result.warnings:
                 log.warning(f"[pipeline] WARNING: {line}")
         self.tracker.end(self.parent, error=error)
-
-
-def _location(out_dir: str) -> Path | str:
-    """A committed output's location from its manifest's ``out_dir``: a directory, or a bucket entry."""
-    return entry_of(out_dir) if is_url(out_dir) else Path(out_dir)
 
 
 def _cluster_resources() -> dict[str, float]:

@@ -12,8 +12,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,24 @@ def build_deepspeed_config(train: TrainConfig, *, use_gpu: bool, world_size: int
     return config
 
 
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where a training run's checkpoints go (a path or fsspec URL; None: ``out_dir/ray``), and the fence
+    its workers call before they write one: it raises once the stage's claim on the cache entry was
+    taken over by another driver (:mod:`zoomvit.pipeline.cache.claims`), so a stalled holder stops."""
+
+    location: str | None = None
+    fence: Callable[[], None] | None = None
+
+    def under(self, name: str) -> Checkpoints:
+        return replace(self, location=None if self.location is None else f"{self.location}/{name}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
     """Everything a training worker is handed: the stage's name, its task spec and recipe, the device
-    choice, the steps per epoch, the MLflow run rank 0 logs into (uri and run_id) and the verbosity."""
+    choice, the steps per epoch, the MLflow run rank 0 logs into (uri and run_id), the verbosity and
+    the fence checked before setup and before every checkpoint."""
 
     name: str
     task: TaskSpec
@@ -70,6 +84,7 @@ class WorkerConfig:
     steps_per_epoch: int
     tracking: dict[str, str] | None
     verbose: bool
+    fence: Callable[[], None] | None = None  # Checkpoints.fence
 
 
 def train_loop_per_worker(loop_config: dict[str, WorkerConfig]) -> None:
@@ -98,6 +113,9 @@ class WorkerTrainer:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.name = config.name
+        self.fence = config.fence
+        if self.fence is not None:
+            self.fence()  # a restart after a takeover fails at once, not after an epoch
         train = self.train = config.train
         use_gpu = config.use_gpu
         torch.manual_seed(train.seed + self.rank)
@@ -256,6 +274,8 @@ class WorkerTrainer:
         epoch, reported to Ray Train with the epoch's metrics."""
         import ray.train
 
+        if self.fence is not None:
+            self.fence()
         client_state: dict[str, Any] = {"epoch": epoch, "history": self.history}
         if self.ema is not None:
             client_state["ema"] = self.ema.module.state_dict()

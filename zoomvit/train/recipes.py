@@ -12,6 +12,7 @@ from zoomvit.config import PipelineConfig, TrainConfig
 from zoomvit.data.shards import sample_count
 from zoomvit.errors import UserError
 from zoomvit.train.data import DecodedSplits, sample_dataset, with_maps
+from zoomvit.train.loop import Checkpoints
 from zoomvit.train.specs import ClassifierSpec, TeacherRef, ZoomerSpec, ZoomViTSpec
 from zoomvit.train.trainer import TrainResult, run_training
 
@@ -45,7 +46,7 @@ def train_teacher(
     tracking: dict[str, str] | None = None,
     *,
     splits: DecodedSplits | None = None,
-    checkpoints: str | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> TrainResult | None:
     """Train the teacher ViT on the shards; None when the config names a pretrained teacher."""
     teacher = config.teacher
@@ -64,7 +65,7 @@ def train_teacher(
         out_dir=out_dir,
         tracking=tracking,
         streamed_samples=streamed,
-        storage=checkpoints,
+        checkpoints=checkpoints,
     )
 
 
@@ -97,7 +98,7 @@ def train_zoomer(
     tracking: dict[str, str] | None = None,
     *,
     splits: DecodedSplits | None = None,
-    checkpoints: str | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> TrainResult:
     z = config.zoomer
     task = zoomer_task(config)
@@ -112,7 +113,7 @@ def train_zoomer(
         out_dir=out_dir,
         tracking=tracking,
         streamed_samples=streamed,
-        storage=checkpoints,
+        checkpoints=checkpoints,
     )
 
 
@@ -199,7 +200,7 @@ def train_zoomvit(
     teacher_weights: Path | str | None = None,
     relevance_dir: Path | str | None = None,
     splits: DecodedSplits | None = None,
-    checkpoints: str | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> tuple[TrainResult, dict[str, Any] | None]:
     distill = config.zoomvit.distill
     if zoomer_weights is None:
@@ -228,7 +229,7 @@ def train_zoomvit(
         out_dir=out_dir,
         tracking=tracking,
         streamed_samples=streamed,
-        storage=checkpoints,
+        checkpoints=checkpoints,
     )
     return result, operating_point
 
@@ -266,10 +267,10 @@ def train_baselines(
     teacher_weights: Path | str | None = None,
     relevance_dir: Path | str | None = None,
     splits: DecodedSplits | None = None,
-    checkpoints: str | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> dict[str, TrainResult]:
     """Train every baseline in turn; the first into ``out_dir``, the others into ``out_dir/<name>`` (their
-    checkpoints, when ``checkpoints`` moves them elsewhere, into ``checkpoints/<name>``).
+    checkpoints, when ``checkpoints`` moves them elsewhere, into ``<location>/<name>``).
     Only the first logs its epochs into the stage's MLflow run (the others' results go in the manifest)."""
     distill = config.baseline.distill
     for section in (config.baseline, *config.baseline.members):
@@ -287,6 +288,6 @@ def train_baselines(
             out_dir=out_dir if name == "baseline" else out_dir / name,
             tracking=tracking if name == "baseline" else None,
             streamed_samples=streamed,
-            storage=checkpoints if checkpoints is None or name == "baseline" else f"{checkpoints}/{name}",
+            checkpoints=checkpoints if checkpoints is None or name == "baseline" else checkpoints.under(name),
         )
     return results

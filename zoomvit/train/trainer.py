@@ -12,7 +12,7 @@ from zoomvit import logs
 from zoomvit.cluster import resolve_use_gpu
 from zoomvit.config import TrainConfig
 from zoomvit.data.shards import filesystem, is_url, local_path
-from zoomvit.train.loop import FINAL_WEIGHTS, HISTORY, WorkerConfig, train_loop_per_worker
+from zoomvit.train.loop import FINAL_WEIGHTS, HISTORY, Checkpoints, WorkerConfig, train_loop_per_worker
 from zoomvit.train.specs import TaskSpec
 
 
@@ -64,21 +64,23 @@ def run_training(
     out_dir: str | Path,
     tracking: dict[str, str] | None = None,
     streamed_samples: int | None = None,
-    storage: str | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> TrainResult:
     """Train ``task`` on N workers; weights end in ``out_dir/model.safetensors``.
 
     The training set is materialised and counted, unless ``streamed_samples`` (its size, known
     beforehand) is given: then every epoch reads it anew and nothing is kept. Checkpoints go to
-    ``storage`` (a path or an fsspec URL such as ``s3://bucket/prefix``; default ``out_dir/ray``);
-    rerunning with the same ``storage`` resumes from the latest checkpoint of an interrupted run.
+    ``checkpoints.location`` (a path or an fsspec URL such as ``s3://bucket/prefix``; default
+    ``out_dir/ray``); rerunning with the same location resumes from the latest checkpoint of an
+    interrupted run. Every worker calls ``checkpoints.fence`` before it starts and before each checkpoint.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    storage_path, storage_filesystem = checkpoint_storage(storage or str(out_dir / "ray"))
+    checkpoints = checkpoints or Checkpoints()
+    storage_path, storage_filesystem = checkpoint_storage(checkpoints.location or str(out_dir / "ray"))
     use_gpu = resolve_use_gpu(train.use_gpu)
     if train.max_train_samples:
         train_ds = train_ds.limit(train.max_train_samples)
@@ -112,6 +114,7 @@ def run_training(
         steps_per_epoch=n_train // per_step,
         tracking=tracking,
         verbose=logs.verbose(),
+        fence=checkpoints.fence,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
