@@ -2,6 +2,7 @@
 another machine's commit honours, epochs that fence a holder that was taken over, a store that ignores
 create-only puts refused, and the lost commit race forced deterministically through a proxy."""
 
+import base64
 import json
 import multiprocessing
 import os
@@ -196,3 +197,25 @@ def test_a_commit_that_loses_the_race_to_a_put_landing_first_adopts_the_winner_a
         standing = _publish(cache, tmp_path, fp, "run-a", value=2.0)
     assert standing == winner and lookup(entry)[0] == winner
     assert not [k for k in _keys(_key(entry)) if "/run-a/" in k], "the loser deleted its own upload"
+
+
+def test_a_hit_compares_each_objects_recorded_sha256_with_the_checksum_the_store_keeps(cache, tmp_path):
+    fp = "6" * 64
+    entry = cache.entry("zoomer", fp)
+    committed = _publish(cache, tmp_path, fp, "run-a")
+    weights = f"{committed['out_dir']}/model.safetensors"
+    head = boto3.client("s3").head_object(Bucket=BUCKET, Key=_key(weights), ChecksumMode="ENABLED")
+    assert base64.b64decode(head["ChecksumSHA256"]).hex() == committed["file_hashes"]["weights"].removeprefix("sha256:")
+    assert lookup(entry) == (committed, None)
+
+    other = tmp_path / "other.safetensors"
+    original = (tmp_path / "run-a" / "model.safetensors").read_bytes()
+    other.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, other bytes
+    store_module.upload_file(str(other), weights)
+    forged = {
+        **committed,
+        "object_etags": store_module.etags(committed, store_module.list_objects(committed["out_dir"])),
+    }
+    filesystem(cache.url).pipe_file(f"{entry}/manifest.json", json.dumps(forged).encode())
+    manifest, why = lookup(entry)
+    assert manifest is None and "holds other bytes than were committed" in why, "the listing agrees with itself"

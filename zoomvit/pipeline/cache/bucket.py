@@ -53,6 +53,7 @@ from zoomvit.pipeline.cache.store import (
     objects,
     read_manifest,
     require_exclusive_creates,
+    upload_file,
 )
 from zoomvit.tracking.runs import default_dir
 
@@ -133,9 +134,8 @@ class BucketCache:
 
     def upload(self, staged: Path, files: list[Path], attempt: str) -> None:
         """Put staged files (paths under ``staged``) under ``attempt``, keeping their relative paths."""
-        fs = filesystem(self.url)
         for path in files:
-            fs.put_file(str(path), f"{attempt}/{path.relative_to(staged).as_posix()}")
+            upload_file(str(path), f"{attempt}/{path.relative_to(staged).as_posix()}")
 
     def publish(self, staged: Path, manifest: dict[str, Any], *, replace: bool) -> dict[str, Any]:
         """Upload a stage's staged output and commit it (module docstring). Returns the manifest that

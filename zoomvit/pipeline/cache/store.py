@@ -3,7 +3,9 @@ entry's manifest and its damage, and the check that the store honours create-onl
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import posixpath
 import uuid
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from zoomvit.errors import UserError
 MANIFEST = "manifest.json"
 ATTEMPTS = "attempts"
 
+SINGLE_PUT_BYTES = 100 * 2**20  # below it s3fs puts a file in one request (above: a multipart upload)
 _honoured: dict[str, bool] = {}  # store root -> create-only puts were found exclusive there
 
 
@@ -33,7 +36,7 @@ def lookup(entry: str) -> tuple[dict[str, Any] | None, str | None]:
     if manifest is None:
         return None, why
     try:
-        why = damage(manifest)
+        why = damage(manifest) or checksum_mismatch(manifest)
     except (KeyError, TypeError, AttributeError) as err:
         why = f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"
     return (None, why) if why else (manifest, None)
@@ -64,6 +67,45 @@ def damage(manifest: dict[str, Any], listing: dict[str, dict[str, Any]] | None =
             found = etag_of(info)
             return f"its {key} object {out}/{name} was rewritten since it was committed (ETag {found}, {etag} then)"
     return None
+
+
+def upload_file(local: str, remote: str) -> None:
+    """Put one file. On S3 a single-part put carries its SHA-256 (``ChecksumAlgorithm``): the store
+    refuses bytes that do not match it and keeps it, for :func:`checksum_mismatch` to compare."""
+    fs = filesystem(remote)
+    extra = {}
+    if _is_s3(fs) and os.path.getsize(local) < SINGLE_PUT_BYTES:
+        extra["ChecksumAlgorithm"] = "SHA256"
+    fs.put_file(local, remote, **extra)
+
+
+def checksum_mismatch(manifest: dict[str, Any]) -> str | None:
+    """Why an object's checksum kept by the store differs from the sha256 its manifest recorded at
+    commit, or None. Objects without one (multipart uploads, other stores) rest on the ETag check."""
+    fs = filesystem(manifest["out_dir"])
+    if not _is_s3(fs):
+        return None
+    out, hashes = manifest["out_dir"], manifest.get("file_hashes", {})
+    for key, inner, name, _, _ in objects(manifest):
+        recorded = hashes.get(key)
+        recorded = recorded.get(inner) if isinstance(recorded, dict) else recorded
+        if not isinstance(recorded, str) or not recorded.startswith("sha256:"):
+            continue
+        bucket, path, _ = fs.split_path(f"{out}/{name}")
+        kept = fs.call_s3("head_object", Bucket=bucket, Key=path, ChecksumMode="ENABLED").get("ChecksumSHA256")
+        if kept is None or "-" in kept:
+            continue
+        found = base64.b64decode(kept).hex()
+        if found != recorded.removeprefix("sha256:"):
+            return (
+                f"its {key} object {out}/{name} holds other bytes than were committed (sha256 {found}, {recorded} then)"
+            )
+    return None
+
+
+def _is_s3(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "s3" in protocol
 
 
 def require_exclusive_creates(url: str) -> None:
