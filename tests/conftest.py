@@ -48,3 +48,15 @@ def teacher_ckpt(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     save_file(timm.create_model("vit_test_patch8_32").state_dict(), str(path))
     return str(path)
+
+
+@pytest.fixture
+def without_gcsfs(monkeypatch):
+    """As where gcsfs is not installed (it is a dev dependency): importing it fails, fsspec has not loaded it."""
+    import importlib
+    import sys
+
+    registry = importlib.import_module("fsspec.registry")._registry  # fsspec.registry is the public mapping
+    monkeypatch.setitem(sys.modules, "gcsfs", None)
+    for protocol in ("gs", "gcs"):
+        monkeypatch.delitem(registry, protocol, raising=False)

@@ -62,21 +62,46 @@ def s3_server(*buckets: str):
     server.start()
     settings = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
     s3fs.S3FileSystem.clear_instance_cache()  # instances made before these settings point elsewhere
     try:
-        for bucket in buckets:
-            boto3.client("s3").create_bucket(Bucket=bucket)
-        yield settings["AWS_ENDPOINT_URL"]
+        with environment(**settings):
+            for bucket in buckets:
+                boto3.client("s3").create_bucket(Bucket=bucket)
+            yield settings["AWS_ENDPOINT_URL"]
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+@contextlib.contextmanager
+def gcs_server(bucket: str):
+    """The GCS emulator (gcp-storage-emulator) on 127.0.0.1, in memory, holding an empty ``bucket``, with
+    gcsfs pointed at it until the block ends; yields the endpoint."""
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    server.start()
+    try:  # gcsfs's HNS probe speaks gRPC to Google's control plane, which the emulator does not serve
+        with environment(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false"):
+            yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def environment(**settings: str):
+    """These environment variables set until the block ends, then as they were."""
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        server.stop()
 
 
 @contextlib.contextmanager
@@ -147,12 +172,10 @@ def s3_proxy(endpoint: str, *, ignore_create_only: bool = False, race: tuple[str
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    saved = os.environ["AWS_ENDPOINT_URL"]
-    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{server.server_address[1]}"
     s3fs.S3FileSystem.clear_instance_cache()
     try:
-        yield os.environ["AWS_ENDPOINT_URL"]
+        with environment(AWS_ENDPOINT_URL=f"http://127.0.0.1:{server.server_address[1]}"):
+            yield os.environ["AWS_ENDPOINT_URL"]
     finally:
-        os.environ["AWS_ENDPOINT_URL"] = saved
         s3fs.S3FileSystem.clear_instance_cache()
         server.shutdown()

@@ -81,15 +81,21 @@ def _read_on_another_machine(url: str, manifest: dict, home: Path, ttl: float, r
         stop.wait(60)
 
 
+def _reader_on_another_machine(cache, manifest: dict, home: Path, *, ttl: float):
+    """A forked process holding a lease on ``manifest``'s attempt (once this returns) until its event is set."""
+    fork = multiprocessing.get_context("fork")
+    ready, stop = fork.Event(), fork.Event()
+    reader = fork.Process(target=_read_on_another_machine, args=(cache.url, manifest, home, ttl, ready, stop))
+    reader.start()
+    assert ready.wait(30)
+    return reader, stop
+
+
 def test_a_reader_on_another_machine_keeps_a_superseded_attempt_until_its_lease_ends(cache, tmp_path, monkeypatch):
     fp = "1" * 64
     entry = _key(cache.entry("zoomer", fp))
     first = _publish(cache, tmp_path, fp, "run-a")
-    fork = multiprocessing.get_context("fork")
-    ready, stop = fork.Event(), fork.Event()
-    reader = fork.Process(target=_read_on_another_machine, args=(cache.url, first, tmp_path / "b", 120.0, ready, stop))
-    reader.start()
-    assert ready.wait(30)
+    reader, stop = _reader_on_another_machine(cache, first, tmp_path / "b", ttl=120.0)
     monkeypatch.setattr(bucket_module, "GRACE_S", -1.0)  # only the lease keeps it
     _publish(cache, tmp_path, fp, "run-b", value=2.0, replace=True)  # --force on this machine
     assert f"{entry}/attempts/run-a/model.safetensors" in _keys(entry), "machine B still reads run-a"
@@ -106,11 +112,7 @@ def test_a_lease_its_reader_stopped_renewing_expires(cache, tmp_path, monkeypatc
     fp = "2" * 64
     entry = _key(cache.entry("zoomer", fp))
     first = _publish(cache, tmp_path, fp, "run-a")
-    fork = multiprocessing.get_context("fork")
-    ready, stop = fork.Event(), fork.Event()
-    reader = fork.Process(target=_read_on_another_machine, args=(cache.url, first, tmp_path / "b", 2.0, ready, stop))
-    reader.start()
-    assert ready.wait(30)
+    reader, _ = _reader_on_another_machine(cache, first, tmp_path / "b", ttl=2.0)
     os.kill(reader.pid, signal.SIGKILL)  # the reader's machine is lost: its lease is never released
     reader.join(10)
     monkeypatch.setattr(bucket_module, "GRACE_S", -1.0)

@@ -6,12 +6,11 @@ check, the GCS listing (``updated`` times, ``etag``/``md5Hash``) drives commits,
 import contextlib
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from servers import free_port
+from servers import gcs_server
 
 from zoomvit.data.shards import filesystem
 from zoomvit.errors import UserError
@@ -30,23 +29,8 @@ BUCKET = "zoomvit-cache"
 
 @pytest.fixture(scope="module")
 def gcs():
-    from gcp_storage_emulator.server import create_server
-
-    port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    settings = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)  # the HNS probe speaks gRPC to Google, which the emulator does not serve
-    try:
-        yield settings["STORAGE_EMULATOR_HOST"]
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
+    with gcs_server(BUCKET) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

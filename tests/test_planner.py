@@ -1,7 +1,6 @@
 """The run planner: which stages a run needs, what it will do with each and why, from the config,
 the shards and the cache alone (no Ray, no MLflow)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -403,12 +402,10 @@ def test_checkpoint_root_moves_each_training_stages_checkpoints_under_stage_and_
     assert list((tmp_path / "ckpt" / "zoomer").iterdir()) == []
 
 
-def test_a_checkpoint_root_whose_filesystem_is_not_installed_names_the_extra():
+def test_a_checkpoint_root_whose_filesystem_is_not_installed_names_the_extra(without_gcsfs):
     from zoomvit.errors import UserError
     from zoomvit.train.trainer import checkpoint_storage
 
-    if importlib.util.find_spec("gcsfs"):
-        pytest.skip("gcsfs is installed")
     with pytest.raises(UserError, match=r"gs://.*pip install 'zoomvit\[cloud\]'"):
         checkpoint_storage("gs://bucket/ckpt/teacher/x")
 

@@ -177,13 +177,9 @@ def test_rows_named_as_ray_reports_remote_shards_complete_their_group(tmp_path):
     assert set(pq.read_table(written).column("shard").to_pylist()) == {url}
 
 
-def test_a_url_whose_filesystem_is_not_installed_names_the_extra_that_brings_it():
-    import importlib.util
-
+def test_a_url_whose_filesystem_is_not_installed_names_the_extra_that_brings_it(without_gcsfs):
     from zoomvit.errors import UserError
 
-    if importlib.util.find_spec("gcsfs") is not None:
-        pytest.skip("gcsfs is installed")
     with pytest.raises(UserError, match=r"gs://.*zoomvit\[cloud\]"):
         expand_shards("gs://bucket/imagenet/train-{000000..000003}.tar")
 
