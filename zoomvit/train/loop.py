@@ -1,4 +1,6 @@
-"""The per-worker training loop: Ray Train data shards in, a DeepSpeed engine, a checkpoint per epoch.
+"""The per-worker training loop: data shards in, a DeepSpeed engine, a checkpoint per epoch. What
+the worker is handed (rank, world, device, shards, the checkpoint to resume from, where reports go)
+comes from Ray Train or from a plain script (:mod:`zoomvit.train.worker_env`).
 
 Every rank saves its DeepSpeed shard into the same checkpoint directory (file names carry the
 rank), then all ranks report it; rank 0 also writes a consolidated fp32 ``model.safetensors`` into
@@ -15,15 +17,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zoomvit.config import TrainConfig
 from zoomvit.logs import configure as configure_logging
 from zoomvit.logs import dropped_prints, quiet_libraries
-from zoomvit.tracking.runs import MetricBuffer, SystemMetrics, Tracker
 from zoomvit.train.specs import TaskSpec
+
+if TYPE_CHECKING:
+    from zoomvit.train.worker_env import WorkerEnv
 
 log = logging.getLogger(__name__)
 STEP_METRICS_EVERY = 10
@@ -92,26 +96,28 @@ def train_loop_per_worker(loop_config: dict[str, WorkerConfig]) -> None:
     config = loop_config["worker"]
     configure_logging()
     quiet_libraries(verbose_=config.verbose)
+    from zoomvit.train.worker_env import ray_env
+
     with dropped_prints(r"^DeepSpeed \S+ built successfully$", verbose_=config.verbose):
-        WorkerTrainer(config).fit()
+        WorkerTrainer(config, ray_env(use_gpu=config.use_gpu)).fit()
 
 
 class WorkerTrainer:
     """One worker's training run, in torchtitan's shape: setup (model, DeepSpeed engine, schedule,
-    resume), then per epoch train / evaluate / checkpoint."""
+    resume), then per epoch train / evaluate / checkpoint. ``env``: what Ray Train (or a script) hands
+    the worker. :meth:`train_step` is one step of :meth:`fit`, for a caller that drives steps itself."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, env: WorkerEnv) -> None:
         if not config.use_gpu:
             os.environ["DS_ACCELERATOR"] = "cpu"
         import deepspeed
-        import ray.train
         from timm.optim import create_optimizer_v2
         from timm.scheduler import CosineLRScheduler
 
         from zoomvit.train.tasks import build_task
 
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.env = env
+        self.rank, self.world = env.rank, env.world
         self.name = config.name
         self.fence = config.fence
         if self.fence is not None:
@@ -120,7 +126,7 @@ class WorkerTrainer:
         use_gpu = config.use_gpu
         torch.manual_seed(train.seed + self.rank)
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
-        self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+        self.device = env.device
         self.task = build_task(config.task, train, seed=train.seed + self.rank)
         model = self.task.build_model()
         self.optimizer = create_optimizer_v2(model, opt=train.optimizer, lr=train.lr, weight_decay=train.weight_decay)
@@ -148,21 +154,21 @@ class WorkerTrainer:
         self.start_epoch, self.history = self._resume()
         self.start_checksum = weights_checksum(self.engine.module.state_dict())
         tracking = config.tracking if self.rank == 0 else None  # rank 0 alone logs, into the stage's run
-        self.metric_log = MetricBuffer(Tracker(tracking["uri"]), tracking["run_id"]) if tracking else None
-        self.system_metrics = SystemMetrics(tracking) if tracking else None
-        self.train_shard = ray.train.get_dataset_shard("train")
-        self.val_shard = ray.train.get_dataset_shard("val")
+        self.metric_log = self.system_metrics = None
+        if tracking:  # imported here: a worker without tracking runs where MLflow is not installed
+            from zoomvit.tracking.runs import MetricBuffer, SystemMetrics, Tracker
+
+            self.metric_log = MetricBuffer(Tracker(tracking["uri"]), tracking["run_id"])
+            self.system_metrics = SystemMetrics(tracking)
+        self.train_shard, self.val_shard = env.train_shard, env.val_shard
         self.global_step = self.start_epoch * self.steps_per_epoch
         self._last_progress = time.perf_counter()
 
     def _resume(self) -> tuple[int, list[dict[str, Any]]]:
-        """The epoch to start from and the history so far: from Ray Train's checkpoint after a restart."""
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return 0, []
-        with checkpoint.as_directory() as ckpt_dir:
+        """The epoch to start from and the history so far: from the last checkpoint after a restart."""
+        with self.env.restored() as ckpt_dir:
+            if ckpt_dir is None:
+                return 0, []
             _, client_state = self.engine.load_checkpoint(ckpt_dir, tag="deepspeed")
             rng_path = Path(ckpt_dir) / RNG_STATE.format(rank=self.rank)
             if rng_path.exists():  # the draws continue where they stopped: a resumed run equals an uninterrupted one
@@ -217,14 +223,7 @@ class WorkerTrainer:
         start, images, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
         batches = epoch_batches(self.train_shard, self.train, epoch=epoch, rank=self.rank, device=self.device)
         for batch in batches:
-            loss = task.train_loss(engine, batch, self.dtype)
-            engine.backward(loss)
-            engine.step()
-            if engine.is_gradient_accumulation_boundary():
-                self.global_step += 1
-                self.scheduler.step_update(self.global_step)
-                if self.ema is not None:
-                    self.ema.update(engine.module, step=self.global_step)
+            loss = self.train_step(batch)
             images += batch["label"].shape[0]
             loss_sum += loss.detach().item()
             steps += 1
@@ -242,6 +241,20 @@ class WorkerTrainer:
             counts = getattr(task, "param_counts", {})
             metrics.update(start_epoch=self.start_epoch, start_weights_checksum=self.start_checksum, **counts)
         return metrics
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One micro-batch: the task's loss (augmentation included), backward, and the optimizer and
+        schedule at an accumulation boundary. Returns the loss."""
+        engine = self.engine
+        loss = self.task.train_loss(engine, batch, self.dtype)
+        engine.backward(loss)
+        engine.step()
+        if engine.is_gradient_accumulation_boundary():
+            self.global_step += 1
+            self.scheduler.step_update(self.global_step)
+            if self.ema is not None:
+                self.ema.update(engine.module, step=self.global_step)
+        return loss
 
     def _progress(self, epoch: int, steps: int, images: int, loss_sum: float, start: float) -> None:
         """Every ``STEP_METRICS_EVERY`` steps a step-level point of the training curve for MLflow; at most
@@ -271,9 +284,7 @@ class WorkerTrainer:
 
     def checkpoint(self, epoch: int, metrics: dict[str, Any]) -> None:
         """DeepSpeed's checkpoint with the history (and the EMA), the final fp32 weights after the last
-        epoch, reported to Ray Train with the epoch's metrics."""
-        import ray.train
-
+        epoch, reported (to Ray Train) with the epoch's metrics."""
         if self.fence is not None:
             self.fence()
         client_state: dict[str, Any] = {"epoch": epoch, "history": self.history}
@@ -289,7 +300,7 @@ class WorkerTrainer:
                 final = os.path.join(ckpt_dir, FINAL_WEIGHTS)
                 _save_final(self.engine, final, self.rank, self.train.zero_stage, ema=self.ema)
             torch.distributed.barrier()
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
+            self.env.report(metrics, ckpt_dir)
 
 
 def epoch_batches(shard, train: TrainConfig, *, epoch: int, rank: int, device) -> Iterator[dict[str, torch.Tensor]]:

@@ -40,6 +40,12 @@ def _train_split(
     ), count
 
 
+def teacher_task(config: PipelineConfig) -> ClassifierSpec:
+    """The teacher trained from scratch on the shards (a ``teacher.train`` section)."""
+    teacher = config.teacher
+    return ClassifierSpec(model=teacher.model, model_kwargs=dict(teacher.model_kwargs), **_common(config))
+
+
 def train_teacher(
     config: PipelineConfig,
     out_dir: Path,
@@ -54,7 +60,7 @@ def train_teacher(
         return None
     if teacher.train is None:
         raise UserError("teacher: set pretrained=true, a checkpoint, or a train section")
-    task = ClassifierSpec(model=teacher.model, model_kwargs=dict(teacher.model_kwargs), **_common(config))
+    task = teacher_task(config)
     train_ds, streamed = _train_split(config, teacher.train, splits, input_size=teacher.input_size)
     return run_training(
         name="teacher",
