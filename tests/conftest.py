@@ -60,3 +60,24 @@ def without_gcsfs(monkeypatch):
     monkeypatch.setitem(sys.modules, "gcsfs", None)
     for protocol in ("gs", "gcs"):
         monkeypatch.delitem(registry, protocol, raising=False)
+
+
+S3_BUCKET = "cache"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An in-process S3 server (moto) holding the bucket ``S3_BUCKET``, for one test module."""
+    from servers import s3_server
+
+    with s3_server(S3_BUCKET) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def cache(s3, request, tmp_path, monkeypatch):
+    """An empty bucket cache root of its own in ``S3_BUCKET``, per test; this machine's home in ``tmp_path``."""
+    from zoomvit.pipeline.cache.bucket import BucketCache
+
+    monkeypatch.chdir(tmp_path)
+    return BucketCache(f"s3://{S3_BUCKET}/{request.node.name[:60]}")

@@ -16,8 +16,8 @@ import boto3
 import numpy as np
 import pytest
 import torch
+from conftest import S3_BUCKET as BUCKET
 from safetensors.torch import save_file
-from servers import s3_server
 
 from zoomvit.config import load_config
 from zoomvit.data.demo import generate_demo_dataset
@@ -32,20 +32,6 @@ from zoomvit.relevance.job import skips_path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "pipelines" / "configs" / "tiny.yaml")
-BUCKET = "cache"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server(BUCKET) as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def cache(s3, request, tmp_path, monkeypatch):
-    """An empty artifact root of its own in the bucket, per test; this machine's home in ``tmp_path``."""
-    monkeypatch.chdir(tmp_path)
-    return BucketCache(f"s3://{BUCKET}/{request.node.name[:60]}")
 
 
 def _keys(prefix: str = "") -> list[str]:

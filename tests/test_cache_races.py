@@ -14,8 +14,9 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
+from conftest import S3_BUCKET as BUCKET
 from safetensors.torch import save_file
-from servers import s3_proxy, s3_server
+from servers import s3_proxy
 
 from zoomvit.data.shards import filesystem
 from zoomvit.errors import UserError
@@ -27,20 +28,6 @@ from zoomvit.pipeline.cache.claims import FencedOut
 from zoomvit.pipeline.cache.object_store import ObjectStoreCache
 from zoomvit.pipeline.cache.store import lookup
 from zoomvit.pipeline.plan import PlannedStage, output_records
-
-BUCKET = "races"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server(BUCKET) as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def cache(s3, request, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return BucketCache(f"s3://{BUCKET}/{request.node.name[:60]}")
 
 
 def _keys(prefix: str) -> list[str]:
