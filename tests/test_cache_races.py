@@ -78,14 +78,18 @@ def _reader_on_another_machine(cache, manifest: dict, home: Path, *, ttl: float)
     return reader, stop
 
 
-def test_a_reader_on_another_machine_keeps_a_superseded_attempt_until_its_lease_ends(cache, tmp_path, monkeypatch):
+def test_a_reader_on_another_machine_keeps_a_superseded_attempt_until_its_lease_ends(
+    cache, tmp_path, monkeypatch, caplog
+):
     fp = "1" * 64
     entry = _key(cache.entry("zoomer", fp))
     first = _publish(cache, tmp_path, fp, "run-a")
     reader, stop = _reader_on_another_machine(cache, first, tmp_path / "b", ttl=120.0)
     monkeypatch.setattr(bucket_module, "GRACE_S", -1.0)  # only the lease keeps it
-    _publish(cache, tmp_path, fp, "run-b", value=2.0, replace=True)  # --force on this machine
+    with caplog.at_level("WARNING"):
+        _publish(cache, tmp_path, fp, "run-b", value=2.0, replace=True)  # --force on this machine
     assert f"{entry}/attempts/run-a/model.safetensors" in _keys(entry), "machine B still reads run-a"
+    assert "has 1 live reader(s) (pipeline run r on machine B)" in caplog.text, "--force names its live readers"
     recorded = json.loads(filesystem(cache.url).cat_file(f"{cache.entry('zoomer', fp)}/superseded/run-a.json"))
     assert recorded["by"] == "run-b" and abs(recorded["at"] - time.time()) < 60, "supersession records when"
     stop.set()
