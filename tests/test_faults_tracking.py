@@ -88,6 +88,25 @@ def test_a_30_s_tracking_server_outage_mid_training_neither_stops_the_stage_nor_
         subprocess.run(["ray", "stop", "--force"], capture_output=True)
 
 
+def test_runs_started_at_the_same_moment_all_open_the_experiment_that_one_of_them_creates(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(uri, "warm")  # the database exists; the race is the experiment's creation and its kind tag
+    opened, failed = [], []
+
+    def open_it():
+        try:
+            opened.append(Tracker(uri, "together").experiment_id)
+        except Exception as err:  # noqa: BLE001 - the assertion reports it
+            failed.append(repr(err))
+
+    threads = [threading.Thread(target=open_it) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failed == [] and len(set(opened)) == 1 and len(opened) == 6
+
+
 def test_recording_an_input_or_a_model_leaves_the_run_running_until_it_is_ended(tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "running")
     run = tracker.start("tiny")

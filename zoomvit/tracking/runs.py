@@ -122,10 +122,23 @@ class Tracker:
             if found:
                 self.experiment_id = found.experiment_id
             else:
-                location = local_artifact_location(uri)
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                self.experiment_id = self._create_experiment(experiment)
             if not found or found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
-                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+                try:
+                    self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+                except MlflowException:  # a run started at the same moment set it first
+                    if self.client.get_experiment(self.experiment_id).tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+                        raise
+
+    def _create_experiment(self, name: str) -> str:
+        """Create the experiment; a run started at the same moment may have created it first: take that one."""
+        try:
+            return self.client.create_experiment(name, artifact_location=local_artifact_location(self.uri))
+        except MlflowException as err:
+            found = self.client.get_experiment_by_name(name) if err.error_code == "RESOURCE_ALREADY_EXISTS" else None
+            if found is None:
+                raise
+            return found.experiment_id
 
     def start(self, name: str, *, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
         assert self.experiment_id is not None, "a tracker without an experiment only logs into existing runs"
