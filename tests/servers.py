@@ -77,15 +77,29 @@ def s3_server(*buckets: str):
 def gcs_server(bucket: str):
     """The GCS emulator (gcp-storage-emulator) on 127.0.0.1, in memory, holding an empty ``bucket``, with
     gcsfs pointed at it until the block ends; yields the endpoint."""
+    import importlib
+
+    import fsspec
     from gcp_storage_emulator.server import create_server
 
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
     server.start()
+    registry = importlib.import_module("fsspec.registry")._registry
+    saved = {protocol: registry.get(protocol) for protocol in ("gs", "gcs")}
     try:  # gcsfs's HNS probe speaks gRPC to Google's control plane, which the emulator does not serve
         with environment(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false"):
+            from gcsfs.core import GCSFileSystem
+
+            for protocol in saved:  # the plain filesystem, even where gcsfs was imported with the probe on
+                fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
             yield f"http://127.0.0.1:{port}"
     finally:
+        for protocol, previous in saved.items():
+            if previous is None:
+                registry.pop(protocol, None)
+            else:
+                registry[protocol] = previous
         server.stop()
 
 
