@@ -152,7 +152,6 @@ class Claim(_Renewed):
         """Whether another driver holds a later claim on the entry (it took this one over)."""
         return max(claims(self.fence.claims), default=0) > self.epoch
 
-
     def check(self) -> None:
         """Raise :class:`FencedOut` when this claim may no longer be this driver's: another took it over,
         or it could not be renewed for most of its lifetime (a storage outage)."""
