@@ -11,7 +11,9 @@ keeps them in a bucket and coordinates machines with claims, epochs and read lea
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,8 +22,6 @@ from zoomvit.pipeline.cache.bucket import BucketCache, staging_root
 from zoomvit.tracking.runs import default_dir
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from zoomvit.config import PipelineConfig
     from zoomvit.pipeline.plan import PlannedStage
     from zoomvit.train.loop import Checkpoints
@@ -43,10 +43,14 @@ class Writer(Protocol):
         ...
 
 
-class StageIO(Protocol):
-    out_dir: str  # what the manifest records as the output's location
-    checkpoints: Checkpoints | None
-    on_part: Callable[[list[Path]], None] | None
+@dataclass(frozen=True)
+class StageIO:
+    """What a writer hands the stage it computes: where its manifest says the output lives, where its
+    training checkpoints go (and their fence), and what to call with each committed part's files."""
+
+    out_dir: str
+    checkpoints: Checkpoints | None = None
+    on_part: Callable[[list[Path]], None] | None = None
 
 
 class StageCache(Protocol):

@@ -8,25 +8,16 @@ from __future__ import annotations
 import logging
 import shutil
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from zoomvit.durable import OutputLock, read_or_claim, remove_stale_temporaries, write_json_durably
 from zoomvit.errors import UserError
-from zoomvit.pipeline.cache import Manifest, checkpoint_base, remove_tree
+from zoomvit.pipeline.cache import Manifest, StageIO, checkpoint_base, remove_tree
 from zoomvit.pipeline.cache.store import MANIFEST, entry_of
 from zoomvit.pipeline.plan import PlannedStage, committed_output
 from zoomvit.train.loop import Checkpoints
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StageIO:
-    out_dir: str  # recorded in the manifest
-    checkpoints: Checkpoints | None = None
-    on_part: Any = None  # Callable[[list[Path]], None] | None
 
 
 def location_of(out_dir: str) -> Path | str:

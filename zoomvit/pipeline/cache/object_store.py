@@ -10,10 +10,10 @@ from pathlib import Path
 
 from zoomvit.data.shards import is_url
 from zoomvit.durable import OutputLock
-from zoomvit.pipeline.cache import Manifest, checkpoint_base, remove_tree
+from zoomvit.pipeline.cache import Manifest, StageIO, checkpoint_base, remove_tree
 from zoomvit.pipeline.cache.bucket import CHECKPOINTS, BucketCache, remove_staged
 from zoomvit.pipeline.cache.claims import Claim
-from zoomvit.pipeline.cache.local import StageIO, hold_here, prepare_staging
+from zoomvit.pipeline.cache.local import hold_here, prepare_staging
 from zoomvit.pipeline.plan import PlannedStage
 from zoomvit.train.loop import Checkpoints
 
