@@ -139,7 +139,7 @@ def check_config(quick: bool):
     return load_config(str(REPO / "pipelines" / "configs" / "imagenet.yaml"), [*sets, "teacher.pretrained=false"])
 
 
-def train_row(name, spec, recipe, config, device, *, steps: int, batch_size: int | None) -> tuple[dict, Any]:
+def train_row(name, spec, recipe, config, device, *, steps: int, batch_size: int | None) -> dict[str, Any]:
     """The project's worker stepping one fixed batch through DeepSpeed, and a plain autocast step of
     the same model and loss beside it."""
     from timm.optim import create_optimizer_v2
@@ -212,7 +212,7 @@ def train_row(name, spec, recipe, config, device, *, steps: int, batch_size: int
 
     row["plain_step_s"] = _timed(plain_step, device, warmup=2, repeat=max(3, steps // 4))
     row["deepspeed_vs_plain"] = row["plain_step_s"] / step_s
-    return row, columns
+    return row
 
 
 def _forward(task, model):
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["correctness"] = correctness(config, specs, device, torch.bfloat16, batch_size=batch or 16)
         result["training"] = []
         for name, (spec, recipe) in specs.items():
-            row, _ = train_row(name, spec, recipe, config, device, steps=args.steps, batch_size=batch)
+            row = train_row(name, spec, recipe, config, device, steps=args.steps, batch_size=batch)
             result["training"].append(row)
             losses = f"loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}"
             print(f"[gpu_check] {name}: {row['img_per_s']:.1f} img/s, {losses}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from zoomvit.data.shards import is_url
 from zoomvit.durable import OutputLock
-from zoomvit.pipeline.cache import Manifest, StageIO, checkpoint_base, remove_tree
+from zoomvit.pipeline.cache import Manifest, StageIO, checkpoint_base
 from zoomvit.pipeline.cache.bucket import CHECKPOINTS, BucketCache, remove_staged
 from zoomvit.pipeline.cache.claims import Claim
 from zoomvit.pipeline.cache.local import hold_here, prepare_staging
@@ -79,11 +79,7 @@ class ObjectStoreWriter:
         name, fp = self.step.name, self.step.fingerprint
         self.committed_before = self.bucket.committed(name, fp)
         wipe = self.committed_before and (recompute or not repairs_in_place)
-        prepare_staging(self.out_dir, name, wipe=False, checkpoints=None)
-        if wipe:
-            remove_staged(self.out_dir)
-            remove_tree(self.checkpoints)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_staging(self.out_dir, name, wipe=wipe, checkpoints=self.checkpoints)
         attempt = self.bucket.attempt(name, fp, run_id)
         on_part = None
         if parts:

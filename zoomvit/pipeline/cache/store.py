@@ -19,6 +19,7 @@ MANIFEST = "manifest.json"
 ATTEMPTS = "attempts"
 
 SINGLE_PUT_BYTES = 100 * 2**20  # below it s3fs puts a file in one request (above: a multipart upload)
+_verified: set[tuple[str, str | None, str]] = set()  # (object, ETag, sha256) whose stored checksum matched
 _honoured: dict[str, bool] = {}  # store root -> create-only puts were found exclusive there
 
 
@@ -81,15 +82,18 @@ def upload_file(local: str, remote: str) -> None:
 
 def checksum_mismatch(manifest: dict[str, Any]) -> str | None:
     """Why an object's checksum kept by the store differs from the sha256 its manifest recorded at
-    commit, or None. Objects without one (multipart uploads, other stores) rest on the ETag check."""
+    commit, or None. Objects without one (multipart uploads, other stores) rest on the ETag check. An
+    object verified once (at an ETag the listing has just confirmed) is not asked again in this process:
+    the plan and the stage's acquire both look an entry up."""
     fs = filesystem(manifest["out_dir"])
     if not _is_s3(fs):
         return None
     out, hashes = manifest["out_dir"], manifest.get("file_hashes", {})
-    for key, inner, name, _, _ in objects(manifest):
+    for key, inner, name, _, etag in objects(manifest):
         recorded = hashes.get(key)
         recorded = recorded.get(inner) if isinstance(recorded, dict) else recorded
-        if not isinstance(recorded, str) or not recorded.startswith("sha256:"):
+        seen = (f"{out}/{name}", etag, recorded)
+        if not isinstance(recorded, str) or not recorded.startswith("sha256:") or seen in _verified:
             continue
         bucket, path, _ = fs.split_path(f"{out}/{name}")
         kept = fs.call_s3("head_object", Bucket=bucket, Key=path, ChecksumMode="ENABLED").get("ChecksumSHA256")
@@ -100,6 +104,8 @@ def checksum_mismatch(manifest: dict[str, Any]) -> str | None:
             return (
                 f"its {key} object {out}/{name} holds other bytes than were committed (sha256 {found}, {recorded} then)"
             )
+        if etag is not None:
+            _verified.add(seen)
     return None
 
 
