@@ -3,6 +3,10 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_ACCEPT_CALLABLE_OR_CLASS_AS_CONSTRUCTOR", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller takes one report per worker per poll, and a worker's next report waits for it:
+# at the default 2 s poll every epoch of the tests' tiny fits lasts 2 s (bench/fit_overhead.py). Set
+# before anything starts Ray, so every driver, `ray start` head and job the tests launch inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 import pytest
 import torch
@@ -15,10 +19,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def _ray_session():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module")
-def ray_local():
-    """A local in-process Ray per test module (2 CPUs, no dashboard); modules that start their own
-    cluster shut it down first."""
+def ray_local(_ray_session):
+    """Ray in this process (2 CPUs, no dashboard), started by the first module that asks and kept for
+    the next ones (starting it costs ~6 s); a module that starts a cluster of its own calls
+    ``stop_ray()`` first, and the next module that asks starts it again."""
     import ray
     from ray.data import DataContext
 
@@ -34,8 +47,7 @@ def ray_local():
             runtime_env={"env_vars": {"PYTHONPATH": path}},
         )
     DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture(scope="module")

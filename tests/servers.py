@@ -1,5 +1,5 @@
-"""Local servers for tests: a free loopback port, the project's MLflow server (mlflow/serve.sh) and an
-in-process S3 server (moto)."""
+"""Local servers for tests: a free loopback port, the project's MLflow server (mlflow/serve.sh), an
+in-process S3 server (moto), and stopping every Ray on the machine."""
 
 import contextlib
 import logging
@@ -15,6 +15,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_ray(env: dict[str, str] | None = None) -> None:
+    """This process's Ray (``ray_local``) shut down, then every Ray process on the machine stopped
+    (``ray stop --force``): before a test starts a cluster of its own, and after it killed one."""
+    import ray
+
+    ray.shutdown()
+    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def serve(state_dir: Path, port: int, action: str = "--daemon", **env: str) -> subprocess.CompletedProcess:

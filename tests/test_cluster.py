@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from servers import free_port, stop_ray
 
 from zoomvit.cluster import HEAD_TYPE, load_cluster_yaml, local_autoscaling_config, validate_cluster_config
 
@@ -265,12 +265,6 @@ def test_no_cluster_config_or_instruction_puts_a_credential_in_plain_text_or_the
         assert "runtime-env-json" not in block and not plain.search(block), block
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 AUTOSCALE_PROBE = textwrap.dedent(
     """
     import json, sys, time
@@ -300,11 +294,8 @@ AUTOSCALE_PROBE = textwrap.dedent(
 
 @pytest.mark.slow
 def test_local_autoscaling_cluster_scales_the_requested_node_type_up_then_down(tmp_path):
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    port = _free_port()
+    stop_ray()
+    port = free_port()
     config = load_cluster_yaml(CLUSTER / "local-autoscaling.yaml")
     config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
     config_path = tmp_path / "local.yaml"
@@ -336,7 +327,7 @@ def test_local_autoscaling_cluster_scales_the_requested_node_type_up_then_down(t
         assert probe.returncode == 0, probe.stderr[-3000:]
         seen = json.loads(probe.stdout.strip().splitlines()[-1])
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray(env)
     assert seen["start"] == []
     assert seen["after_cpu_task"] == ["cpu"], "a CPU-only task scales up cpu_ingest, not a GPU type"
     assert seen["after_h100_task"] in (["accelerator_type:H100"], ["accelerator_type:H100", "cpu"])

@@ -1,4 +1,5 @@
-"""Fault injection on the data path, with real Ray: flaky storage, damaged cache entries, hostile samples.
+"""Fault injection on the data path, with real Ray: flaky storage, damaged cache entries
+(hostile samples: tests/test_relevance_stage.py).
 
 Each test names the fault in its title and asserts what the pipeline promises: nothing lost,
 nothing committed from a shard that could not be read, every bad input counted under its reason.
@@ -7,18 +8,13 @@ docs/reliability.md lists every fault and the test that shows it.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import shutil
 from pathlib import Path
 
 import faultfs
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-from tarutil import write_tar
 
 from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
 from zoomvit.data.demo import generate_demo_dataset
@@ -134,40 +130,3 @@ def test_a_shard_cut_at_a_member_boundary_fails_the_stage_naming_it_and_its_grou
     assert "IncompleteShard" in repr(info.value) or isinstance(info.value, IncompleteShard)
     assert not (tmp_path / "out" / "train-group-00001.parquet").exists()
     assert not (tmp_path / "out" / "train-group-00001.skips.json").exists()
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    import struct
-    import zlib
-
-    buf = io.BytesIO()
-    Image.new("RGB", (4, 4)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
-    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
-    return bytes(data)
-
-
-def test_hostile_samples_are_each_counted_under_their_reason_and_the_rest_get_maps(teacher_ckpt, tmp_path):
-    root = tmp_path / "hostile"
-    root.mkdir()
-    good = io.BytesIO()
-    Image.fromarray(np.full((SIZE, SIZE, 3), 90, np.uint8)).save(good, format="JPEG")
-    jpg = good.getvalue()
-    members = [(f"ok{i}.jpg", jpg) for i in range(6)] + [(f"ok{i}.cls", b"1") for i in range(6)]
-    members += [
-        ("huge_label.jpg", jpg),
-        ("huge_label.cls", b"9" * 5000),
-        ("deep_json.jpg", jpg),
-        ("deep_json.cls", b"2"),
-        ("deep_json.json", b"[" * 100_000),
-        ("bomb.png", png_claiming(9000, 9000)),
-        ("bomb.cls", b"3"),
-    ]
-    members.sort(key=lambda m: m[0].split(".")[0])
-    write_tar(root / "train-000000.tar", members)
-    manifest = relevance(root, tmp_path / "out", teacher_ckpt, splits=("train",), max_bad_fraction=0.5)
-    assert manifest["skips"]["counts"] == {"bad_label": 1, "oversized_image": 1}
-    assert manifest["rows"] == 7  # six good samples and the one whose json was hostile (no meta, still a sample)
-    assert json.loads((tmp_path / "out" / "train-group-00000.skips.json").read_text())["num_ok"] == 7

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from servers import stop_ray
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -24,14 +25,14 @@ EPOCHS = 6
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    stop_ray()
     root = tmp_path_factory.mktemp("killed")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     env.pop("RAY_ADDRESS", None)
     sets = ["--set", f"data.root={root / 'data'}", "--set", f"artifact_root={root / 'runs'}"]
     sets += ["--set", f"teacher.train.epochs={EPOCHS}"]
     yield {"root": root, "env": env, "sets": sets}
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    stop_ray()
 
 
 def command(workspace, *args: str) -> list[str]:
@@ -71,7 +72,7 @@ def kill_driver_when(workspace, args: list[str], ready) -> str:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(60)
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)  # whatever Ray left outside the group
+        stop_ray()  # whatever Ray left outside the group
     return "".join(lines)
 
 

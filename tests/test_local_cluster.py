@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from servers import stop_ray
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = ["bash", "scripts/local_cluster.sh"]
@@ -25,7 +26,8 @@ SHORTER = [  # the mechanics, not the models: few epochs, no baseline family
 
 def _env(state: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, "ZOOMVIT_CLUSTER_DIR": str(state)}
+    # Ray Train's default controller poll (2 s) paces each epoch: 12 epochs leave time to lose the node
+    return {**env, "ZOOMVIT_CLUSTER_DIR": str(state), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
 
 
 def _sh(*args: str, state: Path, timeout: int) -> subprocess.CompletedProcess:
@@ -93,6 +95,7 @@ def _lose_the_training_node(s3, state: Path, dashboard: str, submission: subproc
 def test_the_pipeline_runs_on_a_multi_node_cluster_with_its_shards_stage_cache_and_mlflow_artifacts_on_s3(tmp_path):
     import boto3
 
+    stop_ray()  # `local_cluster.sh down` stops every Ray on the machine, this process's too
     state = tmp_path / "cluster"
     before = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
     try:

@@ -71,39 +71,41 @@ def _model_dir(tracker, run_id, stage) -> Path:
     return Path(mlflow.artifacts.download_artifacts(model.artifact_location))
 
 
-@pytest.mark.parametrize("stage", ["zoomvit", "baseline", "zoomer"])
-def test_a_logged_model_holds_no_pickle_and_loads_in_a_fresh_process_with_the_trained_logits(stage, tracker, tmp_path):
+def test_logged_models_hold_no_pickle_and_load_in_a_fresh_process_with_the_trained_logits(tracker, tmp_path):
     from zoomvit.train.tasks import load_trained
 
-    spec, weights, run_id, version = _logged(tracker, stage, tmp_path)
-    model_dir = _model_dir(tracker, run_id, stage)
-    flavors = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]
-    assert set(flavors) == {"python_function"}
-    assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model", "models from code"
-    assert "python_model" not in flavors["python_function"], "no pickled PythonModel"
-    assert not [p for p in model_dir.rglob("*") if p.suffix in {".pkl", ".pickle", ".pt", ".pth"}]
-    assert (model_dir / "code" / "zoomvit" / "models" / "zoomvit.py").exists(), "the package travels with it"
-    assert "zoomvit" not in (model_dir / "requirements.txt").read_text().split("\n")
-    assert json.loads((model_dir / "serving_input_example.json").read_text())
+    logged = {stage: _logged(tracker, stage, tmp_path) for stage in ("zoomvit", "baseline", "zoomer")}
+    for stage, (_, _, run_id, _) in logged.items():
+        model_dir = _model_dir(tracker, run_id, stage)
+        flavors = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]
+        assert set(flavors) == {"python_function"}, stage
+        assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model", "models from code"
+        assert "python_model" not in flavors["python_function"], f"{stage}: no pickled PythonModel"
+        assert not [p for p in model_dir.rglob("*") if p.suffix in {".pkl", ".pickle", ".pt", ".pth"}], stage
+        assert (model_dir / "code" / "zoomvit" / "models" / "zoomvit.py").exists(), "the package travels with it"
+        assert "zoomvit" not in (model_dir / "requirements.txt").read_text().split("\n"), stage
+        assert json.loads((model_dir / "serving_input_example.json").read_text()), stage
 
     images_BHWC = np.random.default_rng(3).integers(0, 256, size=(3, SIZE, SIZE, 3), dtype=np.uint8)
     np.save(tmp_path / "images.npy", images_BHWC)
-    script = (
-        "import sys, numpy as np, mlflow; mlflow.set_tracking_uri(sys.argv[1]); "
-        "m = mlflow.pyfunc.load_model(sys.argv[2]); np.save(sys.argv[4], m.predict(np.load(sys.argv[3])))"
+    script = (  # one fresh process loads every model, by its registry URI
+        "import sys, numpy as np, mlflow; mlflow.set_tracking_uri(sys.argv[1]); images = np.load(sys.argv[2])\n"
+        "for uri, out in zip(sys.argv[3::2], sys.argv[4::2]):\n"
+        "    np.save(out, mlflow.pyfunc.load_model(uri).predict(images))"
     )
-    uri = f"models:/{version.name}/{version.version}"
-    out = tmp_path / "out.npy"
+    args = [a for stage, (*_, version) in logged.items()
+            for a in (f"models:/{version.name}/{version.version}", str(tmp_path / f"{stage}.npy"))]  # fmt: skip
     subprocess.run(
-        [sys.executable, "-c", script, tracker.uri, uri, str(tmp_path / "images.npy"), str(out)],
+        [sys.executable, "-c", script, tracker.uri, str(tmp_path / "images.npy"), *args],
         check=True,
         cwd=tmp_path,
         timeout=240,
     )
-    reference = load_trained(spec, weights)
-    with torch.no_grad():
-        expected = reference(to_model_input(torch.from_numpy(images_BHWC), spec.mean, spec.std)).numpy()
-    np.testing.assert_allclose(np.load(out), expected, rtol=1e-4, atol=1e-5)
+    for stage, (spec, weights, _, _) in logged.items():
+        reference = load_trained(spec, weights)
+        with torch.no_grad():
+            expected = reference(to_model_input(torch.from_numpy(images_BHWC), spec.mean, spec.std)).numpy()
+        np.testing.assert_allclose(np.load(tmp_path / f"{stage}.npy"), expected, rtol=1e-4, atol=1e-5, err_msg=stage)
 
 
 def test_each_logged_model_is_a_new_registry_version_and_the_alias_moves_to_the_one_evaluated(tracker, tmp_path, capfd):

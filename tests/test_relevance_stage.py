@@ -1,4 +1,5 @@
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -77,7 +78,20 @@ def jpeg(mode: str, size: int = SIZE) -> bytes:
     return buf.getvalue()
 
 
-def test_bad_samples_are_counted_by_reason_and_good_ones_all_get_maps(teacher_ckpt, tmp_path):
+def png_claiming(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+def test_bad_and_hostile_samples_are_counted_by_reason_and_good_ones_all_get_maps(teacher_ckpt, tmp_path):
     root = tmp_path / "shards"
     root.mkdir()
     write_tar(
@@ -111,9 +125,18 @@ def test_bad_samples_are_counted_by_reason_and_good_ones_all_get_maps(teacher_ck
     (root / "train-000001.tar").write_bytes(whole.read_bytes()[:cut])
     whole.unlink()
 
+    hostile = [
+        *(("ok.jpg", jpeg("RGB")), ("ok.cls", b"1")),
+        *(("huge_label.jpg", jpeg("RGB")), ("huge_label.cls", b"9" * 5000)),
+        *(("deep_json.jpg", jpeg("RGB")), ("deep_json.cls", b"2"), ("deep_json.json", b"[" * 100_000)),
+        *(("bomb.png", png_claiming(9000, 9000)), ("bomb.cls", b"3")),
+    ]
+    write_tar(root / "train-000002.tar", hostile)
+
     manifest = run(root, tmp_path / "out", teacher_ckpt, splits=("train",), max_bad_fraction=1.0)
     table = read_maps(tmp_path / "out", "train")
-    assert sorted(table["key"].to_pylist()) == ["cmyk", "dup", "good", "gray", "t0", "t1"]
+    # deep_json: its hostile json gives no metadata, and it is still a sample
+    assert sorted(table["key"].to_pylist()) == ["cmyk", "deep_json", "dup", "good", "gray", "ok", "t0", "t1"]
     assert np.isfinite(maps_array(table)).all()
     assert manifest["skips"]["counts"] == {
         "corrupt_image": 1,
@@ -123,8 +146,11 @@ def test_bad_samples_are_counted_by_reason_and_good_ones_all_get_maps(teacher_ck
         "duplicate_key": 1,
         "truncated_shard": 1,
         "missing_image": 1,  # t2: its .cls was read, its .jpg was cut off
+        "bad_label": 1,
+        "oversized_image": 1,
     }
     assert {s["key"] for s in manifest["skips"]["skipped"]} >= {"corrupt", "nolabel", "outofrange", "tiny", "dup"}
+    assert json.loads((tmp_path / "out" / "train-group-00002.skips.json").read_text())["num_ok"] == 2
 
 
 def test_too_many_bad_samples_fail_the_stage(teacher_ckpt, tmp_path):

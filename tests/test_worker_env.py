@@ -5,9 +5,10 @@ reports, checkpoints and resumes as under Ray Train."""
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from zoomvit.config import load_config
-from zoomvit.train.loop import WorkerConfig, WorkerTrainer
+from zoomvit.train.loop import WorkerConfig, WorkerTrainer, weights_checksum
 from zoomvit.train.recipes import baseline_task
 from zoomvit.train.worker_env import TensorShard, local_env
 
@@ -46,11 +47,15 @@ def test_the_ray_train_worker_class_trains_from_a_plain_script_and_reports_each_
     assert all(np.isfinite(m["train_loss"]) and 0 <= m["val_top1"] <= 1 for m in reports.metrics)
     assert (tmp_path / "ckpt" / "model.safetensors").exists(), "the last epoch's checkpoint holds the final weights"
 
+    saved = weights_checksum(load_file(str(tmp_path / "ckpt" / "model.safetensors")))
+
     env, resumed = local_env(TensorShard(columns), TensorShard(columns), device="cpu", keep=tmp_path / "ckpt")
     again = WorkerTrainer(_worker(config, task, epochs=3), env)
-    assert again.start_epoch == 2 and [h["epoch"] for h in again.history] == [0, 1], "resumed from the kept checkpoint"
+    assert again.start_epoch == 2 and again.history == trainer.history, "resumed from the kept checkpoint"
     again.fit()
     assert [m["epoch"] for m in resumed.metrics] == [2]
+    assert resumed.metrics[0]["start_epoch"] == 2
+    assert resumed.metrics[0]["start_weights_checksum"] == pytest.approx(saved, rel=1e-9), "the checkpoint's weights"
 
 
 def test_a_fixed_batch_drives_train_step_and_its_loss_falls(setup):
