@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: sets itself up on a fresh machine, then runs the suite.
 #   bash scripts/test.sh                 # the whole suite (what CI runs)
-#   bash scripts/test.sh -m "not slow"   # the fast tier: no Ray / DeepSpeed / MLflow end-to-end runs
+#   bash scripts/test.sh -m "not slow" -n 2 --dist loadfile   # the fast tier, on both cores (pytest-xdist):
+#                                        # no Ray / DeepSpeed / MLflow end-to-end runs
 #   bash scripts/test.sh tests/test_decode.py -k label   # any pytest arguments
 # Set-up (scripts/_setup.sh): the active virtual environment, else .venv in the checkout (created from
 # Python >= 3.11 when absent, so a system Python that refuses installs (PEP 668) is never touched);
