@@ -2,7 +2,9 @@
 # `ZV_NAME=<script>` (the prefix of its messages). Defines functions only:
 #   zv_venv          the active virtual environment ($VIRTUAL_ENV), else .venv in the checkout, created
 #                    when absent from the first Python >= 3.11 found ($PYTHON, else python3, python3.14 ..
-#                    python3.11); activated for the rest of the script (PATH), its python in $ZV_PY
+#                    python3.11); activated for the rest of the script (PATH), its python in $ZV_PY;
+#                    torch's JIT extensions (DeepSpeed's CPU op) built inside it, not in a cache every
+#                    environment shares and rebuilds ($TORCH_EXTENSIONS_DIR, unless already set)
 #   zv_install [X]   pip install -e '.[X]' into it when scripts/_missing_deps.py finds anything of
 #                    pyproject.toml's dependencies (and extra X) missing or out of range
 #   zv_chromium ARGS Chromium for the browser test, only when `pytest ARGS` selects it
@@ -89,6 +91,7 @@ zv_venv() {
     "$([ "$venv" = "$ZV_ROOT/.venv" ] && echo "Remove $venv and run again (PYTHON=/path/to/python3.12 picks the interpreter)" || echo "Deactivate it")."
   export VIRTUAL_ENV="$venv"
   export PATH="$venv/bin:$PATH"
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$venv/torch_extensions}"
   unset PYTHONHOME
   ZV_PY="$venv/bin/python"
   zv_say "using $how: $venv (Python $v)"

@@ -203,6 +203,21 @@ def test_an_active_virtual_environment_is_used_and_nothing_is_reinstalled():
     assert "not running pytest" in proc.stdout and "passed" not in proc.stdout
 
 
+@pytest.mark.parametrize("given", [None, "/elsewhere/extensions"])
+def test_torch_extensions_are_built_inside_the_environment_unless_a_place_is_given(given):
+    """DeepSpeed's CPU op is JIT-built; in the cache every environment shares, two environments (or two
+    ninja versions) rebuild it in turn, 40-60 s each time on 2 cores (docs/benchmarks.md)."""
+    venv = Path(sys.prefix)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "TORCH_EXTENSIONS_DIR")}
+    env.update(VIRTUAL_ENV=str(venv), PATH=f"{venv}/bin:{os.environ['PATH']}")
+    if given:
+        env["TORCH_EXTENSIONS_DIR"] = given
+    proc = subprocess.run(["bash", "-c", ". scripts/_setup.sh && zv_venv >/dev/null && echo \"$TORCH_EXTENSIONS_DIR\""],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (given or f"{venv}/torch_extensions")
+
+
 def test_a_python_older_than_3_11_is_refused_with_a_clear_message(tmp_path):
     old = _script(tmp_path / "python3.9", "echo 3.9.2\n")
     proc = _setup("zv_base_python", path="/usr/bin:/bin", env={"PYTHON": str(old)})
