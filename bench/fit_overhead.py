@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -44,7 +45,7 @@ def main() -> None:
 
     import ray
 
-    work = Path(tempfile.mkdtemp(prefix="fit_overhead_"))
+    work = Path(tempfile.mkdtemp(prefix="fit_overhead_"))  # removed at the end
     generate_demo_dataset(work / "data", train=256, val=64, image_size=32, samples_per_shard=64)
     config = load_config(str(TINY), [f"data.root={work / 'data'}", f"teacher.train.epochs={args.epochs}"])
     start = time.perf_counter()
@@ -67,6 +68,7 @@ def main() -> None:
             flush=True,
         )
     ray.shutdown()
+    shutil.rmtree(work)
     path = write_result("fit_overhead", {"epochs": args.epochs, "ray_init_s": round(ray_init_s, 2), "fits": fits})
     print(f"ray.init {ray_init_s:.1f} s; written to {path}")
 

@@ -263,6 +263,11 @@ def _page_text(browser, url: str, *, waits_for: list[str], shot: str, until: str
         page.get_by_text(text, exact=True).first.wait_for(timeout=60_000)
     if until:
         page.wait_for_function(until, timeout=60_000)
+    return _kept(page, shot)
+
+
+def _kept(page, shot: str) -> str:
+    """The page's screenshot kept for a person to look at, and its text; the page closed."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / shot), full_page=True)
     assert (SCREENSHOTS / shot).stat().st_size > 10_000, shot
@@ -285,11 +290,7 @@ def _runs_table(browser, url: str, *, run_name: str, metrics: list[str], shot: s
         page.get_by_text(name, exact=True).last.click()
     page.keyboard.press("Escape")
     page.get_by_role("columnheader").filter(has_text=metrics[-1]).first.wait_for(timeout=30_000)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / shot), full_page=True)
-    text = page.inner_text("body")
-    page.context.close()
-    return text
+    return _kept(page, shot)
 
 
 CHROMIUM = shutil.which("chromium")  # Debian's, which scripts/test.sh installs when this test is selected
