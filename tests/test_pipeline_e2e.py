@@ -17,6 +17,10 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TINY = "pipelines/configs/tiny.yaml"
 STAGES = ["teacher", "relevance", "zoomer", "zoomvit", "baseline", "evaluate"]
+# A recomputed zoomvit trained in the driver (num_workers=0: no Ray Train worker actors, ~2 s instead of
+# ~25 s) where the test is about the cache and the runs, not about distributed training, which the
+# reference run covers.
+IN_DRIVER = ["--set", "zoomvit.train.num_workers=0"]
 
 
 def ray_env() -> dict[str, str]:
@@ -238,7 +242,7 @@ def test_a_second_plain_ray_job_submit_finds_the_first_ones_cache_outside_its_wo
 
 def test_only_zoomvit_with_a_new_alpha_reuses_relevance_and_zoomer(first_run, head, workspace):
     client, first = first_run
-    proc = pipeline(head, workspace, "--only", "zoomvit", "--set", "zoomvit.alpha=0.3")
+    proc = pipeline(head, workspace, "--only", "zoomvit", "--set", "zoomvit.alpha=0.3", *IN_DRIVER)
     assert proc.returncode == 0, proc.stderr[-4000:]
     latest = pipeline_runs(client)[-1]
     runs = stage_runs(client, latest.info.run_id)
@@ -376,7 +380,7 @@ CHROMIUM_ARGS = [
 
 def test_a_failing_stage_fails_the_parent_and_keeps_the_upstream_cache(first_run, head, workspace):
     client, first = first_run
-    bad = ["--set", "zoomvit.token_budget=17", "--set", "zoomvit.train.max_failures=0"]
+    bad = ["--set", "zoomvit.token_budget=17", *IN_DRIVER]
     proc = pipeline(head, workspace, *bad)
     assert proc.returncode != 0
     failed = pipeline_runs(client)[-1]
@@ -457,7 +461,7 @@ def test_two_runs_started_together_on_one_artifact_root_both_succeed_and_compute
 ):
     # On the reference run's cache with a new alpha: the upstream stages are hits for both, and
     # zoomvit and evaluate are computed by whichever run claims them first while the other waits.
-    sets = [*workspace["sets"], "--set", "tracking.experiment=concurrent", "--set", "zoomvit.alpha=0.4"]
+    sets = [*workspace["sets"], "--set", "tracking.experiment=concurrent", "--set", "zoomvit.alpha=0.4", *IN_DRIVER]
     env = {**head["env"], "RAY_ADDRESS": head["gcs"]}
     command = [sys.executable, "pipelines/full.py", "--config", TINY, *sets]
     runs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -76,6 +76,7 @@ def test_a_teacher_trained_on_shuffled_labels_stops_the_pipeline_before_relevanc
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     demo = "data.demo={train: 256, val: 128, image_size: 32, samples_per_shard: 64, preset: hard}"
     sets = [f"data.root={data}", demo, f"artifact_root={tmp_path / 'runs'}", f"tracking.uri={uri}"]
+    sets.append("teacher.train.num_workers=0")  # trained in the driver: the gate is the subject, not Ray Train
     with pytest.raises(QualityGateFailed, match=r"relevance.*teacher's val top-1 .* below the floor 0\.2000"):
         run_pipeline(_config(*sets))
     client = MlflowClient(tracking_uri=uri)

@@ -287,6 +287,7 @@ def test_the_baseline_stage_trains_a_swin_and_a_hybrid_and_evaluates_them_side_b
         [
             f"data.root={tmp_path / 'data'}",
             "baseline.train.epochs=1",
+            "baseline.train.num_workers=0",  # trained in the driver: the models are the subject, not Ray Train
             "baseline.train.ema_decay=0.9",
             "baseline.train.drop_path=0.1",
             "baseline.model=swin_tiny_patch4_window7_224",

@@ -1,6 +1,10 @@
-"""The training worker without Ray: the class Ray Train runs (``WorkerTrainer``) driven from a plain
-script with in-memory batches, through DeepSpeed on the CPU (gloo, a world of one); it trains,
-reports, checkpoints and resumes as under Ray Train."""
+"""The training worker without Ray Train: the class Ray Train runs (``WorkerTrainer``) driven from a
+plain script with in-memory batches, and from the driver itself (``train.num_workers=0``) on Ray
+Datasets, through DeepSpeed on the CPU (gloo, a world of one); it trains, reports, checkpoints and
+resumes as under Ray Train."""
+
+import itertools
+import json
 
 import numpy as np
 import pytest
@@ -8,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from zoomvit.config import load_config
-from zoomvit.train.loop import WorkerConfig, WorkerTrainer, weights_checksum
+from zoomvit.train.loop import Checkpoints, WorkerConfig, WorkerTrainer, weights_checksum
 from zoomvit.train.recipes import baseline_task
+from zoomvit.train.trainer import run_training
 from zoomvit.train.worker_env import TensorShard, local_env
 
 
@@ -75,3 +80,48 @@ def test_a_tensor_shard_yields_batches_as_ray_data_does():
     kept = [b["label"].tolist() for b in shard.iter_torch_batches(batch_size=4, drop_last=True)]
     assert kept == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
     assert next(shard.iter_torch_batches(batch_size=4))["image"].dtype == torch.uint8
+
+
+def test_zero_workers_train_in_the_driver_and_an_interrupted_run_resumes_from_the_kept_checkpoint(
+    ray_local, setup, tmp_path
+):
+    config, task, columns = setup
+    rows = [{"image": image, "label": int(label), "key": f"k{i}", "stratum": ""}
+            for i, (image, label) in enumerate(zip(columns["image"], columns["label"]))]  # fmt: skip
+    ds = ray_local.data.from_items(rows)
+    train = config.baseline.train.model_copy(update={"epochs": 3, "batch_size": 8, "num_workers": 0,
+                                                     "shuffle_buffer": 0, "warmup_epochs": 0})  # fmt: skip
+    calls = itertools.count()
+
+    def fence() -> None:  # called at set-up and before each checkpoint: the run stops before its second one
+        if next(calls) == 2:
+            raise RuntimeError("interrupted")
+
+    def fit(fence=None):
+        return run_training(name="baseline", task=task, train=train, train_ds=ds, val_ds=ds, out_dir=tmp_path / "out",
+                            checkpoints=Checkpoints(str(tmp_path / "ckpt"), fence))  # fmt: skip
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit(fence)
+    kept = tmp_path / "ckpt" / "driver"
+    assert [h["epoch"] for h in json.loads((kept / "history.json").read_text())] == [0]
+    assert torch.distributed.get_world_size() == 1, "trained in this process, in a world of one"
+
+    result = fit()
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert result.history[1]["start_epoch"] == 1, "resumed after the kept epoch, not from scratch"
+    assert result.train_samples == 32 and result.metrics["epoch"] == 2
+    assert result.weights == tmp_path / "out" / "model.safetensors" and result.checkpoint == str(kept)
+    assert weights_checksum(load_file(str(result.weights))) == pytest.approx(
+        weights_checksum(load_file(str(kept / "model.safetensors")))
+    )
+    assert not list(tmp_path.glob("ckpt/driver.*")), "no staged or set-aside copy is left"
+
+
+def test_zero_workers_refuse_a_bucket_checkpoint_location(ray_local, setup, tmp_path):
+    config, task, columns = setup
+    ds = ray_local.data.from_items([{"image": columns["image"][0], "label": 0, "key": "k", "stratum": ""}] * 16)
+    train = config.baseline.train.model_copy(update={"num_workers": 0, "batch_size": 8})
+    with pytest.raises(ValueError, match="num_workers=0 trains in the driver .* local path"):
+        run_training(name="baseline", task=task, train=train, train_ds=ds, val_ds=ds, out_dir=tmp_path,
+                     checkpoints=Checkpoints("s3://bucket/checkpoints"))  # fmt: skip

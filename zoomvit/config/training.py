@@ -23,7 +23,12 @@ class TrainConfig(Section):
     optimizer: str = "adamw"
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(
+        2,
+        ge=0,
+        description="Ray Train workers; 0 trains in the driver process (Ray Train's local mode: no worker "
+        "actors, a world of one), for debugging and tiny runs",
+    )
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool | Literal["auto"] = "auto"
     resources: dict[str, float] = Field(

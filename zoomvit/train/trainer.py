@@ -73,6 +73,10 @@ def run_training(
     ``checkpoints.location`` (a path or an fsspec URL such as ``s3://bucket/prefix``; default
     ``out_dir/ray``); rerunning with the same location resumes from the latest checkpoint of an
     interrupted run. Every worker calls ``checkpoints.fence`` before it starts and before each checkpoint.
+
+    ``train.num_workers=0`` trains in this process instead, as Ray Train's local mode does (no worker
+    actors, a world of one): the same worker class, fed by the datasets' iterators. Unlike Ray's local
+    mode it keeps its last checkpoint, in ``<location>/driver`` (a local path), and resumes from it.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -80,8 +84,8 @@ def run_training(
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = checkpoints or Checkpoints()
-    storage_path, storage_filesystem = checkpoint_storage(checkpoints.location or str(out_dir / "ray"))
-    use_gpu = resolve_use_gpu(train.use_gpu)
+    in_driver = train.num_workers == 0
+    use_gpu = _driver_has_gpu(train.use_gpu) if in_driver else resolve_use_gpu(train.use_gpu)
     if train.max_train_samples:
         train_ds = train_ds.limit(train.max_train_samples)
     train_ds = train_ds.drop_columns(["key", "stratum"])  # strings do not become tensors
@@ -92,7 +96,8 @@ def run_training(
         if train.shuffle_buffer:  # a different (seeded) block order every epoch
             train_ds = train_ds.randomize_block_order(seed=train.seed)
     else:  # an upper bound when samples are skipped (the cosine schedule then stops just short of its minimum)
-        _require_decode_cpus(name, train)
+        if not in_driver:
+            _require_decode_cpus(name, train)
         n_train = min(streamed_samples, train.max_train_samples or streamed_samples)
     if train.rand_augment:  # after materialize: a fresh draw every epoch
         from zoomvit.train.data import rand_augment_batch
@@ -100,11 +105,11 @@ def run_training(
         train_ds = train_ds.map_batches(
             rand_augment_batch, fn_kwargs={"spec": train.rand_augment}, batch_format="numpy"
         )
-    per_step = train.batch_size * train.num_workers
+    world = max(1, train.num_workers)
+    per_step = train.batch_size * world
     if n_train < per_step:
         raise ValueError(
-            f"{name}: {n_train} training samples are fewer than one step "
-            f"({train.num_workers} workers x batch {train.batch_size})"
+            f"{name}: {n_train} training samples are fewer than one step ({world} workers x batch {train.batch_size})"
         )
     worker = WorkerConfig(
         name=name,
@@ -116,6 +121,9 @@ def run_training(
         verbose=logs.verbose(),
         fence=checkpoints.fence,
     )
+    if in_driver:
+        return _fit_in_driver(worker, train_ds, val_ds, checkpoints.location or str(out_dir / "ray"), out_dir, n_train)
+    storage_path, storage_filesystem = checkpoint_storage(checkpoints.location or str(out_dir / "ray"))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"worker": worker},
@@ -152,3 +160,49 @@ def run_training(
         checkpoint=result.checkpoint.path,
         train_samples=n_train,
     )
+
+
+def _fit_in_driver(worker: WorkerConfig, train_ds, val_ds, location: str, out_dir: Path, n_train: int) -> TrainResult:
+    """The worker class run in this process on a world of one (``num_workers=0``)."""
+    import torch
+
+    from zoomvit.train.loop import WorkerTrainer
+    from zoomvit.train.worker_env import local_env
+
+    if is_url(location):
+        raise ValueError(
+            f"{worker.name}: train.num_workers=0 trains in the driver and keeps its checkpoint on a local path, "
+            f"not at {location}: use num_workers >= 1 with a bucket cache"
+        )
+    keep = local_path(location) / "driver"
+    device = "cuda" if worker.use_gpu else "cpu"
+    env, reports = local_env(train_ds.iterator(), val_ds.iterator(), device=device, keep=keep)
+    threads = torch.get_num_threads()  # the worker sets its own (cpus_per_worker)
+    try:
+        with logs.dropped_prints(r"^DeepSpeed \S+ built successfully$", verbose_=worker.verbose):
+            WorkerTrainer(worker, env).fit()
+    finally:
+        torch.set_num_threads(threads)
+    final = reports.checkpoint
+    if final is None or not (final / FINAL_WEIGHTS).exists():
+        raise RuntimeError(f"{worker.name}: training finished without a final checkpoint in {keep}")
+    shutil.copyfile(final / FINAL_WEIGHTS, out_dir / FINAL_WEIGHTS)
+    history = json.loads((final / HISTORY).read_text())
+    return TrainResult(
+        metrics=dict(reports.metrics[-1] if reports.metrics else history[-1]),
+        history=history,
+        weights=out_dir / FINAL_WEIGHTS,
+        checkpoint=str(final),
+        train_samples=n_train,
+    )
+
+
+def _driver_has_gpu(use_gpu: bool | str) -> bool:
+    """``use_gpu`` for training in the driver: ``auto`` is whether this process sees a GPU."""
+    import torch
+
+    if use_gpu == "auto":
+        return torch.cuda.is_available()
+    if use_gpu and not torch.cuda.is_available():
+        raise ValueError("train.use_gpu is true but the driver, which trains when num_workers=0, sees no GPU")
+    return bool(use_gpu)

@@ -92,7 +92,8 @@ class TensorShard:
 
 @dataclass
 class LocalReports:
-    """What a :func:`local_env` worker reported: each epoch's metrics, and its last checkpoint kept."""
+    """What a :func:`local_env` worker reported: each epoch's metrics, and its last checkpoint kept (the
+    one it resumed from until it reports another)."""
 
     metrics: list[dict[str, Any]] = field(default_factory=list)
     checkpoint: Path | None = None
@@ -117,14 +118,27 @@ def local_env(
 
     @contextlib.contextmanager
     def restored() -> Iterator[str | None]:
-        yield str(keep) if keep is not None and (keep / "history.json").exists() else None
+        kept = [p for p in (keep, _aside(keep)) if p is not None and (p / "history.json").exists()]
+        reports.checkpoint = kept[0] if kept else None
+        yield str(kept[0]) if kept else None
 
     def report(metrics: dict[str, Any], ckpt_dir: str) -> None:
         reports.metrics.append(metrics)
-        if keep is not None:
-            shutil.rmtree(keep, ignore_errors=True)
-            shutil.copytree(ckpt_dir, keep)
-            reports.checkpoint = keep
+        if keep is None:
+            return
+        staged = keep.with_name(keep.name + ".new")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(ckpt_dir, staged)
+        if keep.exists():  # moved aside, not deleted, until the new one is in place: a crash leaves one whole
+            shutil.rmtree(_aside(keep), ignore_errors=True)
+            os.replace(keep, _aside(keep))
+        os.replace(staged, keep)
+        shutil.rmtree(_aside(keep), ignore_errors=True)
+        reports.checkpoint = keep
 
     env = WorkerEnv(rank=0, world=1, device=device, train_shard=train, val_shard=val, restored=restored, report=report)
     return env, reports
+
+
+def _aside(keep: Path | None) -> Path | None:
+    return None if keep is None else keep.with_name(keep.name + ".old")
