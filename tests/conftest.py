@@ -7,11 +7,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # at the default 2 s poll every epoch of the tests' tiny fits lasts 2 s (bench/fit_overhead.py). Set
 # before anything starts Ray, so every driver, `ray start` head and job the tests launch inherits it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# One machine is never preempted: Ray Train's preemption watcher (an actor, so a process, per fit, ~2 s
+# of a tiny fit on 2 cores) stays off, as scripts/demo.sh turns it off.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import pytest
 import torch
 
 import zoomvit.models  # noqa: F401  (registers the timm variants)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``own_ray`` (a cluster of their own: they stop every Ray on the machine) run after the
+    others, in their order, so the modules that share ``ray_local`` start it once, not again after each."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +39,8 @@ def _ray_session():
 @pytest.fixture(scope="module")
 def ray_local(_ray_session):
     """Ray in this process (2 CPUs, no dashboard), started by the first module that asks and kept for
-    the next ones (starting it costs ~6 s); a module that starts a cluster of its own calls
-    ``stop_ray()`` first, and the next module that asks starts it again."""
+    the next ones (starting it costs ~6 s); a test that starts a cluster of its own (marked ``own_ray``,
+    run last) calls ``stop_ray()`` first, and a module that asks after it starts Ray again."""
     import ray
     from ray.data import DataContext
 

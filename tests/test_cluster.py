@@ -293,6 +293,7 @@ AUTOSCALE_PROBE = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.own_ray
 def test_local_autoscaling_cluster_scales_the_requested_node_type_up_then_down(tmp_path):
     stop_ray()
     port = free_port()

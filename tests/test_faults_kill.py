@@ -18,7 +18,7 @@ import pytest
 import torch
 from servers import stop_ray
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 6
 

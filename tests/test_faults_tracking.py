@@ -36,6 +36,7 @@ POLL = "1"  # s, Ray Train's controller poll: an epoch lasts at least one, so 49
 
 
 @pytest.mark.slow
+@pytest.mark.own_ray
 def test_a_30_s_tracking_server_outage_mid_training_neither_stops_the_stage_nor_loses_an_epoch(tmp_path):
     import mlflow
 

@@ -91,6 +91,7 @@ def _lose_the_training_node(s3, state: Path, dashboard: str, submission: subproc
 
 
 @pytest.mark.slow
+@pytest.mark.own_ray
 @pytest.mark.timeout(1500)
 def test_the_pipeline_runs_on_a_multi_node_cluster_with_its_shards_stage_cache_and_mlflow_artifacts_on_s3(tmp_path):
     import boto3

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from servers import free_port, mlflow_server, stop_ray
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 REPO = Path(__file__).resolve().parents[1]
 TINY = "pipelines/configs/tiny.yaml"
 STAGES = ["teacher", "relevance", "zoomer", "zoomvit", "baseline", "evaluate"]
