@@ -105,7 +105,7 @@ def test_zero_workers_train_in_the_driver_and_an_interrupted_run_resumes_from_th
         fit(fence)
     kept = tmp_path / "ckpt" / "driver"
     assert [h["epoch"] for h in json.loads((kept / "history.json").read_text())] == [0]
-    assert torch.distributed.get_world_size() == 1, "trained in this process, in a world of one"
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["driver"], "no Ray Train run: trained in this process"
 
     result = fit()
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
