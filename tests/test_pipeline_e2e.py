@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 REPO = Path(__file__).resolve().parents[1]
 TINY = "pipelines/configs/tiny.yaml"
 STAGES = ["teacher", "relevance", "zoomer", "zoomvit", "baseline", "evaluate"]
-# A recomputed zoomvit trained in the driver (num_workers=0: no Ray Train worker actors, ~2 s instead of
-# ~25 s) where the test is about the cache and the runs, not about distributed training, which the
+# A recomputed zoomvit trained in the driver (num_workers=0: no Ray Train worker actors, a tiny fit in
+# ~2 s instead of ~30 s) where the test is about the cache and the runs, not about distributed training, which the
 # reference run covers.
 IN_DRIVER = ["--set", "zoomvit.train.num_workers=0"]
 

@@ -121,9 +121,10 @@ def run_training(
         verbose=logs.verbose(),
         fence=checkpoints.fence,
     )
+    location = checkpoints.location or str(out_dir / "ray")
     if in_driver:
-        return _fit_in_driver(worker, train_ds, val_ds, checkpoints.location or str(out_dir / "ray"), out_dir, n_train)
-    storage_path, storage_filesystem = checkpoint_storage(checkpoints.location or str(out_dir / "ray"))
+        return _fit_in_driver(worker, train_ds, val_ds, location, out_dir, n_train)
+    storage_path, storage_filesystem = checkpoint_storage(location)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"worker": worker},

@@ -118,9 +118,9 @@ def local_env(
 
     @contextlib.contextmanager
     def restored() -> Iterator[str | None]:
-        kept = [p for p in (keep, _aside(keep)) if p is not None and (p / "history.json").exists()]
-        reports.checkpoint = kept[0] if kept else None
-        yield str(kept[0]) if kept else None
+        candidates = [] if keep is None else [keep, _aside(keep)]
+        reports.checkpoint = next((p for p in candidates if (p / "history.json").exists()), None)
+        yield None if reports.checkpoint is None else str(reports.checkpoint)
 
     def report(metrics: dict[str, Any], ckpt_dir: str) -> None:
         reports.metrics.append(metrics)
@@ -140,5 +140,5 @@ def local_env(
     return env, reports
 
 
-def _aside(keep: Path | None) -> Path | None:
-    return None if keep is None else keep.with_name(keep.name + ".old")
+def _aside(keep: Path) -> Path:
+    return keep.with_name(keep.name + ".old")
