@@ -1,6 +1,7 @@
 """The whole ZoomViT pipeline; works under `ray job submit` and as a plain script (local Ray).
 
-ray job submit --working-dir . -- python pipelines/full.py --config pipelines/configs/demo.yaml
+ray job submit --working-dir . --runtime-env-json "$(zoomvit runtime-env)" \
+    -- python pipelines/full.py --config pipelines/configs/demo.yaml   # the runtime env: the checkout's commit
 python pipelines/full.py --config pipelines/configs/tiny.yaml --only zoomvit --set zoomvit.alpha=0.3
 """
 

@@ -32,11 +32,13 @@ dashboard=$(python3 -c 'from ray.dashboard.utils import get_address_for_submissi
   zv_die "could not read the dashboard address of the Ray cluster (see above)"
 echo "$found (dashboard $dashboard)"
 
+# The job's environment: this checkout's git commit (the working-dir copy travels without .git), the
+# tracking server; one machine cannot be preempted, so Ray Train's preemption watcher (an extra process
+# per training stage) stays off here, where clusters with spot nodes keep it.
+runtime_env=$(python3 -m zoomvit runtime-env --env "MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT" \
+  --env RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 --env RAY_DATA_LOG_LEVEL=WARNING)
 start=$(date +%s)
-# One machine cannot be preempted: Ray Train's preemption watcher (an extra process per training
-# stage) stays off here; clusters with spot nodes keep it.
-ray job submit --address "$dashboard" --working-dir . \
-  --runtime-env-json "{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"http://127.0.0.1:$MLFLOW_PORT\", \"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER\": \"0\", \"RAY_DATA_LOG_LEVEL\": \"WARNING\"}}" \
+ray job submit --address "$dashboard" --working-dir . --runtime-env-json "$runtime_env" \
   -- python3 pipelines/full.py --config "$config" \
      --set "data.root=$repo/demo_data/$(basename "$config" .yaml)" --set "artifact_root=$repo/runs" "$@"
 echo

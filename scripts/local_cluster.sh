@@ -90,8 +90,9 @@ submit)
   shift
   # shellcheck disable=SC1090
   source "$ports"
-  ray job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --working-dir . \
-    --runtime-env-json '{"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}}' \
+  # this checkout's git commit travels in the job's env (the working-dir copy has no .git)
+  runtime_env=$(python3 -m zoomvit runtime-env --env RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 --env RAY_DATA_LOG_LEVEL=WARNING)
+  ray job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --working-dir . --runtime-env-json "$runtime_env" \
     -- python pipelines/full.py --config "$config" \
        --set data.root=s3://zoomvit/shards --set data.demo=null \
        --set "tracking.uri=http://127.0.0.1:$MLFLOW_PORT" --set artifact_root=s3://zoomvit/artifacts \

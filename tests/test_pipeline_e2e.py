@@ -62,11 +62,17 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     home = root / "zoomvit_home"
     with mlflow_server(root / "mlflow_server") as uri:
+        # as a user submits: --runtime-env-json "$(zoomvit runtime-env ...)", which adds the checkout's git commit
+        env = ["--env", f"ZOOMVIT_HOME={home}", "--env", f"MLFLOW_TRACKING_URI={uri}"]
+        printed = subprocess.run(
+            [sys.executable, "-m", "zoomvit", "runtime-env", *env], cwd=REPO, stdout=subprocess.PIPE
+        )
+        assert printed.returncode == 0
         yield {
             "root": root,
             "home": home,
             "uri": uri,
-            "runtime_env": json.dumps({"env_vars": {"ZOOMVIT_HOME": str(home), "MLFLOW_TRACKING_URI": uri}}),
+            "runtime_env": printed.stdout.decode(),
             "sets": [
                 "--set",
                 f"data.root={home / 'demo_data' / 'tiny'}",
@@ -79,9 +85,9 @@ def workspace(tmp_path_factory):
 
 
 def pipeline(head, workspace, *args: str, submit: bool = False) -> subprocess.CompletedProcess:
-    """``submit``: the README's plain line, ``ray job submit --working-dir . -- python pipelines/full.py
-    --config ...`` (no artifact root, data root or tracking URI: the cluster's environment gives the
-    tracking server and ``$ZOOMVIT_HOME``); else the driver run directly with ``--set``s."""
+    """``submit``: the README's line, ``ray job submit --working-dir . --runtime-env-json "$(zoomvit runtime-env)"
+    -- python pipelines/full.py --config ...`` (no artifact root, data root or tracking URI: the cluster's
+    environment gives the tracking server and ``$ZOOMVIT_HOME``); else the driver run directly with ``--set``s."""
     env = dict(head["env"])
     if submit:
         command = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".",
@@ -121,7 +127,7 @@ def first_run(head, workspace):
 
 
 def test_the_console_of_a_whole_run_is_short_and_says_what_each_stage_did(first_run, workspace):
-    # 334 lines before the console work, 111 in session 9 (about a third of them `ray job submit`'s own)
+    # 334 lines before the console work were cut to ~110, about a third of them `ray job submit`'s own
     console = (workspace["root"] / "first_run_console.txt").read_text().splitlines()
     assert len(console) <= 120, "\n".join(console)
     assert not any("Running Dataset" in line or "\x1b[A" in line for line in console), "progress bars leaked"
@@ -129,11 +135,16 @@ def test_the_console_of_a_whole_run_is_short_and_says_what_each_stage_did(first_
         assert any(line.startswith(f"[{name}] done in") for line in console), name
 
 
-def test_ray_job_submit_runs_every_stage_with_one_nested_mlflow_run_each(first_run, tmp_path):
+def test_ray_job_submit_runs_every_stage_with_one_nested_mlflow_run_each(first_run, workspace, tmp_path):
     client, parent = first_run
     assert parent.info.status == "FINISHED"
     assert parent.data.params["zoomvit.alpha"] == "0.5"
     assert {"git_commit", "config_hash", "cluster_resources"} <= set(parent.data.tags)
+    # the working-dir copy has no .git: the commit is the submitting checkout's ("none" without git), via the job's env
+    commit, tags = json.loads(workspace["runtime_env"])["env_vars"]["ZOOMVIT_GIT_COMMIT"], parent.data.tags
+    assert (tags["git_commit"], tags.get("mlflow.source.git.commit", "none")) == (commit, commit) and (
+        commit == "none" or tags["git_source"] == "submitter"
+    ), tags
     runs = stage_runs(client, parent.info.run_id)
     assert sorted(runs) == sorted(STAGES)
     for run in runs.values():

@@ -266,6 +266,7 @@ def test_demo_sh_submits_to_the_dashboard_of_the_cluster_it_found():
     demo = (SCRIPTS / "demo.sh").read_text()
     assert "127.0.0.1:8265" not in demo
     assert 'ray job submit --address "$dashboard"' in demo
+    assert "python3 -m zoomvit runtime-env" in demo and '--runtime-env-json "$runtime_env"' in demo, "the commit"
     # python3: what a virtual environment and a stock Debian both have
     assert re.search(r"^\s*-- python3 pipelines/full\.py", demo, re.M)
     assert not re.search(r"(^|[\s;(])python\s", demo), "no bare `python`"

@@ -168,6 +168,36 @@ def _add_cluster(subparsers: argparse._SubParsersAction) -> None:
     local.set_defaults(func=_cluster_local)
 
 
+def _runtime_env(args: argparse.Namespace) -> int:
+    import json
+
+    from zoomvit.provenance import submit_env
+
+    env_vars = submit_env(args.checkout)
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--env {item!r}: expected KEY=VALUE")
+        env_vars[key] = value
+    print(json.dumps({"env_vars": env_vars}))
+    return 0
+
+
+def _add_runtime_env(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "runtime-env",
+        help="print a Ray runtime env carrying this checkout's git commit, for `ray job submit --runtime-env-json`",
+        description=(
+            "`ray job submit --working-dir .` copies the checkout without .git: pass "
+            '--runtime-env-json "$(zoomvit runtime-env)" so the pipeline run records the commit (and whether '
+            "tracked files had changes) as a local run does."
+        ),
+    )
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="another env var (repeatable)")
+    parser.add_argument("--checkout", default=".", help="the checkout to describe (default: the current directory)")
+    parser.set_defaults(func=_runtime_env)
+
+
 def _add_pipeline(subparsers: argparse._SubParsersAction) -> None:
     """``run``, ``stage NAME`` and ``relevance`` hand their arguments to the pipeline's own parsers
     (the ones behind pipelines/*.py), so both spellings take the same options."""
@@ -194,6 +224,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_demo_data,
     _add_probe,
     _add_cluster,
+    _add_runtime_env,
 )
 
 

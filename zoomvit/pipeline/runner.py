@@ -45,12 +45,12 @@ from zoomvit.pipeline.records import (
     write_lineage,
 )
 from zoomvit.pipeline.runtime import sigterm_unwinds
+from zoomvit.provenance import resolve_source
 from zoomvit.tracking.models import CANDIDATE, move_alias, registered_name
 from zoomvit.tracking.runs import (
     Tracker,
     default_dir,
     flatten,
-    git_commit,
     in_job_working_dir,
     resolve_tracking_uri,
     shards_digest,
@@ -221,7 +221,7 @@ class PipelineRun:
         holds.enter_context(exclusive(driver, "[pipeline] driver"))
         tags = {
             "zoomvit.run_type": "pipeline",
-            "git_commit": git_commit(),
+            **resolve_source().tags(),  # the commit, also under `ray job submit` (handed over by the submitter)
             "config_hash": config_hash(config),
             DRIVER_LOCK_TAG: f"{driver}.lock",
         }
