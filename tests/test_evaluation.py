@@ -118,19 +118,34 @@ def test_gflops_are_measured_once_per_token_count_and_padding_never_costs_less()
     scores = torch.rand(6, 4, 4)
     table = TokenCostTable(model)
     _, zt = model(x, scores, token_budget=budgets, return_tokens=True)
-    table.observe(x, scores, zt.num_tokens_B, token_budget=budgets)
-    assert sorted(table.gflops) == [16, 19, 25, 28]
+    table.observe(x, scores, zt.num_tokens_B, zt.zoomed_cells_B, token_budget=budgets)
+    assert sorted(table.gflops) == [(16, 0), (19, 1), (25, 3), (28, 4)]
     alone = count_flops(model, x[2:3], scores[2:3], token_budget=budgets[2:3]) / 1e9
-    assert table.gflops[25] == pytest.approx(alone)
-    counts = zt.num_tokens_B.numpy()
-    assert table.gflops[16] < table.gflops[19] < table.gflops[25] < table.gflops[28]
-    unpadded = table.unpadded(counts)
-    assert unpadded == pytest.approx(np.mean([table.gflops[int(n)] for n in counts]))
-    assert table.padded(counts, batch_size=1) == pytest.approx(unpadded)
-    assert table.padded(counts, batch_size=3) >= unpadded
-    assert table.padded(counts, batch_size=6) == pytest.approx(table.gflops[28]), (
+    assert table.gflops[(25, 3)] == pytest.approx(alone)
+    counts, zoomed = zt.num_tokens_B.numpy(), zt.zoomed_cells_B.numpy()
+    assert table.gflops[(16, 0)] < table.gflops[(19, 1)] < table.gflops[(25, 3)] < table.gflops[(28, 4)]
+    unpadded = table.unpadded(counts, zoomed)
+    assert unpadded == pytest.approx(np.mean([table.gflops[(int(n), int(z))] for n, z in zip(counts, zoomed)]))
+    assert table.padded(counts, zoomed, batch_size=1) == pytest.approx(unpadded)
+    assert table.padded(counts, zoomed, batch_size=3) >= unpadded
+    assert table.padded(counts, zoomed, batch_size=6) == pytest.approx(table.gflops[(28, 4)]), (
         "one batch: every image pays the longest"
     )
+
+
+def test_a_folded_cell_costs_its_sub_cell_embeddings_and_a_fold_batch_pads_nothing():
+    from zoomvit.models.flops import TokenCostTable
+
+    model = timm.create_model("zoomvit_test_patch8_32", with_zoomer=False, zoom_merge="fold").eval()
+    x, scores = torch.randn(4, 3, 32, 32), torch.rand(4, 4, 4)
+    cells = torch.tensor([0, 2, 5, 2])
+    _, zt = model(x, scores, zoom_cells=cells, return_tokens=True)
+    assert zt.num_tokens_B.tolist() == [16] * 4 and zt.zoomed_cells_B.tolist() == [0, 2, 5, 2]
+    table = TokenCostTable(model)
+    table.observe(x, scores, zt.num_tokens_B, zt.zoomed_cells_B, zoom_cells=cells)
+    assert table.gflops[(16, 0)] < table.gflops[(16, 2)] < table.gflops[(16, 5)]
+    counts, zoomed = zt.num_tokens_B.numpy(), zt.zoomed_cells_B.numpy()
+    assert table.padded(counts, zoomed, batch_size=4) == pytest.approx(table.unpadded(counts, zoomed))
 
 
 def test_the_pipeline_run_carries_the_verdict_the_runs_table_compares():

@@ -187,13 +187,14 @@ def test_equal_gflops_within_a_part_uses_zoomvits_own_cost_over_that_parts_image
     from zoomvit.models.flops import TokenCostTable
 
     cost = TokenCostTable(None)
-    cost.gflops = {16: 1.0, 28: 2.0}
+    cost.gflops = {(16, 0): 1.0, (28, 4): 2.0}
     n = 400
     rng = np.random.default_rng(0)
     small = np.arange(n) < n // 2  # the small objects zoom: 28 tokens; the large ones do not: 16
     zoom = _Scores()
     zoom.hits, zoom.top5 = [rng.random(n) < 0.5], [np.ones(n, bool)]
     zoom.counts = [np.where(small, 28, 16)]
+    zoom.zoomed = [np.where(small, 4, 0)]
     scores = {}
     for name in ("baseline", "baseline_big"):
         s = _Scores()
@@ -203,12 +204,18 @@ def test_equal_gflops_within_a_part_uses_zoomvits_own_cost_over_that_parts_image
         {"model": "baseline", "family": True, "gflops_per_img": 0.5},
         {"model": "baseline_big", "family": True, "gflops_per_img": 2.5},
     ]
-    out = _equal_gflops(None, rows, scores, zoom, {"size_small": small, "size_large": ~small}, cost, 0.1)
+    parts = {"size_small": small, "size_large": ~small}
+    out = _equal_gflops(rows, zoom, scores, parts, cost, 0.1, None)
     assert out["all"]["zoomvit_gflops"] == pytest.approx(1.6) and out["all"]["zoomvit_tokens"] == 22
+    assert out["all"]["bracket_ratio"] == pytest.approx(5.0)
     assert out["size_small"]["zoomvit_gflops"] == pytest.approx(2.1)
     assert out["size_small"]["zoomvit_tokens"] == 28 and out["size_small"]["weight_high"] == pytest.approx(0.8)
     assert out["size_large"]["zoomvit_gflops"] == pytest.approx(1.1)
     assert out["size_large"]["weight_high"] == pytest.approx(0.3)
+    mixed = np.arange(n) % 2 == 0  # every batch of two pads its 16-token image to 28
+    zoom.counts, zoom.zoomed = [np.where(mixed, 28, 16)], [np.where(mixed, 4, 0)]
+    padded = _equal_gflops(rows, zoom, scores, {}, cost, 0.1, 2)
+    assert padded["all"]["zoomvit_gflops"] == pytest.approx(2.1), "as executed, padded: each image pays 28 tokens"
 
 
 @pytest.mark.slow

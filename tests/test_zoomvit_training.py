@@ -38,12 +38,32 @@ def test_training_draws_an_alpha_per_image_inside_train_alpha(tmp_path):
 
 def test_budget_mode_training_draws_a_reachable_budget_per_image(tmp_path):
     _, task = _zoomvit(tmp_path, "zoomvit.train_budget=[16, 28]", "zoomvit.token_budget=22")
-    budget_B = task.operating_points(256)["token_budget"]
-    assert set(budget_B.tolist()) == {16, 19, 22, 25, 28}
+    cells_B = task.operating_points(256)["zoom_cells"]
+    assert set(cells_B.tolist()) == {0, 1, 2, 3, 4}
     model = task.build_model().eval()
     with torch.no_grad():
-        _, zt = model(torch.randn(8, 3, 32, 32), token_budget=budget_B[:8], return_tokens=True)
-    assert zt.num_tokens_B.tolist() == budget_B[:8].tolist()
+        _, zt = model(torch.randn(8, 3, 32, 32), zoom_cells=cells_B[:8], return_tokens=True)
+    assert zt.num_tokens_B.tolist() == (16 + 3 * cells_B[:8]).tolist()
+
+
+def test_budget_mode_with_added_tokens_counts_four_per_zoomed_cell(tmp_path):
+    _, task = _zoomvit(tmp_path, "zoomvit.train_budget=[16, 24]", "zoomvit.token_budget=20", "zoomvit.merge=add")
+    cells_B = task.operating_points(256)["zoom_cells"]
+    assert set(cells_B.tolist()) == {0, 1, 2}
+    model = task.build_model().eval()
+    with torch.no_grad():
+        _, zt = model(torch.randn(8, 3, 32, 32), zoom_cells=cells_B[:8], return_tokens=True)
+    assert zt.num_tokens_B.tolist() == (16 + 4 * cells_B[:8]).tolist()
+
+
+def test_a_fixed_zoom_cells_model_gives_every_image_the_same_shape(tmp_path):
+    _, task = _zoomvit(tmp_path, "zoomvit.zoom_cells=3", "zoomvit.merge=fold")
+    assert task.operating_points(8) == {}
+    model = task.build_model().eval()
+    with torch.no_grad():
+        _, zt = model(torch.randn(8, 3, 32, 32), return_tokens=True)
+    assert zt.zoomed_cells_B.tolist() == [3] * 8 and zt.num_tokens_B.tolist() == [16] * 8
+    assert bool(zt.valid_BL.all()), "no padding"
 
 
 @pytest.mark.parametrize(

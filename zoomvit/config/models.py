@@ -71,6 +71,11 @@ class ZoomViTConfig(Section):
     ``zoom_source``: ``upsample`` (the paper: zoomed cells re-read the image up-sampled with
     ``zoom_resample``, ``nearest`` as the official code) or ``highres`` (zoomed cells read a copy
     decoded at twice the input resolution: real pixels; only ZoomViT stages decode it).
+    ``merge``: what a zoomed cell's fine tokens do to its own token: ``replace`` (the paper), ``add``
+    (the cell's token stays, its four fine tokens join it) or ``fold`` (one token per cell, the fine
+    embeddings added through a zero-initialised projection). ``zoom_cells``: zoom exactly that many
+    cells per image, top-k by the Zoomer (every image the same shape). ``detail_gate`` (highres only):
+    zoom only cells whose 2x copy holds more than this RMS of detail beyond the base view.
     Training draws each image's alpha uniformly from ``train_alpha``, or, with ``train_budget``
     (low, high) set, its token budget (zoomed cells uniform between the two); evaluation must stay
     inside what training covered.
@@ -85,6 +90,9 @@ class ZoomViTConfig(Section):
     coarse_alpha: float | None = None
     keep_rate: float = Field(1.0, gt=0, le=1)
     token_budget: int | None = None
+    merge: Literal["replace", "add", "fold"] = "replace"
+    zoom_cells: int | None = Field(None, ge=0)
+    detail_gate: float | None = Field(None, ge=0)
     zoom_source: Literal["upsample", "highres"] = "upsample"
     zoom_resample: Literal["nearest", "bilinear"] = "nearest"
     target_tokens: float | None = Field(
@@ -118,6 +126,16 @@ class ZoomViTConfig(Section):
             raise ValueError(
                 "target_tokens/target_gflops calibrate alpha: they do not combine with token_budget or train_budget"
             )
+        if self.zoom_cells is not None and (self.calibrated or self.token_budget is not None or self.train_budget):
+            raise ValueError("zoom_cells fixes the zoomed cells: it does not combine with a token budget or a target")
+        if self.merge == "fold" and (self.token_budget is not None or self.train_budget is not None):
+            raise ValueError("merge=fold keeps one token per cell: fix its zoomed cells with zoom_cells")
+        if self.merge == "fold" and self.target_tokens is not None:
+            raise ValueError("merge=fold keeps one token per cell: calibrate it with target_gflops")
+        if self.merge != "replace" and (self.coarse_alpha is not None or self.keep_rate < 1):
+            raise ValueError(f"coarse_alpha and keep_rate combine only with merge=replace, got merge={self.merge}")
+        if self.detail_gate is not None and self.zoom_source != "highres":
+            raise ValueError("detail_gate measures what the 2x copy adds: it needs zoom_source=highres")
         if self.train_budget is not None and not self.train_budget[0] <= self.train_budget[1]:
             raise ValueError(f"train_budget must be (low, high) with low <= high, got {self.train_budget}")
         if self.zoom_source == "highres":
@@ -147,6 +165,10 @@ class ZoomViTConfig(Section):
     @property
     def trains_in_budget_mode(self) -> bool:
         return self.train_budget is not None or self.token_budget is not None
+
+    @property
+    def tokens_per_zoomed_cell(self) -> int:
+        return {"replace": 3, "add": 4, "fold": 0}[self.merge]
 
     @property
     def train_budget_range(self) -> tuple[int, int] | None:

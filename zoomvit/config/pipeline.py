@@ -62,6 +62,13 @@ class PipelineConfig(Section):
                     "what training covered: leave them empty"
                 )
             return self
+        if zv.zoom_cells is not None:
+            if self.evaluate.alphas or self.evaluate.budgets:
+                raise ValueError(
+                    "zoomvit.zoom_cells trains at one fixed number of zoomed cells: leave evaluate.alphas and "
+                    "evaluate.budgets empty"
+                )
+            return self
         budgets = [b for b in (zv.token_budget, *self.evaluate.budgets) if b is not None]
         alphas = [*([zv.alpha] if zv.token_budget is None else []), *self.evaluate.alphas]
         if zv.trains_in_budget_mode:

@@ -12,6 +12,21 @@ from __future__ import annotations
 import torch
 
 CONTROLS: tuple[str, ...] = ("random", "centre", "teacher", "box", "upsample")
+# Controls that know what ZoomViT cannot: relevance computed against the true label, the generator's box.
+ORACLES: dict[str, str] = {"teacher": "zoomvit_oracle_label", "box": "zoomvit_oracle_box"}
+
+
+def control_row(kind: str) -> str:
+    """A control's row name in evaluation.json: ``zoomvit_oracle_*`` for the oracles, else ``zoomvit_control_*``."""
+    return ORACLES.get(kind, f"zoomvit_control_{kind}")
+
+
+def row_label(model: str) -> str:
+    """A row's name in figures and tables, oracles named as such."""
+    return {
+        "zoomvit_oracle_label": "oracle: relevance vs. true label",
+        "zoomvit_oracle_box": "oracle: object box",
+    }.get(model, model.replace("zoomvit_control_", "control: "))
 
 
 def _centre_first(gh: int, gw: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from zoomvit.evaluation.controls import row_label
 from zoomvit.train.data import size_bucket_names
 
 
@@ -23,9 +24,12 @@ def frontier_figure(rows: list[dict[str, Any]]):
     the baseline family as lines, other baselines and the zoom controls as points."""
     plt = pyplot()
 
+    def cost(r):
+        return r.get("gflops_executed_per_img", r["gflops_per_img"])
+
     def errorbar(ax, group, fmt, label):
-        group = sorted(group, key=lambda r: r["gflops_per_img"])
-        x = [r["gflops_per_img"] for r in group]
+        group = sorted(group, key=cost)
+        x = [cost(r) for r in group]
         y = [100 * r["top1"] for r in group]
         err = [
             [100 * (r["top1"] - r["top1_ci95"][0]) for r in group],
@@ -36,11 +40,20 @@ def frontier_figure(rows: list[dict[str, Any]]):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     zoom = [r for r in rows if r["model"] == "zoomvit"]
     if zoom:
-        errorbar(ax, zoom, "o-", "ZoomViT (operating points)")
+        errorbar(ax, zoom, "o-", "ZoomViT (operating points), GFLOPs as executed")
+        if any(cost(r) != r["gflops_per_img"] for r in zoom):
+            ax.scatter(
+                [r["gflops_per_img"] for r in zoom],
+                [100 * r["top1"] for r in zoom],
+                marker="o",
+                facecolors="none",
+                edgecolors="C0",
+                label="ZoomViT, GFLOPs unpadded (each image alone)",
+            )
         head = [r for r in zoom if r.get("headline")]
         if head:
             ax.scatter(
-                [head[0]["gflops_per_img"]],
+                [cost(head[0])],
                 [100 * head[0]["top1"]],
                 s=160,
                 facecolors="none",
@@ -52,9 +65,9 @@ def frontier_figure(rows: list[dict[str, Any]]):
         errorbar(ax, family, "s--", "baseline family (input sizes)")
     for r in rows:
         if r["model"] != "zoomvit" and not (len(family) > 1 and r.get("family")):
-            marker = "x" if r["model"].startswith("zoomvit_control") else "s"
-            errorbar(ax, [r], marker, r["model"].replace("zoomvit_control_", "control: "))
-    ax.set_xlabel("GFLOPs / image (Zoomer included for ZoomViT)")
+            marker = "x" if r["model"].startswith(("zoomvit_control", "zoomvit_oracle")) else "s"
+            errorbar(ax, [r], marker, row_label(r["model"]))
+    ax.set_xlabel("GFLOPs / image as executed (Zoomer included for ZoomViT)")
     ax.set_ylabel("val top-1 (%), 95% bootstrap interval")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -67,7 +80,7 @@ def size_figure(rows: list[dict[str, Any]], buckets: list[float]):
     controls and every baseline, as grouped bars."""
     plt = pyplot()
     shown = [r for r in rows if r.get("headline") or (r["model"] != "zoomvit" and r.get("alpha") is None)]
-    shown += [r for r in rows if r["model"].startswith("zoomvit_control")]
+    shown += [r for r in rows if r["model"].startswith(("zoomvit_control", "zoomvit_oracle"))]
     names = [n for n in [*size_bucket_names(tuple(buckets)), "unknown"] if any(f"top1_size_{n}" in r for r in shown)]
     keys = [f"top1_size_{n}" for n in names]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys) + 2), 4.5))
@@ -78,7 +91,7 @@ def size_figure(rows: list[dict[str, Any]], buckets: list[float]):
         high = [100 * (row[f"{k}_ci95"][1] - row[k]) if k in row else 0 for k in keys]
         x = np.arange(len(keys)) + (i - (len(shown) - 1) / 2) * width
         label = (
-            "ZoomViT (reported)" if row["model"] == "zoomvit" else row["model"].replace("zoomvit_control_", "control: ")
+            "ZoomViT (reported)" if row["model"] == "zoomvit" else row_label(row["model"])
         )
         ax.bar(x, values, width, yerr=[low, high], capsize=2, label=label)
     ax.set_xticks(range(len(keys)), names)

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from zoomvit.config import PipelineConfig
-from zoomvit.evaluation.controls import CONTROLS, control_scores, matched_scores, nearest_2x
+from zoomvit.evaluation.controls import CONTROLS, control_row, control_scores, matched_scores, nearest_2x
 from zoomvit.evaluation.figures import frontier_figure, layouts_figure, pyplot, size_figure
 from zoomvit.evaluation.stats import bootstrap_ci, paired_delta_at_equal_gflops
 from zoomvit.models import zoomvit_flops
-from zoomvit.models.flops import TokenCostTable, count_flops, uniform_tokens
+from zoomvit.models.flops import TokenCostTable, selector_gflops, uniform_tokens
 from zoomvit.train.data import DecodedSplits, numpy_batch_input, sample_dataset, size_bucket
 from zoomvit.train.recipes import baseline_input_sizes, baseline_tasks, zoomvit_task
 from zoomvit.train.tasks import load_trained
@@ -40,13 +40,17 @@ class _Scores:
         self.hits: list[np.ndarray] = []
         self.top5: list[np.ndarray] = []
         self.counts: list[np.ndarray] = []  # each image's token count
+        self.zoomed: list[np.ndarray] = []  # each image's zoomed cells
         self.seconds = 0.0
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, tokens: np.ndarray, seconds: float) -> None:
+    def add(
+        self, logits: torch.Tensor, labels: torch.Tensor, tokens: np.ndarray, seconds: float, zoomed=None
+    ) -> None:
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         self.hits.append((top5[:, 0] == labels).numpy())
         self.top5.append((top5 == labels[:, None]).any(dim=1).numpy())
         self.counts.append(np.asarray(tokens))
+        self.zoomed.append(np.zeros(len(labels)) if zoomed is None else np.asarray(zoomed))
         self.seconds += seconds
 
     def all_hits(self) -> np.ndarray:
@@ -55,12 +59,16 @@ class _Scores:
     def all_counts(self) -> np.ndarray:
         return np.concatenate(self.counts).astype(np.float64)
 
+    def all_zoomed(self) -> np.ndarray:
+        return np.concatenate(self.zoomed).astype(np.float64)
+
     def aligned(self, order: np.ndarray) -> _Scores:
         """The same outcomes reordered (``order``: for each image of the main pass, its index here)."""
         out = _Scores()
         out.hits = [np.concatenate(self.hits)[order]]
         out.top5 = [np.concatenate(self.top5)[order]]
         out.counts = [np.concatenate(self.counts)[order]]
+        out.zoomed = [np.concatenate(self.zoomed)[order]]
         out.seconds = self.seconds
         return out
 
@@ -73,6 +81,7 @@ class _Scores:
             "top1_ci95": list(bootstrap_ci(hits)),
             "top5": float(np.concatenate(self.top5).mean()),
             "tokens_per_img": float(self.all_counts().mean()),
+            "zoomed_cells_per_img": float(self.all_zoomed().mean()),
             "img_per_s": n / self.seconds if self.seconds else 0.0,
             "n": n,
         }
@@ -149,8 +158,8 @@ def evaluate_models(
     teacher = _val_maps(relevance_dir, zoom.grid)
     controls = [c for c in CONTROLS if (c != "teacher" or teacher is not None) and (c != "upsample" or highres)]
     control_generator = torch.Generator().manual_seed(0)
-    cost = TokenCostTable(zoom)  # GFLOPs by token count, over every val image
-    fixed_gflops: dict[str, float] = {}  # the Zoomer and each baseline: one cost for every image
+    cost = TokenCostTable(zoom)  # GFLOPs by token count and zoomed cells, over every val image
+    fixed_gflops: dict[str, float] = {}  # the Zoomer (and detail gate) and each baseline: one cost for every image
     batch_size = config.zoomvit.train.eval_batch_size
     figure_rows: list[dict[str, Any]] = []
     keys: list[str] = []
@@ -160,28 +169,29 @@ def evaluate_models(
     val = sample_dataset(config.data, "val", highres=highres, splits=splits)
     for batch in val.iter_batches(batch_size=batch_size, batch_format="numpy"):
         x = numpy_batch_input(batch, config.data)
+        x_hr = numpy_batch_input(batch, config.data, "image_hr") if highres else None
         if not fixed_gflops:
-            fixed_gflops = {"zoomer": count_flops(zoom.zoomer, x[:1]) / 1e9}
+            fixed_gflops = {"zoomer": selector_gflops(zoom, x, x_hr)}
             fixed_gflops |= {
                 name: zoomvit_flops(base, torch.zeros(1, 3, size_of[name], size_of[name])).gflops
                 for name, base in baselines.items()
             }
-        x_hr = numpy_batch_input(batch, config.data, "image_hr") if highres else None
         labels = torch.tensor(batch["label"], dtype=torch.long)
         batch_keys = [str(k) for k in batch["key"]]
         keys.extend(batch_keys)
         buckets.extend(size_bucket(batch["box"], size, config.evaluate.size_buckets))
         strata.extend(str(s) for s in batch["stratum"])
         start = time.perf_counter()
-        importance = zoom.importance(x)
+        importance = zoom.importance(x, x_hr)
         zoomer_seconds = time.perf_counter() - start
         for a in alphas:
             start = time.perf_counter()
             logits, zt = zoom(x, importance, highres=x_hr, alpha=a, return_tokens=True)
             scores[("zoomvit", a)].add(
-                logits, labels, zt.num_tokens_B.numpy(), zoomer_seconds + time.perf_counter() - start
-            )
-            cost.observe(x, importance, zt.num_tokens_B, highres=x_hr, alpha=a)
+                logits, labels, zt.num_tokens_B.numpy(), zoomer_seconds + time.perf_counter() - start,
+                zt.zoomed_cells_B.numpy(),
+            )  # fmt: skip
+            cost.observe(x, importance, zt.num_tokens_B, zt.zoomed_cells_B, highres=x_hr, alpha=a)
             if a != headline:
                 continue
             for kind in controls:
@@ -197,9 +207,10 @@ def evaluate_models(
                     c_scores, c_hr = matched_scores(importance, ranking), x_hr
                 c_logits, c_zt = zoom(x, c_scores, highres=c_hr, alpha=a, return_tokens=True)
                 scores.setdefault(("control", kind), _Scores()).add(
-                    c_logits, labels, c_zt.num_tokens_B.numpy(), time.perf_counter() - start
-                )
-                cost.observe(x, c_scores, c_zt.num_tokens_B, highres=c_hr, alpha=a)
+                    c_logits, labels, c_zt.num_tokens_B.numpy(), time.perf_counter() - start,
+                    c_zt.zoomed_cells_B.numpy(),
+                )  # fmt: skip
+                cost.observe(x, c_scores, c_zt.num_tokens_B, c_zt.zoomed_cells_B, highres=c_hr, alpha=a)
             for i in range(min(len(x), config.evaluate.num_figures - len(figure_rows))):
                 figure_rows.append(
                     {
@@ -214,8 +225,10 @@ def evaluate_models(
             start = time.perf_counter()
             logits, zt = zoom(x, importance, highres=x_hr, token_budget=budget, return_tokens=True)
             seconds = zoomer_seconds + time.perf_counter() - start
-            scores[("zoomvit_budget", budget)].add(logits, labels, zt.num_tokens_B.numpy(), seconds)
-            cost.observe(x, importance, zt.num_tokens_B, highres=x_hr, token_budget=budget)
+            scores[("zoomvit_budget", budget)].add(
+                logits, labels, zt.num_tokens_B.numpy(), seconds, zt.zoomed_cells_B.numpy()
+            )
+            cost.observe(x, importance, zt.num_tokens_B, zt.zoomed_cells_B, highres=x_hr, token_budget=budget)
         for name, base in here.items():
             start = time.perf_counter()
             logits = base(x)
@@ -226,24 +239,26 @@ def evaluate_models(
         own = _own_size_pass(config, s, {n: m for n, m in baselines.items() if size_of[n] == s}, splits, keys)
         scores |= {(name, None): result for name, result in own.items()}
     parts = _parts(buckets, strata)
+    executed = _executed_cost(zoom)
     rows = []
     for (model, setting), s in scores.items():
         if model in ("zoomvit", "zoomvit_budget", "control"):
-            counts = s.all_counts().astype(np.int64)
+            counts, zoomed = s.all_counts(), s.all_zoomed()
             # a control's cells cost no Zoomer, except upsample's (ZoomViT's own cells)
             zoomer = fixed_gflops["zoomer"] if model != "control" or setting == "upsample" else 0.0
             gflops = {
-                "gflops_per_img": cost.unpadded(counts) + zoomer,
-                "gflops_padded_per_img": cost.padded(counts, batch_size) + zoomer,
+                "gflops_per_img": cost.unpadded(counts, zoomed) + zoomer,
+                "gflops_padded_per_img": cost.padded(counts, zoomed, batch_size) + zoomer,
             }
+            gflops["gflops_executed_per_img"] = gflops["gflops_padded_per_img" if executed == "padded" else "gflops_per_img"]
         else:
-            gflops = {"gflops_per_img": fixed_gflops[model], "gflops_padded_per_img": fixed_gflops[model]}
+            gflops = {k: fixed_gflops[model] for k in ("gflops_per_img", "gflops_padded_per_img", "gflops_executed_per_img")}
         if model == "zoomvit":
             rows.append(s.row(parts, model="zoomvit", alpha=setting, headline=setting == headline, **gflops))
         elif model == "zoomvit_budget":
             rows.append(s.row(parts, model="zoomvit", alpha=None, budget=setting, headline=False, **gflops))
         elif model == "control":
-            rows.append(s.row(parts, model=f"zoomvit_control_{setting}", alpha=headline, headline=False, **gflops))
+            rows.append(s.row(parts, model=control_row(setting), alpha=headline, headline=False, **gflops))
         else:
             family = model == "baseline" or model in {m.name for m in config.baseline.family}
             rows.append(s.row(parts, model=model, alpha=None, family=family, input_size=size_of[model], **gflops))
@@ -252,7 +267,10 @@ def evaluate_models(
         "rows": rows,
         "size_buckets": list(config.evaluate.size_buckets),
         "parts": {name: int(keep.sum()) for name, keep in parts.items()},
-        "equal_gflops": _equal_gflops(config, rows, scores, zoom_scores, parts, cost, fixed_gflops["zoomer"]),
+        "cost_as_executed": executed,
+        "equal_gflops": _equal_gflops(
+            rows, zoom_scores, scores, parts, cost, fixed_gflops["zoomer"], None if executed == "packed" else batch_size
+        ),
     }
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     figures = {
@@ -272,28 +290,45 @@ def evaluate_models(
     return result
 
 
+def _executed_cost(model: torch.nn.Module) -> str:
+    """How the evaluated ZoomViT ran its variable-length batches here: ``packed`` (each image's own
+    tokens) or ``padded`` (every image of a batch at its longest); the cost compared is that one."""
+    on_cuda = next(model.parameters()).is_cuda
+    return "packed" if model.sequences == "packed" or (model.sequences == "auto" and on_cuda) else "padded"
+
+
 def _equal_gflops(
-    config: PipelineConfig,
     rows: list[dict[str, Any]],
-    scores: dict,
     zoom_scores: _Scores,
+    scores: dict,
     parts: dict[str, np.ndarray],
     cost: TokenCostTable,
     zoomer_gflops: float,
+    padded_batch: int | None,
 ) -> dict[str, Any]:
-    """The reported ZoomViT against the baseline family: overall at its mean GFLOPs, and within each
-    bucket and stratum at ZoomViT's mean GFLOPs over that part's images (recorded with its tokens)."""
+    """The reported ZoomViT against the baseline family at its GFLOPs as executed (padded to each
+    batch's longest where it pads, ``padded_batch``): overall at its mean, and within each bucket and
+    stratum at ZoomViT's mean over that part's images (recorded with its tokens). ``bracket_ratio``: how
+    far apart, in GFLOPs, the two members are that the comparison interpolates between."""
     gflops = {r["model"]: r["gflops_per_img"] for r in rows if r.get("family")}
     hits = {name: scores[(name, None)].all_hits() for name in gflops}
-    zoom_hits, counts = zoom_scores.all_hits(), zoom_scores.all_counts().astype(np.int64)
+    zoom_hits, counts = zoom_scores.all_hits(), zoom_scores.all_counts()
+    per_image = cost.per_image(counts, zoom_scores.all_zoomed(), padded_batch) + zoomer_gflops
     out: dict[str, Any] = {"family": sorted(gflops, key=gflops.get)}
     for name, keep in {"all": np.ones(len(zoom_hits), dtype=bool), **parts}.items():
         if not keep.any():
             continue
-        at = cost.unpadded(counts[keep]) + zoomer_gflops
+        at = float(per_image[keep].mean())
         delta = paired_delta_at_equal_gflops(zoom_hits[keep], at, [(g, hits[n][keep]) for n, g in gflops.items()])
         out[name] = (
-            None if delta is None else {**delta, "zoomvit_gflops": at, "zoomvit_tokens": float(counts[keep].mean())}
+            None
+            if delta is None
+            else {
+                **delta,
+                "zoomvit_gflops": at,
+                "zoomvit_tokens": float(counts[keep].mean()),
+                "bracket_ratio": delta["baseline_gflops"][1] / delta["baseline_gflops"][0],
+            }
         )
         if name == "all":
             out["zoomvit_gflops"] = at

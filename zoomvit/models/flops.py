@@ -35,6 +35,21 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     return counter.get_total_flops()
 
 
+# The detail gate per value of the 2x copy: the 2x2 average (1 add), the residual (1), its square (1)
+# and the per-cell sums (1); the flop counter sees none of these elementwise operations.
+DETAIL_GATE_FLOPS_PER_VALUE = 4
+
+
+def selector_gflops(model: nn.Module, images_BCHW: torch.Tensor, highres: torch.Tensor | None = None) -> float:
+    """GFLOPs per image of choosing the cells: the Zoomer (counted) and, with ``detail_gate``, the
+    gate over the 2x copy (its elementwise operations, by formula)."""
+    gflops = count_flops(model.zoomer, images_BCHW[:1]) / 1e9
+    if getattr(model, "detail_gate", None) is not None:
+        assert highres is not None
+        gflops += DETAIL_GATE_FLOPS_PER_VALUE * highres[:1].numel() / 1e9
+    return gflops
+
+
 @torch.no_grad()
 def zoomvit_flops(
     model: nn.Module,
@@ -79,12 +94,13 @@ def zoomvit_flops(
 
 
 class TokenCostTable:
-    """A ZoomViT image's GFLOPs by its token count (its cost depends on nothing else), measured
-    once per count as counts are seen: a whole val set costs one forward per distinct count."""
+    """A ZoomViT image's GFLOPs by its token count and zoomed cells (its cost depends on nothing
+    else: the transformer on the count, a folded cell's sub-cell embeddings on the cells), measured
+    once per pair as pairs are seen: a whole val set costs one forward per distinct pair."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.gflops: dict[int, float] = {}
+        self.gflops: dict[tuple[int, int], float] = {}
 
     @torch.no_grad()
     def observe(
@@ -92,34 +108,47 @@ class TokenCostTable:
         images_BCHW: torch.Tensor,
         scores_BHW: torch.Tensor,
         tokens_B: torch.Tensor,
+        zoomed_B: torch.Tensor,
         *,
         highres: torch.Tensor | None = None,
         **zoom: Any,
     ) -> None:
-        """Measure every count in ``tokens_B`` not measured yet, on the image that has it, run alone."""
+        """Measure every (tokens, zoomed cells) pair not measured yet, on the image that has it, run alone."""
         was_training = self.model.training
         self.model.eval()
         try:
-            for i, n in enumerate(tokens_B.tolist()):
-                if n not in self.gflops:
+            for i, key in enumerate(zip(tokens_B.tolist(), zoomed_B.tolist())):
+                if key not in self.gflops:
                     one = {k: v[i : i + 1] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in zoom.items()}
                     hr = None if highres is None else highres[i : i + 1]
                     cost = count_flops(self.model, images_BCHW[i : i + 1], scores_BHW[i : i + 1], highres=hr, **one)
-                    self.gflops[n] = cost / 1e9
+                    self.gflops[key] = cost / 1e9
         finally:
             self.model.train(was_training)
 
-    def unpadded(self, counts_N: np.ndarray) -> float:
-        """Mean GFLOPs/img with every image run alone (its own token count)."""
-        return float(np.mean([self.gflops[int(n)] for n in counts_N]))
+    def per_image(self, counts_N: np.ndarray, zoomed_N: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Each image's GFLOPs: run alone (``batch_size`` None; packed sequences spend the same), or in
+        batches of ``batch_size`` in the given order, each padded to its longest sequence (what a
+        padded forward spends: every image of a batch costs its longest image, except where nothing
+        is padded, as in a fold or fixed-count batch, where each keeps its own)."""
+        counts_N, zoomed_N = np.asarray(counts_N, dtype=np.int64), np.asarray(zoomed_N, dtype=np.int64)
+        own = np.array([self.gflops[(int(n), int(z))] for n, z in zip(counts_N, zoomed_N)], dtype=np.float64)
+        if batch_size is None:
+            return own
+        out = own.copy()
+        for i in range(0, len(counts_N), batch_size):
+            n = counts_N[i : i + batch_size]
+            if not (n == n[0]).all():
+                out[i : i + batch_size] = own[i + int(np.argmax(n))]
+        return out
 
-    def padded(self, counts_N: np.ndarray, batch_size: int) -> float:
-        """Mean GFLOPs/img when images run in batches of ``batch_size`` (in the given order), each
-        batch padded to its longest sequence: what a batched forward spends."""
-        counts_N = np.asarray(counts_N, dtype=np.int64)
-        per_image = [self.gflops[int(counts_N[i : i + batch_size].max())] for i in range(0, len(counts_N), batch_size)]
-        sizes = [len(counts_N[i : i + batch_size]) for i in range(0, len(counts_N), batch_size)]
-        return float(np.dot(per_image, sizes) / len(counts_N))
+    def unpadded(self, counts_N: np.ndarray, zoomed_N: np.ndarray) -> float:
+        """Mean GFLOPs/img with every image run alone (its own tokens)."""
+        return float(self.per_image(counts_N, zoomed_N).mean())
+
+    def padded(self, counts_N: np.ndarray, zoomed_N: np.ndarray, batch_size: int) -> float:
+        """Mean GFLOPs/img in batches of ``batch_size``, each padded to its longest sequence."""
+        return float(self.per_image(counts_N, zoomed_N, batch_size).mean())
 
 
 def uniform_tokens(model: nn.Module) -> int:

@@ -14,6 +14,17 @@ projection. A zoomed sub-cell's P x P pixels come from one of:
 
 Coarse tokens read the 2x down-sampled (2x2 average) image.
 
+What a zoomed cell's fine view does to the cell's own token (``merge``):
+
+- ``replace`` (the paper): the four P/2 tokens take the place of the cell's P x P token;
+- ``add``: the cell keeps its P x P token and gains the four P/2 tokens beside it (the global-plus-local
+  pattern of high-resolution multimodal models), 4 more tokens per zoomed cell;
+- ``fold``: the cell stays one token; its four sub-cell embeddings are concatenated and added to it
+  through a zero-initialised projection (APT, arXiv 2510.18091), so the token count never changes.
+
+The number of zoomed cells comes from ``alpha`` (every cell above it), or is fixed per image
+(``zoom_cells``: the top-k cells, the same shape for every image; ``token_budget`` says it in tokens).
+
 Tokens of every kind live in one fixed per-image "universe" (coarse blocks and normal cells in raster
 order, then zoomed sub-cells cell by cell: the four sub-cells of a cell are adjacent); a layout picks
 the valid ones, sorts them by importance (stable, so ties keep the universe order and a cell's four
@@ -36,8 +47,11 @@ NUM_LEVELS = 3
 
 ZoomSource = Literal["upsample", "highres"]
 ZoomResample = Literal["nearest", "bilinear"]
+ZoomMerge = Literal["replace", "add", "fold"]
 ZOOM_SOURCES: tuple[str, ...] = ("upsample", "highres")
 ZOOM_RESAMPLES: tuple[str, ...] = ("nearest", "bilinear")
+ZOOM_MERGES: tuple[str, ...] = ("replace", "add", "fold")
+TOKENS_PER_ZOOMED_CELL = {"replace": 3, "add": 4, "fold": 0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,23 +63,45 @@ class ZoomConfig:
     coarse_alpha: 2x2 blocks whose four scores are all < coarse_alpha become one 2P token
         (None: no coarse tokens). Must not exceed alpha.
     keep_rate: after ordering by importance keep ceil(keep_rate * n) tokens per image (pruning).
-    token_budget: if set, zoom exactly the top-k cells of every image so that each image has
-        ``token_budget`` tokens; alpha and coarse_alpha are ignored. An int (static shapes, no
-        padding) or a (B,) tensor of per-image budgets. Ties go to the lower cell index.
+    zoom_cells: if set, zoom exactly the top-k cells of every image (alpha and coarse_alpha are
+        ignored): an int (static shapes, no padding) or a (B,) tensor of per-image counts. Ties go to
+        the lower cell index.
+    token_budget: the same, said as each image's token count (cells + k * tokens per zoomed cell
+        of ``merge``; not for ``fold``, whose count never changes).
+    merge: what a zoomed cell's fine tokens do to its own token: ``replace``, ``add`` or ``fold``.
     """
 
     alpha: float | torch.Tensor = 0.5
     coarse_alpha: float | None = None
     keep_rate: float = 1.0
     token_budget: int | torch.Tensor | None = None
+    zoom_cells: int | torch.Tensor | None = None
+    merge: ZoomMerge = "replace"
 
     def __post_init__(self) -> None:
+        if self.merge not in ZOOM_MERGES:
+            raise ValueError(f"merge must be one of {ZOOM_MERGES}, got {self.merge!r}")
         if self.coarse_alpha is not None and self.coarse_alpha > float(torch.as_tensor(self.alpha).min()):
             raise ValueError(f"coarse_alpha ({self.coarse_alpha}) must not exceed alpha ({self.alpha})")
+        if self.coarse_alpha is not None and self.merge != "replace":
+            raise ValueError(f"coarse tokens combine only with merge='replace', got merge={self.merge!r}")
         if not 0.0 < self.keep_rate <= 1.0:
             raise ValueError(f"keep_rate must be in (0, 1], got {self.keep_rate}")
+        if self.keep_rate < 1.0 and self.merge == "fold":
+            raise ValueError("keep_rate prunes tokens by their importance; merge='fold' keeps one token per cell")
+        if self.token_budget is not None and self.zoom_cells is not None:
+            raise ValueError("set one of token_budget and zoom_cells")
+        if self.token_budget is not None and self.merge == "fold":
+            raise ValueError("merge='fold' keeps one token per cell: fix the zoomed cells with zoom_cells instead")
         if self.token_budget is not None and int(torch.as_tensor(self.token_budget).min()) <= 0:
             raise ValueError(f"token_budget must be positive, got {self.token_budget}")
+        if self.zoom_cells is not None and int(torch.as_tensor(self.zoom_cells).min()) < 0:
+            raise ValueError(f"zoom_cells must be >= 0, got {self.zoom_cells}")
+
+    @property
+    def fixed_count(self) -> bool:
+        """Whether every image zooms a set number of cells (top-k) rather than those above alpha."""
+        return self.token_budget is not None or self.zoom_cells is not None
 
 
 @dataclass(frozen=True)
@@ -77,6 +113,7 @@ class TokenLayout:
     level_BL: COARSE / NORMAL / ZOOM (0 where padded).
     box_BL4: pixel box (x0, y0, x1, y1) of each token in the input image (0 where padded).
     importance_BL: the score the token was ordered by (0 where padded).
+    zoomed_cells_B: how many cells of each image are zoomed.
     """
 
     index_BL: torch.Tensor
@@ -84,6 +121,7 @@ class TokenLayout:
     level_BL: torch.Tensor
     box_BL4: torch.Tensor
     importance_BL: torch.Tensor
+    zoomed_cells_B: torch.Tensor
 
     @property
     def num_tokens_B(self) -> torch.Tensor:
@@ -131,9 +169,16 @@ def cell_levels(scores_BHW: torch.Tensor, config: ZoomConfig) -> torch.Tensor:
     """The zoom level of every grid cell (COARSE cells come in aligned 2x2 blocks)."""
     B, gh, gw = scores_BHW.shape
     levels = torch.zeros_like(scores_BHW, dtype=torch.long)
-    if config.token_budget is not None:
-        budget_B = torch.as_tensor(config.token_budget, device=scores_BHW.device).expand(B)
-        k_B = torch.tensor([budget_zoom_cells(int(b), gh * gw) for b in budget_B.tolist()], device=scores_BHW.device)
+    if config.fixed_count:
+        if config.zoom_cells is not None:
+            k_B = torch.as_tensor(config.zoom_cells, device=scores_BHW.device).expand(B)
+            if int(k_B.max()) > gh * gw:
+                raise ValueError(f"zoom_cells {int(k_B.max())} exceeds the grid's {gh * gw} cells")
+        else:
+            budget_B = torch.as_tensor(config.token_budget, device=scores_BHW.device).expand(B)
+            k_B = torch.tensor(
+                [budget_zoom_cells(int(b), gh * gw, config.merge) for b in budget_B.tolist()], device=scores_BHW.device
+            )
         order = torch.sort(scores_BHW.flatten(1), dim=1, descending=True, stable=True).indices
         rank_BN = torch.empty_like(order).scatter_(1, order, torch.arange(gh * gw, device=order.device).expand(B, -1))
         levels.view(B, -1)[rank_BN < k_B[:, None]] = ZOOM
@@ -148,14 +193,18 @@ def cell_levels(scores_BHW: torch.Tensor, config: ZoomConfig) -> torch.Tensor:
     return levels
 
 
-def budget_zoom_cells(token_budget: int, num_cells: int) -> int:
+def budget_zoom_cells(token_budget: int, num_cells: int, merge: ZoomMerge = "replace") -> int:
+    per_cell = TOKENS_PER_ZOOMED_CELL[merge]
+    if per_cell == 0:
+        raise ValueError("merge='fold' keeps one token per cell: a token budget cannot set its zoomed cells")
     extra = token_budget - num_cells
-    if extra < 0 or extra % 3 or extra // 3 > num_cells:
+    if extra < 0 or extra % per_cell or extra // per_cell > num_cells:
         raise ValueError(
             f"token_budget {token_budget} is not reachable on a grid of {num_cells} cells: it must be "
-            f"{num_cells} + 3k for 0 <= k <= {num_cells} (each zoomed cell adds 3 tokens)"
+            f"{num_cells} + {per_cell}k for 0 <= k <= {num_cells} (each zoomed cell adds {per_cell} tokens "
+            f"with merge={merge!r})"
         )
-    return extra // 3
+    return extra // per_cell
 
 
 def plan_layout(scores_BHW: torch.Tensor, universe: TokenUniverse, config: ZoomConfig) -> TokenLayout:
@@ -163,7 +212,7 @@ def plan_layout(scores_BHW: torch.Tensor, universe: TokenUniverse, config: ZoomC
     B, gh, gw = scores_BHW.shape
     if (gh, gw) != universe.grid:
         raise ValueError(f"score maps of grid {gh}x{gw} do not match the model's patch grid {universe.grid}")
-    if config.coarse_alpha is not None and config.token_budget is None and not universe.coarse:
+    if config.coarse_alpha is not None and not config.fixed_count and not universe.coarse:
         raise ValueError("coarse_alpha is set but the model was built without coarse tokens (coarse=False)")
     scores_BHW = scores_BHW.detach().float()
     levels_BHW = cell_levels(scores_BHW, config)
@@ -177,12 +226,18 @@ def plan_layout(scores_BHW: torch.Tensor, universe: TokenUniverse, config: ZoomC
         coarse_score = F.avg_pool2d(scores_BHW.unsqueeze(1), 2).reshape(B, blocks)
         parts_valid.append(coarse_valid)
         parts_score.append(coarse_score)
-    parts_valid.append(flat_levels == NORMAL)
+    zoomed = flat_levels == ZOOM
+    parts_valid.append(flat_levels == NORMAL if config.merge == "replace" else flat_levels != COARSE)
     parts_score.append(flat_scores)
-    parts_valid.append((flat_levels == ZOOM).repeat_interleave(4, dim=1))
+    parts_valid.append((zoomed if config.merge != "fold" else torch.zeros_like(zoomed)).repeat_interleave(4, dim=1))
     parts_score.append(flat_scores.repeat_interleave(4, dim=1))
     valid_BU = torch.cat(parts_valid, dim=1)
     score_BU = torch.cat(parts_score, dim=1)
+    level_BU = universe.level_U.to(valid_BU.device).expand(B, -1)
+    if config.merge == "fold":  # a folded cell's one token carries the zoom level
+        first = level_BU.shape[1] - 5 * gh * gw
+        level_BU = level_BU.clone()
+        level_BU[:, first : first + gh * gw] = torch.where(zoomed, ZOOM, NORMAL)
 
     key_BU = torch.where(valid_BU, score_BU, torch.full_like(score_BU, -math.inf))
     order_BU = torch.sort(key_BU, dim=1, descending=True, stable=True).indices
@@ -193,7 +248,7 @@ def plan_layout(scores_BHW: torch.Tensor, universe: TokenUniverse, config: ZoomC
     index_BL = order_BU[:, :L]
     valid_BL = torch.arange(L, device=index_BL.device).unsqueeze(0) < n_valid_B.unsqueeze(1)
     index_BL = torch.where(valid_BL, index_BL, torch.zeros_like(index_BL))
-    level_BL = torch.where(valid_BL, universe.level_U.to(index_BL.device)[index_BL], 0)
+    level_BL = torch.where(valid_BL, level_BU.gather(1, index_BL), 0)
     box_BL4 = universe.box_U4.to(index_BL.device)[index_BL] * valid_BL.unsqueeze(-1)
     importance_BL = torch.where(valid_BL, score_BU.gather(1, index_BL), 0.0)
     return TokenLayout(
@@ -202,7 +257,16 @@ def plan_layout(scores_BHW: torch.Tensor, universe: TokenUniverse, config: ZoomC
         level_BL=level_BL,
         box_BL4=box_BL4,
         importance_BL=importance_BL,
+        zoomed_cells_B=zoomed.sum(dim=1),
     )
+
+
+def detail_energy(highres_BCHW: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Per cell of the patch grid, the RMS of what the 2x copy holds beyond its own 2x2 average (the
+    top octave, which a view at half its resolution cannot hold), in the images' own units: (B, gh, gw)."""
+    base = F.avg_pool2d(highres_BCHW, 2).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    residual = (highres_BCHW - base).pow(2).mean(dim=1, keepdim=True)
+    return F.adaptive_avg_pool2d(residual, grid).squeeze(1).sqrt()
 
 
 def zoom_pixels(
@@ -239,15 +303,6 @@ def universe_patches(images_BCHW: torch.Tensor, universe: TokenUniverse, zoomed_
     parts.append(_patchify(images_BCHW, P))
     parts.append(_cell_major(_patchify(zoomed_BCHW, P), universe.grid))
     return torch.cat(parts, dim=1)
-
-
-def gather_patches(
-    images_BCHW: torch.Tensor, universe: TokenUniverse, layout: TokenLayout, zoomed_BCHW: torch.Tensor
-) -> torch.Tensor:
-    """Pixels of the chosen tokens only: (B, L, C*P*P)."""
-    patches_BUK = universe_patches(images_BCHW, universe, zoomed_BCHW)
-    idx = layout.index_BL.unsqueeze(-1).expand(-1, -1, patches_BUK.shape[-1])
-    return patches_BUK.gather(1, idx)
 
 
 def _patchify(x_BCHW: torch.Tensor, P: int) -> torch.Tensor:

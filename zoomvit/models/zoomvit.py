@@ -27,15 +27,18 @@ from timm.models.vision_transformer import VisionTransformer
 from zoomvit.models.packed import pack, packed_block, unpack
 from zoomvit.models.tokenizer import (
     NUM_LEVELS,
+    ZOOM,
     ZOOM_RESAMPLES,
     ZOOM_SOURCES,
     TokenLayout,
     ZoomConfig,
+    ZoomMerge,
     ZoomResample,
     ZoomSource,
     build_universe,
-    gather_patches,
+    detail_energy,
     plan_layout,
+    universe_patches,
     universe_pos_embed,
     zoom_pixels,
 )
@@ -53,6 +56,7 @@ class ZoomTokens:
     level_BL: zoom level, -1 coarse (2P px), 0 normal (P px), 1 zoomed (P/2 px).
     valid_BL: False where the row is padding.
     importance_BL: the score the token was ordered by.
+    zoomed_cells_B: how many cells of each image are zoomed (with the token count, what its cost depends on).
     """
 
     tokens_BLD: torch.Tensor
@@ -60,6 +64,7 @@ class ZoomTokens:
     level_BL: torch.Tensor
     valid_BL: torch.Tensor
     importance_BL: torch.Tensor
+    zoomed_cells_B: torch.Tensor
 
     @property
     def num_tokens_B(self) -> torch.Tensor:
@@ -75,6 +80,9 @@ class ZoomViT(VisionTransformer):
         coarse: bool = False,
         keep_rate: float = 1.0,
         token_budget: int | None = None,
+        zoom_cells: int | None = None,
+        zoom_merge: ZoomMerge = "replace",
+        detail_gate: float | None = None,
         zoom_source: ZoomSource = "upsample",
         zoom_resample: ZoomResample = "nearest",
         zoomer_width: int = 64,
@@ -96,6 +104,8 @@ class ZoomViT(VisionTransformer):
             raise ValueError(f"zoom_source must be one of {ZOOM_SOURCES}, got {zoom_source!r}")
         if zoom_resample not in ZOOM_RESAMPLES:
             raise ValueError(f"zoom_resample must be one of {ZOOM_RESAMPLES}, got {zoom_resample!r}")
+        if detail_gate is not None and zoom_source != "highres":
+            raise ValueError("detail_gate measures what the 2x copy adds: it needs zoom_source='highres'")
         if sequences not in ("auto", "packed", "padded"):
             raise ValueError(f"sequences must be 'auto', 'packed' or 'padded', got {sequences!r}")
         super().__init__(**vit_kwargs)
@@ -110,10 +120,25 @@ class ZoomViT(VisionTransformer):
             self.head_dist = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
             trunc_normal_(self.dist_token, std=0.02)
             trunc_normal_(self.pos_embed[:, 1:2], std=0.02)
-        self.zoom = ZoomConfig(alpha=alpha, coarse_alpha=coarse_alpha, keep_rate=keep_rate, token_budget=token_budget)
+        self.zoom = ZoomConfig(
+            alpha=alpha,
+            coarse_alpha=coarse_alpha,
+            keep_rate=keep_rate,
+            token_budget=token_budget,
+            zoom_cells=zoom_cells,
+            merge=zoom_merge,
+        )
         self.coarse = coarse or coarse_alpha is not None
+        if self.coarse and zoom_merge != "replace":
+            raise ValueError(f"coarse tokens combine only with zoom_merge='replace', got {zoom_merge!r}")
         self.zoom_source, self.zoom_resample = zoom_source, zoom_resample
+        self.detail_gate = detail_gate
         self.zoom_embed = nn.Parameter(torch.zeros(NUM_LEVELS, self.embed_dim))
+        self.zoom_fold = None
+        if zoom_merge == "fold":  # zero-initialised: a folded cell starts as its plain token
+            self.zoom_fold = nn.Linear(4 * self.embed_dim, self.embed_dim)
+            nn.init.zeros_(self.zoom_fold.weight)
+            nn.init.zeros_(self.zoom_fold.bias)
         self.zoomer = (
             Zoomer(grid=self.grid, width=zoomer_width, depth=zoomer_depth, head=zoomer_head) if with_zoomer else None
         )
@@ -146,7 +171,12 @@ class ZoomViT(VisionTransformer):
 
     def zoom_config(self, **overrides: Any) -> ZoomConfig:
         """The model's zoom settings with some fields replaced (alpha=..., token_budget=..., ...)."""
-        return replace(self.zoom, **{k: v for k, v in overrides.items() if v is not None})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "zoom_cells" in overrides:  # one way to fix the count: the call's replaces the model's
+            overrides.setdefault("token_budget", None)
+        elif "token_budget" in overrides:
+            overrides.setdefault("zoom_cells", None)
+        return replace(self.zoom, **overrides)
 
     def attach_zoomer(self, zoomer: Zoomer, *, freeze: bool = True) -> ZoomViT:
         if tuple(zoomer.grid) != self.grid:
@@ -154,10 +184,18 @@ class ZoomViT(VisionTransformer):
         self.zoomer = zoomer.freeze() if freeze else zoomer
         return self
 
-    def importance(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+    def importance(self, images_BCHW: torch.Tensor, highres: torch.Tensor | None = None) -> torch.Tensor:
+        """The Zoomer's cell scores; with ``detail_gate``, zero where the 2x copy ``highres`` holds no
+        more detail than the base view (:func:`~zoomvit.models.tokenizer.detail_energy` at or below it)."""
         if self.zoomer is None:
             raise ValueError("this ZoomViT has no Zoomer: pass scores=... or attach_zoomer() first")
-        return self.zoomer(images_BCHW)
+        scores_BHW = self.zoomer(images_BCHW)
+        if self.detail_gate is None:
+            return scores_BHW
+        if highres is None:
+            raise ValueError("detail_gate needs the 2x resolution copy of the images (highres=...)")
+        detail_BHW = detail_energy(highres.float(), self.grid)
+        return scores_BHW * (detail_BHW > self.detail_gate).to(scores_BHW.dtype)
 
     def layout(self, scores_BHW: torch.Tensor, config: ZoomConfig | None = None) -> TokenLayout:
         return plan_layout(scores_BHW, self._universe_on(scores_BHW.device), config or self.zoom)
@@ -174,17 +212,21 @@ class ZoomViT(VisionTransformer):
         """Embed an image batch into zoom tokens. ``highres``: the images at twice the resolution
         (read by zoomed tokens when ``zoom_source='highres'``); ``zoom`` overrides zoom config fields."""
         if scores_BHW is None:
-            scores_BHW = self.importance(images_BCHW)
+            scores_BHW = self.importance(images_BCHW, highres)
         config = config or self.zoom_config(**zoom)
+        if config.merge != self.zoom.merge:
+            raise ValueError(f"this ZoomViT was built with zoom_merge={self.zoom.merge!r}, not {config.merge!r}")
         universe = self._universe_on(images_BCHW.device)
         layout = plan_layout(scores_BHW, universe, config)
         pe = self.patch_embed
         weight = pe.proj.weight
         images_BCHW = images_BCHW.to(weight.dtype)
         zoomed = zoom_pixels(images_BCHW, source=self.zoom_source, resample=self.zoom_resample, highres_BCHW=highres)
-        patches_BLK = gather_patches(images_BCHW, universe, layout, zoomed)
-        tokens = F.linear(patches_BLK, weight.flatten(1), pe.proj.bias)
-        tokens = pe.norm(tokens)
+        patches_BUK = universe_patches(images_BCHW, universe, zoomed)
+        patches_BLK = patches_BUK.gather(1, layout.index_BL.unsqueeze(-1).expand(-1, -1, patches_BUK.shape[-1]))
+        tokens = pe.norm(F.linear(patches_BLK, weight.flatten(1), pe.proj.bias))
+        if self.zoom_fold is not None:
+            tokens = self._fold(tokens, patches_BUK, layout, universe)
         pos_grid = self.pos_embed[:, self.num_prefix_tokens :].reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
         pos_UD = universe_pos_embed(pos_grid, universe)
         tokens = tokens + pos_UD[layout.index_BL] + self.zoom_embed[layout.level_BL + 1]
@@ -195,7 +237,22 @@ class ZoomViT(VisionTransformer):
             level_BL=layout.level_BL,
             valid_BL=layout.valid_BL,
             importance_BL=layout.importance_BL,
+            zoomed_cells_B=layout.zoomed_cells_B,
         )
+
+    def _fold(self, tokens_BLD, patches_BUK, layout: TokenLayout, universe) -> torch.Tensor:
+        """Add each zoomed cell's four sub-cell embeddings, concatenated, through ``zoom_fold``; only
+        the zoomed cells' sub-cells are embedded."""
+        b_M, l_M = (layout.valid_BL & (layout.level_BL == ZOOM)).nonzero(as_tuple=True)
+        if len(b_M) == 0:
+            return tokens_BLD
+        cells = self.num_cells
+        first_cell = patches_BUK.shape[1] - 5 * cells  # the universe: [coarse] cells, then 4 sub-cells per cell
+        cell_M = layout.index_BL[b_M, l_M] - first_cell
+        sub_M4 = first_cell + cells + 4 * cell_M[:, None] + torch.arange(4, device=cell_M.device)
+        pe = self.patch_embed
+        fine_M4D = pe.norm(F.linear(patches_BUK[b_M[:, None], sub_M4], pe.proj.weight.flatten(1), pe.proj.bias))
+        return tokens_BLD.index_put((b_M, l_M), self.zoom_fold(fine_M4D.flatten(1)), accumulate=True)
 
     def forward_tokens(self, zt: ZoomTokens) -> torch.Tensor:
         """Transformer over zoom tokens; returns the normed sequence with the class token first."""

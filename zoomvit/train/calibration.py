@@ -18,17 +18,23 @@ from zoomvit.config import PipelineConfig
 from zoomvit.train.data import DecodedSplits, numpy_batch_input, sample_dataset
 
 
-def calibrate_alpha(scores_NHW: torch.Tensor, target_tokens: float) -> float:
+def calibrate_alpha(scores_NHW: torch.Tensor, target_tokens: float, tokens_per_cell: int = 3) -> float:
     """The alpha whose layouts of these maps average ``target_tokens`` tokens per image (each
-    zoomed cell adds 3): the midpoint between the k-th and (k+1)-th highest score of the slice."""
+    zoomed cell adds ``tokens_per_cell``)."""
     N, gh, gw = scores_NHW.shape
     cells = gh * gw
-    if not cells <= target_tokens <= 4 * cells:
-        raise ValueError(
-            f"target of {target_tokens} tokens per image is outside [{cells}, {4 * cells}] for a {gh}x{gw} grid"
-        )
+    top = cells + tokens_per_cell * cells
+    if tokens_per_cell <= 0 or not cells <= target_tokens <= top:
+        raise ValueError(f"target of {target_tokens} tokens per image is outside [{cells}, {top}] for a {gh}x{gw} grid")
+    return alpha_for_cells(scores_NHW, (target_tokens - cells) / tokens_per_cell)
+
+
+def alpha_for_cells(scores_NHW: torch.Tensor, mean_cells: float) -> float:
+    """The alpha whose layouts of these maps zoom ``mean_cells`` cells per image on average: the
+    midpoint between the k-th and (k+1)-th highest score of the slice."""
+    N = scores_NHW.shape[0]
     flat = scores_NHW.detach().double().flatten().sort(descending=True).values
-    k = int(round((target_tokens - cells) / 3 * N))
+    k = int(round(mean_cells * N))
     if k == 0:
         return float(min(1.0, flat[0] + 1e-6))
     if k >= len(flat):
@@ -36,32 +42,31 @@ def calibrate_alpha(scores_NHW: torch.Tensor, target_tokens: float) -> float:
     return float((flat[k - 1] + flat[k]) / 2)
 
 
-def tokens_for_gflops(model, target_gflops: float, image_BCHW: torch.Tensor) -> float:
-    """The token count whose measured cost (backbone + Zoomer, one image) is closest to the target;
-    cost rises with the count, so a bisection over the reachable counts (cells + 3k) finds it."""
-    from zoomvit.models.flops import count_flops
+def cells_for_gflops(model, target_gflops: float, image_BCHW: torch.Tensor, highres=None) -> int:
+    """The number of zoomed cells whose measured cost (backbone + Zoomer, one image) is closest to
+    the target; cost rises with it, so a bisection over 0..cells finds it."""
+    from zoomvit.models.flops import count_flops, selector_gflops
 
     cells = model.num_cells
-    zoomer = count_flops(model.zoomer, image_BCHW) / 1e9
+    zoomer = selector_gflops(model, image_BCHW, highres)
     scores = torch.rand(1, *model.grid)
 
     measured: dict[int, float] = {}
 
     def cost(k: int) -> float:
         if k not in measured:
-            measured[k] = zoomer + count_flops(model, image_BCHW, scores, token_budget=cells + 3 * k) / 1e9
+            measured[k] = zoomer + count_flops(model, image_BCHW, scores, highres=highres, zoom_cells=k) / 1e9
         return measured[k]
 
     lo, hi = 0, cells
     if target_gflops <= cost(lo):
-        return float(cells)
+        return 0
     if target_gflops >= cost(hi):
-        return float(4 * cells)
+        return cells
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if cost(mid) <= target_gflops else (lo, mid)
-    best = min((lo, hi), key=lambda k: abs(cost(k) - target_gflops))
-    return float(cells + 3 * best)
+    return min((lo, hi), key=lambda k: abs(cost(k) - target_gflops))
 
 
 @torch.no_grad()
@@ -82,34 +87,46 @@ def calibrate_operating_point(
         zoomer_width=config.zoomer.width,
         zoomer_depth=config.zoomer.depth,
         zoomer_head=config.zoomer.head,
+        zoom_merge=zv.merge,
+        detail_gate=zv.detail_gate,
+        zoom_source=zv.zoom_source,
         **zv.model_kwargs,
     ).eval()
     model.zoomer.load_state_dict(load_state_dict_file(zoomer_weights))
     model.zoomer.freeze()
+    highres = zv.reads_highres
     scores, keys = [], []
-    for batch in sample_dataset(data, "train", part="calibration", splits=splits).iter_batches(
+    for batch in sample_dataset(data, "train", part="calibration", highres=highres, splits=splits).iter_batches(
         batch_size=256, batch_format="numpy"
     ):
         x = numpy_batch_input(batch, data)
-        scores.append(model.importance(x))
+        x_hr = numpy_batch_input(batch, data, "image_hr") if highres else None
+        scores.append(model.importance(x, x_hr))
         keys.extend(str(k) for k in batch["key"])
     if not keys:
         raise ValueError("the calibration slice is empty: raise data.calibration_fraction")
     scores_NHW = torch.cat(scores)
-    target = zv.target_tokens
-    if target is None:
-        target = tokens_for_gflops(model, zv.target_gflops, x[:1])
-    cells = model.num_cells
-    alpha = calibrate_alpha(scores_NHW, target)
-    widest = min(4 * cells, 2 * target - cells)
-    train_alpha = sorted((calibrate_alpha(scores_NHW, widest), calibrate_alpha(scores_NHW, cells)))
-    achieved = cells + 3 * float((scores_NHW > alpha).sum(dim=(1, 2)).float().mean())
+    cells, per_cell = model.num_cells, zv.tokens_per_zoomed_cell
+    if zv.target_tokens is not None:
+        target_cells = (zv.target_tokens - cells) / per_cell
+        if not 0 <= target_cells <= cells:
+            raise ValueError(
+                f"target of {zv.target_tokens} tokens per image is outside "
+                f"[{cells}, {cells + per_cell * cells}] for merge={zv.merge}"
+            )
+    else:
+        target_cells = cells_for_gflops(model, zv.target_gflops, x[:1], None if x_hr is None else x_hr[:1])
+    alpha = alpha_for_cells(scores_NHW, target_cells)
+    train_alpha = sorted((alpha_for_cells(scores_NHW, min(cells, 2 * target_cells)), alpha_for_cells(scores_NHW, 0)))
+    achieved_cells = float((scores_NHW > alpha).sum(dim=(1, 2)).float().mean())
     return {
         "alpha": alpha,
         "train_alpha": train_alpha,
-        "target_tokens": float(target),
+        "target_cells": float(target_cells),
+        "target_tokens": float(cells + per_cell * target_cells),
         "target_gflops": zv.target_gflops,
-        "calibration_tokens_per_img": achieved,
+        "calibration_tokens_per_img": cells + per_cell * achieved_cells,
+        "calibration_zoomed_cells_per_img": achieved_cells,
         "calibration_samples": len(keys),
         "calibration_keys_digest": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest(),
     }

@@ -62,6 +62,9 @@ class ZoomViTSpec(ClassifierSpec):
     coarse_alpha: float | None
     keep_rate: float
     token_budget: int | None
+    zoom_cells: int | None = None
+    merge: Literal["replace", "add", "fold"] = "replace"
+    detail_gate: float | None = None
     zoom_source: Literal["upsample", "highres"]
     zoom_resample: Literal["nearest", "bilinear"]
     zoomer_checkpoint: str | None

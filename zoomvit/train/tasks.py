@@ -21,6 +21,7 @@ from zoomvit.config import TrainConfig, cached_logits_conflicts
 from zoomvit.errors import UserError
 from zoomvit.models import Zoomer, ZoomViT, load_pretrained
 from zoomvit.models.loading import load_state_dict_file
+from zoomvit.models.tokenizer import budget_zoom_cells
 from zoomvit.train.data import Views, augment, to_model_input
 from zoomvit.train.specs import ClassifierSpec, TaskSpec, ZoomerSpec, ZoomViTSpec
 
@@ -295,6 +296,9 @@ class ZoomViTTask(ClassifierTask):
             coarse_alpha=spec.coarse_alpha,
             keep_rate=spec.keep_rate,
             token_budget=spec.token_budget,
+            zoom_cells=spec.zoom_cells,
+            zoom_merge=spec.merge,
+            detail_gate=spec.detail_gate,
             zoom_source=spec.zoom_source,
             zoom_resample=spec.zoom_resample,
             zoomer_width=spec.zoomer_width,
@@ -327,11 +331,11 @@ class ZoomViTTask(ClassifierTask):
 
     def operating_points(self, B: int) -> dict[str, torch.Tensor]:
         """Per-image alpha (uniform in ``train_alpha``) or token budget (zoomed cells uniform in ``train_budget``)."""
+        if self.spec.zoom_cells is not None:
+            return {}
         if self.spec.train_budget is not None:
-            cells = self.spec.num_cells
-            lo, hi = ((b - cells) // 3 for b in self.spec.train_budget)
-            k_B = torch.randint(lo, hi + 1, (B,), generator=self.generator)
-            return {"token_budget": cells + 3 * k_B}
+            lo, hi = (budget_zoom_cells(b, self.spec.num_cells, self.spec.merge) for b in self.spec.train_budget)
+            return {"zoom_cells": torch.randint(lo, hi + 1, (B,), generator=self.generator)}
         lo, hi = self.spec.train_alpha
         return {"alpha": torch.empty(B).uniform_(lo, hi, generator=self.generator)}
 
