@@ -1,5 +1,5 @@
 """The GPU path checked in one command, on a bare GPU machine (torch, timm, numpy, pyarrow, and the
-carried wheels: pydantic, DeepSpeed built with DS_BUILD_OPS=0, hjson; no Ray, no MLflow).
+wheels copied beside the checkout: pydantic, DeepSpeed built with DS_BUILD_OPS=0, hjson; no Ray, no MLflow).
 
     python bench/gpu_check.py            # CUDA: pipelines/configs/imagenet.yaml's models and sizes, bf16
     python bench/gpu_check.py --quick    # anywhere: tiny.yaml's models at 32 px (the fast tier runs it on CPU)

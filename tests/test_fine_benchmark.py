@@ -1,4 +1,4 @@
-"""The fine-detail benchmark (issue 29): a preset whose class a half-size view cannot read, a family
+"""The fine-detail benchmark: a preset whose class a half-size view cannot read, a family
 that reads its own pixels, controls at ZoomViT's own token counts, and costs matched per bucket."""
 
 import io

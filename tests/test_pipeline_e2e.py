@@ -127,7 +127,7 @@ def first_run(head, workspace):
 
 
 def test_the_console_of_a_whole_run_is_short_and_says_what_each_stage_did(first_run, workspace):
-    # 334 lines before the console work were cut to ~110, about a third of them `ray job submit`'s own
+    # about a third of these lines are `ray job submit`'s own client output
     console = (workspace["root"] / "first_run_console.txt").read_text().splitlines()
     assert len(console) <= 120, "\n".join(console)
     assert not any("Running Dataset" in line or "\x1b[A" in line for line in console), "progress bars leaked"

@@ -206,7 +206,7 @@ def test_an_active_virtual_environment_is_used_and_nothing_is_reinstalled():
 @pytest.mark.parametrize("given", [None, "/elsewhere/extensions"])
 def test_torch_extensions_are_built_inside_the_environment_unless_a_place_is_given(given):
     """DeepSpeed's CPU op is JIT-built; in the cache every environment shares, two environments (or two
-    ninja versions) rebuild it in turn, 40-60 s each time on 2 cores (docs/benchmarks.md)."""
+    ninja versions) rebuild it in turn (docs/development.md, "Pitfalls")."""
     venv = Path(sys.prefix)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "TORCH_EXTENSIONS_DIR")}
     env.update(VIRTUAL_ENV=str(venv), PATH=f"{venv}/bin:{os.environ['PATH']}")
