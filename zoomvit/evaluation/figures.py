@@ -90,9 +90,7 @@ def size_figure(rows: list[dict[str, Any]], buckets: list[float]):
         low = [100 * (row[k] - row[f"{k}_ci95"][0]) if k in row else 0 for k in keys]
         high = [100 * (row[f"{k}_ci95"][1] - row[k]) if k in row else 0 for k in keys]
         x = np.arange(len(keys)) + (i - (len(shown) - 1) / 2) * width
-        label = (
-            "ZoomViT (reported)" if row["model"] == "zoomvit" else row_label(row["model"])
-        )
+        label = "ZoomViT (reported)" if row["model"] == "zoomvit" else row_label(row["model"])
         ax.bar(x, values, width, yerr=[low, high], capsize=2, label=label)
     ax.set_xticks(range(len(keys)), names)
     ax.set_xlabel("object size (box side / image side)")

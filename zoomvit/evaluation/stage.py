@@ -43,9 +43,7 @@ class _Scores:
         self.zoomed: list[np.ndarray] = []  # each image's zoomed cells
         self.seconds = 0.0
 
-    def add(
-        self, logits: torch.Tensor, labels: torch.Tensor, tokens: np.ndarray, seconds: float, zoomed=None
-    ) -> None:
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, tokens: np.ndarray, seconds: float, zoomed=None) -> None:
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         self.hits.append((top5[:, 0] == labels).numpy())
         self.top5.append((top5 == labels[:, None]).any(dim=1).numpy())
@@ -250,9 +248,13 @@ def evaluate_models(
                 "gflops_per_img": cost.unpadded(counts, zoomed) + zoomer,
                 "gflops_padded_per_img": cost.padded(counts, zoomed, batch_size) + zoomer,
             }
-            gflops["gflops_executed_per_img"] = gflops["gflops_padded_per_img" if executed == "padded" else "gflops_per_img"]
+            gflops["gflops_executed_per_img"] = gflops[
+                "gflops_padded_per_img" if executed == "padded" else "gflops_per_img"
+            ]
         else:
-            gflops = {k: fixed_gflops[model] for k in ("gflops_per_img", "gflops_padded_per_img", "gflops_executed_per_img")}
+            gflops = {
+                k: fixed_gflops[model] for k in ("gflops_per_img", "gflops_padded_per_img", "gflops_executed_per_img")
+            }
         if model == "zoomvit":
             rows.append(s.row(parts, model="zoomvit", alpha=setting, headline=setting == headline, **gflops))
         elif model == "zoomvit_budget":
