@@ -226,7 +226,7 @@ class ZoomViT(VisionTransformer):
         patches_BLK = patches_BUK.gather(1, layout.index_BL.unsqueeze(-1).expand(-1, -1, patches_BUK.shape[-1]))
         tokens = pe.norm(F.linear(patches_BLK, weight.flatten(1), pe.proj.bias))
         if self.zoom_fold is not None:
-            tokens = self._fold(tokens, patches_BUK, layout, universe)
+            tokens = self._fold(tokens, patches_BUK, layout)
         pos_grid = self.pos_embed[:, self.num_prefix_tokens :].reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
         pos_UD = universe_pos_embed(pos_grid, universe)
         tokens = tokens + pos_UD[layout.index_BL] + self.zoom_embed[layout.level_BL + 1]
@@ -240,7 +240,7 @@ class ZoomViT(VisionTransformer):
             zoomed_cells_B=layout.zoomed_cells_B,
         )
 
-    def _fold(self, tokens_BLD, patches_BUK, layout: TokenLayout, universe) -> torch.Tensor:
+    def _fold(self, tokens_BLD: torch.Tensor, patches_BUK: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Add each zoomed cell's four sub-cell embeddings, concatenated, through ``zoom_fold``; only
         the zoomed cells' sub-cells are embedded."""
         b_M, l_M = (layout.valid_BL & (layout.level_BL == ZOOM)).nonzero(as_tuple=True)
