@@ -11,7 +11,12 @@ executed), ZoomViT minus the family at equal executed GFLOPs with its paired 95%
 per stratum, where the family brackets that cost, and the unpaired difference from the family
 interpolated at ZoomViT's cost, unpadded and as executed. This is where the mechanism is
 chosen: the development split (generator seed 1), never the reported one. Writes
-bench/results/zoom_options_dev.json (command, commit, config per option).
+bench/results/zoom_options_dev.json (command, commit, config per option) and the option the rule
+below chooses.
+
+The rule, fixed before the options' results were all in: among the options whose executed cost the
+family brackets (a paired difference exists) and whose coarse stratum is no more than 1 point below
+the family (the point estimate), the largest paired difference overall; none eligible, none chosen.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ OPTIONS: dict[str, list[str]] = {
     "add_cells9": ["zoomvit.merge=add", "zoomvit.zoom_cells=9"],
     "replace_gate": ["zoomvit.detail_gate=0.1", "zoomvit.target_gflops=0.093"],
     "add_gate": ["zoomvit.merge=add", "zoomvit.detail_gate=0.1", "zoomvit.target_gflops=0.093"],
+    "fold_cells16": ["zoomvit.merge=fold", "zoomvit.zoom_cells=16"],
 }
 
 
@@ -88,6 +94,20 @@ def summarise_option(evaluation: dict) -> dict:
     return out
 
 
+def choose(summaries: dict[str, dict]) -> str | None:
+    """The rule of the module docstring."""
+    eligible = {
+        name: s["paired_all"]
+        for name, s in summaries.items()
+        if s["paired_all"] is not None and s["paired_coarse"] is not None and s["paired_coarse"] >= -1.0
+    }
+    return max(eligible, key=eligible.get) if eligible else None
+
+
+def payload_choice(results: dict) -> str | None:
+    return choose({n: r["summary"] for n, r in results.items()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
@@ -124,11 +144,13 @@ def main() -> None:
         {"option": n, **{k: v for k, v in r["summary"].items() if not k.endswith("_ci95")}} for n, r in results.items()
     ]
     print_table(table)
+    print(f"[zoom_options] chosen by the rule: {payload_choice(results)}")
     payload = {
         "command": " ".join(["python", *sys.argv]),
         "args": vars(args),
         "git": git,
         "dev_overrides": DEV,
+        "chosen": payload_choice(results),
         "options": results,
     }
     print(f"wrote {write_result('zoom_options_dev', payload)}")
