@@ -104,10 +104,6 @@ def choose(summaries: dict[str, dict]) -> str | None:
     return max(eligible, key=eligible.get) if eligible else None
 
 
-def payload_choice(results: dict) -> str | None:
-    return choose({n: r["summary"] for n, r in results.items()})
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
@@ -144,13 +140,14 @@ def main() -> None:
         {"option": n, **{k: v for k, v in r["summary"].items() if not k.endswith("_ci95")}} for n, r in results.items()
     ]
     print_table(table)
-    print(f"[zoom_options] chosen by the rule: {payload_choice(results)}")
+    chosen = choose({n: r["summary"] for n, r in results.items()})
+    print(f"[zoom_options] chosen by the rule: {chosen}")
     payload = {
         "command": " ".join(["python", *sys.argv]),
         "args": vars(args),
         "git": git,
         "dev_overrides": DEV,
-        "chosen": payload_choice(results),
+        "chosen": chosen,
         "options": results,
     }
     print(f"wrote {write_result('zoom_options_dev', payload)}")
