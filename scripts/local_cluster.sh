@@ -17,7 +17,10 @@
 # so a lost node's run resumes on the other one and no node's disk holds a result. Each node's
 # ZOOMVIT_HOME (where a driver stages outputs before uploading them) is under the state dir. S3
 # credentials live in the nodes' environment, not in the job's runtime env (which Ray's dashboard and
-# Jobs API show).
+# Jobs API show). Every node has its own temp dir (/tmp/ray-$RAY_PORT-<node>, the head's
+# /tmp/ray-$RAY_PORT-head) and ports (none on Ray's defaults, which another Ray here may hold), and
+# `down` stops exactly those nodes' processes (python -m zoomvit.own_ray), never `ray stop`, which
+# would stop every Ray on the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -27,16 +30,35 @@ mkdir -p "$state"
 ports="$state/ports.env"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_for() {  # url, what, extra curl arguments
-  for _ in $(seq 1 90); do curl -sf -o /dev/null "${@:3}" "$1" && return 0; sleep 1; done
+wait_for() {  # url, what, [header]: until the url answers 200 (90 s at most)
+  python3 - "$@" <<'PY' && return 0
+import sys, time, urllib.request
+url, headers = sys.argv[1], dict([sys.argv[3].split(": ", 1)] if len(sys.argv) > 3 else [])
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+deadline = time.monotonic() + 90
+while time.monotonic() < deadline:
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=3) as response:
+            if response.status == 200:
+                sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(1)
+sys.exit(1)
+PY
   echo "$2 did not come up ($1)" >&2; return 1
+}
+detached() {  # command...: in the background, in a session of its own (setsid, which macOS lacks)
+  nohup python3 -c 'import os, sys
+os.setsid()
+os.execvp(sys.argv[1], sys.argv[1:])' "$@" &
 }
 
 export AWS_ACCESS_KEY_ID=zoomvit-local AWS_SECRET_ACCESS_KEY=zoomvit-local AWS_DEFAULT_REGION=us-east-1
 auth=()
 if [ -f "$HOME/.ray/auth_token" ]; then
   export RAY_AUTH_MODE=token
-  auth=(-H "Authorization: Bearer $(cat "$HOME/.ray/auth_token")")
+  auth=("Authorization: Bearer $(cat "$HOME/.ray/auth_token")")
 fi
 
 case "${1:-}" in
@@ -48,7 +70,7 @@ up)
   export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:$S3_PORT"
   export ZOOMVIT_HOME="$state/home"
 
-  setsid nohup python3 -m moto.server -H 127.0.0.1 -p "$S3_PORT" >"$state/s3.log" 2>&1 &
+  detached python3 -m moto.server -H 127.0.0.1 -p "$S3_PORT" >"$state/s3.log" 2>&1
   echo $! >"$state/s3.pid"
   wait_for "$AWS_ENDPOINT_URL/moto-api/" "the S3 server"
   python3 - "$config" "$state" <<'PY'
@@ -72,13 +94,15 @@ PY
     MLFLOW_BACKEND_STORE_URI="sqlite:///$state/mlflow/mlflow.db" \
     MLFLOW_ARTIFACTS_DESTINATION=s3://zoomvit/mlflow bash mlflow/serve.sh --daemon
 
-  ray start --head --port="$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus=0 \
-    --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats >"$state/head.log" 2>&1
+  ray start --head --port="$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus=0 --temp-dir="/tmp/ray-$RAY_PORT-head" \
+    --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="$(free_port)" \
+    --dashboard-agent-listen-port="$(free_port)" --disable-usage-stats >"$state/head.log" 2>&1
   # Each node keeps its own temp dir, as separate machines would: nodes sharing one would unpack the
   # job's working dir over each other's, deleting the driver's current directory under it.
   node() {  # name, CPUs, resources
     ray start --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --node-name="$1" --num-cpus="$2" \
-      --resources="$3" --object-store-memory=300000000 --temp-dir="/tmp/ray-$RAY_PORT-$1" >"$state/node-$1.log" 2>&1
+      --resources="$3" --object-store-memory=300000000 --temp-dir="/tmp/ray-$RAY_PORT-$1" \
+      --dashboard-agent-listen-port="$(free_port)" >"$state/node-$1.log" 2>&1
   }
   node cpu_ingest 2 '{"cpu_ingest": 2}'
   node gpu_h100x8-0 3 '{"accelerator_type:H100": 1}'
@@ -111,12 +135,13 @@ lose-node)
   echo "lost node $name"
   ;;
 down)
-  ray stop --force >/dev/null 2>&1 || true
   if [ -f "$ports" ]; then
     # shellcheck disable=SC1090
     source "$ports"
+    nodes=("/tmp/ray-$RAY_PORT-head" "/tmp/ray-$RAY_PORT-cpu_ingest" "/tmp/ray-$RAY_PORT-gpu_h100x8-0" "/tmp/ray-$RAY_PORT-gpu_h100x8-1")
+    python3 -m zoomvit.own_ray stop "${nodes[@]}" || true
     MLFLOW_PORT=$MLFLOW_PORT MLFLOW_STATE_DIR="$state/mlflow" bash mlflow/serve.sh --stop || true
-    rm -rf "/tmp/ray-$RAY_PORT-cpu_ingest" "/tmp/ray-$RAY_PORT-gpu_h100x8-0" "/tmp/ray-$RAY_PORT-gpu_h100x8-1"
+    rm -rf "${nodes[@]}"
   fi
   if [ -f "$state/s3.pid" ]; then kill -TERM -- "-$(cat "$state/s3.pid")" 2>/dev/null || true; rm -f "$state/s3.pid"; fi
   rm -f "$ports"

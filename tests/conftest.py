@@ -18,9 +18,15 @@ import zoomvit.models  # noqa: F401  (registers the timm variants)
 
 
 def pytest_collection_modifyitems(items):
-    """Tests marked ``own_ray`` (a cluster of their own: they stop every Ray on the machine) run after the
-    others, in their order, so the modules that share ``ray_local`` start it once, not again after each."""
-    items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
+    """Tests marked ``own_ray`` (a cluster of their own, which they shut ``ray_local`` down for) run after the
+    others, in their order, so the modules that share ``ray_local`` start it once, not again after each;
+    ``own_ray(first=True)`` and ``own_ray(last=True)`` run before and after the other ``own_ray`` tests."""
+
+    def key(item):
+        mark = item.get_closest_marker("own_ray")
+        return (0, 0) if mark is None else (1, -1 if mark.kwargs.get("first") else int(bool(mark.kwargs.get("last"))))
+
+    items.sort(key=key)
 
 
 @pytest.fixture(autouse=True)
@@ -39,10 +45,12 @@ def _ray_session():
 @pytest.fixture(scope="module")
 def ray_local(_ray_session):
     """Ray in this process (2 CPUs, no dashboard), started by the first module that asks and kept for
-    the next ones (starting it costs ~6 s); a test that starts a cluster of its own (marked ``own_ray``,
-    run last) calls ``stop_ray()`` first, and a module that asks after it starts Ray again."""
+    the next ones (starting it costs ~6 s), in a temp dir of its own; a test that starts a cluster of its
+    own (marked ``own_ray``, run last) calls ``shutdown_ray_local()`` first, and a module that asks after
+    it starts Ray again."""
     import ray
     from ray.data import DataContext
+    from servers import ray_temp_dir
 
     if not ray.is_initialized():
         tests_dir = str(Path(__file__).resolve().parent)  # helpers the workers unpickle (tests/faultfs.py)
@@ -54,6 +62,7 @@ def ray_local(_ray_session):
             configure_logging=False,
             log_to_driver=False,
             runtime_env={"env_vars": {"PYTHONPATH": path}},
+            _temp_dir=ray_temp_dir(),
         )
     DataContext.get_current().enable_progress_bars = False
     return ray

@@ -1,11 +1,14 @@
-"""Local servers for tests: a free loopback port, the project's MLflow server (mlflow/serve.sh), an
-in-process S3 server (moto), and stopping every Ray on the machine."""
+"""Local servers for tests: a free loopback port, Ray clusters of the tests' own (each with its own temp
+dir and ports, stopped by its own processes: never `ray stop`, which would stop a user's Ray too), the
+project's MLflow server (mlflow/serve.sh), an in-process S3 server (moto)."""
 
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,13 +20,80 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_ray(env: dict[str, str] | None = None) -> None:
-    """This process's Ray (``ray_local``) shut down, then every Ray process on the machine stopped
-    (``ray stop --force``): before a test starts a cluster of its own, and after it killed one."""
+def shutdown_ray_local() -> None:
+    """This process's Ray (``ray_local``) shut down, leaving the machine's cores to a test that runs a
+    cluster of its own. No other Ray is touched."""
     import ray
 
     ray.shutdown()
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def ray_temp_dir() -> str:
+    """A temp dir of its own for one Ray cluster: every process of the cluster names it (how
+    :func:`stop_own_ray` finds them). Short: the cluster's socket paths (at most ~107 characters) are in it."""
+    return tempfile.mkdtemp(prefix="ray-zv-", dir="/tmp")
+
+
+def stop_own_ray(temp_dir: str, remove: bool = True) -> None:
+    """Stop the Ray cluster(s) whose temp dir is ``temp_dir`` (their processes and those processes'
+    descendants, see ``zoomvit.own_ray``), then remove the dir unless told not to; any other Ray on
+    the machine goes on."""
+    from zoomvit.own_ray import stop
+
+    stop([temp_dir])
+    if remove:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def ray_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a Ray command line or driver: no ``RAY_ADDRESS`` (the tests name
+    their cluster), token auth where Ray has made a token (``~/.ray/auth_token``)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_MODE"] = "token"
+    return {**env, **extra}
+
+
+@contextlib.contextmanager
+def ray_head(*args: str, num_cpus: int | None = 2, port: int | None = None, dashboard: bool = True,
+             env: dict[str, str] | None = None):  # fmt: skip
+    """`ray start --head` (plus ``args``) with a temp dir and ports of its own: GCS, dashboard, the
+    dashboard agent and the Ray client server each on a free port, none on Ray's defaults (6379, 8265,
+    52365, 10001), which a user's Ray may hold. Yields ``{"gcs", "dashboard", "env", "temp_dir"}``
+    (``dashboard`` None without one); stopped afterwards by its own processes."""
+    env = env if env is not None else ray_env()
+    temp_dir, port = ray_temp_dir(), port or free_port()
+    command = ["ray", "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}",
+               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+               "--disable-usage-stats", *args]  # fmt: skip
+    if num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus}")
+    dashboard_url = None
+    if dashboard:
+        dashboard_port = free_port()
+        command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+        dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    else:
+        command.append("--include-dashboard=false")
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        yield {"gcs": f"127.0.0.1:{port}", "dashboard": dashboard_url, "env": env, "temp_dir": temp_dir}
+    finally:
+        stop_own_ray(temp_dir)
+
+
+@contextlib.contextmanager
+def own_local_ray(env: dict[str, str] | None = None):
+    """The environment for drivers (``pipelines/full.py``) that each start a local Ray of their own even
+    where another Ray runs (``RAY_ADDRESS=local``: they never join a user's cluster), in a temp dir of
+    the block's own (``RAY_TMPDIR``); yields it. Whatever those Rays leave (a SIGKILLed driver's) is
+    stopped at the end; ``stop_own_ray(env["RAY_TMPDIR"], remove=False)`` stops it sooner."""
+    temp_dir = ray_temp_dir()
+    try:
+        yield {**(env if env is not None else ray_env()), "RAY_ADDRESS": "local", "RAY_TMPDIR": temp_dir}
+    finally:
+        stop_own_ray(temp_dir)
 
 
 def serve(state_dir: Path, port: int, action: str = "--daemon", **env: str) -> subprocess.CompletedProcess:

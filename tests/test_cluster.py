@@ -5,7 +5,6 @@ in plain text. The KubeRay manifests' schema checks: tests/test_kuberay_manifest
 
 import copy
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
-from servers import free_port, stop_ray
+from servers import free_port, ray_env, ray_head, shutdown_ray_local
 
 from zoomvit.cluster import HEAD_TYPE, load_cluster_yaml, local_autoscaling_config, validate_cluster_config
 
@@ -296,29 +295,18 @@ AUTOSCALE_PROBE = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.own_ray
 def test_local_autoscaling_cluster_scales_the_requested_node_type_up_then_down(tmp_path):
-    stop_ray()
+    """On a head of its own (its own temp dir and ports: the fake nodes the autoscaler starts inherit
+    the head's temp dir), stopped by its own processes, where ray.cluster_utils.AutoscalingCluster
+    would run `ray stop --force`."""
+    shutdown_ray_local()
     port = free_port()
     config = load_cluster_yaml(CLUSTER / "local-autoscaling.yaml")
     config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
     config_path = tmp_path / "local.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
-    if (Path.home() / ".ray" / "auth_token").exists():
-        env["RAY_AUTH_MODE"] = "token"
-    start = [
-        "ray",
-        "start",
-        "--head",
-        f"--port={port}",
-        "--node-ip-address=127.0.0.1",
-        "--num-cpus=0",
-        f"--autoscaling-config={config_path}",
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-    ]
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
-    try:
+    env = ray_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    start = ["--node-ip-address=127.0.0.1", f"--autoscaling-config={config_path}"]
+    with ray_head(*start, num_cpus=0, port=port, dashboard=False, env=env):
         probe = subprocess.run(
             [sys.executable, "-c", AUTOSCALE_PROBE, f"127.0.0.1:{port}"],
             env=env,
@@ -328,8 +316,6 @@ def test_local_autoscaling_cluster_scales_the_requested_node_type_up_then_down(t
         )
         assert probe.returncode == 0, probe.stderr[-3000:]
         seen = json.loads(probe.stdout.strip().splitlines()[-1])
-    finally:
-        stop_ray(env)
     assert seen["start"] == []
     assert seen["after_cpu_task"] == ["cpu"], "a CPU-only task scales up cpu_ingest, not a GPU type"
     assert seen["after_h100_task"] in (["accelerator_type:H100"], ["accelerator_type:H100", "cpu"])

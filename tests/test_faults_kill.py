@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from servers import stop_ray
+from servers import own_local_ray, ray_env, shutdown_ray_local, stop_own_ray
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 REPO = Path(__file__).resolve().parents[1]
@@ -25,14 +25,14 @@ EPOCHS = 6
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    stop_ray()
+    """Each driver starts a local Ray of its own (``own_local_ray``: in this module's temp dir, never
+    joining another Ray on the machine)."""
+    shutdown_ray_local()
     root = tmp_path_factory.mktemp("killed")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    env.pop("RAY_ADDRESS", None)
     sets = ["--set", f"data.root={root / 'data'}", "--set", f"artifact_root={root / 'runs'}"]
     sets += ["--set", f"teacher.train.epochs={EPOCHS}"]
-    yield {"root": root, "env": env, "sets": sets}
-    stop_ray()
+    with own_local_ray(ray_env(MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")) as env:
+        yield {"root": root, "env": env, "sets": sets}
 
 
 def command(workspace, *args: str) -> list[str]:
@@ -72,7 +72,7 @@ def kill_driver_when(workspace, args: list[str], ready) -> str:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(60)
-        stop_ray()  # whatever Ray left outside the group
+        stop_own_ray(workspace["env"]["RAY_TMPDIR"], remove=False)  # whatever its Ray left outside the group
     return "".join(lines)
 
 

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from servers import REPO, free_port, serve, stop_ray
+from servers import REPO, free_port, own_local_ray, ray_env, serve, shutdown_ray_local
 
 from zoomvit.tracking.runs import Tracker
 
@@ -35,12 +35,19 @@ OUTAGE_EPOCHS = 50
 POLL = "1"  # s, Ray Train's controller poll: an epoch lasts at least one, so 49 epochs outlast the outage
 
 
+@pytest.fixture
+def driver_env():
+    """The driver starts a local Ray of its own (never joining another on the machine), stopped afterwards."""
+    with own_local_ray(ray_env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=POLL)) as env:
+        yield env
+
+
 @pytest.mark.slow
 @pytest.mark.own_ray
-def test_a_30_s_tracking_server_outage_mid_training_neither_stops_the_stage_nor_loses_an_epoch(tmp_path):
+def test_a_30_s_tracking_server_outage_mid_training_neither_stops_the_stage_nor_loses_an_epoch(tmp_path, driver_env):
     import mlflow
 
-    stop_ray()
+    shutdown_ray_local()
     state, port = tmp_path / "server", free_port()
     serve(state, port)
     uri = f"http://127.0.0.1:{port}"
@@ -50,7 +57,7 @@ def test_a_30_s_tracking_server_outage_mid_training_neither_stops_the_stage_nor_
         [sys.executable, "pipelines/full.py", "--config", "pipelines/configs/tiny.yaml", "--only", "teacher"]
         + [arg for s in sets for arg in ("--set", s)],
         cwd=REPO,
-        env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": POLL},
+        env=driver_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -86,7 +93,6 @@ def test_a_30_s_tracking_server_outage_mid_training_neither_stops_the_stage_nor_
         if proc.poll() is None:
             proc.kill()
         serve(state, port, "--stop")
-        stop_ray()
 
 
 def test_runs_started_at_the_same_moment_all_open_the_experiment_that_one_of_them_creates(tmp_path):

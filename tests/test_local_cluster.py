@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import stop_ray
+from servers import shutdown_ray_local
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = ["bash", "scripts/local_cluster.sh"]
@@ -96,7 +96,7 @@ def _lose_the_training_node(s3, state: Path, dashboard: str, submission: subproc
 def test_the_pipeline_runs_on_a_multi_node_cluster_with_its_shards_stage_cache_and_mlflow_artifacts_on_s3(tmp_path):
     import boto3
 
-    stop_ray()  # `local_cluster.sh down` stops every Ray on the machine, this process's too
+    shutdown_ray_local()  # the cores to the cluster; `local_cluster.sh down` stops the cluster's own nodes only
     state = tmp_path / "cluster"
     before = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
     try:
@@ -122,7 +122,8 @@ def test_the_pipeline_runs_on_a_multi_node_cluster_with_its_shards_stage_cache_a
         assert submission.returncode == 0, out[-6000:]
         placed = {tuple(p) for p in _probe(PLACEMENT_PROBE, dashboard)}
         second = _sh("submit", *SHORTER, state=state, timeout=600)
-        copies = list(Path("/tmp/ray/session_latest/runtime_resources/working_dir_files").glob("*"))
+        head_session = Path(f"/tmp/ray-{ports['RAY_PORT']}-head/session_latest")  # the head's own temp dir
+        copies = list((head_session / "runtime_resources/working_dir_files").glob("*"))
         keys = _keys(s3)
         manifests = {k.split("/")[1]: json.loads(s3.get_object(Bucket="zoomvit", Key=k)["Body"].read())
                      for k in keys if re.fullmatch(r"artifacts/\w+/[0-9a-f]{16}/manifest\.json", k)}  # fmt: skip

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from servers import free_port, mlflow_server, stop_ray
+from servers import mlflow_server, ray_head, shutdown_ray_local
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 REPO = Path(__file__).resolve().parents[1]
@@ -23,36 +23,13 @@ STAGES = ["teacher", "relevance", "zoomer", "zoomvit", "baseline", "evaluate"]
 IN_DRIVER = ["--set", "zoomvit.train.num_workers=0"]
 
 
-def ray_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    if (Path.home() / ".ray" / "auth_token").exists():
-        env["RAY_AUTH_MODE"] = "token"
-    return env
-
-
 @pytest.fixture(scope="module")
 def head():
-    """A local Ray head (`ray start --head`), stopped afterwards."""
-    port, dash = free_port(), free_port()
-    env = ray_env()
-    stop_ray(env)
-    subprocess.run(
-        [
-            "ray",
-            "start",
-            "--head",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
-    yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
-    stop_ray(env)
+    """A local Ray head (`ray start --head`) with its own temp dir and ports, stopped afterwards by its
+    own processes; this process's Ray (``ray_local``) is shut down first, leaving the cores to it."""
+    shutdown_ray_local()
+    with ray_head(num_cpus=2) as head:
+        yield head
 
 
 @pytest.fixture(scope="module")

@@ -149,6 +149,6 @@ def dump_local_config(config: dict[str, Any], source: str) -> str:
         "#   python -c 'import ray; ray.init(); "
         'ray.get(ray.remote(num_gpus=1, accelerator_type="H100")(lambda: 1).remote())\'\n'
         "#   ray status      # a gpu_h100x8 node appears, and goes after idle_timeout_minutes\n"
-        "#   ray stop --force\n"
+        "#   ray stop --force   # ends every Ray on this machine, not only this one\n"
     )
     return header + yaml.safe_dump(config, sort_keys=False)

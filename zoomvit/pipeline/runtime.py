@@ -14,20 +14,26 @@ from zoomvit.logs import verbose
 
 
 def init_ray(*, num_cpus: int | None = None) -> None:
-    """Join the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``) or a local head; else start one."""
+    """Join the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``) or a local head; else start one.
+    ``RAY_ADDRESS=local`` starts one even where a cluster runs (Ray's own meaning of ``local``): how the
+    tests keep their drivers off a Ray they did not start."""
     import ray
 
     if ray.is_initialized():
         return
     runtime_env = quiet_workers_env()
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, runtime_env=runtime_env)
         return
-    try:
-        ray.init(address="auto", runtime_env=runtime_env)
-    except (ConnectionError, RuntimeError, ValueError):
-        # Ray Train's placement-group cleaner needs the state API, hence the dashboard
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", runtime_env=runtime_env)
+    if not address:
+        try:
+            ray.init(address="auto", runtime_env=runtime_env)
+            return
+        except (ConnectionError, RuntimeError, ValueError):
+            pass
+    # Ray Train's placement-group cleaner needs the state API, hence the dashboard
+    ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", runtime_env=runtime_env)
 
 
 QUIET_WORKERS = {
