@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The demo end to end on one machine: install, start an MLflow server on 127.0.0.1 and, unless
 # `ray status` reaches a Ray cluster already, a Ray head; submit the pipeline with `ray job submit` to
-# that cluster's dashboard, print where to look. The set-up (the active virtual environment, else .venv
-# in the checkout, created from Python >= 3.11; the package installed there when anything is missing) is
-# scripts/_setup.sh's, as in scripts/test.sh.
+# that cluster's dashboard, print where to look. The set-up is scripts/_setup.sh's, as in
+# scripts/test.sh: Linux, and within its first seconds what the demo needs later (a C++ compiler and
+# the Python headers for DeepSpeed's CPU op, disk for the install, MLflow's port $MLFLOW_PORT, default
+# 5000, free or already MLflow's), each missing piece named with its install command; the active
+# virtual environment, else .venv in the checkout, created from Python >= 3.11; the package installed
+# there when anything is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -11,12 +14,14 @@ config="${CONFIG:-pipelines/configs/demo.yaml}"
 ZV_NAME=demo.sh
 . scripts/_setup.sh
 
+export MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+zv_platform
+zv_prereqs "$MLFLOW_PORT"
 zv_venv  # and on PATH from here: python3, ray and mlflow are the environment's
 zv_install
 if [ -f "$HOME/.ray/auth_token" ]; then export RAY_AUTH_MODE=token; fi
 
-export MLFLOW_PORT="${MLFLOW_PORT:-5000}"
-if ! curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null; then
+if ! zv_http_ok "http://127.0.0.1:$MLFLOW_PORT/health"; then
   bash mlflow/serve.sh --daemon
 fi
 if ray status >/dev/null 2>&1; then
@@ -49,4 +54,8 @@ echo "  - the newest parent run holds lineage.png (the stage DAG), config.yaml, 
 echo "  - its 'evaluate' run holds zoom_layouts.png and the ZoomViT vs baseline metrics;"
 echo "  - Model registry: zoomvit-zoomvit and zoomvit-baseline, alias 'candidate' = the versions evaluated;"
 echo "  - filter with  tags.stage = 'zoomvit'  and tick two runs -> Compare."
-echo "Stop the services with: ray stop; bash mlflow/serve.sh --stop"
+if [ "$found" = "Ray head started" ]; then
+  echo "Stop the services with: bash mlflow/serve.sh --stop; ray stop  (ray stop ends every Ray on this machine)"
+else
+  echo "Stop the MLflow server with: bash mlflow/serve.sh --stop  (the Ray cluster was there before; it is left running)"
+fi

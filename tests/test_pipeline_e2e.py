@@ -285,17 +285,48 @@ def _runs_table(browser, url: str, *, run_name: str, metrics: list[str], shot: s
     return _kept(page, shot)
 
 
-CHROMIUM = shutil.which("chromium")  # Debian's, which scripts/test.sh installs when this test is selected
-
-
-@pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no 'chromium' on PATH, and scripts/test.sh could not install it here: to run this test, put Chromium "
-    "on PATH as 'chromium' (Debian/Ubuntu: sudo apt-get install chromium)",
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+NO_CHROMIUM = (
+    "no Chromium that Playwright can launch: run `python -m playwright install chromium` (Playwright's own build, "
+    "no root), or install the system's (Debian/Ubuntu: apt-get install chromium; Fedora: dnf install chromium)"
 )
-def test_the_mlflow_ui_shows_runs_figures_models_and_a_comparison_in_headless_chromium(first_run, workspace):
-    """The UI served by mlflow/serve.sh, driven by Playwright in Debian's Chromium; the screenshots are
-    kept (``$ZOOMVIT_TEST_ARTIFACTS``, default ``test-artifacts/``) for a person to look at."""
+
+
+def launchable_chromium(playwright) -> dict | None:
+    """The launch options of the first Chromium that starts: Playwright's own build, else a system one on
+    PATH under a common name (Ubuntu's `chromium-browser` may be a snap shim that does not start); None
+    where none does."""
+    candidates, seen = [{}], set()
+    for name in CHROMIUM_NAMES:
+        if (path := shutil.which(name)) and os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            candidates.append({"executable_path": path})
+    for options in candidates:
+        try:
+            playwright.chromium.launch(args=CHROMIUM_ARGS, timeout=60_000, **options).close()
+            return options
+        except Exception:  # no such build, or it does not start here
+            continue
+    return None
+
+
+@pytest.fixture(scope="module")
+def chromium() -> dict:
+    """How to launch a Chromium here (``launchable_chromium``); the test skips, saying how to get one, where
+    none starts. Module-scoped and asked for first, so that a skip comes before the pipeline runs."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        options = launchable_chromium(p)
+    if options is None:
+        pytest.skip(NO_CHROMIUM)
+    return options
+
+
+@pytest.mark.browser
+def test_the_mlflow_ui_shows_runs_figures_models_and_a_comparison_in_headless_chromium(chromium, first_run, workspace):
+    """The UI served by mlflow/serve.sh, driven by Playwright in whatever Chromium it can launch; the
+    screenshots are kept (``$ZOOMVIT_TEST_ARTIFACTS``, default ``test-artifacts/``) for a person to look at."""
     from playwright.sync_api import sync_playwright
 
     client, parent = first_run
@@ -313,7 +344,7 @@ def test_the_mlflow_ui_shows_runs_figures_models_and_a_comparison_in_headless_ch
     base = f"{workspace['uri']}/#/experiments/{experiment}"
     compare_url = f"{workspace['uri']}/#/compare-runs?runs={json.dumps([r.info.run_id for r in compared])}"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(args=CHROMIUM_ARGS, **chromium)
         experiment_page = _runs_table(
             browser,
             f"{base}?{TRAINING_VIEW}",

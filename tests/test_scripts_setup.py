@@ -1,13 +1,16 @@
-"""The two commands' set-up (scripts/_setup.sh and its two Python helpers): which environment, what is
-installed, and Chromium only for the browser test. No network, no Ray: apt-get, sudo and id are fakes
-on a PATH of their own where a branch needs them; the one test that creates a virtual environment
-stops at pip, which has no index to install from."""
+"""The two commands' set-up (scripts/_setup.sh and its Python helper): the platform and the prerequisites
+checked in the first seconds, which environment, what is installed; nothing runs sudo or a package
+manager; the browser test selected by its marker. No network, no Ray: fakes on a PATH of their own
+where a branch needs them; the one test that creates a virtual environment stops at pip, which has no
+index to install from."""
 
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,6 @@ BROWSER_TEST = (
 )
 sys.path.insert(0, str(SCRIPTS))
 import _missing_deps  # noqa: E402
-import _selects_browser  # noqa: E402
 
 sys.path.remove(str(SCRIPTS))
 
@@ -32,27 +34,22 @@ def _script(path: Path, body: str) -> Path:
 
 @pytest.fixture
 def fakebin(tmp_path):
-    """A PATH holding only what a branch is given: ``add('apt-get')`` etc. Calls are logged."""
+    """A directory of fakes to put first on PATH: ``add(name, body)``; ``logged(name)`` is a fake that
+    only records its calls (in ``calls``)."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     log = tmp_path / "calls.log"
     log.touch()
-    (bin_ / "env").symlink_to(shutil.which("env"))
-    _script(bin_ / "id", 'echo "${FAKE_UID:-0}"\n')
-    fakes = {
-        # installing chromium puts a 'chromium' on this PATH, as Debian's package does on /usr/bin
-        "apt-get": f'echo "apt-get $*" >>"{log}"\n'
-        f'case "$*" in *install*chromium*)\n'
-        f'  printf "#!/bin/sh\\n" >"{bin_}/chromium"; /bin/chmod +x "{bin_}/chromium";;\nesac\n',
-        "sudo": f'echo "sudo $*" >>"{log}"\n[ "$1" = -n ] && shift\nexec "$@"\n',
-    }
 
     class Bin:
         path = bin_
         calls = log
 
-        def add(self, name: str) -> None:
-            _script(bin_ / name, fakes[name])
+        def add(self, name: str, body: str) -> None:
+            _script(bin_ / name, body)
+
+        def logged(self, name: str) -> None:
+            _script(bin_ / name, f'echo "{name} $*" >>"{log}"\nexit 1\n')
 
     return Bin()
 
@@ -71,87 +68,187 @@ def _setup(snippet: str, *args: str, path: str, env: dict | None = None, cwd: Pa
     )
 
 
-# --- Chromium: only for the browser test, never a crash ---
+# --- the platform and the prerequisites, within the first seconds ---
 
 
-def test_chromium_is_not_installed_when_the_browser_test_is_not_selected(fakebin):
-    fakebin.add("apt-get")
-    proc = _setup('zv_chromium "$@"', "-m", "not slow", "tests/test_decode.py", path=str(fakebin.path))
+def _active_env(**extra: str) -> dict[str, str]:
+    """This process's environment with its virtual environment active (torch installed: no disk check)."""
+    venv = Path(sys.prefix)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "CXX", "TORCH_EXTENSIONS_DIR")}
+    return {**env, "VIRTUAL_ENV": str(venv), "PATH": f"{venv}/bin:{os.environ['PATH']}", **extra}
+
+
+def _prereqs(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """``zv_prereqs ARGS`` after sourcing scripts/_setup.sh, in this process's active environment."""
+    script = f'set -euo pipefail\nZV_NAME=t\n. "{SCRIPTS}/_setup.sh"\nzv_prereqs "$@"\necho checked'
+    return subprocess.run(["/bin/bash", "-c", script, "_", *args], cwd=REPO, env=_active_env(**env),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_a_machine_with_what_the_commands_need_passes_the_check():
+    proc = _prereqs()
+    assert proc.returncode == 0 and proc.stdout.strip() == "checked", proc.stderr
+
+
+def test_a_missing_compiler_is_named_with_its_install_commands():
+    proc = _prereqs(CXX="zv-no-such-compiler")
+    assert proc.returncode == 1 and "checked" not in proc.stdout
+    assert "missing, before anything is installed or run:" in proc.stderr
+    assert "a C++ compiler ('zv-no-such-compiler'; DeepSpeed builds its CPU op with it)" in proc.stderr
+    assert "Debian/Ubuntu: sudo apt-get install g++; Fedora: sudo dnf install gcc-c++" in proc.stderr
+
+
+def test_missing_python_headers_are_named_with_their_install_commands(tmp_path):
+    compiler = _script(tmp_path / "c++", "exit 1\n")  # a compiler that finds no Python.h
+    proc = _prereqs(CXX=str(compiler))
+    short = "{}.{}".format(*sys.version_info[:2])
+    assert proc.returncode == 1
+    assert f"the Python {short} headers (Python.h in " in proc.stderr
+    assert f"Debian/Ubuntu: sudo apt-get install python{short}-dev g++" in proc.stderr
+    assert f"Fedora: sudo dnf install python{short}-devel gcc-c++" in proc.stderr
+
+
+def test_a_built_cpu_op_needs_no_compiler(tmp_path):
+    op = tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    op.parent.mkdir()
+    op.touch()
+    proc = _prereqs(CXX="zv-no-such-compiler", TORCH_EXTENSIONS_DIR=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert "not installing chromium: the browser test is not selected" in proc.stdout
-    assert fakebin.calls.read_text() == "", "apt-get was not run"
 
 
-def test_chromium_is_installed_as_root_when_the_whole_suite_runs(fakebin):
-    fakebin.add("apt-get")
-    proc = _setup('zv_chromium "$@"', path=str(fakebin.path))  # no arguments: the whole suite
+def test_too_little_disk_for_the_install_is_named_with_the_cpu_only_wheels(tmp_path):
+    venv = tmp_path / "venv"  # an environment without torch: the install is still to come
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    proc = _prereqs(VIRTUAL_ENV=str(venv), ZOOMVIT_INSTALL_GB="100000")
+    assert proc.returncode == 1
+    assert f"disk space: the install needs about 100000 GB free in {tmp_path}, which has " in proc.stderr
+    assert "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu" in proc.stderr
+
+
+def test_a_port_another_program_holds_is_named_and_an_mlflow_already_there_is_not():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = _prereqs(str(port))
+    assert proc.returncode == 1
+    assert f"a free port for MLflow: {port} on 127.0.0.1 is taken by another program" in proc.stderr
+    assert "MLFLOW_PORT=5001" in proc.stderr
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert _prereqs(str(port)).returncode == 0
+
+
+def test_each_missing_piece_is_named_at_once(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        proc = _prereqs(str(held.getsockname()[1]), CXX="zv-no-such-compiler")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n  - ") == 2, proc.stderr
+
+
+@pytest.mark.parametrize("script", ["demo.sh", "test.sh"])
+def test_on_macos_the_commands_say_in_their_first_second_that_they_need_linux(fakebin, script):
+    fakebin.add("uname", "echo Darwin\n")
+    started = time.monotonic()
+    proc = subprocess.run(["bash", f"scripts/{script}"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=_active_env(PATH=f"{fakebin.path}:{os.environ['PATH']}"))  # fmt: skip
+    assert time.monotonic() - started < 1.5
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "this needs Linux" in proc.stderr and "machine runs Darwin" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("script", ["demo.sh", "test.sh"])
+def test_a_missing_compiler_stops_the_commands_within_seconds_before_any_install(script):
+    started = time.monotonic()
+    proc = subprocess.run(["bash", f"scripts/{script}"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=_active_env(CXX="zv-no-such-compiler"))  # fmt: skip
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "sudo apt-get install g++" in proc.stderr and "sudo dnf install gcc-c++" in proc.stderr
+    assert "using the active virtual environment" not in proc.stdout, "stopped before the set-up"
+
+
+def test_the_set_up_runs_no_sudo_package_manager_curl_or_setsid(fakebin):
+    for name in ("sudo", "apt-get", "apt", "dnf", "yum", "brew", "curl", "setsid"):
+        fakebin.logged(name)
+    env = _active_env(ZOOMVIT_SETUP_ONLY="1")
+    env["PATH"] = f"{fakebin.path}:{env['PATH']}"
+    proc = subprocess.run(["bash", "scripts/test.sh", "-m", "browser"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert f"for the browser test: {BROWSER_TEST}" in proc.stdout
-    assert f"chromium installed: {fakebin.path}/chromium" in proc.stdout
-    calls = fakebin.calls.read_text().splitlines()
-    assert calls[0] == "apt-get update -qq" and calls[-1] == "apt-get install -y -qq chromium", calls
-
-
-def test_chromium_is_installed_through_sudo_when_not_root(fakebin):
-    fakebin.add("apt-get")
-    fakebin.add("sudo")
-    proc = _setup('zv_chromium "$@"', BROWSER_TEST, path=str(fakebin.path), env={"FAKE_UID": "1000"})
-    assert proc.returncode == 0, proc.stderr
-    calls = fakebin.calls.read_text().splitlines()
-    # no terminal here: sudo -n, which fails rather than waits for a password
-    assert "sudo -n apt-get update -qq" in calls and "apt-get install -y -qq chromium" in calls, calls
-
-
-@pytest.mark.parametrize(
-    "have, uid, why",
-    [(["apt-get"], "1000", "not root, and no sudo"), ([], "0", "no apt-get here")],
-)
-def test_where_chromium_cannot_be_installed_a_message_says_so_and_the_script_goes_on(fakebin, have, uid, why):
-    for name in have:
-        fakebin.add(name)
-    proc = _setup('zv_chromium "$@"; echo went-on', "-m", "slow", path=str(fakebin.path), env={"FAKE_UID": uid})
-    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("went-on"), proc.stderr
-    assert f"could not install chromium ({why}): the browser test will be skipped" in proc.stderr
-    assert "apt-get install chromium" in proc.stderr, "says how to install it"
     assert fakebin.calls.read_text() == ""
+    for path in [*SCRIPTS.glob("*.sh"), REPO / "mlflow/serve.sh"]:  # the daemons too (Python does both)
+        code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+        for word in ("curl", "setsid"):
+            assert not re.search(rf"(^|[\s;&|(]){word}\s", code, re.M), f"{path.name} runs {word}"
 
 
-def test_the_browser_test_skips_itself_with_a_reason_when_chromium_is_absent():
-    source = (REPO / "tests/test_pipeline_e2e.py").read_text()
-    assert re.search(r'CHROMIUM = shutil\.which\("chromium"\)', source)
-    assert re.search(r"@pytest\.mark\.skipif\(\s*CHROMIUM is None,\s*reason=", source)
-    assert "executable_path=CHROMIUM" in source and "/usr/bin/chromium" not in source
+def test_mlflow_serve_sh_names_a_port_another_program_holds_and_starts_nothing(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = _active_env(MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=str(port), MLFLOW_STATE_DIR=str(tmp_path))
+        proc = subprocess.run(["bash", "mlflow/serve.sh", "--daemon"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1
+    assert f"port {port} on 127.0.0.1 is taken by another program" in proc.stderr and "MLFLOW_PORT" in proc.stderr
+    assert not (tmp_path / "server.pid").exists()
 
 
-@pytest.mark.parametrize(
-    "args, expected",
-    [
-        ([], True),
-        (["-m", "not slow"], False),
-        (["-m", "slow"], True),
-        (["tests/test_decode.py", "-k", "label"], False),
-        (["tests/test_pipeline_e2e.py"], True),
-        (["tests/test_pipeline_e2e.py::test_a_failing_stage_fails_the_parent_and_keeps_the_upstream_cache"], False),
-        ([BROWSER_TEST], True),
-        (["-k", "chromium"], True),
-        (["-k", "not mlflow_ui"], False),
-        (["--timeout", "60", "-k", "e2e and ui"], True),
-        (["--deselect", BROWSER_TEST], False),
-        (["--ignore", "tests/test_pipeline_e2e.py"], False),
-        (["--co"], False),
-    ],
-)
-def test_which_arguments_select_the_browser_test(args, expected):
-    yes, what = _selects_browser.selected(args, cwd=REPO)
-    assert yes is expected, what
-    if yes:
-        assert what == BROWSER_TEST
+# --- the browser test: selected by its marker, with whatever Chromium Playwright can launch ---
 
 
-def test_the_browser_test_is_found_in_the_sources_not_named():
-    assert [t.nodeid for t in _selects_browser.browser_tests(REPO)] == [BROWSER_TEST]
-    (test,) = _selects_browser.browser_tests(REPO)
-    assert "slow" in test.marks  # the module's pytestmark: what -m "not slow" deselects
+def test_the_browser_test_is_selected_by_its_marker():
+    """``-m browser`` selects it (and ``-m "not browser"`` leaves it out): the one test marked so, with the
+    marker registered (the suite runs with --strict-markers)."""
+    import ast
+    import tomllib
+
+    marked = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any(
+                ast.unparse(d) in ("pytest.mark.browser", "mark.browser") for d in node.decorator_list
+            ):
+                marked.append(f"tests/{path.name}::{node.name}")
+    assert marked == [BROWSER_TEST]
+    markers = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+    assert any(m.startswith("browser: ") for m in markers)
+
+
+class _Chromium:
+    """Playwright's ``chromium`` launcher as seen by ``launchable_chromium``: records what it was asked to
+    launch; ``starts`` are the launch options that give a browser."""
+
+    def __init__(self, starts):
+        self.starts, self.tried = starts, []
+
+    def launch(self, args, timeout, **options):
+        self.tried.append(options)
+        if options not in self.starts:
+            raise RuntimeError("Executable doesn't exist")
+        return type("Browser", (), {"close": lambda self: None})()
+
+
+@pytest.mark.parametrize("starts", ["playwright's", "chromium-browser", "none"])
+def test_the_browser_test_takes_playwrights_chromium_else_a_system_one_else_none(fakebin, monkeypatch, starts):
+    from test_pipeline_e2e import launchable_chromium
+
+    for name in ("chromium-browser", "google-chrome"):  # system ones on PATH under two of the common names
+        fakebin.add(name, "exit 1\n")
+    monkeypatch.setenv("PATH", str(fakebin.path))
+    options = {"playwright's": {}, "chromium-browser": {"executable_path": str(fakebin.path / starts)}, "none": None}
+    chromium = _Chromium([options[starts]])
+    assert launchable_chromium(type("Playwright", (), {"chromium": chromium})()) == options[starts]
+    tried = [o.get("executable_path") for o in chromium.tried]
+    everything = [None, str(fakebin.path / "chromium-browser"), str(fakebin.path / "google-chrome")]
+    assert tried == everything[: {"playwright's": 1, "chromium-browser": 2, "none": 3}[starts]]
 
 
 # --- the environment: .venv when none is active, Python >= 3.11 ---
@@ -162,7 +259,7 @@ def test_with_no_virtual_environment_active_test_sh_creates_dot_venv_and_install
     runs pip from it; pip finds no index (PIP_NO_INDEX), so the install fails, with a clear message."""
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
-    for name in ("test.sh", "_setup.sh", "_missing_deps.py", "_selects_browser.py"):
+    for name in ("test.sh", "_setup.sh", "_missing_deps.py"):
         shutil.copy(SCRIPTS / name, repo / "scripts" / name)
     shutil.copy(REPO / "pyproject.toml", repo / "pyproject.toml")
     base_python = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
