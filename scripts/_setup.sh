@@ -129,7 +129,7 @@ zv_platform() {
     zv_say "$os is not a supported system (Linux is); going on, as ZOOMVIT_ANY_OS=1 asks"
     return 0
   fi
-  zv_die "this needs Linux (x86_64 or arm64; tested on Debian 12), and this machine runs $os. On macOS," \
+  zv_die "this needs Linux (tested on Debian 12), and this machine runs $os. On macOS," \
     "run it in a Linux container or VM (e.g. docker run -it python:3.12 bash, then git clone and run" \
     "it there). ZOOMVIT_ANY_OS=1 tries anyway."
 }
