@@ -15,8 +15,10 @@ bench/results/zoom_options_dev.json (command, commit, config per option) and the
 below chooses.
 
 The rule, fixed before the options' results were all in: among the options whose executed cost the
-family brackets (a paired difference exists) and whose coarse stratum is no more than 1 point below
-the family (the point estimate), the largest paired difference overall; none eligible, none chosen.
+family brackets (a paired difference exists), whose coarse stratum is no more than 1 point below the
+family (the point estimate) and whose executed cost is at most 75% of the largest member's (the
+goal's cost cap: a property of the architecture, not of any result), the largest paired difference
+overall; none eligible, none chosen.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ OPTIONS: dict[str, list[str]] = {
     "add_cells9": ["zoomvit.merge=add", "zoomvit.zoom_cells=9"],
     "replace_gate": ["zoomvit.detail_gate=0.1", "zoomvit.target_gflops=0.093"],
     "add_gate": ["zoomvit.merge=add", "zoomvit.detail_gate=0.1", "zoomvit.target_gflops=0.093"],
+    "add_cells8": ["zoomvit.merge=add", "zoomvit.zoom_cells=8"],
     "fold_cells16": ["zoomvit.merge=fold", "zoomvit.zoom_cells=16"],
 }
 
@@ -82,6 +85,7 @@ def summarise_option(evaluation: dict) -> dict:
         "zoomed_cells_per_img": head.get("zoomed_cells_per_img"),
         "gflops_unpadded": head["gflops_per_img"],
         "gflops_executed": head["gflops_executed_per_img"],
+        "largest_member_gflops": max(r["gflops_executed_per_img"] for r in rows if r.get("family")),
     }
     for part, name in (("all", "all"), ("stratum_fine", "fine"), ("stratum_coarse", "coarse")):
         delta = evaluation["equal_gflops"].get(part)
@@ -94,12 +98,18 @@ def summarise_option(evaluation: dict) -> dict:
     return out
 
 
+COST_CAP = 0.75
+
+
 def choose(summaries: dict[str, dict]) -> str | None:
     """The rule of the module docstring."""
     eligible = {
         name: s["paired_all"]
         for name, s in summaries.items()
-        if s["paired_all"] is not None and s["paired_coarse"] is not None and s["paired_coarse"] >= -1.0
+        if s["paired_all"] is not None
+        and s["paired_coarse"] is not None
+        and s["paired_coarse"] >= -1.0
+        and s["gflops_executed"] <= COST_CAP * s["largest_member_gflops"]
     }
     return max(eligible, key=eligible.get) if eligible else None
 
