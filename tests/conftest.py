@@ -37,9 +37,9 @@ def _seed():
 @pytest.fixture(scope="session")
 def _ray_session():
     yield
-    import ray
+    from servers import shutdown_ray_local
 
-    ray.shutdown()
+    shutdown_ray_local()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def ray_local(_ray_session):
     it starts Ray again."""
     import ray
     from ray.data import DataContext
-    from servers import ray_temp_dir
+    from servers import local_ray_temp_dir
 
     if not ray.is_initialized():
         tests_dir = str(Path(__file__).resolve().parent)  # helpers the workers unpickle (tests/faultfs.py)
@@ -62,7 +62,7 @@ def ray_local(_ray_session):
             configure_logging=False,
             log_to_driver=False,
             runtime_env={"env_vars": {"PYTHONPATH": path}},
-            _temp_dir=ray_temp_dir(),
+            _temp_dir=local_ray_temp_dir(),
         )
     DataContext.get_current().enable_progress_bars = False
     return ray

@@ -20,18 +20,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_LOCAL_DIRS: list[str] = []  # the temp dirs of this process's Rays (``ray_local``), removed once shut down
+
+
 def shutdown_ray_local() -> None:
-    """This process's Ray (``ray_local``) shut down, leaving the machine's cores to a test that runs a
-    cluster of its own. No other Ray is touched."""
+    """This process's Ray (``ray_local``) shut down and its temp dir removed, leaving the machine's cores
+    to a test that runs a cluster of its own. No other Ray is touched."""
     import ray
 
     ray.shutdown()
+    while _LOCAL_DIRS:
+        shutil.rmtree(_LOCAL_DIRS.pop(), ignore_errors=True)
 
 
 def ray_temp_dir() -> str:
     """A temp dir of its own for one Ray cluster: every process of the cluster names it (how
     :func:`stop_own_ray` finds them). Short: the cluster's socket paths (at most ~107 characters) are in it."""
     return tempfile.mkdtemp(prefix="ray-zv-", dir="/tmp")
+
+
+def local_ray_temp_dir() -> str:
+    """:func:`ray_temp_dir` for this process's Ray (``ray_local``), removed by :func:`shutdown_ray_local`."""
+    _LOCAL_DIRS.append(ray_temp_dir())
+    return _LOCAL_DIRS[-1]
 
 
 def stop_own_ray(temp_dir: str, remove: bool = True) -> None:
