@@ -16,6 +16,10 @@ import torch
 
 import zoomvit.models  # noqa: F401  (registers the timm variants)
 
+REPO = Path(__file__).resolve().parents[1]  # the repository root; commands the tests run start here
+TINY_YAML = "pipelines/configs/tiny.yaml"  # the tests' config, relative to REPO (what a command run there names)
+TINY = str(REPO / TINY_YAML)  # the same, absolute (what load_config is given)
+
 
 def pytest_collection_modifyitems(items):
     """Tests marked ``own_ray`` (a cluster of their own, which they shut ``ray_local`` down for) run after the
@@ -78,6 +82,21 @@ def teacher_ckpt(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     save_file(timm.create_model("vit_test_patch8_32").state_dict(), str(path))
     return str(path)
+
+
+@pytest.fixture
+def demo_data(tmp_path):
+    """Writes a small demo dataset under ``tmp_path`` and returns its root: ``demo_data()`` is 16 train and
+    8 val images of 32 px in shards of 8 at ``tmp_path / "data"``; keyword arguments go to
+    ``generate_demo_dataset``."""
+    from zoomvit.data.demo import generate_demo_dataset
+
+    def write(name: str = "data", **kwargs) -> Path:
+        root = tmp_path / name
+        generate_demo_dataset(root, **{"train": 16, "val": 8, "image_size": 32, "samples_per_shard": 8, **kwargs})
+        return root
+
+    return write
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import S3_BUCKET as BUCKET
+from conftest import TINY
 from safetensors.torch import save_file
 
 from zoomvit.config import load_config
-from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.data.relevance_store import GROUP_FILES, read_maps, write_group
 from zoomvit.pipeline.cache import bucket as bucket_module
 from zoomvit.pipeline.cache import claims as claims_module
@@ -29,9 +29,6 @@ from zoomvit.pipeline.cache.object_store import ObjectStoreCache
 from zoomvit.pipeline.cache.store import lookup
 from zoomvit.pipeline.plan import output_records, plan_run, shards_of
 from zoomvit.relevance.job import skips_path
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "pipelines" / "configs" / "tiny.yaml")
 
 
 def _keys(prefix: str = "") -> list[str]:
@@ -200,9 +197,8 @@ def test_parts_an_earlier_attempt_uploaded_seed_the_next_one_and_nothing_staged_
     assert cache.seed("relevance", "6" * 64, tmp_path / "other", GROUP_FILES) == 0
 
 
-def test_the_plan_reads_the_bucket_every_stage_runs_then_every_stage_is_a_hit(cache, tmp_path):
-    data = tmp_path / "data"
-    generate_demo_dataset(data, train=16, val=8, image_size=32, samples_per_shard=8)
+def test_the_plan_reads_the_bucket_every_stage_runs_then_every_stage_is_a_hit(cache, tmp_path, demo_data):
+    data = demo_data()
     config = load_config(TINY, [f"data.root={data}", "data.demo=null", f"artifact_root={cache.url}"])
     shards, staging = shards_of(config), tmp_path / "staging"
     plan = plan_run(config, shards, ObjectStoreCache(staging, None, cache))
@@ -265,10 +261,9 @@ def _two_stage_table(crash: list[bool], seen: dict, slow: float = 0.0):
 
 
 def test_a_run_on_a_bucket_root_commits_there_resumes_parts_from_a_crashed_attempt_and_then_hits(
-    cache, tmp_path, monkeypatch
+    cache, tmp_path, monkeypatch, demo_data
 ):
-    data = tmp_path / "data"
-    generate_demo_dataset(data, train=16, val=8, image_size=32, samples_per_shard=8)
+    data = demo_data()
     monkeypatch.chdir(tmp_path)
     config = load_config(TINY, [f"data.root={data}", "data.demo=null", f"artifact_root={cache.url}",
                                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])  # fmt: skip
@@ -444,12 +439,11 @@ def _drive(config, machine: Path, results) -> None:
     results.put({name: node["cache"] for name, node in result.stages.items()})
 
 
-def test_two_drivers_on_two_machines_sharing_a_bucket_compute_each_stage_once(cache, tmp_path, monkeypatch):
+def test_two_drivers_on_two_machines_sharing_a_bucket_compute_each_stage_once(cache, tmp_path, monkeypatch, demo_data):
     from zoomvit.tracking.runs import Tracker
 
     monkeypatch.setattr(bucket_module, "POLL_S", 0.2)
-    data = tmp_path / "data"
-    generate_demo_dataset(data, train=16, val=8, image_size=32, samples_per_shard=8)
+    data = demo_data()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = load_config(TINY, [f"data.root={data}", "data.demo=null", f"artifact_root={cache.url}",
                                 f"tracking.uri={uri}"])  # fmt: skip

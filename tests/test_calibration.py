@@ -1,10 +1,9 @@
 """ZoomViT's operating point calibrated on a slice of the training shards held out of every training
 stage: the slice is disjoint from what training reads, and the calibrated alpha gives the target."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import save_file
 
 from zoomvit.config import ConfigError, load_config
@@ -13,8 +12,6 @@ from zoomvit.models import Zoomer
 from zoomvit.train.calibration import calibrate_alpha, calibrate_operating_point
 from zoomvit.train.data import in_calibration_slice, sample_dataset
 from zoomvit.train.recipes import _train_split
-
-TINY = str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml")
 
 
 @pytest.mark.parametrize("target", [16.0, 17.5, 25.0, 40.0, 64.0])

@@ -10,17 +10,16 @@ import subprocess
 import sys
 import textwrap
 import tomllib
-from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from servers import free_port, ray_env, ray_head, shutdown_ray_local
 
 from zoomvit.cluster import HEAD_TYPE, load_cluster_yaml, local_autoscaling_config, validate_cluster_config
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 LAUNCHER_YAMLS = ["aws.yaml", "gcp.yaml", "local-autoscaling.yaml"]
 

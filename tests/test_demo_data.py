@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY
 from PIL import Image
 
 from zoomvit.cli import main
@@ -248,7 +249,7 @@ def test_the_pipeline_regenerates_a_demo_dataset_made_with_other_settings(tmp_pa
     from zoomvit.config import load_config
     from zoomvit.pipeline.runner import ensure_demo_data
 
-    tiny = str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml")
+    tiny = TINY
     small = ["data.demo.train=32", "data.demo.val=16", "data.demo.samples_per_shard=16", f"data.root={tmp_path}"]
     ensure_demo_data(load_config(tiny, small))
     first = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")}
@@ -294,7 +295,7 @@ def test_a_demo_config_pointed_at_a_users_dataset_stops_instead_of_replacing_it(
     from zoomvit.pipeline.runner import ensure_demo_data
 
     files = _users_dataset(tmp_path)
-    tiny = str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml")
+    tiny = TINY
     with pytest.raises(ValueError, match="refusing to overwrite them"):
         ensure_demo_data(load_config(tiny, [f"data.root={tmp_path}"]))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files

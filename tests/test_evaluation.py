@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from test_zoomvit_training import TINY
+from conftest import TINY
 
 import zoomvit.models  # noqa: F401
 from zoomvit.config import ConfigError, load_config

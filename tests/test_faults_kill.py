@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REPO, TINY_YAML
 from servers import own_local_ray, ray_env, shutdown_ray_local, stop_own_ray
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
-REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 6
 
 
@@ -36,7 +36,7 @@ def workspace(tmp_path_factory):
 
 
 def command(workspace, *args: str) -> list[str]:
-    return [sys.executable, "pipelines/full.py", "--config", "pipelines/configs/tiny.yaml", *workspace["sets"], *args]
+    return [sys.executable, "pipelines/full.py", "--config", TINY_YAML, *workspace["sets"], *args]
 
 
 def run(workspace, *args: str) -> subprocess.CompletedProcess:
@@ -163,7 +163,7 @@ def test_a_driver_killed_mid_relevance_keeps_committed_groups_and_the_rerun_equa
             sys.executable,
             "pipelines/relevance.py",
             "--config",
-            "pipelines/configs/tiny.yaml",
+            TINY_YAML,
             *workspace["sets"],
             "--out",
             str(straight),

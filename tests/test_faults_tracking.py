@@ -12,7 +12,8 @@ import threading
 import time
 
 import pytest
-from servers import REPO, free_port, own_local_ray, ray_env, serve, shutdown_ray_local
+from conftest import REPO, TINY, TINY_YAML
+from servers import free_port, own_local_ray, ray_env, serve, shutdown_ray_local
 
 from zoomvit.tracking.runs import Tracker
 
@@ -54,7 +55,7 @@ def test_a_30_s_tracking_server_outage_mid_training_neither_stops_the_stage_nor_
     sets = [f"data.root={tmp_path / 'data'}", f"artifact_root={tmp_path / 'runs'}", f"tracking.uri={uri}",
             f"teacher.train.epochs={OUTAGE_EPOCHS}"]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "pipelines/full.py", "--config", "pipelines/configs/tiny.yaml", "--only", "teacher"]
+        [sys.executable, "pipelines/full.py", "--config", TINY_YAML, "--only", "teacher"]
         + [arg for s in sets for arg in ("--set", s)],
         cwd=REPO,
         env=driver_env,
@@ -144,7 +145,7 @@ def test_sigterm_unwinds_the_run_and_the_pipeline_exits_143_saying_what_it_marke
     monkeypatch.setattr(runtime, "_terminated", threading.Event())
     monkeypatch.setattr(runtime, "init_ray", lambda **_: None)
     monkeypatch.setattr(runner, "run_pipeline", stopped_mid_run)
-    assert cli.full_main(["--config", str(REPO / "pipelines/configs/tiny.yaml")]) == 143
+    assert cli.full_main(["--config", TINY]) == 143
     assert "stopped by SIGTERM; the runs that were open are marked KILLED" in capsys.readouterr().err
 
 

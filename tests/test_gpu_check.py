@@ -4,9 +4,9 @@ code a GPU machine runs at imagenet.yaml's sizes), without Ray or MLflow, and it
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 BLOCKED = "import sys; sys.modules.update(dict.fromkeys(['ray', 'mlflow'])); "  # as on the bare GPU machine
 
 

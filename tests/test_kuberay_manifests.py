@@ -8,13 +8,12 @@ import copy
 import functools
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from jsonschema import Draft202012Validator
 
-REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO / "cluster" / "kuberay"
 SCHEMAS = REPO / "tests" / "schemas"
 SCHEMA_FILES = ["kuberay-v1.7.0.json", "kubernetes-v1.32.2-strict.json"]

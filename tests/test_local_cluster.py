@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from servers import shutdown_ray_local
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = ["bash", "scripts/local_cluster.sh"]
 STAGES = ("teacher", "relevance", "zoomer", "zoomvit", "baseline", "evaluate")
 TEACHER_EPOCHS = 12  # long enough to lose a node between its first registered checkpoint and its end

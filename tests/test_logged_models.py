@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY
 from safetensors.torch import save_file
 from servers import free_port
 
@@ -24,8 +25,7 @@ from zoomvit.tracking.runs import Tracker
 from zoomvit.train.data import to_model_input
 from zoomvit.train.tasks import build_task
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = load_config(str(REPO / "pipelines/configs/tiny.yaml"))
+CONFIG = load_config(TINY)
 SIZE = CONFIG.data.image_size
 
 

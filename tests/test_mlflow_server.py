@@ -5,6 +5,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import REPO
 from mlflow.tracking import MlflowClient
 from servers import mlflow_server
 
@@ -49,11 +50,10 @@ def test_basic_auth_rejects_anonymous_and_wrong_passwords_and_admits_the_admin(t
 
 
 def test_the_kuberay_servers_own_settings_answer_calls_to_its_service_name(tmp_path):
-    from pathlib import Path
 
     import yaml
 
-    manifest = Path(__file__).resolve().parents[1] / "cluster" / "kuberay" / "mlflow.yaml"
+    manifest = REPO / "cluster" / "kuberay" / "mlflow.yaml"
     (deployment,) = [m for m in yaml.safe_load_all(manifest.read_text()) if m["kind"] == "Deployment"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}  # plain values; secrets come by reference

@@ -8,14 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TINY
 
 from zoomvit.config import load_config
 from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.pipeline.graph import ORDER
 from zoomvit.pipeline.plan import MANIFEST, plan_run, shards_of
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "pipelines" / "configs" / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 from mlflow.tracking import MlflowClient
 
 from zoomvit.config import load_config
@@ -15,8 +16,6 @@ from zoomvit.data.demo import generate_demo_dataset
 from zoomvit.pipeline.graph import QualityGateFailed, teacher_gate, zoomer_gate
 from zoomvit.pipeline.records import near_chance
 from zoomvit.pipeline.runner import run_pipeline
-
-TINY = str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml")
 
 
 def _config(*overrides):

@@ -3,10 +3,10 @@ from a checkpoint: tests/test_worker_env.py (the worker alone) and tests/test_fa
 
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
+from conftest import TINY
 
 from zoomvit.config import load_config
 from zoomvit.data.demo import generate_demo_dataset
@@ -15,14 +15,13 @@ from zoomvit.train.recipes import baseline_task, train_teacher
 from zoomvit.train.trainer import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
-CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     generate_demo_dataset(root, train=256, val=64, image_size=32, samples_per_shard=64)
-    return load_config(str(CONFIG), [f"data.root={root}"])
+    return load_config(TINY, [f"data.root={root}"])
 
 
 def train(config, out_dir, **train_overrides):

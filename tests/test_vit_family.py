@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 from pydantic import ValidationError
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
@@ -21,7 +22,6 @@ from zoomvit.train.data import rand_augment_batch
 from zoomvit.train.specs import ClassifierSpec, ZoomViTSpec
 from zoomvit.train.tasks import build_task
 
-CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml"
 TRAIN = TrainConfig(random_resized_crop=None, hflip=False, lr=1e-2)
 LABELS = {"num_classes": 10, "mean": (0.5,) * 3, "std": (0.5,) * 3}
 
@@ -283,7 +283,7 @@ def test_the_baseline_stage_trains_a_swin_and_a_hybrid_and_evaluates_them_side_b
     swin = {"img_size": 32, "window_size": 4, "embed_dim": 24, "depths": [1, 1], "num_heads": [1, 2]}
     hybrid = {"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2}
     config = load_config(
-        str(CONFIG),
+        TINY,
         [
             f"data.root={tmp_path / 'data'}",
             "baseline.train.epochs=1",
@@ -325,7 +325,7 @@ def test_distillation_adds_the_teacher_or_the_relevance_stage_upstream_only_when
     from zoomvit.pipeline.graph import STAGES
 
     def upstream(name, *overrides):
-        return [u for u, _ in STAGES[name].upstream_for(load_config(str(CONFIG), list(overrides)))]
+        return [u for u, _ in STAGES[name].upstream_for(load_config(TINY, list(overrides)))]
 
     scratch = "zoomvit.init_from_teacher=false"  # tiny.yaml fine-tunes ZoomViT from its teacher
     assert upstream("zoomvit", scratch) == ["zoomer"] and upstream("baseline") == []
@@ -343,7 +343,7 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
     from zoomvit.pipeline.graph import STAGES
     from zoomvit.train.recipes import baseline_tasks, train_baselines, train_zoomvit, zoomvit_task
 
-    config = load_config(str(CONFIG), ["zoomvit.init_from_teacher=true", "baseline.init_from_teacher=true"])
+    config = load_config(TINY, ["zoomvit.init_from_teacher=true", "baseline.init_from_teacher=true"])
     assert [u for u, _ in STAGES["zoomvit"].upstream_for(config)] == ["zoomer", "teacher"]
     assert [u for u, _ in STAGES["baseline"].upstream_for(config)] == ["teacher"]
 
@@ -361,7 +361,7 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
         "baseline.others=[{name: vit_p4, model: vit_test_patch8_32, model_kwargs: {patch_size: 4}, "
         "init_from_teacher: true}]"
     )
-    with_p4 = load_config(str(CONFIG), [p4])
+    with_p4 = load_config(TINY, [p4])
     assert [u for u, _ in STAGES["baseline"].upstream_for(with_p4)] == ["teacher"], (
         "one of the others starts from the teacher"
     )
@@ -375,7 +375,7 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
     with pytest.raises(ValueError, match="init_from_teacher needs"):
         train_baselines(config, tmp_path)
     with pytest.raises(ConfigError, match="one way to initialise"):
-        load_config(str(CONFIG), ["baseline.init_from_teacher=true", "baseline.init_checkpoint=x.safetensors"])
+        load_config(TINY, ["baseline.init_from_teacher=true", "baseline.init_checkpoint=x.safetensors"])
 
 
 def test_a_student_whose_init_checkpoint_has_no_fitting_patch_embedding_is_refused(tmp_path):
@@ -385,7 +385,7 @@ def test_a_student_whose_init_checkpoint_has_no_fitting_patch_embedding_is_refus
     from zoomvit.models import Zoomer
     from zoomvit.train.recipes import zoomvit_task
 
-    config = load_config(str(CONFIG), ["zoomvit.init_from_teacher=true"])
+    config = load_config(TINY, ["zoomvit.init_from_teacher=true"])
     hybrid = timm.create_model("vit_test_convstem_patch8_32", num_classes=config.data.num_classes)
     path = tmp_path / "hybrid_teacher.safetensors"
     save_file(hybrid.state_dict(), str(path))

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import load_file
 
 from zoomvit.config import load_config
@@ -20,9 +21,8 @@ from zoomvit.train.worker_env import TensorShard, local_env
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from pathlib import Path
 
-    config = load_config(str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml"))
+    config = load_config(TINY)
     task = baseline_task(config)
     size = config.data.image_size
     rng = np.random.default_rng(0)

@@ -4,10 +4,10 @@ covered, the Zoomer on the crops ZoomViT will show it, and loud refusals instead
 import pickle
 import re
 import tomllib
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TINY
 from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import save_file
 
@@ -17,9 +17,6 @@ from zoomvit.train.data import augment
 from zoomvit.train.recipes import train_zoomvit, zoomvit_task
 from zoomvit.train.specs import ClassifierSpec, TaskSpec, ZoomerSpec, ZoomViTSpec
 from zoomvit.train.tasks import build_task
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "pipelines" / "configs" / "tiny.yaml")
 
 
 def _zoomvit(tmp_path, *overrides):
