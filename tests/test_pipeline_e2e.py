@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TINY_YAML
 from mlflow.tracking import MlflowClient
 from servers import mlflow_server, ray_head, shutdown_ray_local
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
-REPO = Path(__file__).resolve().parents[1]
-TINY = "pipelines/configs/tiny.yaml"
 STAGES = ["teacher", "relevance", "zoomer", "zoomvit", "baseline", "evaluate"]
 # A recomputed zoomvit trained in the driver (num_workers=0: no Ray Train worker actors, a tiny fit in
 # ~2 s instead of ~30 s) where the test is about the cache and the runs, not about distributed training, which the
@@ -69,9 +68,9 @@ def pipeline(head, workspace, *args: str, submit: bool = False) -> subprocess.Co
     if submit:
         command = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".",
                    "--runtime-env-json", workspace["runtime_env"], "--",
-                   "python", "pipelines/full.py", "--config", TINY, *args]  # fmt: skip
+                   "python", "pipelines/full.py", "--config", TINY_YAML, *args]  # fmt: skip
     else:
-        command = [sys.executable, "pipelines/full.py", "--config", TINY, *workspace["sets"], *args]
+        command = [sys.executable, "pipelines/full.py", "--config", TINY_YAML, *workspace["sets"], *args]
         env["RAY_ADDRESS"] = head["gcs"]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
@@ -415,7 +414,7 @@ def test_a_failing_stage_fails_the_parent_and_keeps_the_upstream_cache(first_run
 
 def test_a_bad_config_key_exits_non_zero_naming_the_key(workspace):
     proc = subprocess.run(
-        [sys.executable, "pipelines/full.py", "--config", TINY, "--set", "zoomvit.alpah=0.3"],
+        [sys.executable, "pipelines/full.py", "--config", TINY_YAML, "--set", "zoomvit.alpah=0.3"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -483,7 +482,7 @@ def test_two_runs_started_together_on_one_artifact_root_both_succeed_and_compute
     # zoomvit and evaluate are computed by whichever run claims them first while the other waits.
     sets = [*workspace["sets"], "--set", "tracking.experiment=concurrent", "--set", "zoomvit.alpha=0.4", *IN_DRIVER]
     env = {**head["env"], "RAY_ADDRESS": head["gcs"]}
-    command = [sys.executable, "pipelines/full.py", "--config", TINY, *sets]
+    command = [sys.executable, "pipelines/full.py", "--config", TINY_YAML, *sets]
     runs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for _ in range(2)]  # fmt: skip
     outputs = [r.communicate(timeout=900)[0] for r in runs]
@@ -514,7 +513,7 @@ def test_ray_job_stop_mid_training_ends_the_pipeline_run_and_the_open_stage_run_
     sets = [*workspace["sets"], "--set", "tracking.experiment=stopped", "--set", "teacher.train.epochs=60"]
     sets += ["--set", f"artifact_root={workspace['root'] / 'stopped'}"]
     command = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--no-wait", "--",
-               "python", "pipelines/full.py", "--config", TINY, *sets]  # fmt: skip
+               "python", "pipelines/full.py", "--config", TINY_YAML, *sets]  # fmt: skip
     proc = subprocess.run(command, cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)

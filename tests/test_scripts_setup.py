@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 BROWSER_TEST = (
     "tests/test_pipeline_e2e.py::test_the_mlflow_ui_shows_runs_figures_models_and_a_comparison_in_headless_chromium"
