@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import REPO
 from PIL import Image
 
 import zoomvit.models  # noqa: F401
@@ -21,7 +22,7 @@ from zoomvit.evaluation import control_scores, matched_scores
 from zoomvit.evaluation.controls import nearest_2x
 from zoomvit.models import ZOOM
 
-FINE = str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "fine.yaml")
+FINE = str(REPO / "pipelines" / "configs" / "fine.yaml")
 SPEC = DemoSpec(train=600, val=200, image_size=128, style="fine", seed=1)
 
 
@@ -102,10 +103,9 @@ def test_a_crop_classifier_reads_fine_textures_at_full_size_and_guesses_at_half_
 def test_the_fine_config_puts_the_teacher_and_each_family_member_at_its_own_size():
     config = load_config(FINE)
     assert config.data.demo.style == "fine" and config.data.demo.image_size == 2 * config.data.image_size
-    assert config.teacher.input_size == 128 and config.zoomvit.reads_highres and config.zoomvit.calibrated
+    assert config.teacher.input_size == 128 and config.zoomvit.reads_highres
     assert [(m.name, m.input_size, m.model_kwargs["img_size"]) for m in config.baseline.family] == [
-        ("baseline_80px", 80, 80),
-        ("baseline_96px", 96, 96),
+        (f"baseline_{size}px", size, size) for size in (72, 80, 88, 96)
     ]
     assert config.data.at_size(96).image_size == 96 and config.data.at_size(None) is config.data
 
@@ -246,23 +246,25 @@ def test_the_evaluate_stage_pairs_own_size_family_members_and_matches_controls_t
         alpha=0.5,
     )
     rows = {r["model"]: r for r in result["rows"] if r["model"] != "zoomvit" or r["headline"]}
-    controls = {f"zoomvit_control_{k}" for k in ("random", "centre", "box", "upsample")}
-    assert controls <= set(rows), "no relevance maps: no teacher control; a highres ZoomViT: an upsample one"
+    controls = {f"zoomvit_control_{k}" for k in ("random", "centre", "upsample")} | {"zoomvit_oracle_box"}
+    assert controls <= set(rows), "no relevance maps: no label oracle; a highres ZoomViT: an upsample control"
+    assert "zoomvit_oracle_label" not in rows
     for name in controls:
         assert rows[name]["tokens_per_img"] == rows["zoomvit"]["tokens_per_img"], name
         assert rows[name]["n"] == rows["zoomvit"]["n"] == 24
-    assert [
-        (rows[n]["input_size"], rows[n]["tokens_per_img"]) for n in ("baseline", "baseline_80px", "baseline_96px")
-    ] == [
+    family = ("baseline", "baseline_72px", "baseline_80px", "baseline_88px", "baseline_96px")
+    assert [(rows[n]["input_size"], rows[n]["tokens_per_img"]) for n in family] == [
         (64, 64),
+        (72, 81),
         (80, 100),
+        (88, 121),
         (96, 144),
     ]
-    assert (
-        rows["baseline"]["gflops_per_img"]
-        < rows["baseline_80px"]["gflops_per_img"]
-        < rows["baseline_96px"]["gflops_per_img"]
-    )
+    gflops = [rows[n]["gflops_per_img"] for n in family]
+    assert gflops == sorted(gflops) and len(set(gflops)) == len(gflops)
+    zoom = rows["zoomvit"]
+    assert zoom["gflops_executed_per_img"] == zoom["gflops_per_img"], "a fixed number of zoomed cells pads nothing"
+    assert result["cost_as_executed"] == "padded"
     parts = result["parts"]
     assert parts["stratum_fine"] + parts["stratum_coarse"] == 24
     for name in ("stratum_fine", "stratum_coarse"):
