@@ -162,7 +162,7 @@ def main() -> None:
 
 
 # The pre-stated goals (points of top-1, ZoomViT minus the family at equal GFLOPs, mean over seeds).
-# default/hard (issue 16): >= 3 overall with every seed's interval above zero, more on the smallest objects.
+# default/hard: >= 3 overall with every seed's interval above zero, more on the smallest objects.
 # fine: >= 10 on the fine stratum and >= 5 overall, every seed's overall interval above zero, no more
 # than 1 point below the family on the coarse stratum, and, measured directly, at least the largest
 # member's top-1 at no more than 75% of its GFLOPs as executed.

@@ -1,18 +1,15 @@
 """What a zoomed cell's fine view does to the cell's own token: replace it, sit beside it, or fold
 into it; a fixed count of zoomed cells; the gate that zooms only where the 2x copy holds detail."""
 
-from pathlib import Path
-
 import pytest
 import timm
 import torch
+from conftest import TINY
 
 from zoomvit.config import load_config
 from zoomvit.models import NORMAL, ZOOM
 from zoomvit.models.tokenizer import detail_energy
 from zoomvit.train.calibration import alpha_for_cells, calibrate_alpha
-
-TINY = str(Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml")
 
 
 def _model(**kwargs):
