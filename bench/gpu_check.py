@@ -89,7 +89,7 @@ def _pearson(a_BN: torch.Tensor, b_BN: torch.Tensor) -> float:
 def synthetic_batch(config, task, batch_size: int, *, seed: int = 0) -> dict[str, np.ndarray]:
     """One batch of what the task's data carries: uint8 images (and the 2x copy a highres ZoomViT
     reads), labels, and for the Zoomer a normalised relevance map over its grid."""
-    from zoomvit.train.tasks import ZoomerTask, ZoomViTTask
+    from zoomvit.train.objectives import ZoomerTask, ZoomViTTask
 
     rng = np.random.default_rng(seed)
     size = config.data.image_size
@@ -111,8 +111,8 @@ def stage_specs(config, workdir: Path) -> dict[str, tuple[Any, Any]]:
     bare machine downloads nothing); ZoomViT with a random Zoomer's weights saved for it."""
     from safetensors.torch import save_file
 
+    from zoomvit.train.objectives import build_task
     from zoomvit.train.recipes import baseline_task, teacher_task, zoomer_task, zoomvit_task
-    from zoomvit.train.tasks import build_task
 
     zoomer_weights = workdir / "zoomer.safetensors"
     zoomer_spec = zoomer_task(config)
@@ -146,7 +146,7 @@ def train_row(name, spec, recipe, config, device, *, steps: int, batch_size: int
 
     from zoomvit.models.flops import count_flops
     from zoomvit.train.loop import WorkerConfig, WorkerTrainer
-    from zoomvit.train.tasks import build_task
+    from zoomvit.train.objectives import build_task
     from zoomvit.train.worker_env import TensorShard, local_env
 
     use_gpu = device.type == "cuda"
@@ -216,7 +216,7 @@ def train_row(name, spec, recipe, config, device, *, steps: int, batch_size: int
 
 
 def _forward(task, model):
-    from zoomvit.train.tasks import ZoomerTask, ZoomViTTask
+    from zoomvit.train.objectives import ZoomerTask, ZoomViTTask
 
     def forward(x, batch):
         if isinstance(task, ZoomerTask):
@@ -233,7 +233,7 @@ def correctness(config, specs, device: torch.device, dtype: torch.dtype, *, batc
     """ZoomViT on the device in ``dtype`` vs fp32 on the CPU; padding invariance on the device; relevance
     maps in ``dtype`` vs fp32."""
     from zoomvit.relevance.attribution import relevance_maps
-    from zoomvit.train.tasks import build_task
+    from zoomvit.train.objectives import build_task
 
     spec, recipe = specs["zoomvit"]
     task = build_task(spec, recipe, seed=0)
@@ -288,7 +288,7 @@ def side_by_side(config, specs, device, dtype, *, batch_size: int, repeat: int) 
 
     from zoomvit.models.flops import count_flops
     from zoomvit.relevance.attribution import relevance_maps
-    from zoomvit.train.tasks import build_task
+    from zoomvit.train.objectives import build_task
 
     rows = []
     spec, recipe = specs["zoomvit"]

@@ -76,9 +76,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from zoomvit.config import load_config
-    from zoomvit.pipeline.graph import QualityGateFailed
     from zoomvit.pipeline.runner import run_pipeline
     from zoomvit.pipeline.runtime import init_ray
+    from zoomvit.pipeline.stage_table import QualityGateFailed
 
     config_path = args.config or str(REPO / "pipelines" / "configs" / CONFIGS[args.preset])
     init_ray()

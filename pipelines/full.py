@@ -5,7 +5,7 @@ ray job submit --working-dir . --runtime-env-json "$(zoomvit runtime-env)" \
 python pipelines/full.py --config pipelines/configs/tiny.yaml --only zoomvit --set zoomvit.alpha=0.3
 """
 
-from zoomvit.pipeline.cli import full_main
+from zoomvit.pipeline.commands import full_main
 
 if __name__ == "__main__":
     raise SystemExit(full_main())

@@ -3,7 +3,7 @@
 python pipelines/relevance.py --config pipelines/configs/demo.yaml [--out DIR] [--checkpoint T.safetensors]
 """
 
-from zoomvit.pipeline.cli import relevance_main
+from zoomvit.pipeline.commands import relevance_main
 
 if __name__ == "__main__":
     raise SystemExit(relevance_main())

@@ -25,8 +25,8 @@ from zoomvit.data.relevance_store import GROUP_FILES, read_maps, write_group
 from zoomvit.pipeline.cache import bucket as bucket_module
 from zoomvit.pipeline.cache import claims as claims_module
 from zoomvit.pipeline.cache.bucket import BucketCache, staging_root
+from zoomvit.pipeline.cache.committed import committed_output
 from zoomvit.pipeline.cache.object_store import ObjectStoreCache
-from zoomvit.pipeline.cache.store import lookup
 from zoomvit.pipeline.plan import output_records, plan_run, shards_of
 from zoomvit.relevance.job import skips_path
 
@@ -125,7 +125,7 @@ def test_a_published_output_is_an_intact_hit_read_straight_from_the_bucket(cache
     maps = _publish(cache, tmp_path, "relevance", fp, "run-b")
     entry = cache.entry("zoomer", fp)
     assert weights["out_dir"] == f"{entry}/attempts/run-a"
-    assert lookup(entry) == (weights, None)
+    assert committed_output(entry) == (weights, None)
     assert _keys(_key(entry)) == [f"{_key(entry)}/attempts/run-a/model.safetensors", f"{_key(entry)}/manifest.json"]
     assert torch.equal(load_state_dict_file(f"{weights['out_dir']}/model.safetensors")["w"], torch.full((4, 4), 3.0))
     table = read_maps(maps["out_dir"], "train")
@@ -155,7 +155,7 @@ def test_a_deleted_rewritten_or_cut_object_makes_the_entry_damaged_without_readi
         data = bytearray(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
         data[-20] ^= 0xFF  # inside the Parquet footer: same size, other content
         s3.put_object(Bucket=BUCKET, Key=key, Body=bytes(data if harm == "rewrite" else data[:100]))
-    found, why = lookup(cache.entry("relevance", fp))
+    found, why = committed_output(cache.entry("relevance", fp))
     assert found is None and reason in why and "val-group-00000.parquet" in why
 
 
@@ -163,7 +163,7 @@ def test_of_two_runs_committing_one_output_the_later_adopts_the_first_and_delete
     fp = "3" * 64
     first = _publish(cache, tmp_path, "zoomer", fp, "run-a", value=1.0)
     second = _publish(cache, tmp_path, "zoomer", fp, "run-b", value=2.0)
-    assert second == first and lookup(cache.entry("zoomer", fp))[0]["run_id"] == "run-a"
+    assert second == first and committed_output(cache.entry("zoomer", fp))[0]["run_id"] == "run-a"
     assert not [k for k in _keys(_key(cache.entry("zoomer", fp))) if "/run-b/" in k], "the loser's upload is gone"
 
 
@@ -174,7 +174,7 @@ def test_a_forced_commit_replaces_the_manifest_and_keeps_the_superseded_attempt_
     entry = _key(cache.entry("zoomer", fp))
     _publish(cache, tmp_path, "zoomer", fp, "run-a", value=1.0)
     forced = _publish(cache, tmp_path, "zoomer", fp, "run-b", value=2.0, replace=True)
-    assert lookup(cache.entry("zoomer", fp))[0] == forced
+    assert committed_output(cache.entry("zoomer", fp))[0] == forced
     assert f"{entry}/attempts/run-a/model.safetensors" in _keys(entry), "a run that planned with run-a still reads it"
     monkeypatch.setattr(bucket_module, "GRACE_S", -1.0)
     _publish(cache, tmp_path, "zoomer", fp, "run-c", value=3.0, replace=True)
@@ -187,7 +187,7 @@ def test_parts_an_earlier_attempt_uploaded_seed_the_next_one_and_nothing_staged_
     _stage_groups(crashed, fp)
     train = sorted(crashed.glob("train-group-*"))
     cache.upload(crashed, train, cache.attempt("relevance", fp, "run-crashed"))  # uploaded as committed; no manifest
-    assert lookup(cache.entry("relevance", fp)) == (None, None), "parts alone are not a commit"
+    assert committed_output(cache.entry("relevance", fp)) == (None, None), "parts alone are not a commit"
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     (resumed / train[0].name).write_bytes(b"already here")
@@ -221,7 +221,7 @@ def _two_stage_table(crash: list[bool], seen: dict, slow: float = 0.0):
     context names and commits two parts one by one (it fails after the first while ``crash[0]``)."""
     import fsspec
 
-    from zoomvit.pipeline import graph
+    from zoomvit.pipeline import stage_table
 
     def make(ctx):
         time.sleep(slow)
@@ -229,7 +229,7 @@ def _two_stage_table(crash: list[bool], seen: dict, slow: float = 0.0):
         return {"files": {"weights": "model.bin"}, "metrics": {}}
 
     def parts(ctx):
-        source = graph._upstream_file(ctx, "teacher", "weights")
+        source = stage_table._upstream_file(ctx, "teacher", "weights")
         with fsspec.open(source, "rb") as f:
             seen["upstream"], seen["source"] = f.read(), source
         seen["reused"] = 0
@@ -246,18 +246,18 @@ def _two_stage_table(crash: list[bool], seen: dict, slow: float = 0.0):
         return {"files": {"maps": "."}, "metrics": {}}
 
     quick = {
-        "teacher": graph.StageDef(name="teacher", sections=("data",), upstream=(), run=make),
-        "relevance": graph.StageDef(name="relevance", sections=("data",), upstream=(("teacher", "weights"),),
+        "teacher": stage_table.StageDef(name="teacher", sections=("data",), upstream=(), run=make),
+        "relevance": stage_table.StageDef(name="relevance", sections=("data",), upstream=(("teacher", "weights"),),
                                     run=parts, repairs_in_place=True, parts=GROUP_FILES),
     }  # fmt: skip
-    saved = dict(graph.STAGES)  # restored in its order: the table's order is the run order
-    graph.STAGES.clear()
-    graph.STAGES.update(quick)
+    saved = dict(stage_table.STAGES)  # restored in its order: the table's order is the run order
+    stage_table.STAGES.clear()
+    stage_table.STAGES.update(quick)
     try:
         yield
     finally:
-        graph.STAGES.clear()
-        graph.STAGES.update(saved)
+        stage_table.STAGES.clear()
+        stage_table.STAGES.update(saved)
 
 
 def test_a_run_on_a_bucket_root_commits_there_resumes_parts_from_a_crashed_attempt_and_then_hits(
@@ -279,7 +279,7 @@ def _crash_resume_hit_force(config, cache, crash, seen):
 
     with pytest.raises(RuntimeError, match="killed after the first part"):
         run_pipeline(config)
-    teacher, _ = lookup(f"{cache.url}/teacher/{_only_entry(cache, 'teacher')}")
+    teacher, _ = committed_output(f"{cache.url}/teacher/{_only_entry(cache, 'teacher')}")
     assert teacher is not None
     assert not list((staging / "teacher").glob("*/model.bin")), "a committed output's staging copy is removed"
     crashed = [k for k in _keys(_key(cache.url)) if "/relevance/" in k and "/claims/" not in k]
@@ -291,7 +291,7 @@ def _crash_resume_hit_force(config, cache, crash, seen):
         part.unlink()  # as on another machine: only the bucket has the crashed attempt's part
     result = run_pipeline(config)
     assert result.computed == ["relevance"] and seen["reused"] == 1, "resumed from the part in the bucket"
-    parts, _ = lookup(result.stages["relevance"]["out_dir"].rsplit("/attempts/", 1)[0])
+    parts, _ = committed_output(result.stages["relevance"]["out_dir"].rsplit("/attempts/", 1)[0])
     assert parts["run_id"] == result.stages["relevance"]["run_id"] and sorted(parts["files"]) == ["maps"]
     assert sorted(parts["file_sizes"]["maps"]) == ["a-group-0.txt", "b-group-1.txt", "relevance.json"]
     assert any(k.endswith(f"lineage/{result.run_id}/lineage.json") for k in _keys(_key(cache.url)))
@@ -302,7 +302,7 @@ def _crash_resume_hit_force(config, cache, crash, seen):
 
     forced = run_pipeline(config, force=["teacher"])
     assert forced.computed == ["teacher"], "fingerprints come from the config: downstream stays a hit"
-    replaced, _ = lookup(forced.stages["teacher"]["out_dir"].rsplit("/attempts/", 1)[0])
+    replaced, _ = committed_output(forced.stages["teacher"]["out_dir"].rsplit("/attempts/", 1)[0])
     assert replaced["run_id"] == forced.stages["teacher"]["run_id"] != teacher["run_id"]
 
 
@@ -314,12 +314,16 @@ def _only_entry(cache, stage: str) -> str:
 def test_a_second_driver_waits_for_a_live_claim_and_takes_the_output_once_it_is_committed(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(bucket_module, "POLL_S", 0.05)
     fp = "7" * 64
-    none, first = cache.claim("zoomer", fp, "driver A", committed=lambda: lookup(cache.entry("zoomer", fp))[0])
+    none, first = cache.claim(
+        "zoomer", fp, "driver A", committed=lambda: committed_output(cache.entry("zoomer", fp))[0]
+    )
     assert none is None and first is not None
     waited: dict = {}
     second = threading.Thread(
         target=lambda: waited.update(
-            result=cache.claim("zoomer", fp, "driver B", committed=lambda: lookup(cache.entry("zoomer", fp))[0])
+            result=cache.claim(
+                "zoomer", fp, "driver B", committed=lambda: committed_output(cache.entry("zoomer", fp))[0]
+            )
         )
     )
     with first:
@@ -343,7 +347,7 @@ def test_a_driver_that_wins_a_claim_after_the_holder_committed_and_released_take
             with first:
                 _publish(cache, tmp_path, "zoomer", fp, "run-a")
             return None
-        return lookup(cache.entry("zoomer", fp))[0]
+        return committed_output(cache.entry("zoomer", fp))[0]
 
     manifest, claim = cache.claim("zoomer", fp, "driver B", committed=committed)
     assert claim is None and manifest["run_id"] == "run-a", "the manifest is read again after a claim is won"
@@ -364,7 +368,7 @@ def test_a_retried_manifest_put_that_had_landed_keeps_its_own_committed_attempt(
     uploaded = boto3.client("s3").head_object(Bucket=BUCKET, Key=weights)["LastModified"]
     time.sleep(1.1)
     again = _publish(cache, tmp_path, "zoomer", fp, "run-a")  # the same put once more: the store answers 412
-    assert again == first and lookup(cache.entry("zoomer", fp))[0] == first
+    assert again == first and committed_output(cache.entry("zoomer", fp))[0] == first
     now = boto3.client("s3").head_object(Bucket=BUCKET, Key=weights)["LastModified"]
     assert now == uploaded, "its own committed upload is neither deleted nor uploaded again"
 

@@ -25,8 +25,8 @@ from zoomvit.pipeline.cache import claims as claims_module
 from zoomvit.pipeline.cache import store as store_module
 from zoomvit.pipeline.cache.bucket import BucketCache
 from zoomvit.pipeline.cache.claims import FencedOut
+from zoomvit.pipeline.cache.committed import committed_output
 from zoomvit.pipeline.cache.object_store import ObjectStoreCache
-from zoomvit.pipeline.cache.store import lookup
 from zoomvit.pipeline.plan import PlannedStage, output_records
 
 
@@ -158,7 +158,7 @@ def test_a_stalled_holder_that_was_taken_over_fails_its_next_write_and_leaves_th
         (writer_a.out_dir / "b-group-1.txt").write_text("A's late copy")
         with pytest.raises(FencedOut):
             writer_a.commit(_manifest_of(writer_a.out_dir, fp, "run-a"))
-    assert lookup(cache.entry("relevance", fp))[0] == committed and committed["run_id"] == "run-b"
+    assert committed_output(cache.entry("relevance", fp))[0] == committed and committed["run_id"] == "run-b"
 
 
 def _manifest_of(out_dir: Path, fp: str, run_id: str) -> dict:
@@ -188,7 +188,7 @@ def test_a_commit_that_loses_the_race_to_a_put_landing_first_adopts_the_winner_a
     filesystem(cache.url).rm(f"{entry}/manifest.json")  # run-z's upload is there; its manifest lands in the race
     with s3_proxy(s3, race=(f"{_key(entry)}/manifest.json", body)):
         standing = _publish(cache, tmp_path, fp, "run-a", value=2.0)
-    assert standing == winner and lookup(entry)[0] == winner
+    assert standing == winner and committed_output(entry)[0] == winner
     assert not [k for k in _keys(_key(entry)) if "/run-a/" in k], "the loser deleted its own upload"
 
 
@@ -199,7 +199,7 @@ def test_a_hit_compares_each_objects_recorded_sha256_with_the_checksum_the_store
     weights = f"{committed['out_dir']}/model.safetensors"
     head = boto3.client("s3").head_object(Bucket=BUCKET, Key=_key(weights), ChecksumMode="ENABLED")
     assert base64.b64decode(head["ChecksumSHA256"]).hex() == committed["file_hashes"]["weights"].removeprefix("sha256:")
-    assert lookup(entry) == (committed, None)
+    assert committed_output(entry) == (committed, None)
 
     other = tmp_path / "other.safetensors"
     original = (tmp_path / "run-a" / "model.safetensors").read_bytes()
@@ -210,5 +210,5 @@ def test_a_hit_compares_each_objects_recorded_sha256_with_the_checksum_the_store
         "object_etags": store_module.etags(committed, store_module.list_objects(committed["out_dir"])),
     }
     filesystem(cache.url).pipe_file(f"{entry}/manifest.json", json.dumps(forged).encode())
-    manifest, why = lookup(entry)
+    manifest, why = committed_output(entry)
     assert manifest is None and "holds other bytes than were committed" in why, "the listing agrees with itself"

@@ -18,7 +18,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from servers import free_port, ray_env, ray_head, shutdown_ray_local
 
-from zoomvit.cluster import HEAD_TYPE, load_cluster_yaml, local_autoscaling_config, validate_cluster_config
+from zoomvit.cluster_config import HEAD_TYPE, load_cluster_yaml, local_autoscaling_config, validate_cluster_config
 
 CLUSTER = REPO / "cluster"
 LAUNCHER_YAMLS = ["aws.yaml", "gcp.yaml", "local-autoscaling.yaml"]
@@ -323,7 +323,7 @@ def test_local_autoscaling_cluster_scales_the_requested_node_type_up_then_down(t
 
 @pytest.mark.slow
 def test_use_gpu_auto_counts_gpu_node_types_the_launcher_can_add_at_zero_nodes(ray_local, tmp_path, monkeypatch):
-    from zoomvit.cluster import resolve_use_gpu
+    from zoomvit.gpus import resolve_use_gpu
 
     monkeypatch.setenv("HOME", str(tmp_path))
     assert resolve_use_gpu("auto") is False, "a CPU-only cluster with no launcher config"

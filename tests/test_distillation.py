@@ -20,8 +20,8 @@ from zoomvit.data.relevance_store import maps_array, read_maps
 from zoomvit.data.shards import expand_shards
 from zoomvit.relevance import normalize_maps
 from zoomvit.relevance.job import run_relevance_stage
+from zoomvit.train.objectives import pearson_per_image
 from zoomvit.train.recipes import train_zoomer
-from zoomvit.train.tasks import pearson_per_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 TEACHER = {"model": "vit_demo_patch8_64", "model_kwargs": {"embed_dim": 64, "depth": 3, "num_heads": 2}}

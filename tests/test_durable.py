@@ -38,22 +38,22 @@ def test_an_exclusive_lock_makes_a_second_process_wait_and_is_freed_when_its_hol
     import sys
     import time
 
-    from zoomvit.durable import exclusive
+    from zoomvit.locks import exclusive
 
     entry = tmp_path / "teacher" / "abc"
-    script = f"from zoomvit.durable import exclusive\nimport time\nwith exclusive({str(entry)!r}, 'x'):\n"
+    script = f"from zoomvit.locks import exclusive\nimport time\nwith exclusive({str(entry)!r}, 'x'):\n"
     script += "    print('held', flush=True)\n    time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    logging.getLogger("zoomvit.durable").addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="zoomvit.durable")
+    logging.getLogger("zoomvit.locks").addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="zoomvit.locks")
     start = time.monotonic()
     killer = __import__("threading").Timer(1.5, holder.kill)  # the holder dies without unlocking
     killer.start()
     with exclusive(entry, "[teacher] entry"):
         waited = time.monotonic() - start
     killer.join()
-    logging.getLogger("zoomvit.durable").removeHandler(caplog.handler)
+    logging.getLogger("zoomvit.locks").removeHandler(caplog.handler)
     assert waited >= 1.4
     assert "[teacher] entry: waiting for another run" in caplog.text and f"pid {holder.pid}" in caplog.text
 
@@ -66,7 +66,7 @@ def _holder(entry, how: str):
 
     script = f"""
 import pathlib, time
-from zoomvit.durable import OutputLock
+from zoomvit.locks import OutputLock
 lock = OutputLock({str(entry)!r}, 'x')
 if {how!r} == 'shared':
     lock.shared()
@@ -92,7 +92,7 @@ def _done(entry):
 def test_a_reader_of_a_committed_output_waits_only_until_the_writer_commits_not_until_it_exits(tmp_path):
     import time
 
-    from zoomvit.durable import OutputLock, read_or_claim
+    from zoomvit.locks import OutputLock, read_or_claim
 
     entry = tmp_path / "teacher" / "abc"
     writer = _holder(entry, "exclusive-then-share")
@@ -111,7 +111,7 @@ def test_a_forced_recompute_waits_for_every_reader_and_readers_do_not_wait_for_e
     import threading
     import time
 
-    from zoomvit.durable import OutputLock, read_or_claim
+    from zoomvit.locks import OutputLock, read_or_claim
 
     entry = tmp_path / "teacher" / "abc"
     entry.mkdir(parents=True)
@@ -136,7 +136,7 @@ def test_a_forced_recompute_waits_for_every_reader_and_readers_do_not_wait_for_e
 
 
 def test_an_output_nobody_has_written_is_claimed_exclusively_by_the_first_run(tmp_path):
-    from zoomvit.durable import OutputLock, read_or_claim
+    from zoomvit.locks import OutputLock, read_or_claim
 
     entry = tmp_path / "teacher" / "abc"
     with OutputLock(entry, "x") as lock:

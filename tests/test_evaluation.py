@@ -12,8 +12,8 @@ import zoomvit.models  # noqa: F401
 from zoomvit.config import ConfigError, load_config
 from zoomvit.evaluation import bootstrap_ci, control_scores, paired_delta_at_equal_gflops
 from zoomvit.models.flops import uniform_tokens, zoomvit_flops
+from zoomvit.train.objectives import build_task
 from zoomvit.train.recipes import baseline_input_sizes, baseline_tasks
-from zoomvit.train.tasks import build_task
 
 
 def test_bootstrap_intervals_cover_the_true_accuracy_about_95_percent_of_the_time():

@@ -134,7 +134,7 @@ def test_recording_an_input_or_a_model_leaves_the_run_running_until_it_is_ended(
 def test_sigterm_unwinds_the_run_and_the_pipeline_exits_143_saying_what_it_marked(monkeypatch, capsys):
     """The signal, the unwinding and the exit status; that the open MLflow runs end KILLED when a real
     pipeline is stopped mid-training is test_pipeline_e2e.py's ``ray job stop`` test (SIGTERM too)."""
-    from zoomvit.pipeline import cli, runner, runtime
+    from zoomvit.pipeline import commands, runner, runtime
 
     def stopped_mid_run(config, **_):
         with runtime.sigterm_unwinds():
@@ -145,12 +145,12 @@ def test_sigterm_unwinds_the_run_and_the_pipeline_exits_143_saying_what_it_marke
     monkeypatch.setattr(runtime, "_terminated", threading.Event())
     monkeypatch.setattr(runtime, "init_ray", lambda **_: None)
     monkeypatch.setattr(runner, "run_pipeline", stopped_mid_run)
-    assert cli.full_main(["--config", TINY]) == 143
+    assert commands.full_main(["--config", TINY]) == 143
     assert "stopped by SIGTERM; the runs that were open are marked KILLED" in capsys.readouterr().err
 
 
 def test_runs_left_running_by_a_dead_driver_end_killed_and_live_or_foreign_ones_are_left(tmp_path):
-    from zoomvit.durable import exclusive
+    from zoomvit.locks import exclusive
     from zoomvit.pipeline.records import DRIVER_LOCK_TAG, end_orphaned_runs
 
     tracker, root = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "orphans"), tmp_path / "runs"
@@ -166,7 +166,7 @@ def test_runs_left_running_by_a_dead_driver_end_killed_and_live_or_foreign_ones_
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.lock").touch()
     foreign = pipeline(str(tmp_path / "other" / "x"))  # another artifact root's run
-    script = f"from zoomvit.durable import exclusive\nimport time\nwith exclusive({str(drivers / 'alive')!r}, 'x'):\n"
+    script = f"from zoomvit.locks import exclusive\nimport time\nwith exclusive({str(drivers / 'alive')!r}, 'x'):\n"
     holder = subprocess.Popen([sys.executable, "-c", script + "    print('held', flush=True)\n    time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:

@@ -225,8 +225,8 @@ def test_the_evaluate_stage_pairs_own_size_family_members_and_matches_controls_t
 
     from zoomvit.config import TrainConfig
     from zoomvit.evaluation import evaluate_models
+    from zoomvit.train.objectives import build_task
     from zoomvit.train.recipes import baseline_tasks, zoomvit_task
-    from zoomvit.train.tasks import build_task
 
     generate_demo_dataset(tmp_path / "data", train=4, val=24, image_size=128, style="fine", samples_per_shard=16)
     config = load_config(FINE, [f"data.root={tmp_path / 'data'}", "data.demo=null", "evaluate.num_figures=1"])

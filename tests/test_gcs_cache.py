@@ -17,7 +17,8 @@ from zoomvit.errors import UserError
 from zoomvit.pipeline.cache import store as store_module
 from zoomvit.pipeline.cache.bucket import BucketCache
 from zoomvit.pipeline.cache.claims import claim_state, claims
-from zoomvit.pipeline.cache.store import list_objects, lookup, mtime_of
+from zoomvit.pipeline.cache.committed import committed_output
+from zoomvit.pipeline.cache.store import list_objects, mtime_of
 from zoomvit.pipeline.plan import output_records
 
 pytestmark = pytest.mark.skipif(
@@ -77,10 +78,10 @@ def test_on_gcs_a_commit_is_a_hit_and_a_rewritten_object_is_damage_read_from_the
     info = listing["model.safetensors"]
     assert committed["object_etags"]["weights"] == info["etag"], "GCS's etag stands for the content"
     assert abs(mtime_of(info) - mtime_of({"updated": info["updated"]})) < 1e-6 and mtime_of(info) > 1.7e9
-    assert lookup(entry) == (committed, None)
+    assert committed_output(entry) == (committed, None)
 
     filesystem(cache.url).pipe_file(f"{committed['out_dir']}/model.safetensors", b"x" * info["size"])
-    manifest, why = lookup(entry)
+    manifest, why = committed_output(entry)
     assert manifest is None and "was rewritten since it was committed" in why
 
 

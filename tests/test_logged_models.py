@@ -19,11 +19,12 @@ from safetensors.torch import save_file
 from servers import free_port
 
 from zoomvit.config import TrainConfig, load_config
-from zoomvit.pipeline.graph import STAGES
-from zoomvit.tracking.models import CANDIDATE, log_stage_model, move_alias
+from zoomvit.pipeline.records import log_stage_model
+from zoomvit.pipeline.stage_table import STAGES
+from zoomvit.tracking.registry import CANDIDATE, move_alias
 from zoomvit.tracking.runs import Tracker
 from zoomvit.train.data import to_model_input
-from zoomvit.train.tasks import build_task
+from zoomvit.train.objectives import build_task
 
 CONFIG = load_config(TINY)
 SIZE = CONFIG.data.image_size
@@ -72,7 +73,7 @@ def _model_dir(tracker, run_id, stage) -> Path:
 
 
 def test_logged_models_hold_no_pickle_and_load_in_a_fresh_process_with_the_trained_logits(tracker, tmp_path):
-    from zoomvit.train.tasks import load_trained
+    from zoomvit.train.objectives import load_trained
 
     logged = {stage: _logged(tracker, stage, tmp_path) for stage in ("zoomvit", "baseline", "zoomer")}
     for stage, (_, _, run_id, _) in logged.items():

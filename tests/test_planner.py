@@ -12,8 +12,8 @@ from conftest import REPO, TINY
 
 from zoomvit.config import load_config
 from zoomvit.data.demo import generate_demo_dataset
-from zoomvit.pipeline.graph import ORDER
 from zoomvit.pipeline.plan import MANIFEST, plan_run, shards_of
+from zoomvit.pipeline.stage_table import ORDER
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +114,8 @@ def test_dry_run_prints_the_plan_and_runs_nothing(data_root, tmp_path):
 
 
 def test_a_stage_added_to_the_table_is_planned_and_offered_by_the_cli_with_no_other_edit(setup, monkeypatch, capsys):
-    from zoomvit.pipeline.cli import full_main
-    from zoomvit.pipeline.graph import STAGES, StageDef
+    from zoomvit.pipeline.commands import full_main
+    from zoomvit.pipeline.stage_table import STAGES, StageDef
 
     report = StageDef(name="report", sections=("evaluate",), upstream=(("evaluate", "evaluation"),), run=lambda ctx: {})
     monkeypatch.setitem(STAGES, "report", report)

@@ -13,9 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from zoomvit.config import load_config
 from zoomvit.data.demo import generate_demo_dataset
-from zoomvit.pipeline.graph import QualityGateFailed, teacher_gate, zoomer_gate
 from zoomvit.pipeline.records import near_chance
 from zoomvit.pipeline.runner import run_pipeline
+from zoomvit.pipeline.stage_table import QualityGateFailed, teacher_gate, zoomer_gate
 
 
 def _config(*overrides):

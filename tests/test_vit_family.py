@@ -19,8 +19,8 @@ from timm.optim import create_optimizer_v2
 from zoomvit.config import ConfigError, DistillConfig, TrainConfig, load_config
 from zoomvit.models import adapt_pos_embed, load_pretrained
 from zoomvit.train.data import rand_augment_batch
-from zoomvit.train.specs import ClassifierSpec, ZoomViTSpec
-from zoomvit.train.tasks import build_task
+from zoomvit.train.objectives import build_task
+from zoomvit.train.task_specs import ClassifierSpec, ZoomViTSpec
 
 TRAIN = TrainConfig(random_resized_crop=None, hflip=False, lr=1e-2)
 LABELS = {"num_classes": 10, "mean": (0.5,) * 3, "std": (0.5,) * 3}
@@ -322,7 +322,7 @@ def test_the_baseline_stage_trains_a_swin_and_a_hybrid_and_evaluates_them_side_b
 
 
 def test_distillation_adds_the_teacher_or_the_relevance_stage_upstream_only_when_asked():
-    from zoomvit.pipeline.graph import STAGES
+    from zoomvit.pipeline.stage_table import STAGES
 
     def upstream(name, *overrides):
         return [u for u, _ in STAGES[name].upstream_for(load_config(TINY, list(overrides)))]
@@ -340,7 +340,7 @@ def test_students_initialised_from_the_teacher_read_it_upstream_and_start_from_i
     from safetensors.torch import save_file
 
     from zoomvit.models import Zoomer
-    from zoomvit.pipeline.graph import STAGES
+    from zoomvit.pipeline.stage_table import STAGES
     from zoomvit.train.recipes import baseline_tasks, train_baselines, train_zoomvit, zoomvit_task
 
     config = load_config(TINY, ["zoomvit.init_from_teacher=true", "baseline.init_from_teacher=true"])

@@ -12,8 +12,9 @@ import torch
 from conftest import TINY
 from safetensors.torch import load_file
 
+from zoomvit.checkpoints import Checkpoints
 from zoomvit.config import load_config
-from zoomvit.train.loop import Checkpoints, WorkerConfig, WorkerTrainer, weights_checksum
+from zoomvit.train.loop import WorkerConfig, WorkerTrainer, weights_checksum
 from zoomvit.train.recipes import baseline_task
 from zoomvit.train.trainer import run_training
 from zoomvit.train.worker_env import TensorShard, local_env

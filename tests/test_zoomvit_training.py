@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from zoomvit.config import ConfigError, TrainConfig, load_config
 from zoomvit.models import Zoomer
 from zoomvit.train.data import augment
+from zoomvit.train.objectives import build_task
 from zoomvit.train.recipes import train_zoomvit, zoomvit_task
-from zoomvit.train.specs import ClassifierSpec, TaskSpec, ZoomerSpec, ZoomViTSpec
-from zoomvit.train.tasks import build_task
+from zoomvit.train.task_specs import ClassifierSpec, TaskSpec, ZoomerSpec, ZoomViTSpec
 
 
 def _zoomvit(tmp_path, *overrides):
@@ -160,7 +160,7 @@ def test_the_declared_python_floor_covers_the_standard_library_the_package_uses(
 
 @pytest.mark.parametrize("head", ["global", "local"])
 def test_the_runner_reloads_a_trained_zoomer_of_either_head(tmp_path, head):
-    from zoomvit.pipeline.graph import STAGES
+    from zoomvit.pipeline.stage_table import STAGES
 
     config = load_config(TINY, [f"zoomer.head={head}"])
     zoomer = Zoomer(grid=(4, 4), width=config.zoomer.width, depth=config.zoomer.depth, head=head)
@@ -201,7 +201,7 @@ def test_specs_are_frozen_and_cross_process_boundaries_intact(tmp_path):
 
 
 def test_the_worker_reads_the_recipe_it_was_given_not_a_default():
-    from zoomvit.train.tasks import ClassifierTask
+    from zoomvit.train.objectives import ClassifierTask
 
     train = TrainConfig(finetune="partial", freeze_blocks=1, drop_path=0.2)
     spec = ClassifierSpec(model="vit_test_patch8_32", num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3)

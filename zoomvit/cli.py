@@ -1,4 +1,5 @@
-"""The ``zoomvit`` command line: one subcommand per task, each a function of the parsed arguments."""
+"""The ``zoomvit`` command line (the console script): one subcommand per task, each a function of the
+parsed arguments; ``run``, ``stage`` and ``relevance`` hand over to :mod:`zoomvit.pipeline.commands`."""
 
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def _add_probe(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cluster_validate(args: argparse.Namespace) -> int:
-    from zoomvit.cluster import load_cluster_yaml, validate_cluster_config
+    from zoomvit.cluster_config import load_cluster_yaml, validate_cluster_config
 
     for path in args.files:
         prepared = validate_cluster_config(load_cluster_yaml(path))
@@ -133,7 +134,12 @@ def _cluster_validate(args: argparse.Namespace) -> int:
 
 
 def _cluster_local(args: argparse.Namespace) -> int:
-    from zoomvit.cluster import dump_local_config, load_cluster_yaml, local_autoscaling_config, validate_cluster_config
+    from zoomvit.cluster_config import (
+        dump_local_config,
+        load_cluster_yaml,
+        local_autoscaling_config,
+        validate_cluster_config,
+    )
 
     config = local_autoscaling_config(
         load_cluster_yaml(args.file),
@@ -201,7 +207,7 @@ def _add_runtime_env(subparsers: argparse._SubParsersAction) -> None:
 def _add_pipeline(subparsers: argparse._SubParsersAction) -> None:
     """``run``, ``stage NAME`` and ``relevance`` hand their arguments to the pipeline's own parsers
     (the ones behind pipelines/*.py), so both spellings take the same options."""
-    from zoomvit.pipeline.graph import STAGES
+    from zoomvit.pipeline.stage_table import STAGES
 
     def forward(name: str, main: Callable[[list[str]], int], help: str) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help, add_help=False, prefix_chars="\0")
@@ -209,14 +215,16 @@ def _add_pipeline(subparsers: argparse._SubParsersAction) -> None:
         sub.set_defaults(func=lambda args: main(args.rest))
         return sub
 
-    from zoomvit.pipeline import cli
+    from zoomvit.pipeline import commands
 
-    forward("run", cli.full_main, "run the pipeline (as pipelines/full.py; --help for its options)")
-    forward("relevance", cli.relevance_main, "compute teacher relevance maps into Parquet (as pipelines/relevance.py)")
+    forward("run", commands.full_main, "run the pipeline (as pipelines/full.py; --help for its options)")
+    forward(
+        "relevance", commands.relevance_main, "compute teacher relevance maps into Parquet (as pipelines/relevance.py)"
+    )
     stage = subparsers.add_parser("stage", help=f"rerun one stage on cached upstream outputs ({', '.join(STAGES)})")
     stage.add_argument("name", choices=list(STAGES))
     stage.add_argument("rest", nargs=argparse.REMAINDER, help="pipeline options (--config, --set, ...)")
-    stage.set_defaults(func=lambda args: cli.stage_main(args.name, args.rest))
+    stage.set_defaults(func=lambda args: commands.stage_main(args.name, args.rest))
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (

@@ -6,7 +6,9 @@ stage's fingerprint covers exactly the settings it reads.
 
 from zoomvit.config.base import Section
 from zoomvit.config.data import DataConfig, DemoDataConfig
-from zoomvit.config.models import (
+from zoomvit.config.pipeline import ConfigError, PipelineConfig, load_config
+from zoomvit.config.stages import EvaluateConfig, GatesConfig, RelevanceConfig, TrackingConfig
+from zoomvit.config.trained_models import (
     INIT_FROM_TEACHER,
     INPUT_SIZE,
     BaselineConfig,
@@ -15,8 +17,6 @@ from zoomvit.config.models import (
     ZoomerConfig,
     ZoomViTConfig,
 )
-from zoomvit.config.pipeline import ConfigError, PipelineConfig, load_config
-from zoomvit.config.stages import EvaluateConfig, GatesConfig, RelevanceConfig, TrackingConfig
 from zoomvit.config.training import DistillConfig, TrainConfig, cached_logits_conflicts
 
 __all__ = [

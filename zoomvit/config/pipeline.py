@@ -8,8 +8,8 @@ from pydantic import Field, model_validator
 
 from zoomvit.config.base import Section
 from zoomvit.config.data import DataConfig
-from zoomvit.config.models import BaselineConfig, TeacherConfig, ZoomerConfig, ZoomViTConfig
 from zoomvit.config.stages import EvaluateConfig, GatesConfig, RelevanceConfig, TrackingConfig
+from zoomvit.config.trained_models import BaselineConfig, TeacherConfig, ZoomerConfig, ZoomViTConfig
 from zoomvit.errors import UserError
 
 

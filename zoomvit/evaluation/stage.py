@@ -29,8 +29,8 @@ from zoomvit.evaluation.stats import bootstrap_ci, paired_delta_at_equal_gflops
 from zoomvit.models import zoomvit_flops
 from zoomvit.models.flops import TokenCostTable, selector_gflops, uniform_tokens
 from zoomvit.train.data import DecodedSplits, numpy_batch_input, sample_dataset, size_bucket
+from zoomvit.train.objectives import load_trained
 from zoomvit.train.recipes import baseline_input_sizes, baseline_tasks, zoomvit_task
-from zoomvit.train.tasks import load_trained
 
 
 class _Scores:

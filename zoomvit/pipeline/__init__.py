@@ -1,1 +1,2 @@
-"""The stage graph, fingerprints, cache and the command-line entry points of ``pipelines/``."""
+"""The pipeline: its stage table, the plan (fingerprints), the runner and what it records, the stage cache,
+and the commands behind ``pipelines/`` and ``zoomvit run|stage|relevance``."""

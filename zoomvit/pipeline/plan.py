@@ -4,8 +4,8 @@ A stage's fingerprint hashes its name, the config sections it reads (without res
 checkpoints by content), its upstream fingerprints, the input shards' identity (paths, sizes,
 mtimes/etags), the package version and a digest of its source. Its outputs live in
 ``<artifact_root>/<stage>/<fingerprint>/`` with a ``manifest.json`` written last: an intact manifest
-whose listed files still have the sizes and content hashes it recorded means a cache hit. Nothing
-here starts Ray or MLflow.
+whose listed files still have the sizes and content hashes it recorded means a cache hit
+(:func:`~zoomvit.pipeline.cache.committed.committed_output`). Nothing here starts Ray or MLflow.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import zoomvit
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo, is_url, shard_infos
 from zoomvit.errors import UserError
-from zoomvit.integrity import content_hash, damaged, record
-from zoomvit.pipeline.cache.store import MANIFEST, entry_of, lookup
-from zoomvit.pipeline.graph import STAGES
+from zoomvit.integrity import content_hash, record
+from zoomvit.pipeline.cache.committed import MANIFEST, committed_output, location_of
+from zoomvit.pipeline.stage_table import STAGES
 from zoomvit.tracking.runs import shards_digest
 
 if TYPE_CHECKING:
-    from zoomvit.pipeline.cache import StageCache
+    from zoomvit.pipeline.cache.interface import StageCache
 
 
 class MissingUpstream(UserError):
@@ -126,45 +126,10 @@ def config_hash(config: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_manifest(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def output_records(files: dict[str, Path]) -> tuple[dict[str, Any], dict[str, Any]]:
     """What a stage's manifest records of its listed outputs (key -> path) at commit: ``(file_sizes,
     file_hashes)``; a listed directory (the relevance maps, ``.``): per file inside it, the manifest aside."""
     return record(files, skip=frozenset({MANIFEST}))
-
-
-def damage(out_dir: Path) -> str | None:
-    """Why a committed output cannot be trusted (an unreadable manifest; a listed file missing, of
-    another size or another content than when it was committed), or None when it is intact or absent.
-    A manifest from before content hashes were recorded is checked by sizes alone."""
-    path = out_dir / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-        files, sizes, hashes = (manifest.get(k, {}) for k in ("files", "file_sizes", "file_hashes"))
-        base = Path(manifest.get("out_dir", out_dir))
-        outputs = {key: (base / rel, sizes.get(key), hashes.get(key)) for key, rel in files.items()}
-    except (OSError, ValueError, AttributeError, TypeError) as err:
-        return f"{MANIFEST} is unreadable ({err})"
-    try:
-        return damaged(outputs)
-    except OSError as err:
-        return f"a listed file cannot be read ({err})"
-
-
-def committed_output(location: Path | str) -> tuple[dict[str, Any] | None, str | None]:
-    """``(manifest, None)`` for an intact committed output (a local directory or a bucket entry),
-    ``(None, why)`` for a damaged one, ``(None, None)`` when none is committed there."""
-    if is_url(str(location)):
-        return lookup(str(location))
-    location = Path(location)
-    why = damage(location)
-    return (None, why) if why else (read_manifest(location), None)
 
 
 @dataclass(frozen=True)
@@ -218,8 +183,7 @@ def plan_run(
         out_dir = cache.root / name / fp[:16]
         manifest, damaged = committed_output(cache.location(name, fp))
         if manifest is None and name in reused and reused[name]["fingerprint"] == fp:
-            where = reused[name]["out_dir"]
-            manifest, _ = committed_output(entry_of(where) if is_url(where) else Path(where))
+            manifest, _ = committed_output(location_of(reused[name]["out_dir"]))
         if name in selected and (manifest is None or name in force or only):
             why = "forced" if name in force else "--only" if only else "not in the cache"
             if damaged and manifest is None:

@@ -4,17 +4,25 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo
-from zoomvit.durable import OutputLock
-from zoomvit.pipeline.graph import STAGES
+from zoomvit.locks import OutputLock
 from zoomvit.pipeline.plan import config_hash
-from zoomvit.tracking.models import log_stage_model, registered_name
+from zoomvit.pipeline.stage_table import STAGES
+from zoomvit.tracking.registry import log_code_model, registered_name
 from zoomvit.tracking.runs import Tracker, lineage_picture, shards_digest
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+    from zoomvit.train.task_specs import TaskSpec
 
 LINEAGE = "lineage.json"
 
@@ -84,6 +92,40 @@ def headline_metrics(manifests: dict[str, dict[str, Any]]) -> dict[str, float]:
             low, high = paired["delta_top1_ci95"]
             out |= {key: paired["delta_top1"], f"{key}_ci95_low": low, f"{key}_ci95_high": high}
     return out
+
+
+def log_stage_model(
+    tracker: Tracker,
+    run_id: str,
+    *,
+    name: str,
+    spec: TaskSpec,
+    weights: Path,
+    image_size: int,
+    register_as: str | None,
+) -> ModelVersion | None:
+    """Log ``weights`` (a trained ``spec``) as the run's model ``name``: MLflow "models from code"
+    (:mod:`zoomvit.train.pyfunc_model`) carrying the weights and the spec as JSON, nothing pickled;
+    register it as a new version of ``register_as`` when given. Returns that version."""
+    from zoomvit.train import pyfunc_model
+
+    side = 2 * image_size if getattr(spec, "zoom_source", None) == "highres" else image_size
+    example_BHWC = np.random.default_rng(0).integers(0, 256, size=(1, side, side, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(spec.model_dump_json(indent=2))
+        return log_code_model(
+            tracker,
+            run_id,
+            name=name,
+            code=Path(pyfunc_model.__file__),
+            model=pyfunc_model.StageModel(),
+            artifacts={"weights": str(weights), "spec": str(spec_path)},
+            example=example_BHWC,
+            metadata={"task": spec.task, "input": "uint8 images (B, H, W, 3)", "mean": spec.mean, "std": spec.std},
+            register_as=register_as,
+            tags={"stage": name},
+        )
 
 
 def log_stage(

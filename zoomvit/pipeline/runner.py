@@ -21,10 +21,10 @@ import yaml
 
 from zoomvit.config import PipelineConfig
 from zoomvit.data.shards import ShardInfo
-from zoomvit.durable import OutputLock, exclusive, read_or_claim
 from zoomvit.errors import UserError
+from zoomvit.home import default_dir, in_job_working_dir
+from zoomvit.locks import OutputLock, exclusive, read_or_claim
 from zoomvit.pipeline.cache import StageCache, Writer, open_cache
-from zoomvit.pipeline.graph import STAGES, QualityGateFailed, StageContext
 from zoomvit.pipeline.plan import (
     MissingUpstream,
     PlannedStage,
@@ -45,17 +45,10 @@ from zoomvit.pipeline.records import (
     write_lineage,
 )
 from zoomvit.pipeline.runtime import sigterm_unwinds
+from zoomvit.pipeline.stage_table import STAGES, QualityGateFailed, StageContext
 from zoomvit.provenance import resolve_source
-from zoomvit.tracking.models import CANDIDATE, move_alias, registered_name
-from zoomvit.tracking.runs import (
-    Tracker,
-    default_dir,
-    flatten,
-    in_job_working_dir,
-    resolve_tracking_uri,
-    shards_digest,
-    ui_url,
-)
+from zoomvit.tracking.registry import CANDIDATE, move_alias, registered_name
+from zoomvit.tracking.runs import Tracker, flatten, resolve_tracking_uri, shards_digest, ui_url
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 import zoomvit
-from zoomvit.cluster import resolve_use_gpu
 from zoomvit.config import DataConfig, RelevanceConfig, TeacherConfig
 from zoomvit.data.decode import ImageTransform, SkipReason, SkipReport
 from zoomvit.data.relevance_store import group_path, read_metadata, write_group
 from zoomvit.data.shards import shard_key
 from zoomvit.durable import write_json_durably
+from zoomvit.gpus import resolve_use_gpu
 from zoomvit.integrity import check_content, content_hash
 
 MANIFEST = "relevance.json"

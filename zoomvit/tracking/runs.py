@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 import mlflow
+from zoomvit.home import default_dir
 
 PARENT_TAG = "mlflow.parentRunId"
 # The experiment's kind, which MLflow 3's UI reads to pick its model-training view over the GenAI one when
@@ -36,19 +37,6 @@ def run_status(error: BaseException | None) -> str:
     if error is None:
         return "FINISHED"
     return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-
-
-def in_job_working_dir() -> bool:
-    """Whether this process runs in Ray's per-job copy of ``ray job submit --working-dir``, which Ray
-    deletes after the job: nothing meant to last may default to a path inside it."""
-    return "runtime_resources" in Path.cwd().resolve().parts
-
-
-def default_dir() -> Path:
-    """Where defaults go: the working directory, or ``$ZOOMVIT_HOME`` (``~/.zoomvit``) inside a Ray job."""
-    if in_job_working_dir():
-        return Path(os.environ.get("ZOOMVIT_HOME") or "~/.zoomvit").expanduser().resolve()
-    return Path.cwd().resolve()
 
 
 def resolve_tracking_uri(uri: str | None) -> str:

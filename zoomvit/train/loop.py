@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ import torch
 from zoomvit.config import TrainConfig
 from zoomvit.logs import configure as configure_logging
 from zoomvit.logs import dropped_prints, quiet_libraries
-from zoomvit.train.specs import TaskSpec
+from zoomvit.train.task_specs import TaskSpec
 
 if TYPE_CHECKING:
     from zoomvit.train.worker_env import WorkerEnv
@@ -60,19 +60,6 @@ def build_deepspeed_config(train: TrainConfig, *, use_gpu: bool, world_size: int
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12}
     return config
-
-
-@dataclass(frozen=True)
-class Checkpoints:
-    """Where a training run's checkpoints go (a path or fsspec URL; None: ``out_dir/ray``), and the fence
-    its workers call before they write one: it raises once the stage's claim on the cache entry was
-    taken over by another driver (:mod:`zoomvit.pipeline.cache.claims`), so a stalled holder stops."""
-
-    location: str | None = None
-    fence: Callable[[], None] | None = None
-
-    def under(self, name: str) -> Checkpoints:
-        return replace(self, location=None if self.location is None else f"{self.location}/{name}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +101,7 @@ class WorkerTrainer:
         from timm.optim import create_optimizer_v2
         from timm.scheduler import CosineLRScheduler
 
-        from zoomvit.train.tasks import build_task
+        from zoomvit.train.objectives import build_task
 
         self.env = env
         self.rank, self.world = env.rank, env.world

@@ -1,4 +1,5 @@
-"""The training stages (teacher, Zoomer, ZoomViT, baseline) from the pipeline config."""
+"""The training recipe of each training stage (teacher, Zoomer, ZoomViT, baseline): its task spec from
+the pipeline config, its data, and the call that trains it (:func:`~zoomvit.train.trainer.run_training`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from typing import Any
 
 import timm
 
+from zoomvit.checkpoints import Checkpoints
 from zoomvit.config import PipelineConfig, TrainConfig
 from zoomvit.data.shards import sample_count
 from zoomvit.errors import UserError
 from zoomvit.train.data import DecodedSplits, sample_dataset, with_maps
-from zoomvit.train.loop import Checkpoints
-from zoomvit.train.specs import ClassifierSpec, TeacherRef, ZoomerSpec, ZoomViTSpec
+from zoomvit.train.task_specs import ClassifierSpec, TeacherRef, ZoomerSpec, ZoomViTSpec
 from zoomvit.train.trainer import TrainResult, run_training
 
 log = logging.getLogger(__name__)

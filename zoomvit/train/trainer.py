@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from zoomvit import logs
-from zoomvit.cluster import resolve_use_gpu
+from zoomvit.checkpoints import Checkpoints
 from zoomvit.config import TrainConfig
 from zoomvit.data.shards import filesystem, is_url, local_path
-from zoomvit.train.loop import FINAL_WEIGHTS, HISTORY, Checkpoints, WorkerConfig, train_loop_per_worker
-from zoomvit.train.specs import TaskSpec
+from zoomvit.gpus import resolve_use_gpu
+from zoomvit.train.loop import FINAL_WEIGHTS, HISTORY, WorkerConfig, train_loop_per_worker
+from zoomvit.train.task_specs import TaskSpec
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -40,22 +40,20 @@ from pathlib import Path
 from typing import Any
 
 from zoomvit.data.shards import filesystem
+from zoomvit.home import default_dir
 from zoomvit.pipeline.cache.claims import Claim, Lease, claim_state, claims, left_by_a_dead_driver_here, live_leases
+from zoomvit.pipeline.cache.committed import MANIFEST, committed_output, written_manifest
 from zoomvit.pipeline.cache.store import (
     ATTEMPTS,
-    MANIFEST,
     bare,
     damage,
     etags,
     list_objects,
-    lookup,
     mtime_of,
     objects,
-    read_manifest,
     require_exclusive_creates,
     upload_file,
 )
-from zoomvit.tracking.runs import default_dir
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +124,6 @@ class BucketCache:
         entry, _, attempt = manifest["out_dir"].rstrip("/").rpartition(f"/{ATTEMPTS}/")
         return Lease(f"{entry}/{LEASES}", attempt, holder)
 
-    def committed(self, stage: str, fingerprint: str) -> bool:
-        """Whether the entry has a manifest at all (intact or not)."""
-        fs, path = filesystem(self.url), f"{self.entry(stage, fingerprint)}/{MANIFEST}"
-        fs.invalidate_cache(bare(path))
-        return fs.exists(path)
-
     def upload(self, staged: Path, files: list[Path], attempt: str) -> None:
         """Put staged files (paths under ``staged``) under ``attempt``, keeping their relative paths."""
         for path in files:
@@ -153,12 +145,12 @@ class BucketCache:
         committed["object_etags"] = etags(committed, listing)
         if why := damage(committed, listing):  # the store holds something else than what was staged
             raise OSError(f"stage {stage!r}: the upload to {attempt} is incomplete: {why}")
-        previous, _ = read_manifest(entry) if replace else (None, None)
+        previous, _ = written_manifest(entry) if replace else (None, None)
         payload = json.dumps(committed, indent=2, default=str).encode()
         try:
             fs.pipe_file(f"{entry}/{MANIFEST}", payload, mode="overwrite" if replace else "create")
         except FileExistsError:
-            winner, _ = lookup(entry)
+            winner, _ = committed_output(entry)
             if winner is not None and winner.get("out_dir") == attempt and winner.get("run_id") == manifest["run_id"]:
                 log.info(f"[{stage}] the manifest put was retried after it landed; it names this attempt")
                 self._collect_superseded(entry, keep=attempt)

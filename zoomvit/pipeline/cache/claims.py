@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from zoomvit.data.shards import filesystem
+from zoomvit.home import default_dir
 from zoomvit.pipeline.cache.store import list_objects, mtime_of
-from zoomvit.tracking.runs import default_dir
 
 log = logging.getLogger(__name__)
 

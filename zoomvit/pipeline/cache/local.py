@@ -10,37 +10,24 @@ import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
-from zoomvit.durable import OutputLock, read_or_claim, remove_stale_temporaries, write_json_durably
+from zoomvit.checkpoints import Checkpoints
+from zoomvit.durable import remove_stale_temporaries, write_json_durably
 from zoomvit.errors import UserError
-from zoomvit.pipeline.cache import Manifest, StageIO, checkpoint_base, remove_tree
-from zoomvit.pipeline.cache.store import MANIFEST, entry_of
-from zoomvit.pipeline.plan import PlannedStage, committed_output
-from zoomvit.train.loop import Checkpoints
+from zoomvit.locks import OutputLock, read_or_claim
+from zoomvit.pipeline.cache.committed import MANIFEST, committed_output, location_of
+from zoomvit.pipeline.cache.interface import Manifest, StageIO, Step, checkpoint_base, remove_tree
 
 log = logging.getLogger(__name__)
 
 
-def location_of(out_dir: str) -> Path | str:
-    """A committed output's location from its manifest's ``out_dir``: a directory, or a bucket entry."""
-    from zoomvit.data.shards import is_url
-
-    return entry_of(out_dir) if is_url(out_dir) else Path(out_dir)
-
-
-def hold_here(
-    step: PlannedStage, own: Path | str, *, forced: bool, holds: ExitStack
-) -> tuple[Manifest | None, OutputLock]:
+def hold_here(step: Step, own: Path | str, *, forced: bool, holds: ExitStack) -> tuple[Manifest | None, OutputLock]:
     """This machine's lock on the step's output (its directory, or its staging directory), and the
     committed output found under a shared hold; None with the lock held exclusively to compute it."""
     source = location_of(step.manifest["out_dir"]) if step.action == "cached" else own  # --from-run: elsewhere
     where = source if isinstance(source, Path) else step.out_dir
     lock = holds.enter_context(OutputLock(where, f"[{step.name}] {where}"))
 
-    def committed() -> Manifest | None:
-        done, _ = committed_output(source)
-        return done if done is not None and done["fingerprint"] == step.fingerprint else None
-
-    manifest = read_or_claim(lock, committed, claim=forced)
+    manifest = read_or_claim(lock, lambda: committed_output(source, step.fingerprint)[0], claim=forced)
     if manifest is not None and step.action == "run":
         log.info(f"[{step.name}] computed by run {manifest['run_id']} while this run waited")
     elif manifest is None and step.action == "cached":
@@ -71,7 +58,7 @@ class LocalCache:
         return self.root / stage / fingerprint[:16]
 
     def acquire(
-        self, step: PlannedStage, *, forced: bool, holder: str, holds: ExitStack
+        self, step: Step, *, forced: bool, holder: str, holds: ExitStack
     ) -> tuple[Manifest | None, LocalWriter | None]:
         manifest, lock = hold_here(step, step.out_dir, forced=forced, holds=holds)
         if manifest is not None:
@@ -86,11 +73,12 @@ class LocalCache:
 
 
 class LocalWriter:
-    def __init__(self, step: PlannedStage, lock: OutputLock, checkpoints: str | None) -> None:
+    def __init__(self, step: Step, lock: OutputLock, checkpoints: str | None) -> None:
         self.step, self.lock, self.out_dir, self.checkpoints = step, lock, step.out_dir, checkpoints
 
     def begin(self, run_id: str, *, recompute: bool, repairs_in_place: bool, parts: str | None) -> StageIO:
-        committed_before = (self.out_dir / MANIFEST).exists()
+        manifest, damaged = committed_output(self.out_dir)
+        committed_before = manifest is not None or damaged is not None
         wipe = committed_before and (recompute or not repairs_in_place)
         if committed_before and not wipe:
             (self.out_dir / MANIFEST).unlink()  # damaged: the stage recomputes only its damaged parts

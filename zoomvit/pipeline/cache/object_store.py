@@ -8,14 +8,14 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
+from zoomvit.checkpoints import Checkpoints
 from zoomvit.data.shards import is_url
-from zoomvit.durable import OutputLock
-from zoomvit.pipeline.cache import Manifest, StageIO, checkpoint_base
+from zoomvit.locks import OutputLock
 from zoomvit.pipeline.cache.bucket import CHECKPOINTS, BucketCache, remove_staged
 from zoomvit.pipeline.cache.claims import Claim
+from zoomvit.pipeline.cache.committed import committed_output
+from zoomvit.pipeline.cache.interface import Manifest, StageIO, Step, checkpoint_base
 from zoomvit.pipeline.cache.local import hold_here, prepare_staging
-from zoomvit.pipeline.plan import PlannedStage
-from zoomvit.train.loop import Checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,12 @@ class ObjectStoreCache:
         return self.bucket.entry(stage, fingerprint)
 
     def acquire(
-        self, step: PlannedStage, *, forced: bool, holder: str, holds: ExitStack
+        self, step: Step, *, forced: bool, holder: str, holds: ExitStack
     ) -> tuple[Manifest | None, ObjectStoreWriter | None]:
         own = self.bucket.entry(step.name, step.fingerprint)
         manifest, lock = hold_here(step, own, forced=forced, holds=holds)
         if manifest is None:  # other machines: the bucket's claim, as the lock here
-            committed = None if forced else lambda: _intact(self.bucket, step)
+            committed = None if forced else lambda: committed_output(own, step.fingerprint)[0]
             manifest, claim = self.bucket.claim(
                 step.name, step.fingerprint, holder, committed, held_lock=str(lock.path)
             )
@@ -53,18 +53,11 @@ class ObjectStoreCache:
         return f"{self.bucket.url} (staged in {self.root})"
 
 
-def _intact(bucket: BucketCache, step: PlannedStage) -> Manifest | None:
-    from zoomvit.pipeline.cache.store import lookup
-
-    done, _ = lookup(bucket.entry(step.name, step.fingerprint))
-    return done if done is not None and done["fingerprint"] == step.fingerprint else None
-
-
 class ObjectStoreWriter:
     def __init__(
         self,
         bucket: BucketCache,
-        step: PlannedStage,
+        step: Step,
         lock: OutputLock,
         claim: Claim,
         checkpoints: str,
@@ -77,7 +70,8 @@ class ObjectStoreWriter:
 
     def begin(self, run_id: str, *, recompute: bool, repairs_in_place: bool, parts: str | None) -> StageIO:
         name, fp = self.step.name, self.step.fingerprint
-        self.committed_before = self.bucket.committed(name, fp)
+        manifest, damaged = committed_output(self.bucket.entry(name, fp))
+        self.committed_before = manifest is not None or damaged is not None  # intact or not: replaced
         wipe = self.committed_before and (recompute or not repairs_in_place)
         prepare_staging(self.out_dir, name, wipe=wipe, checkpoints=self.checkpoints)
         attempt = self.bucket.attempt(name, fp, run_id)

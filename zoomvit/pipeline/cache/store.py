@@ -1,10 +1,10 @@
-"""Reading an object store for the bucket cache: listings, object identities and times, a committed
-entry's manifest and its damage, and the check that the store honours create-only puts."""
+"""Reading an object store for the bucket cache: listings, object identities and times, the damage of
+a committed entry's objects (:mod:`.committed` decides with it whether the entry stands), and the check
+that the store honours create-only puts."""
 
 from __future__ import annotations
 
 import base64
-import json
 import os
 import posixpath
 import uuid
@@ -15,7 +15,6 @@ from typing import Any
 from zoomvit.data.shards import filesystem
 from zoomvit.errors import UserError
 
-MANIFEST = "manifest.json"
 ATTEMPTS = "attempts"
 
 SINGLE_PUT_BYTES = 100 * 2**20  # below it s3fs puts a file in one request (above: a multipart upload)
@@ -28,29 +27,6 @@ def entry_of(out_dir: str) -> str:
     entry, sep, _ = out_dir.rstrip("/").rpartition(f"/{ATTEMPTS}/")
     assert sep, f"{out_dir!r} is not an attempt prefix"
     return entry
-
-
-def lookup(entry: str) -> tuple[dict[str, Any] | None, str | None]:
-    """``(manifest, None)`` for an intact committed entry, ``(None, why)`` for a damaged one, ``(None, None)``
-    when nothing is committed there."""
-    manifest, why = read_manifest(entry)
-    if manifest is None:
-        return None, why
-    try:
-        why = damage(manifest) or checksum_mismatch(manifest)
-    except (KeyError, TypeError, AttributeError) as err:
-        why = f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"
-    return (None, why) if why else (manifest, None)
-
-
-def read_manifest(entry: str) -> tuple[dict[str, Any] | None, str | None]:
-    """An entry's manifest as committed, unchecked: ``(None, why)`` when unreadable, ``(None, None)`` when absent."""
-    try:
-        return json.loads(filesystem(entry).cat_file(f"{entry}/{MANIFEST}")), None
-    except FileNotFoundError:
-        return None, None
-    except (OSError, ValueError) as err:
-        return None, f"{MANIFEST} is unreadable ({err})"
 
 
 def damage(manifest: dict[str, Any], listing: dict[str, dict[str, Any]] | None = None) -> str | None:

@@ -1,4 +1,5 @@
-"""The stage graph: what each stage reads from the config, which stages feed it, and how it runs.
+"""The stage table: each stage declared once, with what it reads from the config, which stages feed it,
+how it runs, and how its output is logged and loaded. Everything else derives from it.
 
 teacher -> relevance -> zoomer -> zoomvit -> evaluate <- baseline   (relevance -> evaluate: maps)
 
@@ -24,9 +25,9 @@ from zoomvit.errors import UserError
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from zoomvit.checkpoints import Checkpoints
     from zoomvit.train.data import DecodedSplits
-    from zoomvit.train.loop import Checkpoints
-    from zoomvit.train.specs import TaskSpec
+    from zoomvit.train.task_specs import TaskSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +67,7 @@ class StageDef:
 
     def load_model(self, config: PipelineConfig, weights: Path, manifest: dict[str, Any] | None = None):
         """The stage's trained model, for inference."""
-        from zoomvit.train.tasks import load_trained
+        from zoomvit.train.objectives import load_trained
 
         if self.model_spec is None:
             raise ValueError(f"stage {self.name!r} trains no model")

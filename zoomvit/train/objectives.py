@@ -1,6 +1,8 @@
-"""What each training stage optimises and reports, independent of Ray and DeepSpeed.
+"""What each training task optimises and reports: the model its spec describes, its loss and its
+metrics, independent of Ray and DeepSpeed; and a trained model rebuilt for inference (:func:`load_trained`).
 
-A task is built on every worker from its typed spec (``train/specs.py``), the recipe and a seed.
+A task is built on every worker from its typed spec (:mod:`zoomvit.train.task_specs`), the training
+recipe (``TrainConfig``) and a seed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from zoomvit.models import Zoomer, ZoomViT, load_pretrained
 from zoomvit.models.loading import load_state_dict_file
 from zoomvit.models.tokenizer import budget_zoom_cells
 from zoomvit.train.data import Views, augment, to_model_input
-from zoomvit.train.specs import ClassifierSpec, TaskSpec, ZoomerSpec, ZoomViTSpec
+from zoomvit.train.task_specs import ClassifierSpec, TaskSpec, ZoomerSpec, ZoomViTSpec
 
 
 def build_task(spec: TaskSpec, train: TrainConfig, *, seed: int = 0) -> Task:

@@ -1,4 +1,5 @@
-"""The model sections: the teacher, the Zoomer, ZoomViT and the baselines, with their init checks."""
+"""The sections of the models a run trains: the teacher, the Zoomer, ZoomViT and the baselines, with their
+init checks."""
 
 from __future__ import annotations
 

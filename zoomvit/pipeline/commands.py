@@ -1,4 +1,5 @@
-"""Argument parsing for the thin scripts in ``pipelines/``: parse, load the config, call the library."""
+"""The pipeline's commands (run, stage, relevance): parse the options, load the config, call the library.
+Behind the thin scripts in ``pipelines/`` and ``zoomvit run|stage|relevance`` (:mod:`zoomvit.cli`)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from zoomvit.config import ConfigError, PipelineConfig, load_config
 from zoomvit.errors import UserError
 from zoomvit.logs import VERBOSE_ENV, quiet_libraries
 from zoomvit.logs import configure as configure_logging
-from zoomvit.pipeline.graph import STAGES
 from zoomvit.pipeline.runtime import terminated
+from zoomvit.pipeline.stage_table import STAGES
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """A stage's trained model as MLflow "models from code": this file is the model's code, its weights are
 ``model.safetensors`` and its architecture a validated task spec (``spec.json``); nothing is pickled.
+Logged by :func:`zoomvit.pipeline.records.log_stage_model`; MLflow runs this file to load it.
 
 Input: uint8 images ``(B, H, W, 3)``, as decoded. For a ZoomViT with ``zoom_source: highres`` the images
 are the 2x copies: the model's own input is resized down from them and zoomed cells read their pixels.
@@ -17,8 +18,8 @@ class StageModel(PythonModel):
 
         from pydantic import TypeAdapter
 
-        from zoomvit.train.specs import TaskSpec
-        from zoomvit.train.tasks import load_trained
+        from zoomvit.train.objectives import load_trained
+        from zoomvit.train.task_specs import TaskSpec
 
         spec = TypeAdapter(TaskSpec).validate_json(Path(context.artifacts["spec"]).read_text())
         self.mean, self.std = spec.mean, spec.std
