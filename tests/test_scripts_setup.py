@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,10 +73,19 @@ def _setup(snippet: str, *args: str, path: str, env: dict | None = None, cwd: Pa
 
 
 def _active_env(**extra: str) -> dict[str, str]:
-    """This process's environment with its virtual environment active (torch installed: no disk check)."""
+    """This process's environment with its virtual environment active (torch installed: no disk check)
+    and DeepSpeed's op not built (an empty TORCH_EXTENSIONS_DIR: the suite's own training runs may have
+    built it in the environment already, which would skip the compiler check)."""
     venv = Path(sys.prefix)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "CXX", "TORCH_EXTENSIONS_DIR")}
-    return {**env, "VIRTUAL_ENV": str(venv), "PATH": f"{venv}/bin:{os.environ['PATH']}", **extra}
+    unbuilt = tempfile.mkdtemp(prefix="zv-no-ops-")
+    return {
+        **env,
+        "VIRTUAL_ENV": str(venv),
+        "PATH": f"{venv}/bin:{os.environ['PATH']}",
+        "TORCH_EXTENSIONS_DIR": unbuilt,
+        **extra,
+    }
 
 
 def _prereqs(*args: str, **env: str) -> subprocess.CompletedProcess:
