@@ -13,13 +13,14 @@ from zoomvit.logs import configure as configure_logging
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from zoomvit.data.demo import PRESETS, generate_demo_dataset
+    from zoomvit.data.demo import PRESETS, generate_demo_dataset, preset_image_size
 
+    image_size = preset_image_size(args.preset) if args.image_size is None else args.image_size
     info = generate_demo_dataset(
         args.out_dir,
         train=args.train,
         val=args.val,
-        image_size=args.image_size,
+        image_size=image_size,
         seed=args.seed,
         samples_per_shard=args.samples_per_shard,
         digit_scale=tuple(args.digit_scale),
@@ -33,7 +34,7 @@ def _demo_data(args: argparse.Namespace) -> int:
     print(
         f"wrote {splits['train']['num_samples']} train samples in {len(splits['train']['filenames'])} shards "
         f"and {splits['val']['num_samples']} val samples in {len(splits['val']['filenames'])} shards "
-        f"({args.image_size}px, seed {args.seed}) to {args.out_dir}"
+        f"({image_size}px, seed {args.seed}) to {args.out_dir}"
     )
     return 0
 
@@ -47,7 +48,12 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR")
     parser.add_argument("--train", type=int, default=2000, help="number of training samples (default: 2000)")
     parser.add_argument("--val", type=int, default=500, help="number of validation samples (default: 500)")
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="image side in pixels (default: the preset's: 128 for fine, shapes and shapes2, else 64)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument(
@@ -63,9 +69,10 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--photo-clutter", action="store_true", help="also paste dimmed crops of sample photos")
     parser.add_argument(
         "--preset",
-        choices=("default", "hard", "fine"),
+        choices=("default", "hard", "fine", "shapes", "shapes2"),
         default="default",
-        help="default; hard (difficulty 1); fine (the class only in fine detail; --image-size 128 for a 64 px model)",
+        help="default; hard (difficulty 1); fine (the class a texture only in fine detail); shapes and shapes2 (the "
+        "class a small shape at any offset, its detail above a 64 px view's resolution); the last three at 128 px",
     )
     parser.add_argument(
         "--difficulty", type=float, default=None, help="the difficulty knob in [0, 1]; overrides --preset"
@@ -73,16 +80,33 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_demo_data)
 
 
+def _probe_argv(args: argparse.Namespace, image_size: int) -> list[str]:
+    """The probe's arguments in full, defaults spelt out (what its result file records as its command)."""
+    options = {"preset": args.preset, "image-size": image_size, "seed": args.seed, "train": args.train,
+               "val": args.val, "epochs": args.epochs}  # fmt: skip
+    argv = [item for name, value in options.items() for item in (f"--{name}", str(value))]
+    return [*argv, "--sizes", *map(str, args.sizes), *(["--out", args.out] if args.out else [])]
+
+
 def _probe(args: argparse.Namespace) -> int:
     import json
+    import shlex
 
-    from zoomvit.data.demo import PRESETS, DemoSpec
+    from zoomvit.data.demo import PRESETS, DemoSpec, preset_image_size
     from zoomvit.data.probe import probe_preset
+    from zoomvit.provenance import resolve_source
 
     style, difficulty = PRESETS[args.preset]
-    spec = DemoSpec(train=1, val=1, image_size=args.image_size, seed=args.seed, style=style, difficulty=difficulty)
-    result = probe_preset(spec, tuple(args.sizes), train=args.train, val=args.val, epochs=args.epochs)
-    print(f"probe of the {args.preset} preset stored at {args.image_size} px (generator seed {args.seed}), "
+    image_size = preset_image_size(args.preset) if args.image_size is None else args.image_size
+    spec = DemoSpec(train=1, val=1, image_size=image_size, seed=args.seed, style=style, difficulty=difficulty)
+    source = resolve_source()
+    result = {
+        "command": shlex.join(["zoomvit", "probe", *_probe_argv(args, image_size)]),
+        "preset": args.preset,
+        "git": {"commit": source.commit, "dirty": source.dirty},
+        **probe_preset(spec, tuple(args.sizes), train=args.train, val=args.val, epochs=args.epochs),
+    }
+    print(f"probe of the {args.preset} preset stored at {image_size} px (generator seed {args.seed}), "
           f"{args.train} train / {args.val} val samples; chance {result['chance']:.0%}")  # fmt: skip
     strata = sorted(result["rows"][0]["detail_survival"])
     print(
@@ -109,10 +133,16 @@ def _add_probe(subparsers: argparse._SubParsersAction) -> None:
         description="Re-render samples of a demo preset, decode them at each input size and report the share of the "
         "class's own detail that survives, and a small CNN's top-1 on object crops (train split -> val split).",
     )
-    parser.add_argument("--preset", choices=("fine",), default="fine")
-    parser.add_argument("--image-size", type=int, default=128, help="the stored size (default: 128)")
+    parser.add_argument("--preset", choices=("fine", "shapes", "shapes2"), default="fine")
+    parser.add_argument("--image-size", type=int, default=None, help="the stored size (default: the preset's, 128)")
     parser.add_argument("--seed", type=int, default=1, help="generator seed (default: 1, the development split)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 80, 96, 112, 128])
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[64, 72, 80, 88, 96, 112, 128],
+        help="input sizes: the 64 px model, the family members, 112 and the stored size (default)",
+    )
     parser.add_argument("--train", type=int, default=2048)
     parser.add_argument("--val", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=15)

@@ -15,8 +15,10 @@ class DemoDataConfig(Section):
     ``preset``: ``default`` (small white digits among dim clutter), ``hard`` (smaller digits, clutter
     of the digit's size in saturated colours up to its brightness, photo backgrounds) or ``fine``
     (the class only in detail above a half-size view's Nyquist frequency, inside a small framed
-    panel; store it at twice the model's input: ``image_size: 128`` for a 64 px model); ``difficulty``
-    (0..1) sets the digits' knob directly and overrides the preset's."""
+    panel; store it at twice the model's input: ``image_size: 128`` for a 64 px model), ``shapes`` and
+    ``shapes2`` (the class a small shape at any offset whose detail only the stored pixels hold; two
+    generators, :mod:`zoomvit.data.shapes` and :mod:`zoomvit.data.shapes2`; also ``image_size: 128``);
+    ``difficulty`` (0..1) sets the digits' knob directly and overrides the preset's."""
 
     train: int = Field(2048, ge=0)
     val: int = Field(512, ge=0)
@@ -24,7 +26,7 @@ class DemoDataConfig(Section):
     seed: int = 0
     samples_per_shard: int = Field(256, ge=1)
     photo_clutter: bool = False
-    preset: Literal["default", "hard", "fine"] = "default"
+    preset: Literal["default", "hard", "fine", "shapes", "shapes2"] = "default"
     difficulty: float | None = Field(None, ge=0, le=1)
 
     @property

@@ -8,6 +8,10 @@ records the digit's box so evaluation can report accuracy by object size.
 
 ``style="fine"`` (preset ``fine``, :mod:`zoomvit.data.fine`) renders another benchmark: the class lives
 only in detail above a half-size view's Nyquist frequency, inside a small framed panel.
+``style="shapes"`` (:mod:`zoomvit.data.shapes`) and ``style="shapes2"`` (:mod:`zoomvit.data.shapes2`, a
+second generator of the same construction) make the class a small shape at any pixel offset whose
+detail lies above that frequency. These three presets store their images at twice a 64 px model's
+input unless told otherwise (:data:`STYLE_IMAGE_SIZES`).
 
 ``difficulty`` (0 to 1; presets ``default`` = 0, ``hard`` = 1) turns one knob: the digit shrinks
 (sizes x (1 - 0.4 d)), clutter grows to the digit's size, gets saturated colours and up to the
@@ -58,9 +62,39 @@ _FRAGMENT_MAX_AREA = 16.0
 _PHOTO_INTENSITY = (0.25, 0.5)
 _STROKE_FLOOR = 0.15
 _STROKE_GAMMA = 0.75
-STYLES: tuple[str, ...] = ("digits", "fine")
+STYLES: tuple[str, ...] = ("digits", "fine", "shapes", "shapes2")
+LAYERED_STYLES: tuple[str, ...] = ("fine", "shapes", "shapes2")  # rendered with the class's own layer
 # preset -> (style, difficulty)
-PRESETS: dict[str, tuple[str, float]] = {"default": ("digits", 0.0), "hard": ("digits", 1.0), "fine": ("fine", 0.0)}
+PRESETS: dict[str, tuple[str, float]] = {
+    "default": ("digits", 0.0),
+    "hard": ("digits", 1.0),
+    "fine": ("fine", 0.0),
+    "shapes": ("shapes", 0.0),
+    "shapes2": ("shapes2", 0.0),
+}
+# style -> its stored image size where it is not DEFAULT_IMAGE_SIZE: twice a 64 px model's input
+STYLE_IMAGE_SIZES: dict[str, int] = {"fine": 128, "shapes": 128, "shapes2": 128}
+DEFAULT_IMAGE_SIZE = 64
+
+
+def preset_image_size(preset: str) -> int:
+    """The image size a preset stores unless told otherwise."""
+    return STYLE_IMAGE_SIZES.get(PRESETS[preset][0], DEFAULT_IMAGE_SIZE)
+
+
+def class_names(style: str) -> tuple[str, ...]:
+    """The class names ``classes.txt`` lists for a style."""
+    if style == "fine":
+        return FINE_CLASS_NAMES
+    if style == "shapes":
+        from zoomvit.data.shapes import CLASS_NAMES as names
+
+        return names
+    if style == "shapes2":
+        from zoomvit.data.shapes2 import CLASS_NAMES as names
+
+        return names
+    return CLASS_NAMES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +103,7 @@ class DemoSpec:
 
     train: int
     val: int
-    image_size: int = 64
+    image_size: int | None = None  # None: the style's own (STYLE_IMAGE_SIZES, else 64)
     seed: int = 0
     samples_per_shard: int = 256
     digit_scale: tuple[float, float] = (0.18, 0.45)
@@ -80,6 +114,8 @@ class DemoSpec:
     style: str = "digits"
 
     def __post_init__(self) -> None:
+        if self.image_size is None:
+            object.__setattr__(self, "image_size", STYLE_IMAGE_SIZES.get(self.style, DEFAULT_IMAGE_SIZE))
         for name in ("train", "val", "image_size", "seed", "samples_per_shard", "num_clutter"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -123,7 +159,7 @@ class RenderedSample:
     label: int
     box: tuple[int, int, int, int]
     scale: float
-    source_index: int | None  # the UCI digit drawn (None for the fine preset's textures)
+    source_index: int | None  # the UCI digit drawn (None for the layered styles)
     stratum: str | None = None
 
 
@@ -192,18 +228,31 @@ def _fragment(rng: np.random.Generator, digit: np.ndarray, side: int, difficulty
     return best
 
 
-def _render_fine(spec: DemoSpec, split: str, index: int):
-    from zoomvit.data.fine import render_fine
-
+def render_layers(spec: DemoSpec, split: str, index: int):
+    """A sample of a layered style (:data:`LAYERED_STYLES`) before JPEG: its pixels, label, box,
+    stratum and the class's own layer (:class:`zoomvit.data.fine.FineRender`), from the sample's own
+    random stream; :func:`render_sample` encodes exactly these pixels."""
     rng = np.random.default_rng([spec.seed, _SPLIT_IDS[split], index])
-    return render_fine(rng, spec.image_size, _photos())
+    if spec.style == "fine":
+        from zoomvit.data.fine import render_fine
+
+        return render_fine(rng, spec.image_size, _photos())
+    if spec.style == "shapes":
+        from zoomvit.data.shapes import render_shapes
+
+        return render_shapes(rng, spec.image_size, _photos())
+    if spec.style == "shapes2":
+        from zoomvit.data.shapes2 import render_shapes2
+
+        return render_shapes2(rng, spec.image_size)
+    raise ValueError(f"style {spec.style!r} has no class layer; layered styles: {LAYERED_STYLES}")
 
 
 def _render(spec: DemoSpec, split: str, index: int) -> RenderedSample:
-    if spec.style == "fine":
+    if spec.style in LAYERED_STYLES:
         from zoomvit.data.fine import encode_jpeg
 
-        fine = _render_fine(spec, split, index)
+        fine = render_layers(spec, split, index)
         x0, y0, x1, y1 = fine.box
         return RenderedSample(
             key=f"{split}_{index:08d}",
@@ -341,7 +390,7 @@ def generate_demo_dataset(
     *,
     train: int,
     val: int,
-    image_size: int = 64,
+    image_size: int | None = None,
     seed: int = 0,
     samples_per_shard: int = 256,
     digit_scale: tuple[float, float] = (0.18, 0.45),
@@ -356,7 +405,8 @@ def generate_demo_dataset(
     Shards from an earlier generation in out_dir that the new one does not overwrite are removed,
     so the directory always holds exactly the split listed in ``_info.json``. A directory holding
     shards this generator did not write (no ``_info.json`` of ours) is refused: those may be a
-    user's dataset. Returns that info dict.
+    user's dataset. ``image_size`` None: the style's own (128 for the fine, shapes and shapes2
+    styles, else 64). Returns that info dict.
     """
     spec = DemoSpec(
         train=train,
@@ -408,7 +458,7 @@ def generate_demo_dataset(
         "splits": splits,
         "generator": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()},
     }
-    names = FINE_CLASS_NAMES if spec.style == "fine" else CLASS_NAMES
+    names = class_names(spec.style)
     (out / "classes.txt").write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
     (out / "_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return info

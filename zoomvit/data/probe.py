@@ -9,8 +9,9 @@ same bytes as the shards) and decoded through the data path's :class:`ImageTrans
 - **crop accuracy**: a small CNN trained on crops around the object decoded at that size, tested
   on held-out samples (the generator's val split), per stratum.
 
-For the ``fine`` preset the construction is right when the half-size (64 px) crop accuracy is near
-chance (10%) and the full-size (128 px) one is high.
+For the ``fine``, ``shapes`` and ``shapes2`` presets the construction is right when the half-size
+(64 px) crop accuracy on the fine stratum is near chance (10%) and the full-size (128 px) one is high.
+The 64 px decode of a 128 px JPEG is libjpeg's half-size DCT decode (PIL's ``draft``), as in training.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from zoomvit.data.decode import ImageTransform
-from zoomvit.data.demo import DemoSpec, _render_fine, render_sample
+from zoomvit.data.demo import LAYERED_STYLES, DemoSpec, render_layers
+from zoomvit.data.fine import encode_jpeg
 
 CROP_FRACTION = 0.42  # of the image side: the largest fine object (0.375) with a margin
+FAMILY_SIZES: tuple[int, ...] = (64, 72, 80, 88, 96, 112, 128)  # the 64 px model, the family, the stored size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,14 +45,15 @@ class ProbeSample:
 
 
 def probe_samples(spec: DemoSpec, split: str, count: int) -> list[ProbeSample]:
-    if spec.style != "fine":
-        raise ValueError(f"the probe measures the fine preset; this spec has style {spec.style!r}")
+    """The first ``count`` samples of ``split``: the shards' JPEG bytes (the same encode of the same
+    render) with the class's own layer."""
+    if spec.style not in LAYERED_STYLES:
+        raise ValueError(f"the probe measures the styles {LAYERED_STYLES}; this spec has style {spec.style!r}")
     out = []
     for i in range(count):
-        rendered = render_sample(spec, split, i)
-        layer = _render_fine(spec, split, i).glyph_layer
-        out.append(ProbeSample(label=rendered.label, stratum=rendered.stratum or "", box=rendered.box,
-                               jpeg=rendered.jpeg, glyph_layer=layer))  # fmt: skip
+        r = render_layers(spec, split, i)
+        out.append(ProbeSample(label=r.label, stratum=r.stratum, box=r.box, jpeg=encode_jpeg(r.pixels),
+                               glyph_layer=r.glyph_layer))  # fmt: skip
     return out
 
 
@@ -164,7 +168,7 @@ def crop_accuracy(
 
 def probe_preset(
     spec: DemoSpec,
-    sizes: tuple[int, ...] = (64, 80, 96, 112, 128),
+    sizes: tuple[int, ...] = FAMILY_SIZES,
     *,
     train: int = 2048,
     val: int = 512,
@@ -187,6 +191,7 @@ def probe_preset(
             }
         )
     return {
+        "style": spec.style,
         "stored_size": spec.image_size,
         "seed": spec.seed,
         "train": train,
