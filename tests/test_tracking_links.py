@@ -35,3 +35,16 @@ def test_quiet_worker_env_leaves_the_keys_a_submitted_job_sets_to_the_job(monkey
 def test_verbose_runs_keep_every_library_line(monkeypatch):
     monkeypatch.setenv("ZOOMVIT_VERBOSE", "1")
     assert quiet_workers_env() is None
+
+
+def test_workers_of_a_driver_that_joined_by_address_find_that_cluster_where_another_ray_runs(monkeypatch):
+    from zoomvit.pipeline.runtime import with_cluster_address
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    env = with_cluster_address({"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}}, "10.0.0.5:6379")
+    assert env["env_vars"] == {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_ADDRESS": "10.0.0.5:6379"}
+    assert with_cluster_address(None, "10.0.0.5:6379") == {"env_vars": {"RAY_ADDRESS": "10.0.0.5:6379"}}
+    assert with_cluster_address(None, "auto") is None and with_cluster_address(None, "ray://head:10001") is None
+    job_env = {"env_vars": {"RAY_ADDRESS": "head:6379"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env}))
+    assert with_cluster_address(None, "10.0.0.5:6379") is None, "the job's own value wins"

@@ -24,7 +24,7 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     runtime_env = quiet_workers_env()
     address = os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=with_cluster_address(runtime_env, address))
         return
     if not address:
         try:
@@ -51,6 +51,21 @@ def quiet_workers_env() -> dict[str, dict[str, str]] | None:
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
     taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
     return {"env_vars": {k: os.environ.get(k, v) for k, v in QUIET_WORKERS.items() if k not in taken}}
+
+
+def with_cluster_address(runtime_env: dict | None, address: str) -> dict | None:
+    """``runtime_env`` with ``RAY_ADDRESS`` for every worker when the driver joined a cluster by its GCS
+    address: Ray Train's placement-group cleaner (an actor) finds its cluster by auto-detection, which
+    fails where another Ray runs on the machine (a user's own). Left to the job's runtime env if it
+    sets it; nothing for ``auto`` or a ``ray://`` client address."""
+    if address == "auto" or "://" in address:
+        return runtime_env
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+    if "RAY_ADDRESS" in ((job.get("runtime_env") or {}).get("env_vars") or {}):
+        return runtime_env
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**env.get("env_vars", {}), "RAY_ADDRESS": address}
+    return env
 
 
 class Terminated(KeyboardInterrupt):
