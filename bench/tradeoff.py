@@ -105,7 +105,7 @@ def main() -> None:
         start = time.perf_counter()
         try:
             result = run_pipeline(config)
-        except QualityGateFailed as err:  # upstream of the students: every seed would stop the same way
+        except QualityGateFailed as err:  # upstream of the students: the benchmark has nothing to compare
             print(f"[tradeoff] stopped by a quality gate: {err}", flush=True)
             payload = {"args": vars(args), "git": git, "stopped_by_gate": str(err), "per_seed": per_seed}
             print(f"wrote {write_result(f'tradeoff_{args.preset}', payload)}")
