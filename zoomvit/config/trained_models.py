@@ -168,10 +168,6 @@ class ZoomViTConfig(Section):
         return self.train_budget is not None or self.token_budget is not None
 
     @property
-    def tokens_per_zoomed_cell(self) -> int:
-        return {"replace": 3, "add": 4, "fold": 0}[self.merge]
-
-    @property
     def train_budget_range(self) -> tuple[int, int] | None:
         """The token budgets training covers (``train_budget``, else the fixed ``token_budget``)."""
         if self.train_budget is not None:

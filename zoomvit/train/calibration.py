@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from zoomvit.config import PipelineConfig
+from zoomvit.models.tokenizer import TOKENS_PER_ZOOMED_CELL
 from zoomvit.train.data import DecodedSplits, numpy_batch_input, sample_dataset
 
 
@@ -106,7 +107,7 @@ def calibrate_operating_point(
     if not keys:
         raise ValueError("the calibration slice is empty: raise data.calibration_fraction")
     scores_NHW = torch.cat(scores)
-    cells, per_cell = model.num_cells, zv.tokens_per_zoomed_cell
+    cells, per_cell = model.num_cells, TOKENS_PER_ZOOMED_CELL[zv.merge]
     if zv.target_tokens is not None:
         target_cells = (zv.target_tokens - cells) / per_cell
         if not 0 <= target_cells <= cells:
